@@ -1,0 +1,1 @@
+"""poetlm: POET (orthogonal equivalence transformation) training for language models."""
