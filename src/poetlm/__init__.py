@@ -1,1 +1,20 @@
-"""poetlm: POET (orthogonal equivalence transformation) training for language models."""
+"""poetlm: train and finetune language models with POET (orthogonal equivalence transformation).
+
+The math lives in `orthogonal` (Cayley / Cayley–Neumann maps) and `primitives` (block- and
+fully-stochastic rotations), the layer in `layer`, model-level operations in `model`, and the
+training application in `poetlm.train`.
+"""
+
+from .config import POETConfig
+from .diagnostics import layer_diagnostics, model_diagnostics, svd_entropy
+from .layer import POETLinear
+from .model import export_dense, merge, param_groups, poet_layers, poetize, rotation_parameters, step_weight_cache
+from .update_rules import KeepState, ResetState
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "POETConfig", "POETLinear", "poetize", "merge", "export_dense", "param_groups", "poet_layers",
+    "rotation_parameters", "step_weight_cache", "layer_diagnostics", "model_diagnostics", "svd_entropy",
+    "ResetState", "KeepState",
+]

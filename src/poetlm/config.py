@@ -1,0 +1,86 @@
+"""POETConfig: what to wrap and how the rotations are built. Validated on construction."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+VARIANTS = ("bs", "fs")
+PARAMETERIZATIONS = ("cayley_neumann", "cayley", "exp")
+INITS = ("normalized_gaussian", "standard", "xavier", "uniform_spectrum", "keep")
+FORWARD_MODES = ("auto", "weight", "input")
+
+
+def _invalid(name: str, value, allowed: str) -> ValueError:
+    return ValueError(f"POETConfig.{name}={value!r} is invalid: {allowed}")
+
+
+@dataclass
+class POETConfig:
+    """Settings of a POET wrap.
+
+    variant: "bs" (block-stochastic: random permutation + block-diagonal rotations) or
+        "fs" (fully-stochastic: one rotation on a random subset of coordinates per side).
+    block_size: block size b for "bs"; a dimension that b does not divide gets a smaller last block.
+    fraction: β for "fs"; each side rotates ⌊β·dim⌋ coordinates.
+    parameterization: "cayley_neumann" (the paper's CNP), "cayley" (exact, linear solve) or "exp".
+    neumann_terms: k, the number of Neumann terms of CNP (paper default 3).
+    merge_every: optimizer steps between merge-then-reinitialize (used by the training app).
+    init: how W0 is drawn; "keep" keeps the wrapped weight (finetuning).
+    target_modules: None for every nn.Linear except the output head; otherwise a list of module
+        names or name suffixes (e.g. ["q_proj", "v_proj"]) or one regular expression string.
+    exclude_modules: module names or suffixes never wrapped (in addition to the output head).
+    forward_mode: "auto" picks the cheaper of the weight-centric and input-centric paths per call.
+    seed: seeds W0 and every permutation / index subset (with the layer name and merge count).
+    """
+
+    variant: str = "bs"
+    block_size: int = 256
+    fraction: float = 0.5
+    parameterization: str = "cayley_neumann"
+    neumann_terms: int = 3
+    merge_every: int = 200
+    init: str = "normalized_gaussian"
+    target_modules: list[str] | str | None = None
+    exclude_modules: list[str] = field(default_factory=list)
+    forward_mode: str = "auto"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.variant not in VARIANTS:
+            raise _invalid("variant", self.variant, f"choose one of {VARIANTS}")
+        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 2:
+            raise _invalid("block_size", self.block_size, "must be an integer >= 2 (e.g. 64, 128, 256)")
+        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) or not 0 < self.fraction <= 1:
+            raise _invalid("fraction", self.fraction, "must be a number with 0 < fraction <= 1 (e.g. 0.5)")
+        if self.parameterization not in PARAMETERIZATIONS:
+            raise _invalid("parameterization", self.parameterization, f"choose one of {PARAMETERIZATIONS}")
+        if isinstance(self.neumann_terms, bool) or not isinstance(self.neumann_terms, int) or self.neumann_terms < 1:
+            raise _invalid("neumann_terms", self.neumann_terms, "must be an integer >= 1 (k=0 does not converge; default 3)")
+        if isinstance(self.merge_every, bool) or not isinstance(self.merge_every, int) or self.merge_every < 1:
+            raise _invalid("merge_every", self.merge_every, "must be an integer >= 1 (optimizer steps; paper uses 200-400)")
+        if self.init not in INITS:
+            raise _invalid("init", self.init, f"choose one of {INITS}")
+        if self.forward_mode not in FORWARD_MODES:
+            raise _invalid("forward_mode", self.forward_mode, f"choose one of {FORWARD_MODES}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise _invalid("seed", self.seed, "must be an integer")
+        targets = self.target_modules
+        if targets is not None and not isinstance(targets, str):
+            if not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) and t for t in targets):
+                raise _invalid("target_modules", targets, "use None (all linears but the head), a non-empty list of module names, or a regex string")
+            self.target_modules = list(targets)
+        if not isinstance(self.exclude_modules, (list, tuple)) or not all(isinstance(t, str) for t in self.exclude_modules):
+            raise _invalid("exclude_modules", self.exclude_modules, "must be a list of module names")
+        self.exclude_modules = list(self.exclude_modules)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "POETConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"POETConfig got unknown field(s) {unknown}; known fields are {sorted(known)}")
+        return cls(**values)

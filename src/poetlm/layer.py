@@ -1,0 +1,144 @@
+"""POETLinear: a linear layer whose weight is Pᵀ·W0ᵀ·Rᵀ with W0 fixed and R, P learned rotations.
+
+Orientation: the spec writes W_RP = R·W0·P with W0 ∈ R^{in×out}; torch stores weights as (out, in), so
+the buffer `weight0` holds W0ᵀ and the effective (out, in) weight is Pᵀ·weight0·Rᵀ. R rotates the input
+side (dimension in_features), P the output side. The bias is added after and never rotated.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .config import POETConfig
+from .primitives import RotationSide, make_side, seeded_generator
+
+
+def init_weight(init: str, out_features: int, in_features: int, generator: torch.Generator) -> torch.Tensor:
+    """A fresh (out, in) fp32 weight drawn by one of the paper's W0 schemes."""
+    gaussian = torch.randn(out_features, in_features, generator=generator)
+    if init == "normalized_gaussian":  # every output neuron's fan-in vector on the unit sphere
+        return gaussian / gaussian.norm(dim=1, keepdim=True)
+    if init == "standard":
+        return gaussian * 0.02
+    if init == "xavier":
+        return gaussian * math.sqrt(2.0 / (in_features + out_features))
+    if init == "uniform_spectrum":
+        u, _, vh = torch.linalg.svd(gaussian * 0.02, full_matrices=False)
+        return u @ vh
+    raise ValueError(f"init {init!r} draws no weight (use init='keep' through POETLinear.from_linear)")
+
+
+class POETLinear(nn.Module):
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, config: POETConfig | None = None,
+                 name: str = "", weight: torch.Tensor | None = None, device=None, dtype=None) -> None:
+        super().__init__()
+        config = config or POETConfig()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.config = config
+        self.name = name
+        dtype = dtype or torch.get_default_dtype()
+        self.weight_dtype = dtype  # what export_dense gives back
+        # W0 stays in fp32 (or wider) whatever the compute dtype, so merges do not erode the spectrum.
+        master = torch.float64 if dtype == torch.float64 else torch.float32
+        if weight is None:
+            weight = init_weight(config.init, out_features, in_features, seeded_generator(config.seed, name, "init"))
+        elif weight.shape != (out_features, in_features):
+            raise ValueError(f"POETLinear {name!r}: weight of shape {tuple(weight.shape)} does not fit ({out_features}, {in_features})")
+        self.register_buffer("weight0", weight.detach().to(device=device, dtype=master).clone())
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        sides = [make_side(config.variant, dim, config.block_size, config.fraction).to(device=device, dtype=master)
+                 for dim in (in_features, out_features)]
+        self.rotation_in: RotationSide = sides[0]
+        self.rotation_out: RotationSide = sides[1]
+        self.register_buffer("merge_count", torch.zeros((), dtype=torch.long, device=device))
+        # Vector probe (paper §7): a fixed unit vector v and the accumulated rotation applied to it.
+        probe = torch.randn(in_features, generator=seeded_generator(config.seed, name, "probe"))
+        probe = (probe / probe.norm()).to(device=device, dtype=master)
+        self.register_buffer("probe", probe)
+        self.register_buffer("probe_rotated", probe.clone())
+        # NaN until recorded; filled from the original W0 before the first merge or diagnostic.
+        self.register_buffer("initial_spectrum", torch.full((min(in_features, out_features),), math.nan, device=device, dtype=master))
+        self.step_weight: torch.Tensor | None = None  # set by model.step_weight_cache
+        self._draw()
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, config: POETConfig, name: str) -> "POETLinear":
+        """Wrap an existing nn.Linear: keep its bias; W0 is its weight (init="keep") or a fresh draw."""
+        weight = linear.weight if config.init == "keep" else None
+        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, config=config, name=name,
+                    weight=weight, device=linear.weight.device, dtype=linear.weight.dtype)
+        if linear.bias is not None:
+            layer.bias = linear.bias  # the very same Parameter: its state and requires_grad are untouched
+        return layer
+
+    def extra_repr(self) -> str:
+        variant = f"bs b={self.config.block_size}" if self.config.variant == "bs" else f"fs β={self.config.fraction}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {variant}"
+
+    def rotation_parameters(self) -> list[nn.Parameter]:
+        return [self.rotation_in.skew, self.rotation_out.skew]
+
+    @torch.no_grad()
+    def _draw(self) -> None:
+        count = int(self.merge_count)
+        for side_name, side in (("in", self.rotation_in), ("out", self.rotation_out)):
+            side.redraw(seeded_generator(self.config.seed, self.name, count, side_name))
+
+    def rotation_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Current (input-side, output-side) rotation blocks, always built in fp32 even under autocast."""
+        cfg = self.config
+        with torch.autocast(self.weight0.device.type, enabled=False):
+            return (self.rotation_in.blocks(cfg.parameterization, cfg.neumann_terms),
+                    self.rotation_out.blocks(cfg.parameterization, cfg.neumann_terms))
+
+    def effective_weight(self) -> torch.Tensor:
+        """The current (out, in) weight Pᵀ·W0ᵀ·Rᵀ in W0's precision, differentiable in the rotations."""
+        blocks_in, blocks_out = self.rotation_blocks()
+        with torch.autocast(self.weight0.device.type, enabled=False):
+            rows_rotated = self.rotation_in.rotate(self.weight0, blocks_in)  # each row w -> R·w, i.e. W0ᵀ·Rᵀ
+            return self.rotation_out.rotate(rows_rotated.t(), blocks_out, transpose=True).t()
+
+    def uses_input_centric(self, tokens: int) -> bool:
+        """Rotating activations costs tokens·(c_in + c_out); building the weight costs out·c_in + in·c_out."""
+        mode = self.config.forward_mode
+        if mode != "auto":
+            return mode == "input"
+        c_in, c_out = self.rotation_in.flops_per_vector, self.rotation_out.flops_per_vector
+        return tokens * (c_in + c_out) < self.out_features * c_in + self.in_features * c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.step_weight is not None:
+            return F.linear(x, self.step_weight.to(x.dtype), self._bias_like(x))
+        if not self.uses_input_centric(x.numel() // self.in_features):
+            return F.linear(x, self.effective_weight().to(x.dtype), self._bias_like(x))
+        blocks_in, blocks_out = self.rotation_blocks()
+        x = self.rotation_in.rotate(x, blocks_in, transpose=True)  # Rᵀ·x
+        h = F.linear(x, self.weight0.to(x.dtype))
+        h = self.rotation_out.rotate(h, blocks_out, transpose=True)  # Pᵀ·h
+        return h if self.bias is None else h + self.bias.to(h.dtype)
+
+    def _bias_like(self, x: torch.Tensor) -> torch.Tensor | None:
+        return None if self.bias is None else self.bias.to(x.dtype)
+
+    @torch.no_grad()
+    def record_initial_spectrum(self) -> None:
+        if torch.isnan(self.initial_spectrum).any() and int(self.merge_count) == 0:
+            self.initial_spectrum.copy_(torch.linalg.svdvals(self.weight0.float()).to(self.initial_spectrum.dtype))
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the rotations into W0 (in fp32), reset them to identity and draw new coordinates."""
+        self.record_initial_spectrum()
+        blocks_in, _ = self.rotation_blocks()
+        with torch.autocast(self.weight0.device.type, enabled=False):
+            self.probe_rotated.copy_(self.rotation_in.rotate(self.probe_rotated, blocks_in.to(self.probe_rotated.dtype)))
+            self.weight0.copy_(self.effective_weight())
+        self.rotation_in.reset()
+        self.rotation_out.reset()
+        self.merge_count += 1
+        self._draw()

@@ -1,0 +1,63 @@
+"""Orthogonal maps from skew-symmetric matrices, batched over blocks.
+
+Every rotation block in poetlm is produced by `orthogonal_blocks`; forward passes, merges, export
+and diagnostics all go through it, on every device, so there is exactly one Neumann polynomial.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import PARAMETERIZATIONS
+
+
+def triangle_size(b: int) -> int:
+    """Number of free parameters of a b×b skew-symmetric matrix (its strict upper triangle)."""
+    return b * (b - 1) // 2
+
+
+def packed_slots(block_sizes: list[int], b: int) -> torch.Tensor:
+    """Where each packed skew parameter lives in a flattened (n_blocks, b, b) tensor.
+
+    Parameters are the strict upper triangles of the blocks, concatenated block after block. A block
+    smaller than b (the remainder of a dimension that b does not divide) sits in the top-left corner of
+    its b×b slot; the padding rows/columns of Q stay zero, so its rotation is the identity there and all
+    blocks can still be mapped in one batched call.
+    """
+    slots = []
+    for index, size in enumerate(block_sizes):
+        rows, cols = torch.triu_indices(size, size, offset=1)
+        slots.append(index * b * b + rows * b + cols)
+    return torch.cat(slots) if slots else torch.zeros(0, dtype=torch.long)
+
+
+def skew_from_packed(packed: torch.Tensor, slots: torch.Tensor, n_blocks: int, b: int) -> torch.Tensor:
+    """Packed strict-upper-triangle parameters -> (n_blocks, b, b) skew matrices Q = U − Uᵀ."""
+    upper = packed.new_zeros(n_blocks * b * b).index_copy(0, slots, packed).view(n_blocks, b, b)
+    return upper - upper.transpose(-1, -2)
+
+
+def cayley_neumann(q: torch.Tensor, terms: int) -> torch.Tensor:
+    """CNP: (I + Q)(I + Q + … + Q^k), the Cayley transform with its inverse truncated after k terms."""
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+    series = eye.expand_as(q)
+    for _ in range(terms):  # Horner: S ← I + Q·S gives I + Q + … + Q^k after k rounds
+        series = eye + q @ series
+    return series + q @ series
+
+
+def cayley(q: torch.Tensor) -> torch.Tensor:
+    """Exact Cayley transform (I + Q)(I − Q)⁻¹; the two factors commute, so one linear solve suffices."""
+    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+    return torch.linalg.solve(eye - q, eye + q)
+
+
+def orthogonal_map(q: torch.Tensor, parameterization: str = "cayley_neumann", terms: int = 3) -> torch.Tensor:
+    """Skew (..., b, b) -> (near-)orthogonal (..., b, b). Q = 0 gives I for every map."""
+    if parameterization == "cayley_neumann":
+        return cayley_neumann(q, terms)
+    if parameterization == "cayley":
+        return cayley(q)
+    if parameterization == "exp":
+        return torch.linalg.matrix_exp(q)
+    raise ValueError(f"parameterization {parameterization!r} is not one of {PARAMETERIZATIONS}")

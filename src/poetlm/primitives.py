@@ -1,0 +1,119 @@
+"""One side of a POET layer: which coordinates rotate together, and applying the rotation.
+
+A side owns its skew parameters and the coordinates they act on:
+- BlockStochastic: R = Ψᵀ·Diag(G¹, …, Gᴷ)·Ψ, Ψ a random permutation; every coordinate rotates.
+- FullyStochastic: R is the identity except on a random subset S×S, where it is one block G.
+Coordinates are drawn from a generator seeded by (seed, layer name, merge count, side), so every
+process of a data-parallel job and every resumed run draw the same ones without communication.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+
+import torch
+from torch import nn
+
+from .orthogonal import orthogonal_map, packed_slots, skew_from_packed
+
+
+def seeded_generator(*key) -> torch.Generator:
+    """A CPU generator that is a pure function of `key` (stable across processes and Python runs)."""
+    digest = hashlib.sha256("\0".join(map(str, key)).encode()).digest()
+    generator = torch.Generator()
+    generator.manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    return generator
+
+
+class RotationSide(nn.Module):
+    """Skew parameters for one side plus the coordinates they rotate. Subclasses define the layout."""
+
+    def __init__(self, dim: int, block: int, block_sizes: list[int]) -> None:
+        super().__init__()
+        self.dim = dim
+        self.block = block
+        self.block_sizes = block_sizes
+        self.register_buffer("slots", packed_slots(block_sizes, block), persistent=False)
+        self.skew = nn.Parameter(torch.zeros(len(self.slots)))
+
+    @property
+    def n_blocks(self) -> int:
+        return len(self.block_sizes)
+
+    @property
+    def flops_per_vector(self) -> int:
+        """Multiply-adds to rotate one vector: the cost model of the forward-path choice."""
+        return sum(size * size for size in self.block_sizes)
+
+    def blocks(self, parameterization: str, terms: int) -> torch.Tensor:
+        """The (n_blocks, b, b) rotation blocks, computed in the parameters' dtype (fp32)."""
+        q = skew_from_packed(self.skew, self.slots, self.n_blocks, self.block)
+        return orthogonal_map(q, parameterization, terms)
+
+    def skew_blocks(self) -> torch.Tensor:
+        return skew_from_packed(self.skew, self.slots, self.n_blocks, self.block)
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        self.skew.zero_()
+
+    def _rotate_gathered(self, gathered: torch.Tensor, blocks: torch.Tensor, transpose: bool) -> torch.Tensor:
+        """Rotate (..., n_blocks·b) gathered coordinates block by block (padding rides along as zeros)."""
+        if transpose:
+            blocks = blocks.transpose(-1, -2)
+        grouped = gathered.unflatten(-1, (self.n_blocks, self.block))
+        return torch.einsum("kij,...kj->...ki", blocks.to(gathered.dtype), grouped).flatten(-2)
+
+
+class BlockStochastic(RotationSide):
+    """Permutation + block-diagonal rotation. When b does not divide dim the last block is smaller."""
+
+    def __init__(self, dim: int, block_size: int) -> None:
+        block = min(block_size, dim)
+        n_blocks = math.ceil(dim / block)
+        sizes = [block] * (n_blocks - 1) + [dim - block * (n_blocks - 1)]
+        super().__init__(dim, block, sizes)
+        self.register_buffer("index", torch.arange(dim))
+        self.register_buffer("inverse", torch.arange(dim))
+
+    @torch.no_grad()
+    def redraw(self, generator: torch.Generator) -> None:
+        permutation = torch.randperm(self.dim, generator=generator)
+        self.index.copy_(permutation)
+        self.inverse.copy_(torch.argsort(permutation))
+
+    def rotate(self, x: torch.Tensor, blocks: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        """R·x (or Rᵀ·x) along the last dimension of x."""
+        gathered = x.index_select(-1, self.index)
+        padding = self.n_blocks * self.block - self.dim
+        if padding:
+            gathered = nn.functional.pad(gathered, (0, padding))
+        rotated = self._rotate_gathered(gathered, blocks, transpose)[..., : self.dim]
+        return rotated.index_select(-1, self.inverse)
+
+
+class FullyStochastic(RotationSide):
+    """One rotation block on a random subset of ⌊β·dim⌋ coordinates; the rest stay put."""
+
+    def __init__(self, dim: int, fraction: float) -> None:
+        size = math.floor(fraction * dim)
+        if size < 2:  # a 1×1 rotation is the identity: nothing to learn on this side
+            super().__init__(dim, 1, [])
+        else:
+            super().__init__(dim, size, [size])
+        self.register_buffer("index", torch.arange(self.block if self.block_sizes else 0))
+
+    @torch.no_grad()
+    def redraw(self, generator: torch.Generator) -> None:
+        self.index.copy_(torch.randperm(self.dim, generator=generator)[: len(self.index)])
+
+    def rotate(self, x: torch.Tensor, blocks: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+        if not self.block_sizes:
+            return x
+        rotated = self._rotate_gathered(x.index_select(-1, self.index), blocks, transpose)
+        return x.index_copy(-1, self.index, rotated)
+
+
+def make_side(variant: str, dim: int, block_size: int, fraction: float) -> RotationSide:
+    return BlockStochastic(dim, block_size) if variant == "bs" else FullyStochastic(dim, fraction)

@@ -1,0 +1,299 @@
+"""Compare finished (or interrupted) training runs: a markdown table plus plots.
+
+Reads the files the training loop leaves in a run directory (config.json,
+metrics.jsonl, summary.json, spectrum.json) and writes report.md with PNGs
+next to it.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+# The object API with an explicit Agg canvas never touches pyplot's global
+# figure registry, so reports work headless and cannot leak open figures.
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+
+class ReportError(ValueError):
+    """A run directory is missing or its files cannot be read."""
+
+
+@dataclass
+class Run:
+    path: Path
+    name: str
+    method: str
+    label: str
+    config: dict[str, Any]
+    train: list[dict[str, Any]] = field(default_factory=list)
+    eval: list[dict[str, Any]] = field(default_factory=list)
+    summary: dict[str, Any] | None = None
+    spectrum: dict[str, Any] | None = None
+
+    @property
+    def incomplete(self) -> bool:
+        return self.summary is None
+
+
+def method_label(config: dict[str, Any]) -> str:
+    method = str(config.get("method", "unknown")).lower()
+    if method == "poet":
+        poet = config.get("poet") or {}
+        variant = str(poet.get("variant", "")).lower()
+        if variant == "bs" and "block_size" in poet:
+            return f"POET-BS b={poet['block_size']}"
+        if variant == "fs" and "fraction" in poet:
+            return f"POET-FS β={poet['fraction']}"
+        return f"POET-{variant.upper()}" if variant else "POET"
+    return {"adamw": "AdamW", "muon": "Muon"}.get(method, method)
+
+
+def _read_json(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ReportError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise ReportError(f"{path}: expected a JSON object")
+    return data
+
+
+def _read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
+    lines = [
+        (number, text)
+        for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
+        if text.strip()
+    ]
+    train, evals = [], []
+    for i, (number, text) in enumerate(lines):
+        try:
+            record = json.loads(text)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            # A killed run can leave its final line half-written; anything
+            # earlier being broken means the file itself is damaged.
+            if i == len(lines) - 1:
+                break
+            raise ReportError(f"{path}: line {number} is corrupt ({e})") from None
+        if "loss" in record:
+            train.append(record)
+        elif "val_loss" in record or "val_ppl" in record:
+            evals.append(record)
+    return train, evals
+
+
+def load_run(run_dir: str | Path) -> Run:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ReportError(f"run directory does not exist: {run_dir}")
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise ReportError(f"not a poetlm run directory: {run_dir} (no metrics.jsonl)")
+
+    config = _read_json(run_dir / "config.json") or {}
+    summary = _read_json(run_dir / "summary.json")
+    if "method" not in config and summary and "method" in summary:
+        config = {**config, "method": summary["method"]}
+    train, evals = _read_metrics(metrics)
+    return Run(
+        path=run_dir,
+        name=str(config.get("name") or run_dir.resolve().name),
+        method=str(config.get("method", "unknown")).lower(),
+        label=method_label(config),
+        config=config,
+        train=train,
+        eval=evals,
+        summary=summary,
+        spectrum=_read_json(run_dir / "spectrum.json"),
+    )
+
+
+# ---------------------------------------------------------------- table
+
+
+def format_count(n: float | None) -> str:
+    if n is None:
+        return "—"
+    for scale, suffix in ((1e9, "B"), (1e6, "M"), (1e3, "K")):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{suffix}"
+    return f"{n:.0f}"
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def _last(records: list[dict], key: str) -> float | None:
+    values = [r[key] for r in records if r.get(key) is not None]
+    return values[-1] if values else None
+
+
+def run_stats(run: Run) -> dict[str, float | None]:
+    """Final numbers for the table: summary.json if present, else from metrics."""
+    s = run.summary or {}
+    speeds = [r["tokens_per_s"] for r in run.train if r.get("tokens_per_s") is not None]
+    mems = [r["peak_mem_mb"] for r in run.train if r.get("peak_mem_mb") is not None]
+    tokens = [r["tokens"] for r in run.train + run.eval if r.get("tokens") is not None]
+    derived = {
+        "block_linear_trainable_params": None,
+        "final_val_ppl": _last(run.eval, "val_ppl"),
+        # Median, because the first steps include compilation and warm-up.
+        "tokens_per_s": statistics.median(speeds) if speeds else None,
+        "peak_mem_mb": max(mems) if mems else None,
+        "total_tokens": max(tokens) if tokens else None,
+    }
+    return {k: s.get(k) if s.get(k) is not None else v for k, v in derived.items()}
+
+
+def _table(runs: list[Run]) -> list[str]:
+    rows = [
+        "| Run | Method | Trainable params (block linears) | Final val ppl "
+        "| Tokens/s | Peak mem (MB) | Tokens |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for run in runs:
+        st = run_stats(run)
+        name = run.name.replace("|", "\\|") + (" (incomplete)" if run.incomplete else "")
+        cells = [
+            name,
+            run.label,
+            format_count(st["block_linear_trainable_params"]),
+            _fmt(st["final_val_ppl"], ".2f"),
+            _fmt(st["tokens_per_s"], ",.0f"),
+            _fmt(st["peak_mem_mb"], ",.0f"),
+            format_count(st["total_tokens"]),
+        ]
+        rows.append("| " + " | ".join(cells) + " |")
+    return rows
+
+
+# ---------------------------------------------------------------- plots
+
+
+def _new_axes(title: str, ylabel: str, xlabel: str = "tokens"):
+    fig = Figure(figsize=(7, 4.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, alpha=0.3)
+    return fig, ax
+
+
+def _save(fig: Figure, ax, path: Path) -> Path:
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
+
+
+def _series(records: list[dict], key: str) -> tuple[list, list]:
+    pts = [(r["tokens"], r[key]) for r in records
+           if r.get("tokens") is not None and r.get(key) is not None]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def _legend_name(run: Run) -> str:
+    return f"{run.name} ({run.label})"
+
+
+def _plot_loss(runs: list[Run], path: Path) -> Path | None:
+    fig, ax = _new_axes("Loss", "loss")
+    drawn = False
+    for i, run in enumerate(runs):
+        color = f"C{i % 10}"
+        x, y = _series(run.train, "loss")
+        if x:
+            ax.plot(x, y, color=color, linewidth=0.8, alpha=0.7,
+                    label=f"{_legend_name(run)} train")
+        vx, vy = _series(run.eval, "val_loss")
+        if vx:
+            ax.plot(vx, vy, color=color, marker="o", linestyle="none",
+                    label=f"{_legend_name(run)} val")
+        drawn = drawn or bool(x or vx)
+    return _save(fig, ax, path) if drawn else None
+
+
+def _plot_val_ppl(runs: list[Run], path: Path) -> Path | None:
+    fig, ax = _new_axes("Validation perplexity", "val ppl")
+    drawn = False
+    for i, run in enumerate(runs):
+        x, y = _series(run.eval, "val_ppl")
+        if x:
+            ax.plot(x, y, color=f"C{i % 10}", marker="o", label=_legend_name(run))
+            drawn = True
+    if not drawn:
+        return None
+    ax.set_yscale("log")
+    return _save(fig, ax, path)
+
+
+def _plot_spectrum(runs: list[Run], path: Path) -> Path | None:
+    with_spectrum = [(i, r) for i, r in enumerate(runs) if r.spectrum]
+    if not with_spectrum:
+        return None
+    layers = sorted({str(r.spectrum.get("layer", "?")) for _, r in with_spectrum})
+    fig, ax = _new_axes(f"Singular values: {', '.join(layers)}", "σ", "index")
+    positive = True
+    for i, run in with_spectrum:
+        color = f"C{i % 10}"
+        for key, style in (("initial", "--"), ("final", "-")):
+            values = run.spectrum.get(key) or []
+            if values:
+                ax.plot(range(len(values)), values, color=color, linestyle=style,
+                        label=f"{_legend_name(run)} {key}")
+                positive = positive and min(values) > 0
+    # Spectra span orders of magnitude; log scale only works if all σ > 0.
+    if positive:
+        ax.set_yscale("log")
+    return _save(fig, ax, path)
+
+
+def _plot_probe_cos(runs: list[Run], path: Path) -> Path | None:
+    fig, ax = _new_axes("POET probe cosine", "probe cos")
+    drawn = False
+    for i, run in enumerate(runs):
+        x, y = _series(run.train, "probe_cos")
+        if x:
+            ax.plot(x, y, color=f"C{i % 10}", linewidth=0.8, label=_legend_name(run))
+            drawn = True
+    return _save(fig, ax, path) if drawn else None
+
+
+PLOTS = (
+    ("loss.png", "Train and validation loss", _plot_loss),
+    ("val_ppl.png", "Validation perplexity", _plot_val_ppl),
+    ("spectrum.png", "Singular values, initial (dashed) vs final (solid)", _plot_spectrum),
+    ("probe_cos.png", "POET probe cosine", _plot_probe_cos),
+)
+
+
+def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
+    if not run_dirs:
+        raise ReportError("no run directories given")
+    runs = [load_run(d) for d in run_dirs]  # fail before writing anything
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    lines = ["# Training report", "", *_table(runs), ""]
+    for filename, caption, plot in PLOTS:
+        target = out_dir / filename
+        if plot(runs, target):
+            lines += [f"## {caption}", "", f"![{caption}]({filename})", ""]
+        else:
+            # A leftover from an earlier report would no longer match the table.
+            target.unlink(missing_ok=True)
+
+    report = out_dir / "report.md"
+    report.write_text("\n".join(lines), encoding="utf-8")
+    return report

@@ -1,0 +1,148 @@
+import json
+import math
+
+import pytest
+
+from poetlm.train.report import ReportError, load_run, write_report
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def make_run(root, dirname, config, *, summary=None, spectrum=None, probe=False,
+             steps=4, final_ppl=30.0, extra_metrics=""):
+    """A run directory like the training loop writes, with predictable numbers."""
+    d = root / dirname
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(config))
+    lines = []
+    for step in range(1, steps + 1):
+        rec = {"step": step, "tokens": step * 1000, "loss": 5.0 - step * 0.5,
+               "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 1000.0 * step,
+               "peak_mem_mb": 100.0 + step}
+        if probe:
+            rec.update(q_norm=1.0, orth_err=1e-6, probe_cos=0.9 + step * 0.01)
+        lines.append(json.dumps(rec))
+        if step % 2 == 0:
+            ppl = final_ppl * (2 if step < steps else 1)
+            lines.append(json.dumps({"step": step, "tokens": step * 1000,
+                                     "val_loss": math.log(ppl), "val_ppl": ppl}))
+    (d / "metrics.jsonl").write_text("\n".join(lines) + "\n" + extra_metrics)
+    if summary is not None:
+        (d / "summary.json").write_text(json.dumps(summary))
+    if spectrum is not None:
+        (d / "spectrum.json").write_text(json.dumps(spectrum))
+    return d
+
+
+def summary(method, params, ppl, tps, mem, tokens):
+    return {"method": method, "trainable_params": params * 2,
+            "block_linear_trainable_params": params, "final_val_ppl": ppl,
+            "tokens_per_s": tps, "peak_mem_mb": mem, "total_tokens": tokens,
+            "steps": 4}
+
+
+SPECTRUM = {"layer": "model.layers.0.mlp.down_proj",
+            "initial": [4.0, 2.0, 1.0, 0.5], "final": [5.0, 2.5, 1.1, 0.4]}
+
+
+@pytest.fixture
+def three_runs(tmp_path):
+    bs = make_run(tmp_path, "bs", {"name": "poet-bs", "method": "poet",
+                                   "poet": {"variant": "bs", "block_size": 256}},
+                  summary=summary("poet", 9_660_000, 31.25, 12345.6, 2048.0, 4_000_000),
+                  spectrum=SPECTRUM, probe=True)
+    fs = make_run(tmp_path, "fs", {"method": "poet",
+                                   "poet": {"variant": "fs", "fraction": 0.5}},
+                  summary=summary("poet", 4_830_000, 33.5, 15000.0, 1900.0, 4_000_000),
+                  probe=True)
+    adamw = make_run(tmp_path, "adamw", {"name": "baseline", "method": "adamw"},
+                     summary=summary("adamw", 19_320_000, 29.75, 20000.0, 3000.0, 4_000_000),
+                     spectrum=SPECTRUM)
+    return [bs, fs, adamw]
+
+
+def table_row(report_text, name):
+    rows = [line for line in report_text.splitlines() if line.startswith(f"| {name}")]
+    assert len(rows) == 1, report_text
+    return [cell.strip() for cell in rows[0].strip("|").split("|")]
+
+
+def test_labels_and_names(three_runs):
+    bs, fs, adamw = (load_run(d) for d in three_runs)
+    assert (bs.name, bs.label) == ("poet-bs", "POET-BS b=256")
+    assert (fs.name, fs.label) == ("fs", "POET-FS β=0.5")  # name defaults to dir
+    assert (adamw.name, adamw.label) == ("baseline", "AdamW")
+    assert load_run(make_run(three_runs[0].parent, "mu", {"method": "muon"})).label == "Muon"
+    assert len(bs.train) == 4 and len(bs.eval) == 2
+    assert bs.spectrum["layer"] == SPECTRUM["layer"] and fs.spectrum is None
+
+
+def test_report_table_and_plots(three_runs, tmp_path):
+    out = tmp_path / "out" / "nested"
+    report = write_report(three_runs, out)
+    assert report == out / "report.md"
+    text = report.read_text(encoding="utf-8")
+
+    assert table_row(text, "poet-bs") == [
+        "poet-bs", "POET-BS b=256", "9.66M", "31.25", "12,346", "2,048", "4.00M"]
+    assert table_row(text, "fs") == [
+        "fs", "POET-FS β=0.5", "4.83M", "33.50", "15,000", "1,900", "4.00M"]
+    assert table_row(text, "baseline") == [
+        "baseline", "AdamW", "19.32M", "29.75", "20,000", "3,000", "4.00M"]
+    assert "incomplete" not in text
+
+    for name in ("loss.png", "val_ppl.png", "spectrum.png", "probe_cos.png"):
+        png = out / name
+        data = png.read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1000, name
+        assert f"]({name})" in text
+
+
+def test_plots_skipped_without_data(tmp_path):
+    run = make_run(tmp_path, "a", {"method": "adamw"},
+                   summary=summary("adamw", 1000, 10.0, 1.0, 1.0, 4000))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "probe_cos.png").write_bytes(b"stale")
+    text = write_report([run], out).read_text(encoding="utf-8")
+    assert (out / "loss.png").is_file() and "(loss.png)" in text
+    for name in ("probe_cos.png", "spectrum.png"):
+        assert not (out / name).exists()
+        assert name not in text
+
+
+def test_truncated_last_line_is_ignored(tmp_path):
+    run = make_run(tmp_path, "killed", {"method": "adamw"},
+                   extra_metrics='{"step": 5, "tokens": 5000, "lo')
+    loaded = load_run(run)
+    assert [r["step"] for r in loaded.train] == [1, 2, 3, 4]
+
+
+def test_corrupt_middle_line_raises(tmp_path):
+    run = make_run(tmp_path, "bad", {"method": "adamw"})
+    path = run / "metrics.jsonl"
+    lines = path.read_text().splitlines()
+    lines[2] = "{not json"
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ReportError, match=r"metrics\.jsonl: line 3"):
+        load_run(run)
+
+
+def test_missing_summary_is_incomplete(tmp_path):
+    run = make_run(tmp_path, "partial", {"method": "poet",
+                                         "poet": {"variant": "bs", "block_size": 64}},
+                   probe=True, final_ppl=42.5)
+    text = write_report([run], tmp_path / "out").read_text(encoding="utf-8")
+    # Eval lines carry ppl 85.0 at step 2 and 42.5 at step 4; the last one wins.
+    # Throughput is the median of 1000..4000, memory the max, tokens the max.
+    assert table_row(text, "partial (incomplete)") == [
+        "partial (incomplete)", "POET-BS b=64", "—", "42.50", "2,500", "104", "4.00K"]
+
+
+def test_not_a_run_directory(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReportError, match="not a poetlm run directory"):
+        load_run(tmp_path / "empty")
+    with pytest.raises(ReportError, match="does not exist"):
+        write_report([tmp_path / "nope"], tmp_path / "out")
+    assert not (tmp_path / "out").exists()
