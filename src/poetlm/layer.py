@@ -85,6 +85,8 @@ class POETLinear(nn.Module):
 
     @torch.no_grad()
     def _draw(self) -> None:
+        if self.merge_count.is_meta:  # shapes only (e.g. counting parameters): nothing to draw on
+            return
         count = int(self.merge_count)
         for side_name, side in (("in", self.rotation_in), ("out", self.rotation_out)):
             side.redraw(seeded_generator(self.config.seed, self.name, count, side_name))

@@ -1,0 +1,613 @@
+"""Corpus reading, tokenizer training and the on-disk token cache for ``poetlm train``.
+
+Everything here works offline: bundled corpora ship inside the package, local files are
+read directly, and ``hf:`` sources only touch the network when the user asks for them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import importlib.resources
+import itertools
+import json
+import lzma
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerFast
+
+EOS_TOKEN = "<|endoftext|>"
+
+BUNDLED_CORPORA: dict[str, str] = {
+    "sotu": "sotu.txt.xz",
+    "shakespeare": "shakespeare.txt.xz",
+}
+
+# Bump when the cache layout or packing changes so stale caches are never reused.
+_CACHE_VERSION = 1
+_FORMATS = (".txt", ".jsonl", ".parquet")
+_COMPRESSIONS = {".xz": lzma.open, ".gz": gzip.open}
+_INSTALL_DATA = "install the optional data dependencies: pip install 'poetlm[data]'"
+_TOKENIZE_BATCH = 1024
+
+
+class DataError(ValueError):
+    """A problem with the user's data or tokenizer; the message says what and how to fix it."""
+
+
+# ---------------------------------------------------------------------------------------
+# Reading documents
+
+
+def read_documents(source: str, *, max_documents: int | None = None) -> list[str]:
+    """Read the documents of a bundled corpus, a local file/directory, or ``hf:NAME[:CONFIG]``.
+
+    ``.txt`` documents are separated by blank lines and stripped; ``.jsonl``/``.parquet``/hf
+    texts are kept verbatim. Whitespace-only documents are dropped everywhere.
+    """
+    if max_documents is not None and max_documents < 1:
+        raise DataError(f"max_documents must be at least 1, got {max_documents}")
+    docs_iter = _iter_documents(source)
+    try:
+        docs = list(itertools.islice(docs_iter, max_documents))
+    finally:
+        docs_iter.close()  # closes the open file now rather than at garbage collection
+    if not docs:
+        raise DataError(
+            f"no documents found in {source!r} (empty, or only whitespace); "
+            "point --data at a corpus that contains text"
+        )
+    return docs
+
+
+def _iter_documents(source: str) -> Iterator[str]:
+    if source.startswith("hf:"):
+        yield from _iter_hf(source[3:])
+        return
+    path = Path(source).expanduser()
+    if path.exists():
+        yield from _iter_path(path)
+        return
+    if source in BUNDLED_CORPORA:
+        yield from _iter_txt(_bundled_path(source))
+        return
+    raise DataError(
+        f"{source!r} is neither a bundled corpus ({', '.join(BUNDLED_CORPORA)}) nor an existing "
+        "file or directory; pass a bundled name, a .txt/.jsonl/.parquet file or a directory of "
+        "them, or hf:NAME[:CONFIG]"
+    )
+
+
+def _bundled_path(name: str) -> Path:
+    path = Path(str(importlib.resources.files("poetlm") / "corpora" / BUNDLED_CORPORA[name]))
+    if not path.is_file():
+        raise DataError(f"bundled corpus file {path} is missing; reinstall poetlm")
+    return path
+
+
+def _format_of(path: Path) -> str | None:
+    """The data format (".txt", ".jsonl", ".parquet") of a file, looking through .xz/.gz."""
+    suffixes = [s.lower() for s in path.suffixes]
+    if suffixes and suffixes[-1] in _COMPRESSIONS:
+        suffixes = suffixes[:-1]
+        if suffixes and suffixes[-1] == ".parquet":
+            return None  # parquet compresses internally; an outer layer can't be streamed
+    return suffixes[-1] if suffixes and suffixes[-1] in _FORMATS else None
+
+
+def _data_files(root: Path) -> list[Path]:
+    """Supported files under a directory, in a stable order; hidden files and others are skipped."""
+    files = [
+        p
+        for p in root.rglob("*")
+        if p.is_file()
+        and _format_of(p) is not None
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    ]
+    return sorted(files, key=lambda p: p.relative_to(root).parts)
+
+
+def _iter_path(path: Path) -> Iterator[str]:
+    if path.is_dir():
+        files = _data_files(path)
+        if not files:
+            raise DataError(
+                f"directory {path} contains no .txt, .jsonl or .parquet files; add data files "
+                "or point --data at a file"
+            )
+        for file in files:
+            yield from _iter_file(file)
+    else:
+        yield from _iter_file(path)
+
+
+def _iter_file(path: Path) -> Iterator[str]:
+    fmt = _format_of(path)
+    if fmt is None:
+        raise DataError(
+            f"unsupported file type {path.name!r}; use .txt (blank-line separated documents), "
+            ".jsonl (one {\"text\": ...} object per line) or .parquet (a \"text\" column), "
+            "optionally .xz/.gz compressed (not parquet)"
+        )
+    try:
+        if fmt == ".txt":
+            yield from _iter_txt(path)
+        elif fmt == ".jsonl":
+            yield from _iter_jsonl(path)
+        else:
+            yield from _iter_parquet(path)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path} is not valid UTF-8 text ({e.reason}); re-encode it as UTF-8") from e
+    except (OSError, EOFError, lzma.LZMAError) as e:
+        raise DataError(f"cannot read {path}: {e}; check that the file is complete and readable") from e
+
+
+def _open_text(path: Path):
+    opener = _COMPRESSIONS.get(path.suffix.lower(), open)
+    # utf-8-sig: editors on Windows like to prepend a BOM that would otherwise leak into the text.
+    return opener(path, "rt", encoding="utf-8-sig")
+
+
+def _iter_txt(path: Path) -> Iterator[str]:
+    with _open_text(path) as f:
+        lines: list[str] = []
+        for line in f:
+            if line.strip():
+                lines.append(line.rstrip("\n"))
+            elif lines:
+                yield "\n".join(lines).strip()
+                lines = []
+        if lines:
+            yield "\n".join(lines).strip()
+
+
+def _text_field(record, where: str) -> str | None:
+    """The document in a json/hf record, or None when it is empty."""
+    if not isinstance(record, dict) or "text" not in record:
+        found = f"found fields {sorted(record)}" if isinstance(record, dict) else "not a JSON object"
+        raise DataError(
+            f'{where}: no "text" field ({found}); every record needs a "text" field holding the document'
+        )
+    text = record["text"]
+    if text is not None and not isinstance(text, str):
+        raise DataError(
+            f'{where}: "text" is a {type(text).__name__}, not a string; store the document as a string'
+        )
+    return text if text and text.strip() else None
+
+
+def _iter_jsonl(path: Path) -> Iterator[str]:
+    with _open_text(path) as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"{path}, line {lineno}: invalid JSON ({e.msg}); fix or remove that line"
+                ) from e
+            text = _text_field(record, f"{path}, line {lineno}")
+            if text is not None:
+                yield text
+
+
+def _iter_parquet(path: Path) -> Iterator[str]:
+    try:
+        import pyarrow
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise DataError(f"reading {path} needs pyarrow; {_INSTALL_DATA}") from e
+    try:
+        pf = pq.ParquetFile(path)
+        names = pf.schema_arrow.names
+        if "text" not in names:
+            raise DataError(
+                f'{path}: no "text" column (found {names}); store the documents in a column named "text"'
+            )
+        for batch in pf.iter_batches(columns=["text"], batch_size=1024):
+            for text in batch.column(0).to_pylist():
+                if isinstance(text, str) and text.strip():
+                    yield text
+    except pyarrow.ArrowException as e:
+        raise DataError(f"{path} is not a readable parquet file ({e}); re-export it") from e
+
+
+def _honor_offline_env() -> None:
+    # datasets/huggingface_hub read HF_HUB_OFFLINE once, at import. Honor a value set later
+    # (by the CLI or a test) so an offline run fails at once instead of retrying for ~30 s.
+    if os.environ.get("HF_HUB_OFFLINE", "").upper() not in {"1", "ON", "YES", "TRUE"}:
+        return
+    import datasets.config
+    import huggingface_hub.constants
+
+    datasets.config.HF_HUB_OFFLINE = True
+    huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+
+def _split_hf_spec(spec: str) -> tuple[str, str | None]:
+    # A local directory may itself contain ':'; only split when it is not one.
+    if Path(spec).expanduser().is_dir():
+        return spec, None
+    name, _, config = spec.partition(":")
+    return name, config or None
+
+
+def _iter_hf(spec: str) -> Iterator[str]:
+    try:
+        import datasets
+    except ImportError as e:
+        raise DataError(f"hf:{spec} needs the `datasets` package; {_INSTALL_DATA}") from e
+    name, config = _split_hf_spec(spec)
+    if not name:
+        raise DataError("hf: needs a dataset name, e.g. hf:allenai/c4:en")
+    _honor_offline_env()
+
+    def unreachable(e: Exception) -> DataError:
+        return DataError(
+            f"cannot load Hugging Face dataset hf:{spec} ({type(e).__name__}: {e}); it does not exist "
+            "or the Hub is unreachable (no network is available by default). Use --data PATH with "
+            "local .txt/.jsonl/.parquet files, or a local directory as hf:DIR"
+        )
+
+    try:
+        ds = datasets.load_dataset(name, config, split="train", streaming=True)
+        examples = iter(ds)
+    except Exception as e:  # datasets raises many unrelated types for "not there"
+        raise unreachable(e) from e
+    for i in itertools.count():
+        try:
+            example = next(examples)
+        except StopIteration:
+            return
+        except Exception as e:  # streaming fetches lazily, so network errors surface here too
+            raise unreachable(e) from e
+        text = _text_field(example, f"hf:{spec}, example {i}")
+        if text is not None:
+            yield text
+
+
+# ---------------------------------------------------------------------------------------
+# Splitting
+
+
+def _unit_hash(seed: int, index: int) -> float:
+    digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Split whole documents into (train, val), deterministically from ``seed``.
+
+    Membership depends only on (seed, index), so it is stable across runs and machines.
+    Both splits get at least one document.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if len(docs) < 2:
+        raise DataError(
+            f"the corpus has {len(docs)} document(s), but a train/validation split needs at least 2; "
+            "separate documents in a .txt file with blank lines, or use a larger corpus"
+        )
+    scores = [_unit_hash(seed, i) for i in range(len(docs))]
+    in_val = [s < val_fraction for s in scores]
+    if not any(in_val):
+        in_val[min(range(len(docs)), key=scores.__getitem__)] = True
+    if all(in_val):
+        in_val[max(range(len(docs)), key=scores.__getitem__)] = False
+    train = [d for d, v in zip(docs, in_val) if not v]
+    val = [d for d, v in zip(docs, in_val) if v]
+    return train, val
+
+
+# ---------------------------------------------------------------------------------------
+# Tokenizers
+
+
+def train_tokenizer(docs: list[str], vocab_size: int, out_dir: Path) -> "PreTrainedTokenizerFast":
+    """Train a byte-level BPE on ``docs`` and save it to ``out_dir`` (AutoTokenizer-loadable)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    if vocab_size < len(alphabet) + 1:
+        raise DataError(
+            f"vocab_size {vocab_size} is too small: byte-level BPE needs at least "
+            f"{len(alphabet) + 1} (256 bytes + {EOS_TOKEN}); use a larger vocab_size"
+        )
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=alphabet,  # every byte stays encodable, even ones absent from docs
+        show_progress=False,
+    )
+    tok.train_from_iterator(docs, trainer, length=len(docs))
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=EOS_TOKEN,
+        bos_token=EOS_TOKEN,
+        pad_token=EOS_TOKEN,
+        unk_token=EOS_TOKEN,
+        # decode() must give back exactly the text that was encoded
+        clean_up_tokenization_spaces=False,
+    )
+    fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def load_tokenizer(path: str | Path) -> "PreTrainedTokenizerFast":
+    """Load a Hugging Face tokenizer directory; it must define an eos token (used to separate documents)."""
+    path = Path(path).expanduser()
+    hint = "pass a directory written by save_pretrained (e.g. from an earlier run), or omit --tokenizer to train one"
+    if not path.is_dir():
+        raise DataError(f"tokenizer directory {path} does not exist; {hint}")
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # transformers raises assorted types for a broken directory
+        raise DataError(f"cannot load a tokenizer from {path} ({type(e).__name__}: {e}); {hint}") from e
+    if tokenizer.eos_token_id is None:
+        raise DataError(
+            f"tokenizer {path} has no eos token, which is needed to separate documents; "
+            "set eos_token in its tokenizer_config.json or omit --tokenizer to train one"
+        )
+    return tokenizer
+
+
+def _tokenizer_hash(tokenizer) -> str:
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        content = backend.to_str()
+    else:  # slow tokenizers have no JSON form; the vocabulary is the next best identity
+        content = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False)
+    content += f"\neos={tokenizer.eos_token_id}\nlen={len(tokenizer)}"
+    return hashlib.sha256(content.encode()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------
+# Token cache
+
+
+@dataclass
+class TokenData:
+    train: np.ndarray
+    val: np.ndarray
+    tokenizer: "PreTrainedTokenizerFast"
+    eos_id: int
+    cache_dir: Path
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokenizer)
+
+
+def _data_identity(data: str) -> dict:
+    """What the cache keys depend on: changes to the underlying files invalidate caches."""
+    if data.startswith("hf:"):
+        name, _ = _split_hf_spec(data[3:])
+        local = Path(name).expanduser()
+        if local.is_dir():  # datasets reads any file type there, so track them all
+            files = sorted(p for p in local.rglob("*") if p.is_file() and not p.name.startswith("."))
+            return {"hf": data[3:], "files": [_file_identity(f) for f in files]}
+        return {"hf": data[3:]}
+    path = Path(data).expanduser()
+    if path.exists():
+        files = _data_files(path) if path.is_dir() else [path]
+        return {"files": [_file_identity(f) for f in files]}
+    if data in BUNDLED_CORPORA:
+        return {"bundled": data, "size": _bundled_path(data).stat().st_size}
+    return {"unknown": data}  # read_documents will raise the proper error
+
+
+def _file_identity(path: Path) -> list:
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def _key(**parts) -> str:
+    blob = json.dumps({"version": _CACHE_VERSION, **parts}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _memmap(path: Path, dtype: str, n: int) -> np.ndarray:
+    if n == 0:  # mmap refuses empty files
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+
+
+def _check_cache(cache_dir: Path, tokenizer_hash: str) -> str | None:
+    """None if the cache is complete and intact, else why it is not."""
+    try:
+        meta = json.loads((cache_dir / "meta.json").read_text())
+        dtype = np.dtype(meta["dtype"])
+        if meta["tokenizer_hash"] != tokenizer_hash:
+            return "it was built with a different tokenizer"
+        for split in ("train", "val"):
+            path = cache_dir / f"{split}.bin"
+            expected = int(meta[f"n_{split}"]) * dtype.itemsize
+            if path.stat().st_size != expected:
+                return f"{path.name} has {path.stat().st_size} bytes, expected {expected}"
+            if _sha256_file(path) != meta[f"sha256_{split}"]:
+                return f"{path.name} checksum mismatch"
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _write_tokens(path: Path, docs: list[str], tokenizer, dtype: np.dtype, eos_id: int) -> tuple[int, str]:
+    """Append each document's ids plus eos to ``path``; returns (n_tokens, sha256)."""
+    h = hashlib.sha256()
+    n = 0
+    with open(path, "wb") as f:
+        for start in range(0, len(docs), _TOKENIZE_BATCH):
+            batch = docs[start : start + _TOKENIZE_BATCH]
+            # verbose=False: long documents are fine here, we never feed them to a model whole
+            encoded = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
+            flat: list[int] = []
+            for ids in encoded:
+                flat.extend(ids)
+                flat.append(eos_id)
+            chunk = np.asarray(flat, dtype=dtype).tobytes()
+            f.write(chunk)
+            h.update(chunk)
+            n += len(flat)
+    return n, h.hexdigest()
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Move a finished temp dir into place, replacing a stale one."""
+    if final.exists():
+        shutil.rmtree(final, ignore_errors=True)
+    try:
+        os.replace(tmp, final)
+    except OSError:
+        # another process published the same cache first; theirs is as good as ours
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _tokenizer_for(
+    tokenizer: str | None, cache_root: Path, identity: dict, vocab_size: int, split_key: dict,
+    get_train_docs,
+):
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer)
+    tok_dir = cache_root / "tokenizers" / _key(data=identity, vocab_size=vocab_size, **split_key)
+    if tok_dir.is_dir():
+        try:
+            return load_tokenizer(tok_dir)
+        except DataError as e:
+            warnings.warn(f"cached tokenizer {tok_dir} is unusable ({e}); retraining it", stacklevel=3)
+    tok_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{tok_dir.name}.", dir=tok_dir.parent))
+    train_tokenizer(get_train_docs(), vocab_size, tmp)
+    _publish(tmp, tok_dir)
+    # Reload from disk so the hash matches what every later run will see.
+    return load_tokenizer(tok_dir)
+
+
+def prepare_data(
+    data: str,
+    *,
+    tokenizer: str | None,
+    vocab_size: int,
+    cache_root: Path,
+    val_fraction: float = 0.05,
+    split_seed: int = 0,
+    max_documents: int | None = None,
+) -> TokenData:
+    """Read, split, tokenize and cache ``data``; returns memory-mapped train/val token ids.
+
+    The tokenizer (when trained here) and the token arrays are cached under ``cache_root`` and
+    reused by later calls with the same inputs. A cache that fails validation (unparsable
+    meta.json, wrong size, checksum mismatch, or a tokenizer_hash that differs from the
+    tokenizer in use) is rebuilt with a warning.
+    """
+    cache_root = Path(cache_root).expanduser()
+    identity = _data_identity(data)
+    split_key = {"val_fraction": val_fraction, "split_seed": split_seed, "max_documents": max_documents}
+    splits: list[tuple[list[str], list[str]]] = []
+
+    def get_splits() -> tuple[list[str], list[str]]:
+        # Read lazily: with a warm cache the corpus (maybe a slow hf: stream) is never touched.
+        if not splits:
+            docs = read_documents(data, max_documents=max_documents)
+            splits.append(split_documents(docs, val_fraction, split_seed))
+        return splits[0]
+
+    tok = _tokenizer_for(tokenizer, cache_root, identity, vocab_size, split_key, lambda: get_splits()[0])
+    tok_hash = _tokenizer_hash(tok)
+    eos_id = int(tok.eos_token_id)
+    cache_dir = cache_root / "tokens" / _key(data=identity, tokenizer_hash=tok_hash, **split_key)
+
+    problem = _check_cache(cache_dir, tok_hash) if cache_dir.exists() else "missing"
+    if problem not in (None, "missing"):
+        warnings.warn(f"token cache {cache_dir} is invalid ({problem}); rebuilding it", stacklevel=2)
+    if problem is not None:
+        train_docs, val_docs = get_splits()
+        dtype = np.dtype(np.uint16 if len(tok) < 2**16 else np.uint32)
+        cache_dir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.", dir=cache_dir.parent))
+        try:
+            meta = {"dtype": dtype.name, "tokenizer_hash": tok_hash, "vocab_size": len(tok), "eos_id": eos_id}
+            for split, docs in (("train", train_docs), ("val", val_docs)):
+                n, digest = _write_tokens(tmp / f"{split}.bin", docs, tok, dtype, eos_id)
+                meta[f"n_{split}"] = n
+                meta[f"sha256_{split}"] = digest
+            (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _publish(tmp, cache_dir)
+
+    meta = json.loads((cache_dir / "meta.json").read_text())
+    return TokenData(
+        train=_memmap(cache_dir / "train.bin", meta["dtype"], meta["n_train"]),
+        val=_memmap(cache_dir / "val.bin", meta["dtype"], meta["n_val"]),
+        tokenizer=tok,
+        eos_id=eos_id,
+        cache_dir=cache_dir,
+    )
+
+
+# ---------------------------------------------------------------------------------------
+# Batches
+
+
+def sample_offsets(n_tokens: int, step: int, n_rows: int, seq_len: int, seed: int) -> np.ndarray:
+    """Random window starts for optimizer step ``step``; a pure function of its arguments,
+    so a resumed run sees exactly the batches it would have seen."""
+    if n_tokens < seq_len + 1:
+        raise DataError(
+            f"training split has {n_tokens} tokens, fewer than seq_len+1={seq_len + 1}; "
+            "use a larger corpus or a smaller seq_len"
+        )
+    rng = np.random.default_rng([seed, step])
+    return rng.integers(0, n_tokens - seq_len, n_rows)
+
+
+def make_batch(tokens: np.ndarray, offsets: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs and next-token targets, each (rows, seq_len) int64."""
+    idx = np.asarray(offsets, dtype=np.int64)[:, None] + np.arange(seq_len + 1)
+    windows = torch.from_numpy(np.asarray(tokens[idx], dtype=np.int64))
+    return windows[:, :-1].contiguous(), windows[:, 1:].contiguous()
+
+
+def val_windows(tokens: np.ndarray, seq_len: int, max_tokens: int | None) -> np.ndarray:
+    """Starts of the fixed validation windows: stride seq_len, seq_len+1 tokens each, so every
+    token after the first is predicted exactly once; at most ``max_tokens`` predictions."""
+    n_windows = (len(tokens) - 1) // seq_len if len(tokens) > 0 else 0
+    if n_windows < 1:
+        raise DataError(
+            f"validation split has {len(tokens)} tokens, fewer than seq_len+1={seq_len + 1}; "
+            "use a larger corpus or val_fraction, or a smaller seq_len"
+        )
+    if max_tokens is not None:
+        n_windows = min(n_windows, max_tokens // seq_len)
+        if n_windows < 1:
+            raise DataError(
+                f"the validation token budget {max_tokens} is smaller than seq_len={seq_len}; "
+                "raise the validation token limit or lower seq_len"
+            )
+    return np.arange(n_windows, dtype=np.int64) * seq_len

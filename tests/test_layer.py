@@ -1,0 +1,136 @@
+import pytest
+import torch
+from torch import nn
+
+from poetlm import POETConfig, POETLinear
+from reference import dense_rotation, dense_weight
+
+SHAPES = [(12, 20), (10, 7), (16, 16)]  # (in, out): b=4 divides some, not others with b=6
+
+
+def make_layer(variant, in_f, out_f, dtype=torch.float64, bias=True, **kw):
+    config = POETConfig(variant=variant, block_size=kw.pop("block_size", 6), fraction=kw.pop("fraction", 0.5), **kw)
+    layer = POETLinear(in_f, out_f, bias=bias, config=config, name="blocks.0.proj", dtype=dtype)
+    g = torch.Generator().manual_seed(in_f * 100 + out_f)
+    with torch.no_grad():
+        for p in layer.rotation_parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.15)
+        if bias:
+            layer.bias.copy_(torch.randn(out_f, generator=g, dtype=dtype))
+    return layer
+
+
+@pytest.mark.parametrize("variant", ["bs", "fs"])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("mode", ["weight", "input"])
+@pytest.mark.parametrize("parameterization", ["cayley_neumann", "cayley", "exp"])
+def test_forward_matches_dense_reference(variant, shape, mode, parameterization):
+    layer = make_layer(variant, *shape, forward_mode=mode, parameterization=parameterization, neumann_terms=2)
+    x = torch.randn(5, 3, shape[0], dtype=torch.float64)
+    reference = x @ dense_weight(layer, parameterization, 2).T + layer.bias.detach()
+    torch.testing.assert_close(layer(x), reference, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(layer.effective_weight(), dense_weight(layer, parameterization, 2), rtol=1e-10, atol=1e-10)
+
+
+def test_block_stochastic_rotates_every_coordinate_and_fully_stochastic_only_a_subset():
+    bs = make_layer("bs", 10, 7, block_size=4)
+    assert sorted(bs.rotation_in.index.tolist()) == list(range(10))
+    assert [p.numel() for p in bs.rotation_parameters()] == [6 + 6 + 1, 6 + 3]
+    fs = make_layer("fs", 10, 7, fraction=0.5)
+    r = dense_rotation(fs.rotation_in, "fs")
+    untouched = sorted(set(range(10)) - set(fs.rotation_in.index.tolist()))
+    assert len(untouched) == 5
+    torch.testing.assert_close(r[untouched][:, untouched], torch.eye(5, dtype=torch.float64))
+    assert [p.numel() for p in fs.rotation_parameters()] == [10, 3]  # b_in=5, b_out=⌊3.5⌋=3
+
+
+@pytest.mark.parametrize("variant", ["bs", "fs"])
+@pytest.mark.parametrize("mode", ["weight", "input"])
+def test_gradcheck_fp64(variant, mode):
+    layer = make_layer(variant, 9, 7, block_size=4, forward_mode=mode)
+    x = torch.randn(3, 9, dtype=torch.float64, requires_grad=True)
+    params = [layer.rotation_in.skew, layer.rotation_out.skew]
+    inputs = (x, *[p.detach().clone().requires_grad_() for p in params])
+    assert torch.autograd.gradcheck(lambda x, a, b: _functional_forward(layer, x, a, b), inputs)
+
+
+def _functional_forward(layer, x, a, b):
+    return torch.func.functional_call(layer, {"rotation_in.skew": a, "rotation_out.skew": b}, (x,))
+
+
+@pytest.mark.parametrize("variant", ["bs", "fs"])
+def test_identity_at_start_and_keep_init_reproduces_the_linear(variant):
+    linear = nn.Linear(13, 9)
+    layer = POETLinear.from_linear(linear, POETConfig(variant=variant, block_size=4, init="keep"), "l")
+    x = torch.randn(4, 13)
+    for mode in ("weight", "input"):
+        layer.config.forward_mode = mode
+        torch.testing.assert_close(layer(x), linear(x), rtol=0, atol=1e-6)
+    assert torch.equal(layer.effective_weight(), linear.weight.detach())
+    assert layer.bias is linear.bias
+
+
+@pytest.mark.parametrize("variant", ["bs", "fs"])
+def test_merge_preserves_outputs_and_resets(variant):
+    layer = make_layer(variant, 24, 18, dtype=torch.float32, block_size=5)
+    x = torch.randn(6, 24)
+    before = layer(x).detach()
+    old_index = layer.rotation_in.index.clone()
+    layer.merge()
+    after = layer(x).detach()
+    assert ((after - before).norm() / before.norm()) <= 1e-5
+    assert all(torch.all(p == 0) for p in layer.rotation_parameters())
+    assert int(layer.merge_count) == 1
+    assert not torch.equal(layer.rotation_in.index, old_index)
+
+
+def test_fifty_cayley_merges_keep_the_singular_values():
+    layer = POETLinear(40, 24, config=POETConfig(block_size=8, parameterization="cayley"), name="m", dtype=torch.float32)
+    initial = torch.linalg.svdvals(layer.effective_weight().double())
+    start_weight = layer.weight0.clone()
+    g = torch.Generator().manual_seed(0)
+    for _ in range(50):
+        with torch.no_grad():
+            for p in layer.rotation_parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+        layer.merge()
+    final = torch.linalg.svdvals(layer.effective_weight().double())
+    assert ((final - initial).abs() / initial).max() <= 1e-5
+    # ...while the weight itself moved far: the spectrum survived real rotations.
+    assert (layer.weight0 - start_weight).norm() > 0.5 * start_weight.norm()
+
+
+def test_permutations_are_a_pure_function_of_seed_name_and_merge_count():
+    a = POETLinear(32, 16, config=POETConfig(block_size=8, seed=3), name="layers.1.q")
+    b = POETLinear(32, 16, config=POETConfig(block_size=8, seed=3), name="layers.1.q")
+    c = POETLinear(32, 16, config=POETConfig(block_size=8, seed=3), name="layers.2.q")
+    assert torch.equal(a.rotation_in.index, b.rotation_in.index)
+    assert not torch.equal(a.rotation_in.index, c.rotation_in.index)
+    a.merge(), b.merge()
+    assert torch.equal(a.rotation_out.index, b.rotation_out.index)
+    assert torch.equal(a.weight0, b.weight0)
+
+
+def test_initializations():
+    def w0(init):
+        return POETLinear(300, 200, config=POETConfig(init=init), name="x").weight0
+
+    torch.testing.assert_close(w0("normalized_gaussian").norm(dim=1), torch.ones(200))
+    torch.testing.assert_close(torch.linalg.svdvals(w0("uniform_spectrum")), torch.ones(200), atol=1e-5, rtol=0)
+    assert abs(w0("standard").std() - 0.02) < 1e-3
+    assert abs(w0("xavier").std() - (2 / 500) ** 0.5) < 2e-3
+
+
+def test_weight_dtype_and_fp32_master():
+    layer = POETLinear(16, 8, config=POETConfig(block_size=4), name="x", dtype=torch.bfloat16)
+    assert layer.weight0.dtype == torch.float32 and layer.rotation_in.skew.dtype == torch.float32
+    out = layer(torch.randn(2, 16, dtype=torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+
+
+def test_auto_mode_picks_the_cheaper_path():
+    layer = POETLinear(512, 1280, config=POETConfig(block_size=64), name="x")
+    assert layer.uses_input_centric(1)
+    assert not layer.uses_input_centric(4096)
+    layer.config.forward_mode = "input"
+    assert layer.uses_input_centric(4096)

@@ -1,0 +1,182 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import poetlm
+from poetlm import POETConfig, POETLinear
+
+
+def llama(hidden=32, ffn=48, layers=2, vocab=64, heads=4):
+    config = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=heads, max_position_embeddings=64)
+    torch.manual_seed(0)
+    return LlamaForCausalLM(config)
+
+
+def randomize_rotations(model, scale=0.05, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in poetlm.rotation_parameters(model):
+            p.copy_(torch.randn(p.shape, generator=g) * scale)
+
+
+def block_linear_params(model):
+    return sum(p.numel() for p in poetlm.rotation_parameters(model))
+
+
+@pytest.mark.parametrize("variant,kw,ffn,expected", [
+    ("bs", {"block_size": 256}, 1280, 9_661_440),
+    ("fs", {"fraction": 0.5}, 1376, 8_544_192),
+])
+def test_trainable_parameter_counts_reproduce_the_paper(variant, kw, ffn, expected):
+    with torch.device("meta"):  # counts only: no need to allocate 60M weights
+        model = llama(hidden=512, ffn=ffn, layers=8, vocab=32, heads=8)
+    model = poetlm.poetize(model, POETConfig(variant=variant, **kw))
+    assert len(list(poetlm.poet_layers(model))) == 7 * 8
+    assert block_linear_params(model) == expected
+
+
+def test_poetize_targets_block_linears_and_keeps_everything_else():
+    model = llama()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    poetlm.poetize(model, POETConfig(block_size=8))
+    names = [n for n, _ in poetlm.poet_layers(model)]
+    assert "lm_head" not in names and len(names) == 14
+    assert isinstance(model.lm_head, nn.Linear)
+    for name, param in model.named_parameters():
+        if "rotation_" in name:
+            assert param.requires_grad and torch.all(param == 0)
+        else:
+            assert torch.equal(param, before[name]) and param.requires_grad
+    assert not any(n.endswith("q_proj.weight") for n, _ in model.named_parameters())
+
+
+def test_target_modules_list_and_regex_and_no_match_error():
+    model = poetlm.poetize(llama(), POETConfig(block_size=8, target_modules=["q_proj", "v_proj"]))
+    assert sorted({n.split(".")[-1] for n, _ in poetlm.poet_layers(model)}) == ["q_proj", "v_proj"]
+    model = poetlm.poetize(llama(), POETConfig(block_size=8, target_modules=r".*mlp\.(up|down)_proj"))
+    assert sorted({n.split(".")[-1] for n, _ in poetlm.poet_layers(model)}) == ["down_proj", "up_proj"]
+    with pytest.raises(ValueError, match="no layer to wrap"):
+        poetlm.poetize(llama(), POETConfig(target_modules=["nonexistent"]))
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        poetlm.poetize(nn.Sequential(nn.Conv1d(2, 2, 1)), POETConfig())
+
+
+@pytest.mark.parametrize("variant", ["bs", "fs"])
+def test_keep_init_wrapped_model_equals_original_and_export_round_trips(variant):
+    original = llama()
+    ids = torch.randint(0, 64, (2, 10))
+    reference = original(ids).logits
+    model = poetlm.poetize(copy.deepcopy(original), POETConfig(variant=variant, block_size=8, init="keep"))
+    torch.testing.assert_close(model(ids).logits, reference, rtol=0, atol=1e-6)
+    randomize_rotations(model)
+    poet_logits = model(ids).logits
+    assert (poet_logits - reference).abs().max() > 1e-3
+    dense = poetlm.export_dense(model)
+    assert not any(isinstance(m, POETLinear) for m in dense.modules())
+    torch.testing.assert_close(dense(ids).logits, poet_logits, rtol=1e-5, atol=1e-5)
+    # The exported model is a plain transformers model: it loads into a fresh one without poetlm.
+    fresh = llama()
+    fresh.load_state_dict(dense.state_dict())
+    torch.testing.assert_close(fresh(ids).logits, poet_logits, rtol=1e-5, atol=1e-5)
+
+
+def test_model_merge_preserves_logits():
+    model = poetlm.poetize(llama(), POETConfig(block_size=8))
+    randomize_rotations(model)
+    ids = torch.randint(0, 64, (2, 10))
+    before = model(ids).logits.detach()
+    assert poetlm.merge(model) == 14
+    after = model(ids).logits.detach()
+    assert (after - before).norm() / before.norm() <= 1e-5
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda groups: torch.optim.AdamW(groups),
+    lambda groups: torch.optim.SGD(groups, momentum=0.9),
+    lambda groups: torch.optim.Adagrad(groups),
+])
+def test_merge_clears_rotation_optimizer_state_only(make_opt):
+    model = poetlm.poetize(llama(), POETConfig(block_size=8))
+    opt = make_opt(poetlm.param_groups(model, lr_base=1e-3, lr_poet=1e-3, weight_decay=0.01))
+    ids = torch.randint(0, 64, (2, 10))
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    rotations = poetlm.rotation_parameters(model)
+    others = [p for p in model.parameters() if all(p is not r for r in rotations)]
+    assert all(r in opt.state and opt.state[r] for r in rotations)
+    saved = {id(p): copy.deepcopy(opt.state[p]) for p in others}
+    poetlm.merge(model, opt)
+    assert all(not opt.state.get(r) for r in rotations)
+    for p in others:
+        for key, value in saved[id(p)].items():
+            assert torch.equal(torch.as_tensor(opt.state[p][key]), torch.as_tensor(value))
+    model.zero_grad()
+    model(ids, labels=ids).loss.backward()
+    opt.step()  # the optimizer starts the rotation parameters afresh without complaint
+    assert all(opt.state[r] for r in rotations)
+
+
+def test_keep_state_rule_keeps_rotation_state():
+    model = poetlm.poetize(llama(), POETConfig(block_size=8))
+    opt = torch.optim.AdamW(poetlm.param_groups(model, 1e-3, 1e-3, 0.0))
+    ids = torch.randint(0, 64, (2, 10))
+    model(ids, labels=ids).loss.backward()
+    opt.step()
+    poetlm.merge(model, opt, rule=poetlm.KeepState())
+    assert all(opt.state[r] for r in poetlm.rotation_parameters(model))
+
+
+def test_param_groups():
+    model = poetlm.poetize(llama(), POETConfig(block_size=8))
+    groups = {g["name"]: g for g in poetlm.param_groups(model, lr_base=1e-2, lr_poet=1e-3, weight_decay=0.1)}
+    rotations = {id(p) for p in poetlm.rotation_parameters(model)}
+    assert {id(p) for p in groups["poet"]["params"]} == rotations
+    assert groups["poet"]["lr"] == 1e-3 and groups["poet"]["weight_decay"] == 0
+    assert groups["base"]["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in groups["base"]["params"])
+    assert groups["base_no_decay"]["weight_decay"] == 0
+    total = sum(len(g["params"]) for g in groups.values())
+    assert total == len([p for p in model.parameters() if p.requires_grad])
+
+
+def test_step_weight_cache_gives_the_same_gradients_as_per_micro_batch_backward():
+    model = poetlm.poetize(llama(), POETConfig(block_size=8))
+    randomize_rotations(model)
+    batches = [torch.randint(0, 64, (2, 10)) for _ in range(3)]
+
+    def grads(cached):
+        model.zero_grad()
+        if cached:
+            with poetlm.step_weight_cache(model):
+                for ids in batches:
+                    model(ids, labels=ids).loss.backward()
+        else:
+            for ids in batches:
+                model(ids, labels=ids).loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    for a, b in zip(grads(False), grads(True), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    assert all(layer.step_weight is None for _, layer in poetlm.poet_layers(model))
+
+
+def test_diagnostics():
+    model = poetlm.poetize(llama(), POETConfig(block_size=8, parameterization="cayley"))
+    start = poetlm.model_diagnostics(model, spectrum=True)
+    assert start["orth_err"] == 0 and start["q_norm"] == 0 and start["probe_cos"] == pytest.approx(1.0)
+    assert start["spectrum_drift"] == 0
+    randomize_rotations(model, scale=0.1)
+    moved = poetlm.model_diagnostics(model, spectrum=True)
+    assert moved["orth_err"] < 1e-6  # exact Cayley
+    assert moved["probe_cos"] < 1 and moved["q_norm"] > 0.1
+    assert moved["spectrum_drift"] < 1e-5
+    cnp = poetlm.poetize(llama(), POETConfig(block_size=8, neumann_terms=1))
+    randomize_rotations(cnp, scale=0.1)
+    assert poetlm.model_diagnostics(cnp)["orth_err"] > 1e-4  # truncation shows up
+    # The probe follows the accumulated rotation across merges, not only the current one.
+    poetlm.merge(model)
+    merged = poetlm.model_diagnostics(model)
+    assert merged["probe_cos"] == pytest.approx(moved["probe_cos"], abs=1e-5)

@@ -1,0 +1,57 @@
+import pytest
+import torch
+
+from poetlm.orthogonal import cayley, cayley_neumann, orthogonal_map, packed_slots, skew_from_packed
+from reference import cnp_formula, exact_cayley, skew_from_triangle_loop
+
+
+def random_skew(b: int, scale: float, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randn(b, b, generator=g, dtype=torch.float64) * scale
+    return a - a.T
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 6])
+def test_cayley_neumann_matches_formula(k):
+    q = random_skew(7, 0.1, seed=k)
+    torch.testing.assert_close(cayley_neumann(q, k), cnp_formula(q, k), rtol=0, atol=1e-13)
+
+
+def test_exact_cayley_is_orthogonal_and_matches_inverse_formula():
+    q = random_skew(9, 0.5)
+    c = cayley(q)
+    eye = torch.eye(9, dtype=torch.float64)
+    assert (c @ c.T - eye).abs().max() < 1e-10
+    assert abs(torch.linalg.det(c) - 1) < 1e-10
+    torch.testing.assert_close(c, exact_cayley(q), rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 5])
+def test_neumann_error_identity(k):
+    # CNP − Cayley = −Cayley·Q^{k+1}
+    q = random_skew(6, 0.2, seed=10 + k)
+    lhs = cayley_neumann(q, k) - cayley(q)
+    rhs = -cayley(q) @ torch.linalg.matrix_power(q, k + 1)
+    torch.testing.assert_close(lhs, rhs, rtol=0, atol=1e-14)
+
+
+def test_exp_map_is_matrix_exponential_and_zero_gives_identity():
+    q = random_skew(5, 0.3)
+    torch.testing.assert_close(orthogonal_map(q, "exp"), torch.linalg.matrix_exp(q))
+    zero = torch.zeros(3, 4, 4, dtype=torch.float64)
+    for name in ("cayley_neumann", "cayley", "exp"):
+        assert torch.equal(orthogonal_map(zero, name), torch.eye(4, dtype=torch.float64).expand(3, 4, 4))
+
+
+def test_packed_parameters_fill_strict_upper_triangles_with_padding_for_a_small_last_block():
+    sizes, b = [4, 4, 3], 4
+    slots = packed_slots(sizes, b)
+    assert len(slots) == 6 + 6 + 3
+    values = torch.arange(1, len(slots) + 1, dtype=torch.float64)
+    q = skew_from_packed(values, slots, len(sizes), b)
+    torch.testing.assert_close(q[0], skew_from_triangle_loop(values[:6], 4))
+    torch.testing.assert_close(q[1], skew_from_triangle_loop(values[6:12], 4))
+    torch.testing.assert_close(q[2, :3, :3], skew_from_triangle_loop(values[12:], 3))
+    assert torch.all(q[2, 3, :] == 0) and torch.all(q[2, :, 3] == 0)
+    blocks = orthogonal_map(q, "cayley_neumann", 3)
+    assert blocks[2, 3, 3] == 1 and torch.all(blocks[2, 3, :3] == 0)
