@@ -499,9 +499,14 @@ def _tokenizer_for(
             return load_tokenizer(tok_dir)
         except DataError as e:
             warnings.warn(f"cached tokenizer {tok_dir} is unusable ({e}); retraining it", stacklevel=3)
+    train_docs = get_train_docs()
     tok_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{tok_dir.name}.", dir=tok_dir.parent))
-    train_tokenizer(get_train_docs(), vocab_size, tmp)
+    try:
+        train_tokenizer(train_docs, vocab_size, tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     _publish(tmp, tok_dir)
     # Reload from disk so the hash matches what every later run will see.
     return load_tokenizer(tok_dir)

@@ -1,0 +1,24 @@
+# Two commands for a newcomer: `make demo` (the main job) and `make test` (the test suite).
+# Both create .venv and install what they need; torch comes as the 2.13.0 CPU build unless a
+# torch is already importable (a GPU user's own build is kept).
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup demo test bench clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+setup: $(PY)
+	bash scripts/install_torch.sh $(PY)
+	$(PY) -m pip install -q -e ".[dev]"
+
+demo: setup
+	$(VENV)/bin/poetlm train
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs .cache

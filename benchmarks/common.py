@@ -1,0 +1,151 @@
+"""Helpers shared by the benchmark scripts: machine description, interleaved timing, peak memory, tables.
+
+Scripts import this as `from common import ...` (run them as `python benchmarks/<name>.py`, which puts
+this folder on sys.path).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import platform
+import statistics
+import time
+from typing import Callable, Sequence
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def default_device() -> str:
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as info:
+            for line in info:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_machine(device: str) -> str:
+    """One line per fact, so a pasted table always says which machine produced it."""
+    lines = [f"torch {torch.__version__}, Python {platform.python_version()}, {platform.system()} {platform.machine()}"]
+    lines.append(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})")
+    if device.startswith("cuda"):
+        props = torch.cuda.get_device_properties(torch.device(device))
+        lines.append(f"GPU: {props.name} ({props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda})")
+    return "\n".join(lines)
+
+
+def synchronizer(device: str) -> Callable[[], None]:
+    if device.startswith("cuda"):
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
+                      sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
+    """Seconds per call of every function, `repeats` samples each, taken round-robin.
+
+    Round-robin rather than one function after another: on a shared, noisy machine (thermal state,
+    other jobs) slow phases then hit every contender alike, so per-round ratios stay meaningful. The
+    starting point rotates each round so that no contender always runs right after the same one.
+    """
+    names = list(fns)
+    for _ in range(warmup):
+        for name in names:
+            fns[name]()
+        sync()
+    times: dict[str, list[float]] = {name: [] for name in names}
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # a collection landing inside one sample would be charged to whoever ran then
+    try:
+        for round_index in range(repeats):
+            shift = round_index % len(names)
+            for name in names[shift:] + names[:shift]:
+                sync()
+                start = time.perf_counter()
+                fns[name]()
+                sync()
+                times[name].append(time.perf_counter() - start)
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return times
+
+
+def median(values: Sequence[float]) -> float:
+    return statistics.median(values)
+
+
+def paired_ratio(times: Sequence[float], baseline: Sequence[float]) -> float:
+    """Median of per-round ratios: each sample is compared with the baseline of its own round."""
+    return statistics.median(t / b for t, b in zip(times, baseline))
+
+
+def peak_memory_bytes(fn: Callable[[], object], device: str) -> int | None:
+    """Peak bytes allocated by one call of `fn` above what was live before it (None if unmeasurable).
+
+    CUDA: the caching allocator's max_memory_allocated (tensor bytes, not reserved segments).
+    CPU: every allocation and free of c10's CPU allocator during the call, replayed in order from the
+    profiler's memory events; frees of tensors allocated before the call are not seen, so the caller
+    should drop stale tensors (e.g. old .grad) first. Either way the number counts tensor storage
+    (activations saved for backward, temporaries, gradients), not the process's RSS.
+    """
+    if device.startswith("cuda"):
+        sync = synchronizer(device)
+        sync()
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        sync()
+        return torch.cuda.max_memory_allocated(device) - before
+    return _cpu_peak_bytes(fn)
+
+
+def _cpu_peak_bytes(fn: Callable[[], object]) -> int | None:
+    try:
+        from torch._C._profiler import _EventType
+        from torch.profiler import ProfilerActivity, profile
+    except ImportError:
+        return None
+    try:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        roots = prof.profiler.kineto_results.experimental_event_tree()
+    except Exception:  # private profiler internals: report "not measured" rather than a wrong number
+        return None
+    events: list[tuple[int, int]] = []
+    stack = list(roots)
+    while stack:
+        event = stack.pop()
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            events.append((event.start_time_ns, event.extra_fields.alloc_size))
+        stack.extend(event.children)
+    events.sort()
+    live = peak = 0
+    for _, size in events:
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
+def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]], align: str | None = None) -> str:
+    """A GitHub markdown table; `align` has one of 'l'/'r' per column (default: first left, rest right)."""
+    align = align or "l" + "r" * (len(headers) - 1)
+    cells = [[str(cell) for cell in row] for row in rows]
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
+
+    def line(values: Sequence[str]) -> str:
+        padded = [v.ljust(w) if a == "l" else v.rjust(w) for v, w, a in zip(values, widths, align)]
+        return "| " + " | ".join(padded) + " |"
+
+    rule = ["-" * (w - 1) + ":" if a == "r" else "-" * w for w, a in zip(widths, align)]
+    return "\n".join([line(headers), "| " + " | ".join(rule) + " |"] + [line(row) for row in cells])

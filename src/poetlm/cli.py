@@ -1,0 +1,179 @@
+"""Command line: poetlm train | finetune | eval | export | generate | report."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from .train.checkpoint import CheckpointError
+from .train.config import ConfigError, preset_names, resolve_config
+from .train.data import DataError
+
+TRAIN_SHORTCUTS = {  # flag -> config key: the most used overrides get their own flags
+    "method": "method", "data": "data.data", "tokenizer": "data.tokenizer", "steps": "steps",
+    "name": "name", "out": "out_dir", "seed": "seed", "device": "device",
+}
+
+
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="pretrain a LLaMA model with POET, AdamW or Muon",
+                       description="Train from a preset or TOML config; any config field can be overridden as section.key=value.")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=3e-3 poet.block_size=64")
+    p.add_argument("--config", "--preset", dest="config", default="tiny",
+                   help=f"preset name ({', '.join(preset_names())}) or path to a TOML file (default: tiny)")
+    p.add_argument("--method", choices=["poet", "adamw", "muon"])
+    p.add_argument("--data", help="bundled corpus (sotu, shakespeare), local .txt/.jsonl/.parquet file or directory, or hf:NAME[:CONFIG]")
+    p.add_argument("--tokenizer", help="HF tokenizer directory (default: train a byte-level BPE on the training split)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--name", help="run name (directory under --out)")
+    p.add_argument("--out", help="parent directory of runs (default: runs)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device", help="auto, cpu, cuda")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where its last checkpoint left it")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")
+
+
+def _cmd_train(args) -> int:
+    from .train.loop import train
+
+    if args.resume:
+        summary = train(resume=args.resume)
+    else:
+        overrides = list(args.overrides)
+        for flag, key in TRAIN_SHORTCUTS.items():
+            value = getattr(args, flag)
+            if value is not None:
+                overrides.append(f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}")
+        if args.no_progress:
+            overrides.append("progress=false")
+        summary = train(resolve_config(args.config, overrides))
+    return _finish(summary)
+
+
+def _finish(summary: dict) -> int:
+    if summary.get("interrupted"):
+        return 128 + summary["signal"]
+    if summary.get("final_val_ppl") is not None:
+        print(f"final validation perplexity: {summary['final_val_ppl']:.3f}")
+        print(f"run directory: {summary['run_dir']} (report: {Path(summary['run_dir']) / 'report.md'})")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from .train.data import prepare_data
+    from .train.evaluate import perplexity
+    from .train.runs import load_any_model
+
+    device = torch.device(args.device)
+    model, tokenizer, config = load_any_model(args.path, device)
+    if args.data is None and config is None:
+        raise DataError("an exported model directory has no training data attached: pass --data (e.g. --data sotu)")
+    source = args.data or config.data.data
+    seq_len = args.seq_len or (config.data.seq_len if config else 256)
+    tokenizer_dir = Path(args.path) / "tokenizer" if config else Path(args.path)
+    data = prepare_data(source, tokenizer=str(tokenizer_dir), vocab_size=len(tokenizer),
+                        cache_root=Path(config.data.cache_dir if config else ".cache/poetlm"),
+                        val_fraction=config.data.val_fraction if config else 0.05, split_seed=config.seed if config else 0)
+    result = perplexity(model, data.val, seq_len=seq_len, batch_size=args.batch_size, max_tokens=args.tokens, device=device)
+    print(f"validation perplexity: {result['val_ppl']:.3f} (loss {result['val_loss']:.4f} over {result['val_tokens']} tokens of {source})")
+    return 0
+
+
+def _cmd_export(args) -> int:
+    from .model import export_dense
+    from .train.runs import load_any_model
+
+    model, tokenizer, _ = load_any_model(args.run_dir)
+    out = Path(args.out_dir)
+    dense = export_dense(model)
+    dense.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    print(f"exported a dense {type(dense).__name__} to {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
+    return 0
+
+
+def _cmd_generate(args) -> int:
+    from .train.runs import load_any_model
+
+    device = torch.device(args.device)
+    model, tokenizer, _ = load_any_model(args.path, device)
+    torch.manual_seed(args.seed)
+    ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(device)
+    if ids.shape[1] == 0:
+        ids = torch.tensor([[tokenizer.eos_token_id]], device=device)
+    with torch.no_grad():
+        out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
+                             temperature=args.temperature if args.temperature > 0 else None, top_k=args.top_k,
+                             pad_token_id=tokenizer.eos_token_id)
+    print(tokenizer.decode(out[0], skip_special_tokens=True))
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .train.report import write_report
+
+    out = Path(args.out) if args.out else (Path(args.run_dirs[0]) if len(args.run_dirs) == 1 else Path("report"))
+    path = write_report([Path(r) for r in args.run_dirs], out)
+    print(f"report written to {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="poetlm", description="Train and finetune language models with POET.")
+    sub = parser.add_subparsers(dest="command", required=False)
+    _train_parser(sub)
+    # FINETUNE_IMPORT
+
+    # FINETUNE_ADD
+    p = sub.add_parser("eval", help="validation perplexity of a run or an exported model")
+    p.add_argument("path", help="run directory or model directory")
+    p.add_argument("--data", help="evaluate on this data instead of the run's own validation split")
+    p.add_argument("--tokens", type=int, default=None, help="predicted tokens to score (default: the whole validation split)")
+    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--device", default="cpu")
+    p = sub.add_parser("export", help="merge a POET run into a plain HF model directory")
+    p.add_argument("run_dir")
+    p.add_argument("out_dir")
+    p = sub.add_parser("generate", help="sample text from a run or an exported model")
+    p.add_argument("path")
+    p.add_argument("--prompt", default="")
+    p.add_argument("--max-new-tokens", type=int, default=60)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p = sub.add_parser("report", help="markdown + PNG comparison of runs")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--out", help="output directory (default: the run directory for one run, ./report for several)")
+    return parser
+
+
+COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "export": _cmd_export, "generate": _cmd_generate, "report": _cmd_report}
+
+
+def main(argv: list[str] | None = None) -> int:
+    AdapterError = ValueError  # TEMP
+    from .train.loop import TrainingError
+    from .train.report import ReportError
+
+    args = build_parser().parse_args(argv)
+    if args.command is None:  # `poetlm` alone: show what there is
+        build_parser().print_help()
+        return 0
+    handler = COMMANDS.get(args.command) or args.handler
+    try:
+        return handler(args)
+    except ConfigError as error:
+        print(f"poetlm: config error: {error}", file=sys.stderr)
+        return 2
+    except (DataError, CheckpointError, TrainingError, ReportError, AdapterError) as error:
+        print(f"poetlm: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,245 @@
+"""Training configuration: dataclasses, TOML presets, command-line overrides, validation.
+
+Resolution order: preset (or --config file) < explicit `section.key=value` overrides. The resolved
+config is saved as config.json in the run directory and is all that is needed to rebuild the run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from ..config import POETConfig
+
+METHODS = ("poet", "adamw", "muon")
+
+
+class ConfigError(ValueError):
+    """A bad configuration value, key or file; the message names it and what is allowed."""
+
+
+@dataclass
+class ModelConfig:
+    hidden_size: int = 128
+    intermediate_size: int = 384
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int | None = None
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False
+
+
+@dataclass
+class DataConfig:
+    data: str = "sotu"               # bundled name, local path, or hf:NAME[:CONFIG]
+    tokenizer: str | None = None     # HF tokenizer directory; None trains a byte-level BPE
+    vocab_size: int = 4096
+    seq_len: int = 128
+    val_fraction: float = 0.05
+    max_documents: int | None = None
+    cache_dir: str = ".cache/poetlm"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3                  # ordinary parameters (AdamW's lr, Muon's AdamW part)
+    lr_poet: float = 1e-3             # rotation parameters (POET only)
+    lr_muon: float | None = None      # Muon's hidden matrices; None = lr
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.999
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.01
+    grad_clip: float = 1.0
+    merge_clip_steps: int = 10        # steps after a merge with a tightened clip (0.1× ramping back to 1×)
+
+
+@dataclass
+class TrainConfig:
+    name: str = ""
+    method: str = "poet"
+    seed: int = 0
+    steps: int = 300
+    batch_size: int = 16              # sequences per micro-batch per process
+    grad_accum: int = 1
+    eval_every: int = 100
+    eval_tokens: int = 65536          # predicted tokens in the fixed validation set
+    log_every: int = 10
+    diagnostics_every: int = 50
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    out_dir: str = "runs"
+    device: str = "auto"              # auto | cpu | cuda
+    dtype: str = "auto"               # auto (bf16 autocast on capable GPUs, else fp32) | fp32 | bf16
+    parallel: str = "ddp"             # ddp | fsdp (only used under torchrun with more than one process)
+    progress: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    poet: POETConfig = field(default_factory=lambda: POETConfig(block_size=32))
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("method", self.method in METHODS, f"choose one of {METHODS}"),
+            ("steps", self.steps >= 1, "must be >= 1"),
+            ("batch_size", self.batch_size >= 1, "must be >= 1"),
+            ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
+            ("eval_every", self.eval_every >= 1, "must be >= 1"),
+            ("eval_tokens", self.eval_tokens >= 1, "must be >= 1"),
+            ("log_every", self.log_every >= 1, "must be >= 1"),
+            ("diagnostics_every", self.diagnostics_every >= 1, "must be >= 1"),
+            ("checkpoint_every", self.checkpoint_every >= 1, "must be >= 1"),
+            ("keep_checkpoints", self.keep_checkpoints >= 1, "must be >= 1"),
+            ("device", self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "auto, cpu, cuda or cuda:N"),
+            ("dtype", self.dtype in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
+            ("parallel", self.parallel in ("ddp", "fsdp"), "ddp or fsdp"),
+            ("model.hidden_size", self.model.hidden_size % self.model.num_heads == 0,
+             f"must be divisible by model.num_heads={self.model.num_heads}"),
+            ("model.num_layers", self.model.num_layers >= 1, "must be >= 1"),
+            ("data.vocab_size", self.data.vocab_size >= 260, "must be >= 260 (256 bytes + special tokens)"),
+            ("data.seq_len", self.data.seq_len >= 2, "must be >= 2"),
+            ("data.val_fraction", 0 < self.data.val_fraction < 1, "must be between 0 and 1"),
+            ("optim.lr", self.optim.lr > 0, "must be > 0"),
+            ("optim.lr_poet", self.optim.lr_poet > 0, "must be > 0"),
+            ("optim.weight_decay", self.optim.weight_decay >= 0, "must be >= 0"),
+            ("optim.warmup_steps", self.optim.warmup_steps >= 0, "must be >= 0"),
+            ("optim.min_lr_ratio", 0 <= self.optim.min_lr_ratio <= 1, "must be in [0, 1]"),
+            ("optim.grad_clip", self.optim.grad_clip > 0, "must be > 0"),
+            ("optim.merge_clip_steps", self.optim.merge_clip_steps >= 0, "must be >= 0"),
+        ]
+        for key, ok, allowed in checks:
+            if not ok:
+                raise ConfigError(f"config value {key}={_get(self, key)!r} is invalid: {allowed}")
+
+    @property
+    def run_name(self) -> str:
+        return self.name or self.method
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _get(obj, dotted: str):
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _check_type(key: str, value, annotation):
+    """Accept `value` for a field annotated `annotation` (ints where floats are expected are fine)."""
+    is_union = typing.get_origin(annotation) in (typing.Union, types.UnionType)
+    allowed = typing.get_args(annotation) if is_union else (annotation,)
+    for kind in allowed:
+        if kind is type(None) and value is None:
+            return value
+        if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if kind is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if kind in (str, bool) and isinstance(value, kind):
+            return value
+        if typing.get_origin(kind) is list and isinstance(value, list):
+            return value
+    names = " or ".join("null" if k is type(None) else getattr(k, "__name__", str(k)) for k in allowed)
+    raise ConfigError(f"config value {key}={value!r} has the wrong type: expected {names}")
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    if not isinstance(values, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or '(top level)'} must be a table, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {[prefix + k for k in unknown]}; known keys in this section: {sorted(fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            kwargs[name] = _build(annotation, value, f"{prefix}{name}.")
+        elif name == "target_modules" and cls is POETConfig:
+            kwargs[name] = value
+        else:
+            kwargs[name] = _check_type(prefix + name, value, annotation)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ValueError as error:  # POETConfig's own validation
+        raise ConfigError(str(error)) from None
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[: -len(".toml")] for p in resources.files("poetlm").joinpath("presets").iterdir() if p.name.endswith(".toml"))
+
+
+def load_toml(path_or_preset: str) -> dict:
+    """A preset name (tiny, small, llama-60m, …) or a path to a TOML file."""
+    if path_or_preset in preset_names():
+        text = resources.files("poetlm").joinpath("presets", f"{path_or_preset}.toml").read_text()
+        source = f"preset {path_or_preset!r}"
+    else:
+        path = Path(path_or_preset)
+        if not path.is_file():
+            raise ConfigError(f"no preset or config file named {path_or_preset!r}; presets: {preset_names()}")
+        text, source = path.read_text(), str(path)
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{source} is not valid TOML: {error}") from None
+
+
+def parse_override(item: str) -> tuple[list[str], object]:
+    """`optim.lr=3e-3` -> (["optim", "lr"], 0.003). Values are read as TOML, else kept as strings."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. optim.lr=3e-3)")
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key.strip().split("."), value
+
+
+def _deep_update(base: dict, keys: list[str], value) -> None:
+    for key in keys[:-1]:
+        base = base.setdefault(key, {})
+        if not isinstance(base, dict):
+            raise ConfigError(f"override {'.'.join(keys)} goes inside {key!r}, which is not a section")
+    base[keys[-1]] = value
+
+
+def resolve_config(preset: str = "tiny", overrides: list[str] | dict | None = None) -> TrainConfig:
+    values = load_toml(preset)
+    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
+    for keys, value in items:
+        _deep_update(values, keys.split(".") if isinstance(keys, str) else keys, value)
+    return _build(TrainConfig, values)
+
+
+def config_from_dict(values: dict) -> TrainConfig:
+    return _build(TrainConfig, values)
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+
+
+def load_config(path: Path) -> TrainConfig:
+    try:
+        return config_from_dict(json.loads(path.read_text()))
+    except FileNotFoundError:
+        raise ConfigError(f"{path} not found: is {path.parent} a poetlm run directory?") from None
+    except json.JSONDecodeError as error:
+        raise ConfigError(f"{path} is corrupt ({error}); it is the run's resolved config and cannot be guessed") from None

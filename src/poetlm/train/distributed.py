@@ -1,0 +1,107 @@
+"""torchrun set-up: process group, device, and wrapping the model for DDP or FSDP2.
+
+POET detail: the training loop builds each effective weight once per optimizer step and carries its
+gradient into the rotation parameters in one extra backward pass after the micro-batches (see
+`poetlm.step_weight_cache`). That pass happens outside DDP's forward/backward, so DDP is told to ignore
+the rotation parameters and `all_reduce_rotation_grads` averages them (one flat all-reduce).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ..model import rotation_parameters
+
+
+@dataclass
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(requested: str, local_rank: int = 0) -> torch.device:
+    if requested == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError(f"device={requested!r} but CUDA is not available here; use device=cpu or device=auto")
+    if requested == "cuda":
+        return torch.device(f"cuda:{local_rank}")
+    return torch.device(requested)
+
+
+def setup(requested_device: str) -> Runtime:
+    """Single process unless started by torchrun (WORLD_SIZE > 1): then init the process group."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = pick_device(requested_device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return Runtime(rank, world_size, local_rank, device)
+
+
+def teardown(runtime: Runtime) -> None:
+    if runtime.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def barrier(runtime: Runtime) -> None:
+    if runtime.distributed:
+        dist.barrier()
+
+
+def wrap_model(model: nn.Module, runtime: Runtime, parallel: str) -> nn.Module:
+    if not runtime.distributed:
+        return model
+    if parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in model.model.layers:
+            fully_shard(layer)
+        return fully_shard(model)
+    rotation_ids = {id(p) for p in rotation_parameters(model)}
+    ignored = [name for name, p in model.named_parameters() if id(p) in rotation_ids]
+    nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
+    device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
+    # Buffers (W0, coordinates) are identical on every rank by construction: no per-step broadcast.
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+
+
+def all_reduce_rotation_grads(model: nn.Module, runtime: Runtime) -> None:
+    if not runtime.distributed:
+        return
+    grads = [p.grad for p in rotation_parameters(model) if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= runtime.world_size
+    offset = 0
+    for grad in grads:
+        grad.copy_(flat[offset: offset + grad.numel()].view_as(grad))
+        offset += grad.numel()
+
+
+def mean_over_ranks(value: float, runtime: Runtime) -> float:
+    if not runtime.distributed:
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=runtime.device)
+    dist.all_reduce(tensor)
+    return float(tensor) / runtime.world_size

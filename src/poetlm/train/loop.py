@@ -1,0 +1,307 @@
+"""The training loop: one function, the same for POET, AdamW and Muon.
+
+Per optimizer step: sample the global batch (a pure function of the step), run the micro-batches
+(for POET inside `step_weight_cache`, so effective weights are built once per step), clip, step,
+schedule, and for POET merge every `merge_every` steps with the optimizer-state reset and a tightened
+clip for the next few steps. Around it: evaluation, metrics, checkpoints, signals, resume.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import resource
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..diagnostics import model_diagnostics
+from ..model import merge, rotation_parameters, step_weight_cache
+from . import checkpoint as ckpt
+from . import distributed
+from .config import TrainConfig, load_config, save_config
+from .data import TokenData, make_batch, prepare_data, sample_offsets
+from .evaluate import perplexity
+from .methods import build_optimizers, build_schedulers, clip_threshold, merge_due, prepare_model
+from .metrics import MetricsLogger
+from .models import block_linears, build_llama
+from .report import write_report
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. a non-finite loss); the message says where and what is kept."""
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    tokens: int = 0
+    last_merge_step: int | None = None
+    extra: dict = field(default_factory=dict)  # e.g. the finetuning app's merge history
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "tokens": self.tokens, "last_merge_step": self.last_merge_step}
+
+
+def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
+    if config.dtype == "bf16":
+        return torch.bfloat16
+    if config.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def spectrum_layer(model: nn.Module) -> tuple[str, torch.Tensor]:
+    """The layer whose singular values the report plots: the last block's down projection (or the last block linear)."""
+    name, module = block_linears(model)[-1]
+    weight = module.effective_weight() if hasattr(module, "effective_weight") else module.weight
+    return name, torch.linalg.svdvals(weight.detach().float().cpu())
+
+
+def trainable_counts(model: nn.Module, method: str) -> dict[str, int]:
+    total = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if method == "poet":
+        block = sum(p.numel() for p in rotation_parameters(model))
+    else:
+        block = sum(p.numel() for _, m in block_linears(model) for p in m.parameters() if p.requires_grad and p.dim() == 2)
+    return {"trainable_params": total, "block_linear_trainable_params": block}
+
+
+class StopSignal:
+    """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints and exits cleanly."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def micro_batch_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, amp: torch.dtype | None) -> torch.Tensor:
+    with torch.autocast(inputs.device.type, dtype=amp, enabled=amp is not None):
+        logits = model(input_ids=inputs).logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+
+def train_step(model, raw_model, optimizers, data: TokenData, config: TrainConfig, state: TrainState,
+               runtime: distributed.Runtime, amp) -> tuple[float, float]:
+    """One optimizer step over grad_accum micro-batches on every rank; returns (mean loss, grad norm)."""
+    rows = config.batch_size
+    global_rows = rows * config.grad_accum * runtime.world_size
+    offsets = sample_offsets(len(data.train), state.step, global_rows, config.data.seq_len, config.seed)
+    poet = config.method == "poet"
+    total = 0.0
+    cache = step_weight_cache(raw_model) if poet else contextlib.nullcontext()
+    with cache:
+        for micro in range(config.grad_accum):
+            start = (micro * runtime.world_size + runtime.rank) * rows
+            inputs, targets = make_batch(data.train, offsets[start: start + rows], config.data.seq_len)
+            inputs, targets = inputs.to(runtime.device), targets.to(runtime.device)
+            last = micro == config.grad_accum - 1
+            sync = model.no_sync() if runtime.distributed and not last and hasattr(model, "no_sync") else contextlib.nullcontext()
+            with sync:
+                loss = micro_batch_loss(model, inputs, targets, amp) / config.grad_accum
+                loss.backward()
+            total += loss.item()
+    if poet:
+        distributed.all_reduce_rotation_grads(raw_model, runtime)
+    loss_value = distributed.mean_over_ranks(total, runtime)
+    if not math.isfinite(loss_value):
+        raise TrainingError(f"non-finite loss ({loss_value}) at step {state.step + 1}")
+    threshold = clip_threshold(state.step, state.last_merge_step, config)
+    grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), threshold))
+    for optimizer in optimizers:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return loss_value, grad_norm
+
+
+def load_data(config: TrainConfig, runtime: distributed.Runtime) -> TokenData:
+    """Rank 0 builds the tokenizer and token cache; the others wait, then read it."""
+    def build():
+        d = config.data
+        return prepare_data(d.data, tokenizer=d.tokenizer, vocab_size=d.vocab_size, cache_root=Path(d.cache_dir),
+                            val_fraction=d.val_fraction, split_seed=config.seed, max_documents=d.max_documents)
+
+    if runtime.is_main:
+        data = build()
+    distributed.barrier(runtime)
+    if not runtime.is_main:
+        data = build()
+    return data
+
+
+def new_run_dir(config: TrainConfig) -> Path:
+    base = Path(config.out_dir) / config.run_name
+    run_dir, n = base, 1
+    while (run_dir / "config.json").exists():
+        n += 1
+        run_dir = base.with_name(f"{base.name}-{n}")
+    return run_dir
+
+
+def train(config: TrainConfig | None = None, resume: str | Path | None = None, run_dir: str | Path | None = None,
+          callbacks=None) -> dict:
+    """Run (or resume) training; returns the summary dict also written to run_dir/summary.json."""
+    if resume is not None:
+        run_dir = Path(resume)
+        config = load_config(run_dir / "config.json")
+    runtime = distributed.setup(config.device)
+    try:
+        return _train(config, runtime, resume is not None, run_dir, callbacks)
+    finally:
+        distributed.teardown(runtime)
+
+
+def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, run_dir, callbacks) -> dict:
+    torch.manual_seed(config.seed)
+    data = load_data(config, runtime)
+    if run_dir is None:
+        run_dir = new_run_dir(config) if runtime.is_main else None
+        if runtime.distributed:  # every rank must write its checkpoints (if any) to the same place
+            shared = [str(run_dir)]
+            torch.distributed.broadcast_object_list(shared, src=0)
+            run_dir = Path(shared[0])
+    run_dir = Path(run_dir)
+    model = build_llama(config.model, data.vocab_size, config.data.seq_len)
+    model = prepare_model(model, config).to(runtime.device)
+    state = TrainState()
+    optimizers = build_optimizers(model, config)
+    schedulers = build_schedulers(optimizers, config)
+    if callbacks is not None:
+        callbacks.setup(model, state)
+    if resuming:
+        saved = ckpt.load_checkpoint(run_dir, map_location=runtime.device)
+        model.load_state_dict(saved["model"])
+        for optimizer, s in zip(optimizers, saved["optimizers"], strict=True):
+            optimizer.load_state_dict(s)
+        for scheduler, s in zip(schedulers, saved["schedulers"], strict=True):
+            scheduler.load_state_dict(s)
+        state.step, state.tokens, state.last_merge_step = saved["state"]["step"], saved["state"]["tokens"], saved["state"]["last_merge_step"]
+        state.extra = saved.get("extra", {})
+        ckpt.set_rng_state(saved["rng"])
+    elif runtime.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, run_dir / "config.json")
+        data.tokenizer.save_pretrained(run_dir / "tokenizer")
+    wrapped = distributed.wrap_model(model, runtime, config.parallel)
+    amp = autocast_dtype(config, runtime.device)
+    counts = trainable_counts(model, config.method)
+    logger = MetricsLogger(run_dir, enabled=runtime.is_main, resume_step=state.step if resuming else None)
+    tokens_per_step = config.batch_size * config.grad_accum * runtime.world_size * config.data.seq_len
+    spectrum_name, initial_spectrum = spectrum_layer(model)
+    if runtime.is_main and not resuming:
+        (run_dir / "spectrum_initial.json").write_text(json.dumps({"layer": spectrum_name, "initial": initial_spectrum.tolist()}))
+
+    def evaluate():
+        return perplexity(wrapped, data.val, seq_len=config.data.seq_len, batch_size=config.batch_size,
+                          max_tokens=config.eval_tokens, device=runtime.device, autocast_dtype=amp,
+                          rank=runtime.rank, world_size=runtime.world_size)
+
+    def save():
+        if runtime.is_main:
+            payload = {"model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
+                       "schedulers": [s.state_dict() for s in schedulers], "state": state.state_dict(),
+                       "extra": state.extra}
+            ckpt.save_checkpoint(run_dir, state.step, payload, config.keep_checkpoints)
+        distributed.barrier(runtime)
+
+    progress = _progress(config, runtime, state.step)
+    last_eval, last_rate = None, 0.0
+    window_start, window_tokens = time.perf_counter(), 0
+    with StopSignal() as stop:
+        while state.step < config.steps:
+            model.train()
+            lr = optimizers[0].param_groups[0]["lr"]
+            try:
+                loss, grad_norm = train_step(wrapped, model, optimizers, data, config, state, runtime, amp)
+            except TrainingError as error:
+                good = ckpt.list_checkpoints(run_dir)
+                kept = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
+                raise TrainingError(f"{error}; stopping ({kept}). Try a lower learning rate or a tighter optim.grad_clip.") from None
+            for scheduler in schedulers:
+                scheduler.step()
+            state.step += 1
+            state.tokens += tokens_per_step
+            window_tokens += tokens_per_step
+            if merge_due(state.step, config):
+                if callbacks is not None:
+                    callbacks.before_merge(model, state)
+                merge(model, optimizers[0])
+                state.last_merge_step = state.step
+            record = {"step": state.step, "tokens": state.tokens, "loss": loss, "lr": lr, "grad_norm": grad_norm}
+            if state.step % config.log_every == 0 or state.step == config.steps:
+                elapsed = time.perf_counter() - window_start
+                last_rate = window_tokens / elapsed
+                record.update(tokens_per_s=last_rate, peak_mem_mb=peak_memory_mb(runtime.device))
+                if config.method == "poet" and (state.step % config.diagnostics_every == 0 or state.step == config.steps):
+                    diag = model_diagnostics(model)
+                    record.update(q_norm=diag["q_norm"], orth_err=diag["orth_err"], probe_cos=diag["probe_cos"])
+                logger.log(record)
+                window_start, window_tokens = time.perf_counter(), 0
+            if state.step % config.eval_every == 0 or state.step == config.steps:
+                eval_start = time.perf_counter()
+                last_eval = evaluate()
+                logger.log({"step": state.step, "tokens": state.tokens, **last_eval})
+                window_start += time.perf_counter() - eval_start  # keep evaluation out of tokens/s
+            if progress is not None:
+                progress.update(1)
+                progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{last_rate:.0f}",
+                                     val_ppl=f"{last_eval['val_ppl']:.2f}" if last_eval else "-")
+            if state.step % config.checkpoint_every == 0 or state.step == config.steps:
+                save()
+            if stop.received is not None:
+                if state.step % config.checkpoint_every != 0 and state.step != config.steps:
+                    save()
+                if progress is not None:
+                    progress.close()
+                logger.close()
+                name = signal.Signals(stop.received).name
+                print(f"\n{name} received: checkpoint at step {state.step} written to {ckpt.checkpoint_dir(run_dir)}.\n"
+                      f"Resume with: poetlm train --resume {run_dir}", file=sys.stderr)
+                return {"interrupted": True, "signal": stop.received, "step": state.step, "run_dir": str(run_dir)}
+    if progress is not None:
+        progress.close()
+    logger.close()
+    summary = {"method": config.method, **counts, "final_val_ppl": last_eval["val_ppl"] if last_eval else None,
+               "final_val_loss": last_eval["val_loss"] if last_eval else None,
+               "tokens_per_s": logger.median("tokens_per_s"), "peak_mem_mb": peak_memory_mb(runtime.device),
+               "total_tokens": state.tokens, "steps": state.step, "run_dir": str(run_dir)}
+    if runtime.is_main:
+        _, final_spectrum = spectrum_layer(model)
+        initial = json.loads((run_dir / "spectrum_initial.json").read_text())
+        (run_dir / "spectrum.json").write_text(json.dumps({**initial, "final": final_spectrum.tolist()}))
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        write_report([run_dir], run_dir)
+    return summary
+
+
+def _progress(config: TrainConfig, runtime: distributed.Runtime, start: int):
+    if not (config.progress and runtime.is_main):
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=config.steps, initial=start, desc=config.run_name, unit="step", dynamic_ncols=True)

@@ -1,0 +1,69 @@
+"""The three methods as optimizers and schedules. They differ only here and in whether merges happen."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..config import POETConfig
+from ..model import param_groups, poetize
+from .config import TrainConfig
+
+
+def prepare_model(model: nn.Module, config: TrainConfig) -> nn.Module:
+    """POET wraps the block linears; AdamW and Muon train the model as it is."""
+    if config.method == "poet":
+        poetize(model, POETConfig.from_dict({**config.poet.to_dict(), "seed": config.seed}))
+    return model
+
+
+def _hidden_matrices(model: nn.Module) -> set[int]:
+    """2-D weights inside the decoder blocks: Muon's domain (embeddings and head stay with AdamW)."""
+    return {id(p) for name, p in model.named_parameters() if p.requires_grad and p.dim() == 2 and ".layers." in f".{name}"}
+
+
+def build_optimizers(model: nn.Module, config: TrainConfig) -> list[torch.optim.Optimizer]:
+    opt = config.optim
+    betas = (opt.beta1, opt.beta2)
+    if config.method == "poet":
+        groups = param_groups(model, lr_base=opt.lr, lr_poet=opt.lr_poet, weight_decay=opt.weight_decay)
+        return [torch.optim.AdamW(groups, betas=betas)]
+    groups = param_groups(model, lr_base=opt.lr, lr_poet=opt.lr, weight_decay=opt.weight_decay)
+    if config.method == "adamw":
+        return [torch.optim.AdamW(groups, betas=betas)]
+    hidden = _hidden_matrices(model)
+    muon_params = [p for p in model.parameters() if id(p) in hidden]
+    rest = [{**g, "params": [p for p in g["params"] if id(p) not in hidden]} for g in groups]
+    # "match_rms_adamw" scales Muon's update to AdamW's RMS, so one learning-rate range serves both.
+    muon = torch.optim.Muon(muon_params, lr=opt.lr_muon or opt.lr, weight_decay=opt.weight_decay,
+                            adjust_lr_fn="match_rms_adamw")
+    return [muon, torch.optim.AdamW([g for g in rest if g["params"]], betas=betas)]
+
+
+def lr_factor(step: int, config: TrainConfig) -> float:
+    """Linear warmup, then cosine decay from 1 to min_lr_ratio at the last step."""
+    opt = config.optim
+    if step < opt.warmup_steps:
+        return (step + 1) / opt.warmup_steps
+    progress = (step - opt.warmup_steps) / max(1, config.steps - opt.warmup_steps)
+    return opt.min_lr_ratio + (1 - opt.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def build_schedulers(optimizers, config: TrainConfig) -> list[torch.optim.lr_scheduler.LambdaLR]:
+    return [torch.optim.lr_scheduler.LambdaLR(o, lambda step: lr_factor(step, config)) for o in optimizers]
+
+
+def clip_threshold(step: int, last_merge_step: int | None, config: TrainConfig) -> float:
+    """The global clip, tightened to 0.1× right after a merge and ramped back to 1× (paper §5)."""
+    opt = config.optim
+    since = None if last_merge_step is None else step - last_merge_step
+    if since is None or since >= opt.merge_clip_steps:
+        return opt.grad_clip
+    return opt.grad_clip * (0.1 + 0.9 * since / opt.merge_clip_steps)
+
+
+def merge_due(step: int, config: TrainConfig) -> bool:
+    """After optimizer step `step` (1-based count of completed steps)."""
+    return config.method == "poet" and step % config.poet.merge_every == 0 and step < config.steps

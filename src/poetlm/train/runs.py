@@ -1,0 +1,45 @@
+"""Loading what training produced: a run directory (config + checkpoint) or an exported HF model directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch import nn
+
+from . import checkpoint as ckpt
+from .config import TrainConfig, load_config
+from .data import DataError, load_tokenizer
+from .methods import prepare_model
+from .models import build_llama
+
+
+def is_run_dir(path: Path) -> bool:
+    return (path / "config.json").is_file() and ckpt.checkpoint_dir(path).is_dir()
+
+
+def load_run_model(run_dir: Path, device="cpu") -> tuple[nn.Module, object, TrainConfig]:
+    """The model of the newest checkpoint of a run (POET layers included) and its tokenizer."""
+    config = load_config(run_dir / "config.json")
+    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    model = prepare_model(build_llama(config.model, len(tokenizer), config.data.seq_len), config)
+    state = ckpt.load_checkpoint(run_dir, map_location=device)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), tokenizer, config
+
+
+def load_any_model(path: str | Path, device="cpu") -> tuple[nn.Module, object, TrainConfig | None]:
+    """A run directory, or a directory that transformers can load (e.g. one written by `poetlm export`)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise DataError(f"{path} is not a directory: give a run directory (runs/NAME) or an exported model directory")
+    if is_run_dir(path):
+        return load_run_model(path, device)
+    if not (path / "config.json").is_file():
+        raise DataError(f"{path} is neither a poetlm run directory (config.json + checkpoints/) nor a model directory (config.json + weights)")
+    from transformers import AutoModelForCausalLM
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise DataError(f"could not load a causal LM from {path}: {error}") from None
+    return model.to(device).eval(), load_tokenizer(path), None

@@ -1,0 +1,557 @@
+"""Tests for poetlm.train.data and poetlm.train.evaluate, on tiny corpora built in tmp_path."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import subprocess
+import sys
+import types
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+import torch.nn.functional as F
+
+from poetlm.train import data as D
+from poetlm.train.data import (
+    DataError,
+    TokenData,
+    load_tokenizer,
+    make_batch,
+    prepare_data,
+    read_documents,
+    sample_offsets,
+    split_documents,
+    train_tokenizer,
+    val_windows,
+)
+from poetlm.train.evaluate import perplexity
+
+WORDS = "the king shall speak of war and peace, while the people ask: why? Ünïcode café 😀 tax".split()
+
+
+def make_docs(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    docs = []
+    for i in range(n):
+        lines = [" ".join(rng.choices(WORDS, k=rng.randint(3, 12))) for _ in range(rng.randint(1, 3))]
+        docs.append(f"doc {i}: " + "\n".join(lines))
+    return docs
+
+
+def write_txt(path, docs):
+    # vary the separators: one or several blank lines, some with stray whitespace
+    seps = ["\n\n", "\n\n\n", "\n  \n"]
+    path.write_text("".join(d + seps[i % 3] for i, d in enumerate(docs)), encoding="utf-8")
+    return path
+
+
+def write_jsonl(path, docs):
+    path.write_text("".join(json.dumps({"text": d, "id": i}) + "\n" for i, d in enumerate(docs)), encoding="utf-8")
+    return path
+
+
+def write_parquet(path, docs):
+    pq.write_table(pa.table({"text": docs, "id": list(range(len(docs)))}), path)
+    return path
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def test_read_txt_splits_on_blank_lines_and_strips(tmp_path):
+    path = tmp_path / "c.txt"
+    path.write_text("  first doc\n  second line  \n\n\n\nsecond\n \t \nthird\n\n\n", encoding="utf-8")
+    assert read_documents(str(path)) == ["first doc\n  second line", "second", "third"]
+    assert read_documents(str(path), max_documents=2) == ["first doc\n  second line", "second"]
+
+
+def test_read_compressed_txt(tmp_path):
+    import gzip
+
+    with gzip.open(tmp_path / "c.txt.gz", "wt", encoding="utf-8") as f:
+        f.write("a\n\nb\n")
+    assert read_documents(str(tmp_path / "c.txt.gz")) == ["a", "b"]
+
+
+def test_read_jsonl_and_parquet(tmp_path):
+    docs = make_docs(7)
+    jsonl = write_jsonl(tmp_path / "c.jsonl", docs)
+    with open(jsonl, "a", encoding="utf-8") as f:  # blank lines and empty texts are skipped
+        f.write('\n{"text": "   "}\n{"text": "last"}\n')
+    assert read_documents(str(jsonl)) == docs + ["last"]
+    parquet = write_parquet(tmp_path / "c.parquet", docs + ["", "  "])
+    assert read_documents(str(parquet)) == docs
+    assert read_documents(str(parquet), max_documents=3) == docs[:3]
+
+
+def test_read_directory_in_sorted_order(tmp_path):
+    docs = make_docs(9)
+    root = tmp_path / "corpus"
+    (root / "sub").mkdir(parents=True)
+    write_txt(root / "a.txt", docs[:3])
+    write_parquet(root / "b.parquet", docs[3:6])
+    write_jsonl(root / "sub" / "c.jsonl", docs[6:])
+    (root / "README.md").write_text("not data")  # unsupported files in a directory are ignored
+    assert read_documents(str(root)) == docs
+
+
+@pytest.mark.parametrize("name", ["shakespeare", "sotu"])
+def test_bundled_corpora(name):
+    docs = read_documents(name, max_documents=20)
+    assert len(docs) == 20
+    assert docs[0].strip() and all(d == d.strip() and d for d in docs)
+
+
+@pytest.mark.parametrize("writer", [write_parquet, write_jsonl])
+def test_hf_local_directory_matches_direct_read(tmp_path, writer):
+    pytest.importorskip("datasets")
+    docs = make_docs(10)
+    root = tmp_path / "hfdata"
+    root.mkdir()
+    ext = "parquet" if writer is write_parquet else "jsonl"
+    writer(root / f"part-0.{ext}", docs[:4])
+    writer(root / f"part-1.{ext}", docs[4:])
+    assert read_documents(f"hf:{root}") == read_documents(str(root)) == docs
+    assert read_documents(f"hf:{root}", max_documents=5) == docs[:5]
+
+
+# --------------------------------------------------------------------------- read errors
+
+
+def _bad_source(tmp_path, kind):
+    if kind == "missing":
+        return str(tmp_path / "nope.txt"), ["nope.txt", "existing file", "sotu"]
+    if kind == "unknown_bundled":
+        return "sotuu", ["sotuu", "sotu", "shakespeare"]
+    if kind == "empty":
+        (tmp_path / "e.txt").write_text("")
+        return str(tmp_path / "e.txt"), ["no documents", "e.txt"]
+    if kind == "whitespace":
+        (tmp_path / "w.txt").write_text("\n  \n\n\t\n")
+        return str(tmp_path / "w.txt"), ["no documents"]
+    if kind == "bad_json":
+        (tmp_path / "b.jsonl").write_text('{"text": "ok"}\n{"text": "ok"}\n{"text": oops}\n')
+        return str(tmp_path / "b.jsonl"), ["b.jsonl", "line 3", "invalid JSON"]
+    if kind == "jsonl_no_text":
+        (tmp_path / "n.jsonl").write_text('{"body": "x"}\n')
+        return str(tmp_path / "n.jsonl"), ["n.jsonl", "line 1", '"text"', "body"]
+    if kind == "jsonl_not_object":
+        (tmp_path / "l.jsonl").write_text('["x"]\n')
+        return str(tmp_path / "l.jsonl"), ['"text"', "not a JSON object"]
+    if kind == "parquet_no_text":
+        pq.write_table(pa.table({"body": ["x"]}), tmp_path / "n.parquet")
+        return str(tmp_path / "n.parquet"), ["n.parquet", '"text" column', "body"]
+    if kind == "broken_parquet":
+        (tmp_path / "x.parquet").write_bytes(b"PAR1 this is not parquet at all")
+        return str(tmp_path / "x.parquet"), ["x.parquet", "parquet"]
+    if kind == "not_utf8":
+        (tmp_path / "l1.txt").write_bytes("caf\xe9\n".encode("latin-1"))
+        return str(tmp_path / "l1.txt"), ["UTF-8"]
+    if kind == "unsupported":
+        (tmp_path / "d.csv").write_text("text\nx\n")
+        return str(tmp_path / "d.csv"), ["d.csv", ".txt", ".jsonl", ".parquet"]
+    if kind == "empty_dir":
+        (tmp_path / "dir").mkdir()
+        (tmp_path / "dir" / "notes.md").write_text("x")
+        return str(tmp_path / "dir"), ["no .txt, .jsonl or .parquet"]
+    raise AssertionError(kind)
+
+
+@pytest.mark.parametrize(
+    "kind",
+    ["missing", "unknown_bundled", "empty", "whitespace", "bad_json", "jsonl_no_text", "jsonl_not_object",
+     "parquet_no_text", "broken_parquet", "not_utf8", "unsupported", "empty_dir"],
+)
+def test_read_errors_name_problem_and_fix(tmp_path, kind):
+    source, fragments = _bad_source(tmp_path, kind)
+    with pytest.raises(DataError) as info:
+        read_documents(source)
+    for fragment in fragments:
+        assert fragment in str(info.value)
+
+
+def test_hf_unreachable_offline(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub.constants
+
+    # read_documents flips these module flags when HF_HUB_OFFLINE is set; let monkeypatch undo that
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", datasets.config.HF_HUB_OFFLINE)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", huggingface_hub.constants.HF_HUB_OFFLINE)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DataError) as info:
+        read_documents("hf:poetlm-test-nonexistent/does-not-exist:en", max_documents=3)
+    msg = str(info.value)
+    assert "poetlm-test-nonexistent/does-not-exist" in msg
+    assert "no network" in msg and "--data PATH" in msg
+
+
+@pytest.mark.parametrize("module, source_kind", [("pyarrow", "parquet"), ("datasets", "hf")])
+def test_missing_optional_dependency(tmp_path, monkeypatch, module, source_kind):
+    path = write_parquet(tmp_path / "c.parquet", ["x"])
+    monkeypatch.setitem(sys.modules, module, None)  # makes `import module` raise ImportError
+    source = str(path) if source_kind == "parquet" else f"hf:{tmp_path}"
+    with pytest.raises(DataError, match=r"pip install 'poetlm\[data\]'"):
+        read_documents(source)
+
+
+# --------------------------------------------------------------------------- splitting
+
+
+def test_split_is_deterministic_disjoint_and_complete():
+    docs = [f"document number {i}" for i in range(200)]
+    train, val = split_documents(docs, 0.2, seed=3)
+    assert (train, val) == split_documents(list(docs), 0.2, seed=3)
+    assert not set(train) & set(val)
+    assert sorted(train + val) == sorted(docs)
+    # order within each split follows the corpus
+    assert train == [d for d in docs if d in set(train)] and val == [d for d in docs if d in set(val)]
+    assert 20 <= len(val) <= 60
+    assert split_documents(docs, 0.2, seed=4)[1] != val
+
+
+def test_split_membership_by_index_only():
+    a = [f"a{i}" for i in range(50)]
+    b = [f"completely different text {i}" for i in range(50)]
+    val_a = {int(d[1:]) for d in split_documents(a, 0.3, seed=7)[1]}
+    val_b = {int(d.split()[-1]) for d in split_documents(b, 0.3, seed=7)[1]}
+    assert val_a == val_b
+
+
+def test_split_independent_of_hash_randomization():
+    code = (
+        "from poetlm.train.data import split_documents;"
+        "print(split_documents([f'd{i}' for i in range(60)], 0.25, 11)[1])"
+    )
+    outs = {
+        subprocess.run(
+            [sys.executable, "-c", code], env={**os.environ, "PYTHONHASHSEED": seed},
+            capture_output=True, text=True, check=True,
+        ).stdout
+        for seed in ("1", "2")
+    }
+    assert len(outs) == 1
+    assert outs.pop().strip() == str(split_documents([f"d{i}" for i in range(60)], 0.25, 11)[1])
+
+
+def test_split_edge_cases():
+    assert split_documents(["a", "b"], 0.001, 0) in ((["a"], ["b"]), (["b"], ["a"]))
+    assert split_documents(["a", "b"], 0.999, 0) in ((["a"], ["b"]), (["b"], ["a"]))
+    with pytest.raises(DataError, match="at least 2"):
+        split_documents(["only"], 0.1, 0)
+    with pytest.raises(DataError, match="val_fraction"):
+        split_documents(["a", "b"], 1.5, 0)
+
+
+# --------------------------------------------------------------------------- tokenizers
+
+
+def test_train_and_load_tokenizer_roundtrip(tmp_path):
+    from transformers import AutoTokenizer
+
+    docs = make_docs(60)
+    tok = train_tokenizer(docs, 300, tmp_path / "tok")
+    again = AutoTokenizer.from_pretrained(str(tmp_path / "tok"))
+    loaded = load_tokenizer(tmp_path / "tok")
+    for t in (tok, again, loaded):
+        assert len(t) == 300
+        assert t.eos_token == t.bos_token == t.pad_token == t.unk_token == "<|endoftext|>"
+    text = "  leading space, the kïng 😀 — never-seen bytes \x01\n"
+    ids = loaded(text, add_special_tokens=False)["input_ids"]
+    assert loaded.decode(ids) == text
+    assert max(ids) < 300
+
+
+def test_load_tokenizer_errors(tmp_path):
+    with pytest.raises(DataError, match="does not exist"):
+        load_tokenizer(tmp_path / "missing")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "tokenizer.json").write_text("{not json")
+    with pytest.raises(DataError, match="cannot load"):
+        load_tokenizer(tmp_path / "junk")
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    raw = Tokenizer(models.BPE(vocab={"a": 0, "b": 1}, merges=[]))
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel()
+    PreTrainedTokenizerFast(tokenizer_object=raw).save_pretrained(str(tmp_path / "noeos"))
+    with pytest.raises(DataError, match="no eos token"):
+        load_tokenizer(tmp_path / "noeos")
+
+
+def test_vocab_too_small(tmp_path):
+    with pytest.raises(DataError, match="vocab_size"):
+        train_tokenizer(["abc"], 100, tmp_path / "t")
+
+
+# --------------------------------------------------------------------------- prepare_data
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    docs = make_docs(40)
+    return write_txt(tmp_path / "corpus.txt", docs), docs
+
+
+def _prepare(path, cache_root, **kw):
+    return prepare_data(str(path), tokenizer=None, vocab_size=320, cache_root=cache_root,
+                        val_fraction=0.2, split_seed=1, **kw)
+
+
+def _decode_docs(td: TokenData, tokens) -> list[str]:
+    ids = np.asarray(tokens).tolist()
+    assert ids[-1] == td.eos_id
+    out, cur = [], []
+    for i in ids:
+        if i == td.eos_id:
+            out.append(td.tokenizer.decode(cur))
+            cur = []
+        else:
+            cur.append(i)
+    return out
+
+
+def test_prepare_data_packs_documents(corpus, tmp_path):
+    path, docs = corpus
+    td = _prepare(path, tmp_path / "cache")
+    assert isinstance(td.train, np.memmap) and isinstance(td.val, np.memmap)
+    assert td.train.dtype == np.uint16 and not td.train.flags.writeable
+    assert td.vocab_size == 320 and td.eos_id == td.tokenizer.eos_token_id
+    train_docs, val_docs = split_documents(docs, 0.2, 1)
+    assert _decode_docs(td, td.train) == train_docs
+    assert _decode_docs(td, td.val) == val_docs
+    assert int((np.asarray(td.train) == td.eos_id).sum()) == len(train_docs)
+    meta = json.loads((td.cache_dir / "meta.json").read_text())
+    assert meta["n_train"] == len(td.train) and meta["n_val"] == len(td.val)
+    assert meta["dtype"] == "uint16" and meta["vocab_size"] == 320 and meta["eos_id"] == td.eos_id
+    # atomic publishing leaves no temp directories behind
+    assert os.listdir(td.cache_dir.parent) == [td.cache_dir.name]
+    assert len(os.listdir(tmp_path / "cache" / "tokenizers")) == 1
+
+
+def test_prepare_data_reuses_cache(corpus, tmp_path, monkeypatch):
+    path, _ = corpus
+    first = _prepare(path, tmp_path / "cache")
+    stamp = os.stat(first.cache_dir / "train.bin").st_mtime_ns
+
+    def boom(*a, **k):
+        raise AssertionError("cache should have been reused")
+
+    monkeypatch.setattr(D, "train_tokenizer", boom)
+    monkeypatch.setattr(D, "read_documents", boom)
+    second = _prepare(path, tmp_path / "cache")
+    assert second.cache_dir == first.cache_dir
+    assert np.array_equal(second.train, first.train) and np.array_equal(second.val, first.val)
+    assert os.stat(second.cache_dir / "train.bin").st_mtime_ns == stamp
+
+    # an explicit tokenizer directory with the same tokenizer maps to the same token cache
+    (tok_dir,) = (tmp_path / "cache" / "tokenizers").iterdir()
+    third = prepare_data(str(path), tokenizer=str(tok_dir), vocab_size=999, cache_root=tmp_path / "cache",
+                         val_fraction=0.2, split_seed=1)
+    assert third.cache_dir == first.cache_dir
+
+
+def test_prepare_data_key_tracks_inputs(corpus, tmp_path):
+    path, docs = corpus
+    base = _prepare(path, tmp_path / "cache").cache_dir
+    assert _prepare(path, tmp_path / "cache", max_documents=30).cache_dir != base
+    write_txt(path, docs + ["a brand new document"])
+    assert _prepare(path, tmp_path / "cache").cache_dir != base
+
+
+def _flip_byte(p):
+    raw = bytearray(p.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF
+    p.write_bytes(bytes(raw))
+
+
+def _truncate(p):
+    p.write_bytes(p.read_bytes()[:-3])
+
+
+def _bad_meta(p):
+    (p.parent / "meta.json").write_text("{ not json")
+
+
+def _other_tokenizer(p):
+    meta_path = p.parent / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["tokenizer_hash"] = "0" * 64
+    meta_path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    "corrupt, reason",
+    [(_flip_byte, "checksum"), (_truncate, "bytes"), (_bad_meta, "JSONDecodeError"),
+     (_other_tokenizer, "different tokenizer")],
+)
+def test_corrupt_cache_is_rebuilt_with_warning(corpus, tmp_path, corrupt, reason):
+    path, _ = corpus
+    first = _prepare(path, tmp_path / "cache")
+    train, val = np.array(first.train), np.array(first.val)
+    meta = (first.cache_dir / "meta.json").read_text()
+    del first  # release the memmaps before touching the files
+    corrupt(tmp_path / "cache" / "tokens" / os.listdir(tmp_path / "cache" / "tokens")[0] / "train.bin")
+    with pytest.warns(UserWarning, match=reason):
+        again = _prepare(path, tmp_path / "cache")
+    assert np.array_equal(again.train, train) and np.array_equal(again.val, val)
+    assert (again.cache_dir / "meta.json").read_text() == meta
+
+
+def test_interrupted_build_leaves_no_cache(corpus, tmp_path, monkeypatch):
+    path, _ = corpus
+    real = D._write_tokens
+    calls = []
+
+    def interrupted(p, *a, **k):
+        calls.append(p)
+        if p.name == "val.bin":
+            raise KeyboardInterrupt
+        return real(p, *a, **k)
+
+    monkeypatch.setattr(D, "_write_tokens", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        _prepare(path, tmp_path / "cache")
+    assert os.listdir(tmp_path / "cache" / "tokens") == []
+    monkeypatch.setattr(D, "_write_tokens", real)
+    td = _prepare(path, tmp_path / "cache")
+    assert len(td.train) > 0
+
+
+def test_prepare_data_errors(tmp_path):
+    one = tmp_path / "one.txt"
+    one.write_text("just a single document\n")
+    with pytest.raises(DataError, match="at least 2"):
+        _prepare(one, tmp_path / "cache")
+    with pytest.raises(DataError, match="does not exist"):
+        prepare_data(str(one), tokenizer=str(tmp_path / "no-tok"), vocab_size=300, cache_root=tmp_path / "c")
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def test_sample_offsets_deterministic_and_in_range():
+    a = sample_offsets(1000, step=5, n_rows=16, seq_len=32, seed=0)
+    assert np.array_equal(a, sample_offsets(1000, step=5, n_rows=16, seq_len=32, seed=0))
+    assert not np.array_equal(a, sample_offsets(1000, step=6, n_rows=16, seq_len=32, seed=0))
+    assert not np.array_equal(a, sample_offsets(1000, step=5, n_rows=16, seq_len=32, seed=1))
+    assert np.array_equal(a, np.random.default_rng([0, 5]).integers(0, 1000 - 32, 16))
+    many = sample_offsets(40, step=0, n_rows=2000, seq_len=32, seed=0)
+    assert many.min() == 0 and many.max() == 40 - 33  # the last full window is reachable
+    assert (sample_offsets(33, 0, 8, 32, 0) == 0).all()
+    with pytest.raises(DataError, match=r"32 tokens, fewer than seq_len\+1=33"):
+        sample_offsets(32, 0, 8, 32, 0)
+
+
+def test_make_batch_shifts_targets(tmp_path):
+    arr = np.arange(50, dtype=np.uint16) * 7
+    arr.tofile(tmp_path / "t.bin")
+    tokens = np.memmap(tmp_path / "t.bin", dtype=np.uint16, mode="r")
+    x, y = make_batch(tokens, np.array([0, 10, 41]), 8)
+    assert x.shape == y.shape == (3, 8) and x.dtype == y.dtype == torch.int64
+    assert x[1].tolist() == [7 * i for i in range(10, 18)]
+    assert torch.equal(y[:, :-1], x[:, 1:])
+    assert y[2, -1].item() == 7 * 49
+
+
+def test_val_windows():
+    tokens = np.arange(10)
+    assert val_windows(tokens, 3, None).tolist() == [0, 3, 6]  # predicts tokens 1..9 once each
+    assert val_windows(tokens, 3, 6).tolist() == [0, 3]
+    assert val_windows(tokens, 3, 8).tolist() == [0, 3]
+    assert val_windows(np.arange(4), 3, None).tolist() == [0]
+    with pytest.raises(DataError, match="smaller than seq_len"):
+        val_windows(tokens, 3, 2)
+    with pytest.raises(DataError, match="validation split has 3 tokens"):
+        val_windows(np.arange(3), 3, None)
+
+
+# --------------------------------------------------------------------------- perplexity
+
+
+class BigramLM(torch.nn.Module):
+    """A causal LM whose logits depend only on the current token, so the exact answer is easy."""
+
+    def __init__(self, vocab: int, uniform: bool = False):
+        super().__init__()
+        gen = torch.Generator().manual_seed(0)
+        table = torch.zeros(vocab, vocab) if uniform else torch.randn(vocab, vocab, generator=gen) * 3
+        self.table = torch.nn.Parameter(table)
+        self.proj = torch.nn.Linear(vocab, vocab)
+        with torch.no_grad():
+            self.proj.weight.copy_(torch.eye(vocab))
+            self.proj.bias.zero_()
+
+    def forward(self, input_ids):
+        return types.SimpleNamespace(logits=self.proj(self.table[input_ids]))
+
+
+def _expected_ce(model, tokens, n_pred):
+    t = torch.as_tensor(np.asarray(tokens, dtype=np.int64))
+    with torch.no_grad():
+        return F.cross_entropy(model.table[t[:n_pred]], t[1 : n_pred + 1]).item()
+
+
+def test_perplexity_matches_direct_computation():
+    vocab, seq_len = 13, 4
+    tokens = np.random.default_rng(0).integers(0, vocab, 31).astype(np.uint16)
+    model = BigramLM(vocab)
+    # 30 predictable tokens -> 7 windows of 4 = 28 predictions; batch of 3 leaves a ragged last batch
+    got = perplexity(model, tokens, seq_len=seq_len, batch_size=3, max_tokens=None, device="cpu")
+    want = _expected_ce(model, tokens, 28)
+    assert got["val_tokens"] == 28
+    assert got["val_loss"] == pytest.approx(want, rel=1e-6)
+    assert got["val_ppl"] == pytest.approx(math.exp(want), rel=1e-6)
+
+    capped = perplexity(model, tokens, seq_len=seq_len, batch_size=2, max_tokens=10, device="cpu")
+    assert capped["val_tokens"] == 8
+    assert capped["val_loss"] == pytest.approx(_expected_ce(model, tokens, 8), rel=1e-6)
+
+    bf16 = perplexity(model, tokens, seq_len=seq_len, batch_size=3, max_tokens=None, device="cpu",
+                      autocast_dtype=torch.bfloat16)
+    assert bf16["val_loss"] == pytest.approx(want, rel=5e-2)
+
+
+def test_uniform_model_has_perplexity_vocab_size():
+    vocab = 50
+    tokens = np.random.default_rng(1).integers(0, vocab, 200)
+    got = perplexity(BigramLM(vocab, uniform=True), tokens, seq_len=16, batch_size=4, max_tokens=None,
+                     device=torch.device("cpu"))
+    assert got["val_ppl"] == pytest.approx(vocab, rel=1e-6)
+    assert got["val_tokens"] == (199 // 16) * 16
+
+
+def test_perplexity_restores_modes():
+    tokens = np.arange(20) % 7
+    model = BigramLM(7)
+    model.train()
+    model.proj.eval()  # a deliberately mixed state must survive
+    perplexity(model, tokens, seq_len=4, batch_size=2, max_tokens=None, device="cpu")
+    assert model.training and not model.proj.training
+    model.eval()
+    perplexity(model, tokens, seq_len=4, batch_size=2, max_tokens=None, device="cpu")
+    assert not model.training
+
+
+def test_perplexity_shards_across_ranks(monkeypatch):
+    vocab, seq_len = 11, 3
+    tokens = np.random.default_rng(2).integers(0, vocab, 41)
+    model = BigramLM(vocab)
+    reduced = []
+
+    def fake_all_reduce(t):
+        reduced.append(t.clone())
+
+    monkeypatch.setattr(torch.distributed, "all_reduce", fake_all_reduce)
+    for rank in range(3):
+        perplexity(model, tokens, seq_len=seq_len, batch_size=2, max_tokens=None, device="cpu",
+                   rank=rank, world_size=3)
+    loss_sum, count = torch.stack(reduced).sum(0).tolist()
+    assert count == 39  # 13 windows split 5/4/4, every prediction counted once
+    assert loss_sum / count == pytest.approx(_expected_ce(model, tokens, 39), rel=1e-6)
