@@ -37,6 +37,13 @@ def describe_machine(device: str) -> str:
     """One line per fact, so a pasted table always says which machine produced it."""
     lines = [f"torch {torch.__version__}, Python {platform.python_version()}, {platform.system()} {platform.machine()}"]
     lines.append(f"CPU: {cpu_model()} ({os.cpu_count()} logical cores, torch threads {torch.get_num_threads()})")
+    if hasattr(os, "getloadavg"):
+        load = os.getloadavg()[0]
+        lines.append(f"load average before the run: {load:.2f}")
+        if device == "cpu" and load >= 0.5 and torch.get_num_threads() > 1:
+            # Every multi-threaded op ends in a barrier; a core taken by another process stalls it for a
+            # scheduler slice, which hurts many small ops (POET's rotations) far more than one big GEMM.
+            lines.append("WARNING: other processes are busy; multi-threaded CPU timings will be skewed, try --threads 1")
     if device.startswith("cuda"):
         props = torch.cuda.get_device_properties(torch.device(device))
         lines.append(f"GPU: {props.name} ({props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda})")
@@ -138,14 +145,14 @@ def _cpu_peak_bytes(fn: Callable[[], object]) -> int | None:
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]], align: str | None = None) -> str:
-    """A GitHub markdown table; `align` has one of 'l'/'r' per column (default: first left, rest right)."""
+    """A GitHub markdown table; `align` has one of 'l'/'r'/'c' per column (default: first left, rest right)."""
     align = align or "l" + "r" * (len(headers) - 1)
     cells = [[str(cell) for cell in row] for row in rows]
     widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, h in enumerate(headers)]
 
     def line(values: Sequence[str]) -> str:
-        padded = [v.ljust(w) if a == "l" else v.rjust(w) for v, w, a in zip(values, widths, align)]
+        padded = [{"l": v.ljust, "r": v.rjust, "c": v.center}[a](w) for v, w, a in zip(values, widths, align)]
         return "| " + " | ".join(padded) + " |"
 
-    rule = ["-" * (w - 1) + ":" if a == "r" else "-" * w for w, a in zip(widths, align)]
+    rule = [{"l": "-" * w, "r": "-" * (w - 1) + ":", "c": ":" + "-" * (w - 2) + ":"}[a] for w, a in zip(widths, align)]
     return "\n".join([line(headers), "| " + " | ".join(rule) + " |"] + [line(row) for row in cells])

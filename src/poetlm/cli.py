@@ -77,7 +77,8 @@ def _cmd_eval(args) -> int:
     data = prepare_data(source, tokenizer=str(tokenizer_dir), vocab_size=len(tokenizer),
                         cache_root=Path(config.data.cache_dir if config else ".cache/poetlm"),
                         val_fraction=config.data.val_fraction if config else 0.05, split_seed=config.seed if config else 0)
-    result = perplexity(model, data.val, seq_len=seq_len, batch_size=args.batch_size, max_tokens=args.tokens, device=device)
+    max_tokens = args.tokens or (config.eval_tokens if config else None)
+    result = perplexity(model, data.val, seq_len=seq_len, batch_size=args.batch_size, max_tokens=max_tokens, device=device)
     print(f"validation perplexity: {result['val_ppl']:.3f} (loss {result['val_loss']:.4f} over {result['val_tokens']} tokens of {source})")
     return 0
 
@@ -131,7 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="validation perplexity of a run or an exported model")
     p.add_argument("path", help="run directory or model directory")
     p.add_argument("--data", help="evaluate on this data instead of the run's own validation split")
-    p.add_argument("--tokens", type=int, default=None, help="predicted tokens to score (default: the whole validation split)")
+    p.add_argument("--tokens", type=int, default=None, help="predicted tokens to score (default: the run's eval_tokens, or the whole validation split)")
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--device", default="cpu")

@@ -29,7 +29,7 @@ from . import distributed
 from .config import TrainConfig, load_config, save_config
 from .data import TokenData, make_batch, prepare_data, sample_offsets
 from .evaluate import perplexity
-from .methods import build_optimizers, build_schedulers, clip_threshold, merge_due, prepare_model
+from .methods import build_optimizers, build_schedulers, clip_threshold, lr_factor, merge_due, prepare_model
 from .metrics import MetricsLogger
 from .models import block_linears, build_llama
 from .report import write_report
@@ -235,7 +235,7 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, ru
     with StopSignal() as stop:
         while state.step < config.steps:
             model.train()
-            lr = optimizers[0].param_groups[0]["lr"]
+            lr = config.optim.lr * lr_factor(state.step, config)
             try:
                 loss, grad_norm = train_step(wrapped, model, optimizers, data, config, state, runtime, amp)
             except TrainingError as error:
@@ -247,11 +247,6 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, ru
             state.step += 1
             state.tokens += tokens_per_step
             window_tokens += tokens_per_step
-            if merge_due(state.step, config):
-                if callbacks is not None:
-                    callbacks.before_merge(model, state)
-                merge(model, optimizers[0])
-                state.last_merge_step = state.step
             record = {"step": state.step, "tokens": state.tokens, "loss": loss, "lr": lr, "grad_norm": grad_norm}
             if state.step % config.log_every == 0 or state.step == config.steps:
                 elapsed = time.perf_counter() - window_start
@@ -262,6 +257,11 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, ru
                     record.update(q_norm=diag["q_norm"], orth_err=diag["orth_err"], probe_cos=diag["probe_cos"])
                 logger.log(record)
                 window_start, window_tokens = time.perf_counter(), 0
+            if merge_due(state.step, config):  # after the diagnostics, which would otherwise always see fresh identities
+                if callbacks is not None:
+                    callbacks.before_merge(model, state)
+                merge(model, optimizers[0])
+                state.last_merge_step = state.step
             if state.step % config.eval_every == 0 or state.step == config.steps:
                 eval_start = time.perf_counter()
                 last_eval = evaluate()

@@ -1,0 +1,293 @@
+"""Adapter files: only what a POET finetune changed, enough to rebuild its exact weights on the base.
+
+A merge folds the rotations into W0, so the final rotation parameters alone do not reproduce a
+finetuned model. An adapter therefore keeps the history: the rotation parameters just before each
+merge, the current ones, and any other parameters the user trained. Loading replays the same merges
+in the same order on the same base weights (coordinates are a pure function of seed, layer name and
+merge count), which rebuilds the same W0 and hence the same logits.
+
+Usage in a training loop:
+    model = poetize(base, POETConfig(init="keep", ...)); fingerprint = base_fingerprint(model)
+    history = MergeHistory()
+    ... every merge_every steps: history.record(model); merge(model, optimizer)
+    save_adapter(model, "run.safetensors", history=history, trained=[...], base_fingerprint=fingerprint)
+    later: model = load_adapter(LlamaForCausalLM.from_pretrained(base_dir), "run.safetensors")
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import POETConfig
+from .layer import POETLinear
+from .model import merge, poet_layers, poetize
+
+FORMAT = "poetlm-adapter"
+VERSION = 1
+_META_KEY = "poetlm_adapter"
+_SIDES = ("rotation_in.skew", "rotation_out.skew")
+
+
+class AdapterError(ValueError):
+    """An adapter file that cannot be read, or that does not fit the base model it is applied to."""
+
+
+def _rotations(model: nn.Module) -> dict[str, torch.Tensor]:
+    # Kept in the parameters' own (master, fp32) dtype: any rounding here would change the replayed W0.
+    return {f"{name}.{side}": layer.get_parameter(side).detach().to("cpu", copy=True)
+            for name, layer in poet_layers(model) for side in _SIDES}
+
+
+def _merge_count(model: nn.Module) -> int:
+    counts = {int(layer.merge_count) for _, layer in poet_layers(model)}
+    if not counts:
+        raise ValueError("the model has no POET layers: wrap it with poetlm.poetize first")
+    if len(counts) > 1:
+        raise ValueError(f"POET layers have merged different numbers of times {sorted(counts)}; "
+                         "an adapter can only replay poetlm.merge(model), which merges them all together")
+    return counts.pop()
+
+
+class MergeHistory:
+    """The rotation parameters as they were just before each merge: what an adapter needs to replay them.
+
+    Call record(model) right before every poetlm.merge(model, ...). Record i holds what merge i folded
+    in, on the coordinates drawn for merge count i. Save state_dict() with training checkpoints so a
+    resumed run keeps the earlier records.
+    """
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, torch.Tensor]] = []
+
+    def record(self, model: nn.Module) -> None:
+        merged = _merge_count(model)
+        if merged != len(self.records):  # a missed record would make every later replay diverge silently
+            raise ValueError(f"MergeHistory holds {len(self.records)} record(s) but the model has merged {merged} time(s): "
+                             "call history.record(model) right before every poetlm.merge(model), and restore "
+                             "history.load_state_dict(...) together with the model when resuming")
+        self.records.append(_rotations(model))
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def state_dict(self) -> dict:
+        return {"records": [dict(record) for record in self.records]}
+
+    def load_state_dict(self, state: dict) -> None:
+        records = state.get("records") if isinstance(state, dict) else None
+        if not isinstance(records, list) or not all(
+                isinstance(r, dict) and all(isinstance(t, torch.Tensor) for t in r.values()) for r in records):
+            raise ValueError("MergeHistory.load_state_dict expects the dict returned by MergeHistory.state_dict()")
+        self.records = [{key: t.detach().to("cpu", copy=True) for key, t in record.items()} for record in records]
+
+
+def base_fingerprint(model: nn.Module) -> dict[str, dict[str, float]]:
+    """Cheap checksums (float64 sum and sum of squares) of the original weight of every linear layer.
+
+    Works on the model before poetize or right after it: a POET layer's weight0 is the original weight
+    only until its first merge, so take the fingerprint at wrap time and hand it to save_adapter.
+    """
+    prints = {}
+    for name, module in model.named_modules():
+        if isinstance(module, POETLinear):
+            if int(module.merge_count):
+                raise ValueError(f"layer {name!r} has merged {int(module.merge_count)} time(s), so its weight0 is no "
+                                 "longer the base weight: compute base_fingerprint(model) right after poetize")
+            weight = module.weight0
+        elif isinstance(module, nn.Linear):
+            weight = module.weight
+        else:
+            continue
+        w = weight.detach().double()
+        # 12 digits: far below float32 noise would matter, and readable in the file's metadata.
+        prints[name] = {"sum": float(f"{w.sum().item():.12g}"), "sumsq": float(f"{w.square().sum().item():.12g}")}
+    return prints
+
+
+_compute_fingerprint = base_fingerprint  # save_adapter's keyword argument shadows the name
+
+
+def _same_weights(a: dict, b: dict, numel: int) -> bool:
+    # |sum| <= sqrt(numel·sumsq), so that bound sets the scale for comparing sums that may be near zero.
+    scale = math.sqrt(numel * max(a["sumsq"], b["sumsq"]))
+    return (math.isclose(a["sumsq"], b["sumsq"], rel_tol=1e-5, abs_tol=1e-12)
+            and abs(a["sum"] - b["sum"]) <= 1e-5 * scale + 1e-12)
+
+
+def save_adapter(model: nn.Module, path, *, history: MergeHistory, trained: list[str] | None = None,
+                 base_fingerprint: dict | None = None) -> None:
+    """Write the merge history, current rotations and the `trained` parameters to one .safetensors file.
+
+    `trained`: names (as in model.named_parameters()) of the non-rotation parameters that were trained.
+    `base_fingerprint`: base_fingerprint(model) taken right after poetize; may be left out only while
+    the model has not merged yet.
+    """
+    layers = dict(poet_layers(model))
+    merged = _merge_count(model)
+    if len(history) != merged:
+        raise ValueError(f"the history holds {len(history)} record(s) but the model has merged {merged} time(s): "
+                         "call history.record(model) right before every poetlm.merge(model)")
+    config = next(iter(layers.values())).config
+    if any(layer.config != config for layer in layers.values()):
+        raise ValueError("the POET layers were wrapped with different POETConfigs; an adapter stores one config")
+    if base_fingerprint is None:
+        if merged:
+            raise ValueError("pass base_fingerprint=base_fingerprint(model) computed right after poetize: "
+                             "merges have changed weight0, so the base weights can no longer be fingerprinted")
+        base_fingerprint = _compute_fingerprint(model)
+    lacking = [name for name in layers if name not in base_fingerprint]
+    if lacking:
+        raise ValueError(f"base_fingerprint has no entry for layer {lacking[0]!r}: compute it with "
+                         "base_fingerprint(model) on this model right after poetize")
+
+    current = _rotations(model)
+    tensors = {f"current.{key}": t for key, t in current.items()}
+    for i, record in enumerate(history.records):
+        if record.keys() != current.keys():
+            raise ValueError(f"merge record {i} covers other layers than the model's POET layers; "
+                             "was the history recorded on another model?")
+        tensors.update({f"merge.{i}.{key}": t for key, t in record.items()})
+    trained = list(dict.fromkeys(trained or []))
+    rotation_ids = {id(p) for layer in layers.values() for p in layer.rotation_parameters()}
+    for name in trained:
+        try:
+            param = model.get_parameter(name)
+        except AttributeError:
+            raise ValueError(f"trained name {name!r} is not a parameter of the model (use names from model.named_parameters())") from None
+        if id(param) in rotation_ids:
+            raise ValueError(f"{name!r} is a rotation parameter: those are always saved, list only other trained parameters")
+        tensors[f"trained.{name}"] = param.detach().to("cpu", copy=True).contiguous()
+
+    info = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "merges": merged,
+            "layers": {name: [layer.in_features, layer.out_features] for name, layer in layers.items()},
+            "trained": trained, "base_fingerprint": {name: base_fingerprint[name] for name in layers}}
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:  # a crash mid-write must never leave a half-written file under the real name
+        save_file(tensors, str(tmp), metadata={"format": "pt", _META_KEY: json.dumps(info)})
+        with open(tmp, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    if not path.is_file():
+        raise AdapterError(f"{path}: no adapter file there; pass the path that poetlm.adapter.save_adapter wrote")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise AdapterError(f"{path} is not a readable safetensors file ({error}); it is truncated or corrupt: "
+                           "save the adapter again with save_adapter") from error
+    if _META_KEY not in metadata:
+        raise AdapterError(f"{path} is a safetensors file but not a poetlm adapter (no {_META_KEY!r} metadata); "
+                           "model weights load with from_pretrained, adapters are written by save_adapter")
+    try:
+        info = json.loads(metadata[_META_KEY])
+        if info["format"] != FORMAT or int(info["version"]) > VERSION:
+            raise AdapterError(f"{path} holds {info['format']!r} version {info['version']}; this poetlm reads "
+                               f"{FORMAT!r} up to version {VERSION}: upgrade poetlm")
+        info["config"] = POETConfig.from_dict(info["config"])
+        info["merges"] = int(info["merges"])
+        info["layers"] = {name: tuple(shape) for name, shape in info["layers"].items()}
+        info["trained"] = list(info["trained"])
+        info["base_fingerprint"] = dict(info["base_fingerprint"])
+    except AdapterError:
+        raise
+    except (ValueError, KeyError, TypeError, AttributeError) as error:
+        raise AdapterError(f"{path}: the poetlm adapter metadata is corrupt ({error!r}); save the adapter again") from error
+    return info, tensors
+
+
+def _check_layers(model: nn.Module, layers: dict[str, tuple], path: Path) -> None:
+    modules = dict(model.named_modules())
+    missing = [name for name in layers if name not in modules]
+    if missing:
+        raise AdapterError(f"{path}: this adapter was made for a different base model: the base has no layer(s) "
+                           f"{missing[:4]}{' ...' if len(missing) > 4 else ''} ({len(missing)} missing)")
+    for name, shape in layers.items():
+        module = modules[name]
+        if not isinstance(module, nn.Linear):
+            found = f"a {type(module).__name__}, not an nn.Linear"
+        elif (module.in_features, module.out_features) != shape:
+            found = f"(in, out) shape {(module.in_features, module.out_features)}"
+        else:
+            continue
+        raise AdapterError(f"{path}: this adapter was made for a different base model: layer {name!r} is {found} "
+                           f"in the base but has (in, out) shape {shape} in the adapter")
+
+
+def _check_fingerprint(model: nn.Module, info: dict, path: Path) -> None:
+    actual = _compute_fingerprint(model)
+    for name, (fan_in, fan_out) in info["layers"].items():
+        expected = info["base_fingerprint"][name]
+        if not _same_weights(actual[name], expected, fan_in * fan_out):
+            raise AdapterError(f"{path}: this adapter was made for a different base model: the weights of {name!r} "
+                               f"differ (fingerprint {actual[name]} here, {expected} in the adapter); load the base "
+                               "checkpoint the adapter was trained from")
+
+
+def _load_into(param: torch.Tensor, tensors: dict, key: str, path: Path) -> None:
+    tensor = tensors.get(key)
+    if tensor is None:
+        raise AdapterError(f"{path}: tensor {key!r} is missing; the file is corrupt or was not written by save_adapter")
+    if tensor.shape != param.shape:
+        raise AdapterError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)} but the model expects "
+                           f"{tuple(param.shape)}; this adapter was made for a different base model or poetlm version")
+    param.copy_(tensor)
+
+
+def load_adapter(base_model: nn.Module, path) -> nn.Module:
+    """Wrap `base_model` (in place) with the adapter's config, replay its merges and load its tensors.
+
+    The base must be the plain model the adapter was trained from (e.g. fresh from from_pretrained).
+    Wrong bases are refused before the model is touched, except for extra targeted layers, which only
+    show once it has been wrapped.
+    """
+    path = Path(path)
+    info, tensors = _read(path)
+    config, layers = info["config"], info["layers"]
+    if next(poet_layers(base_model), None) is not None:
+        raise AdapterError("load_adapter expects the plain base model, but it already has POET layers; "
+                           "load a fresh base (e.g. with from_pretrained)")
+    _check_layers(base_model, layers, path)
+    if config.init == "keep":  # W0 is the base weight: catch a wrong base before wrapping it
+        _check_fingerprint(base_model, info, path)
+    model = poetize(base_model, config)
+    extra = sorted({name for name, _ in poet_layers(model)} - set(layers))
+    if extra:
+        raise AdapterError(f"{path}: this adapter was made for a different base model: the base has extra layer(s) "
+                           f"{extra[:4]}{' ...' if len(extra) > 4 else ''} that the adapter does not cover "
+                           "(the base has been wrapped in place: reload it before trying another adapter)")
+    if config.init != "keep":  # W0 was drawn from the seed: check it is the draw that was trained
+        _check_fingerprint(model, info, path)
+
+    def load_rotations(prefix: str) -> None:
+        for name, layer in poet_layers(model):
+            for side in _SIDES:
+                _load_into(layer.get_parameter(side), tensors, f"{prefix}{name}.{side}", path)
+
+    with torch.no_grad():
+        for i in range(info["merges"]):
+            load_rotations(f"merge.{i}.")
+            merge(model)
+        load_rotations("current.")
+        for name in info["trained"]:
+            try:
+                param = model.get_parameter(name)
+            except AttributeError:
+                raise AdapterError(f"{path}: the adapter trained {name!r}, which the base model does not have; "
+                                   "this adapter was made for a different base model") from None
+            _load_into(param, tensors, f"trained.{name}", path)
+    return model

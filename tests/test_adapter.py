@@ -1,0 +1,159 @@
+import io
+import json
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import poetlm
+from poetlm import POETConfig
+from poetlm.adapter import AdapterError, MergeHistory, base_fingerprint, load_adapter, save_adapter
+
+# A typical finetune targets a few projections; down_proj makes one side longer than the other.
+CONFIG = dict(init="keep", block_size=4, seed=3, target_modules=["q_proj", "v_proj", "down_proj"])
+IDS = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(123))
+
+
+def llama(seed=0, hidden=32, layers=2):
+    config = LlamaConfig(vocab_size=64, hidden_size=hidden, intermediate_size=48, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64)
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(config)
+
+
+def load_base(path):
+    return LlamaForCausalLM.from_pretrained(path).eval()
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("base")
+    llama().save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def finetuned(base_dir, tmp_path_factory):
+    """Five AdamW steps on random tokens, rotations and norms trained, a merge every 2 steps."""
+    model = poetlm.poetize(load_base(base_dir), POETConfig(**CONFIG))
+    fingerprint = base_fingerprint(model)
+    for name, param in model.named_parameters():
+        param.requires_grad = "rotation_" in name or "norm" in name
+    trained = [n for n, p in model.named_parameters() if p.requires_grad and "rotation_" not in n]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    history = MergeHistory()
+    tokens = torch.Generator().manual_seed(0)
+    for step in range(1, 6):
+        ids = torch.randint(0, 64, (4, 12), generator=tokens)
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step % 2 == 0:
+            history.record(model)
+            poetlm.merge(model, optimizer)
+    path = tmp_path_factory.mktemp("adapter") / "run.safetensors"
+    save_adapter(model, path, history=history, trained=trained, base_fingerprint=fingerprint)
+    return model.eval(), path, trained
+
+
+def test_adapter_on_a_fresh_base_reproduces_the_finetuned_logits(base_dir, finetuned):
+    model, path, trained = finetuned
+    expected, base = logits(model), logits(load_base(base_dir))
+    assert (expected - base).abs().max() > 1e-2  # the finetune moved the model
+    loaded = load_adapter(load_base(base_dir), path)
+    torch.testing.assert_close(logits(loaded), expected, rtol=0, atol=1e-5)
+    assert all(int(layer.merge_count) == 2 for _, layer in poetlm.poet_layers(loaded))
+    with safe_open(str(path), framework="pt") as f:
+        info = json.loads(f.metadata()["poetlm_adapter"])
+    assert info["merges"] == 2 and info["trained"] == trained and any("norm" in n for n in trained)
+    assert POETConfig.from_dict(info["config"]) == POETConfig(**CONFIG)
+    assert info["layers"]["model.layers.0.mlp.down_proj"] == [48, 32] and len(info["layers"]) == 6
+    assert path.stat().st_size < (base_dir / "model.safetensors").stat().st_size / 4
+    assert not list(path.parent.glob(".*tmp"))
+
+
+def test_current_rotations_alone_do_not_reproduce_the_finetune(base_dir, finetuned):
+    """Why the history is stored: without replaying the merges, W0 is still the base weight."""
+    model, path, _ = finetuned
+    naive = poetlm.poetize(load_base(base_dir), POETConfig(**CONFIG))
+    with safe_open(str(path), framework="pt") as f, torch.no_grad():
+        for name, param in naive.named_parameters():
+            if f"current.{name}" in f.keys() or f"trained.{name}" in f.keys():
+                key = f"current.{name}" if "rotation_" in name else f"trained.{name}"
+                param.copy_(f.get_tensor(key))
+    assert (logits(naive) - logits(model)).abs().max() > 1e-3
+
+
+def with_layers_of(base_dir, layers):
+    model = llama(seed=5, layers=layers)
+    model.load_state_dict(load_base(base_dir).state_dict(), strict=False)  # same weights where layers overlap
+    return model
+
+
+@pytest.mark.parametrize("make_base,match", [
+    (lambda d: llama(hidden=48), r"different base model: layer 'model\.layers\.0\.self_attn\.q_proj' is \(in, out\) shape \(48, 48\)"),
+    (lambda d: llama(seed=1), r"different base model: the weights of .* differ"),
+    (lambda d: with_layers_of(d, 1), r"different base model: the base has no layer\(s\) \['model\.layers\.1\."),
+    (lambda d: with_layers_of(d, 3), r"different base model: the base has extra layer\(s\) \['model\.layers\.2\."),
+])
+def test_wrong_base_is_refused(base_dir, finetuned, make_base, match):
+    with pytest.raises(AdapterError, match=match):
+        load_adapter(make_base(base_dir), finetuned[1])
+
+
+def test_unreadable_or_foreign_files_are_refused(tmp_path, base_dir, finetuned):
+    path = finetuned[1]
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"this is not a safetensors file")
+    bad_metadata = tmp_path / "bad_metadata.safetensors"
+    save_file({"x": torch.zeros(1)}, str(bad_metadata), metadata={"poetlm_adapter": "{"})
+    cases = [(tmp_path / "missing.safetensors", "no adapter file there"), (truncated, "truncated or corrupt"),
+             (garbage, "truncated or corrupt"), (base_dir / "model.safetensors", "not a poetlm adapter"),
+             (bad_metadata, "metadata is corrupt")]
+    for file, match in cases:
+        with pytest.raises(AdapterError, match=match) as caught:
+            load_adapter(llama(), file)
+        assert str(file) in str(caught.value)
+
+
+def test_merge_history_round_trips_and_refuses_missed_records():
+    model = poetlm.poetize(llama(), POETConfig(init="keep", block_size=4))
+    history = MergeHistory()
+    for scale in (0.1, 0.2):
+        with torch.no_grad():
+            for param in poetlm.rotation_parameters(model):
+                param.normal_(std=scale)
+        history.record(model)
+        poetlm.merge(model)
+    buffer = io.BytesIO()
+    torch.save({"history": history.state_dict()}, buffer)
+    buffer.seek(0)
+    restored = MergeHistory()
+    restored.load_state_dict(torch.load(buffer, weights_only=True)["history"])
+    assert len(restored) == 2
+    for ours, theirs in zip(history.records, restored.records):
+        assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+        assert all(t.abs().sum() > 0 for t in theirs.values())  # snapshots, not views of the zeroed parameters
+    restored.record(model)  # a resumed run carries on at merge count 2
+    assert len(restored) == 3
+    with pytest.raises(ValueError, match="record"):
+        MergeHistory().record(model)
+    with pytest.raises(ValueError, match="record"):
+        save_adapter(model, "unused.safetensors", history=MergeHistory())
+    with pytest.raises(ValueError, match="right after poetize"):
+        save_adapter(model, "unused.safetensors", history=history)
+
+
+def test_gpt2_conv1d_layers_are_refused_with_a_clear_message():
+    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
+    with pytest.raises(ValueError, match="Conv1D"):
+        poetlm.poetize(GPT2LMHeadModel(config), POETConfig(init="keep"))

@@ -1,0 +1,207 @@
+"""End-to-end runs of `poetlm train` and friends on tiny configs (seconds each)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import poetlm
+from poetlm.cli import main
+from poetlm.train import loop
+from poetlm.train.config import ConfigError, resolve_config
+from poetlm.train.data import read_documents
+from poetlm.train.runs import load_run_model
+
+TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2", "model.num_heads=2",
+        "data.seq_len=32", "data.vocab_size=300", "batch_size=4", "eval_tokens=512", "log_every=1",
+        "diagnostics_every=1", "poet.block_size=8", "poet.merge_every=2", "progress=false", "optim.warmup_steps=0"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    path = tmp_path_factory.mktemp("corpus") / "plays.txt"
+    path.write_text("\n\n".join(read_documents("shakespeare", max_documents=400)))
+    return path
+
+
+@pytest.fixture
+def tiny(tmp_path, corpus):
+    cache = corpus.parent / "cache"  # shared: the tokenizer and token cache are built once per module
+
+    def overrides(*extra, steps=6):
+        return TINY + [f"data.data={str(corpus)!r}", f"data.cache_dir={str(cache)!r}",
+                       f"out_dir={str(tmp_path / 'runs')!r}", f"steps={steps}", "eval_every=3", "checkpoint_every=3", *extra]
+    return overrides
+
+
+def metrics(run_dir):
+    lines = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in lines if "loss" in r], [r for r in lines if "val_ppl" in r]
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("poet", ["poet.variant='bs'"]),
+    ("poet", ["poet.variant='fs'", "poet.fraction=0.5"]),
+    ("adamw", []),
+    ("muon", []),
+])
+def test_each_method_trains_and_writes_a_complete_run(tiny, method, extra):
+    config = resolve_config("tiny", tiny(f"method={method!r}", f"name={method!r}", "optim.lr=1e-2", "optim.lr_poet=1e-2", *extra, steps=8))
+    summary = loop.train(config)
+    run_dir = Path(summary["run_dir"])
+    train_lines, eval_lines = metrics(run_dir)
+    assert [r["step"] for r in train_lines] == list(range(1, 9))
+    assert train_lines[-1]["loss"] < train_lines[0]["loss"]
+    assert summary["final_val_ppl"] == pytest.approx(eval_lines[-1]["val_ppl"])
+    for name in ("config.json", "summary.json", "spectrum.json", "report.md", "loss.png", "tokenizer/tokenizer.json"):
+        assert (run_dir / name).exists(), name
+    if method == "poet":
+        assert {"q_norm", "orth_err", "probe_cos"} <= set(train_lines[-1])
+        model, _, _ = load_run_model(run_dir)
+        assert summary["block_linear_trainable_params"] == sum(p.numel() for p in poetlm.rotation_parameters(model))
+        assert all(int(layer.merge_count) == 3 for _, layer in poetlm.poet_layers(model))  # merges at steps 2, 4, 6
+    else:
+        assert summary["block_linear_trainable_params"] == 2 * (4 * 32 * 32 + 3 * 32 * 64)
+
+
+def test_default_demo_path_on_the_bundled_corpus(tmp_path, capsys):
+    code = main(["train", "--steps", "2", "--out", str(tmp_path / "runs"), "--no-progress", "eval_tokens=1024",
+                 "data.max_documents=40", f"data.cache_dir={str(tmp_path / 'cache')!r}", "model.num_layers=1"])
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "final validation perplexity:" in out
+    config = json.loads((tmp_path / "runs" / "tiny-poet" / "config.json").read_text())
+    assert config["method"] == "poet" and config["data"]["data"] == "sotu" and config["steps"] == 2
+
+
+def _signal_at(monkeypatch, step, signum):
+    """Deliver a real signal to this process while the loop runs `step`."""
+    original = loop.micro_batch_loss
+    calls = {"n": 0}
+
+    def loss_then_signal(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            os.kill(os.getpid(), signum)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "micro_batch_loss", loss_then_signal)
+
+
+def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny, monkeypatch, capsys):
+    full = loop.train(resolve_config("tiny", tiny("name='full'", "grad_accum=2", steps=9)))
+    _signal_at(monkeypatch, step=2 * 5, signum=signal.SIGTERM)  # second micro-batch of step 5: between checkpoints
+    config = resolve_config("tiny", tiny("name='cut'", "grad_accum=2", steps=9))
+    stopped = loop.train(config)
+    assert stopped["interrupted"] and stopped["step"] == 5
+    assert "Resume with: poetlm train --resume" in capsys.readouterr().err
+    monkeypatch.undo()
+    assert main(["train", "--resume", stopped["run_dir"]]) == 0
+    full_train, full_eval = metrics(full["run_dir"])
+    cut_train, cut_eval = metrics(stopped["run_dir"])
+    assert [r["loss"] for r in cut_train] == [r["loss"] for r in full_train]
+    assert [r["val_ppl"] for r in cut_eval] == [r["val_ppl"] for r in full_eval]
+    a, _, _ = load_run_model(Path(full["run_dir"]))
+    b, _, _ = load_run_model(Path(stopped["run_dir"]))
+    for (name, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), name
+
+
+def test_sigint_from_outside_writes_a_checkpoint_and_exits_cleanly(tiny, tmp_path):
+    args = [sys.executable, "-m", "poetlm", "train", *tiny("name='sig'", steps=100000), "checkpoint_every=100000", "eval_every=100000"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics_file = tmp_path / "runs" / "sig" / "metrics.jsonl"
+    import time
+
+    deadline = time.time() + 120
+    while time.time() < deadline and not (metrics_file.exists() and metrics_file.read_text().count("\n") >= 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGINT
+    assert "Traceback" not in err and "SIGINT received" in err
+    checkpoints = list((tmp_path / "runs" / "sig" / "checkpoints").glob("step_*.pt"))
+    assert len(checkpoints) == 1
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny, monkeypatch, capsys):
+    original = loop.micro_batch_loss
+    calls = {"n": 0}
+
+    def nan_from_step_5(*args, **kwargs):
+        calls["n"] += 1
+        loss = original(*args, **kwargs)
+        return loss * float("nan") if calls["n"] >= 5 else loss
+
+    monkeypatch.setattr(loop, "micro_batch_loss", nan_from_step_5)
+    code = main(["train", *tiny("name='nan'")])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "non-finite loss (nan) at step 5" in err and "step_00000003.pt" in err
+
+
+def test_export_round_trip_and_eval_generate_report(tiny, tmp_path, capsys):
+    summary = loop.train(resolve_config("tiny", tiny("name='exp'")))
+    run_dir = Path(summary["run_dir"])
+    poet_model, _, _ = load_run_model(run_dir)
+    assert main(["export", str(run_dir), str(tmp_path / "dense")]) == 0
+    from transformers import AutoModelForCausalLM
+
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    ids = torch.randint(0, 300, (2, 16))
+    torch.testing.assert_close(dense(ids).logits, poet_model(ids).logits, rtol=1e-4, atol=1e-4)
+    assert not any(isinstance(m, poetlm.POETLinear) for m in dense.modules())
+
+    capsys.readouterr()
+    assert main(["eval", str(run_dir)]) == 0
+    ppl = float(capsys.readouterr().out.split("perplexity:")[1].split()[0])
+    assert ppl == pytest.approx(summary["final_val_ppl"], rel=1e-3)
+    assert main(["eval", str(tmp_path / "dense"), "--data", json.loads((run_dir / "config.json").read_text())["data"]["data"],
+                 "--tokens", "512", "--seq-len", "32"]) == 0
+    dense_ppl = float(capsys.readouterr().out.split("perplexity:")[1].split()[0])
+    assert dense_ppl == pytest.approx(ppl, rel=1e-3)
+    assert main(["generate", str(run_dir), "--prompt", "To be", "--max-new-tokens", "5"]) == 0
+    assert capsys.readouterr().out.startswith("To be")
+    other = loop.train(resolve_config("tiny", tiny("name='exp-adamw'", "method='adamw'")))
+    assert main(["report", str(run_dir), other["run_dir"], "--out", str(tmp_path / "cmp")]) == 0
+    report = (tmp_path / "cmp" / "report.md").read_text()
+    assert "POET-BS b=8" in report and "AdamW" in report
+
+
+def test_config_errors_name_the_key(tiny, capsys):
+    assert main(["train", *tiny("optim.lrr=1")]) == 2
+    assert "optim.lrr" in capsys.readouterr().err
+    assert main(["train", *tiny("steps=0")]) == 2
+    assert "steps=0" in capsys.readouterr().err
+    assert main(["train", *tiny("poet.variant='xx'")]) == 2
+    assert "POETConfig.variant='xx'" in capsys.readouterr().err
+    assert main(["train", *tiny("batch_size='four'")]) == 2
+    assert "batch_size='four'" in capsys.readouterr().err
+    assert main(["train", "--config", "no-such-preset"]) == 2
+    assert "tiny" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="not of the form"):
+        resolve_config("tiny", ["optim.lr"])
+
+
+def test_data_and_resume_errors(tiny, tmp_path, capsys):
+    assert main(["train", *tiny(), "--data", str(tmp_path / "missing.txt")]) == 1
+    assert "missing.txt" in capsys.readouterr().err
+    (tmp_path / "empty.txt").write_text("\n\n")
+    assert main(["train", *tiny(), "--data", str(tmp_path / "empty.txt")]) == 1
+    assert "empty.txt" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "nowhere")]) == 2
+    assert "nowhere" in capsys.readouterr().err
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tiny, capsys):
+    summary = loop.train(resolve_config("tiny", tiny("name='corrupt'", "keep_checkpoints=2", steps=6)))
+    run_dir = Path(summary["run_dir"])
+    newest = run_dir / "checkpoints" / "step_00000006.pt"
+    newest.write_bytes(newest.read_bytes()[:100])
+    model, _, _ = load_run_model(run_dir)  # loads step 3 instead of failing
+    assert all(int(layer.merge_count) == 1 for _, layer in poetlm.poet_layers(model))
