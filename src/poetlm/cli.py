@@ -40,17 +40,20 @@ def _cmd_train(args) -> int:
     from .train.loop import train
 
     if args.resume:
-        summary = train(resume=args.resume)
-    else:
-        overrides = list(args.overrides)
-        for flag, key in TRAIN_SHORTCUTS.items():
-            value = getattr(args, flag)
-            if value is not None:
-                overrides.append(f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}")
-        if args.no_progress:
-            overrides.append("progress=false")
-        summary = train(resolve_config(args.config, overrides))
-    return _finish(summary)
+        return _finish(train(resume=args.resume))
+    return _finish(train(resolve_config(args.config, [*shortcut_overrides(args), *args.overrides])))
+
+
+def shortcut_overrides(args) -> list[str]:
+    """--method, --steps, … as config overrides (explicit KEY=VALUE overrides, applied after, win)."""
+    overrides = []
+    for flag, key in TRAIN_SHORTCUTS.items():
+        value = getattr(args, flag, None)
+        if value is not None:
+            overrides.append(f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}")
+    if args.no_progress:
+        overrides.append("progress=false")
+    return overrides
 
 
 def _finish(summary: dict) -> int:
@@ -60,6 +63,33 @@ def _finish(summary: dict) -> int:
         print(f"final validation perplexity: {summary['final_val_ppl']:.3f}")
         print(f"run directory: {summary['run_dir']} (report: {Path(summary['run_dir']) / 'report.md'})")
     return 0
+
+
+def _finetune_parser(sub) -> None:
+    p = sub.add_parser("finetune", help="finetune a pretrained causal LM with POET (or LoRA / full finetuning to compare)",
+                       description="Wraps the model with init='keep' (the wrapped model starts exactly at the base), "
+                                   "trains the rotations, reports perplexity before and after, and writes a run directory "
+                                   "with an adapter file (adapter.safetensors) next to the checkpoints.")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr_poet=1e-3 finetune.train_norms=true")
+    p.add_argument("--model", required=True, help="local model directory (save_pretrained / poetlm export) or a hub id (needs network)")
+    p.add_argument("--data", required=True, help="bundled corpus, local .txt/.jsonl/.parquet file or directory, or hf:NAME[:CONFIG]")
+    p.add_argument("--config", "--preset", dest="config", default="finetune", help="preset or TOML file (default: finetune)")
+    p.add_argument("--method", choices=["poet", "lora", "adamw", "muon"], default=None,
+                   help="poet (default), lora (peft), adamw / muon (full finetuning)")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--name")
+    p.add_argument("--out")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def _cmd_finetune(args) -> int:
+    """`poetlm train` on a pretrained model, with the finetuning preset."""
+    from .train.loop import train
+
+    overrides = [f"finetune.base_model={args.model!r}", *shortcut_overrides(args), *args.overrides]
+    return _finish(train(resolve_config(args.config, overrides)))
 
 
 def _cmd_eval(args) -> int:
@@ -89,7 +119,7 @@ def _cmd_export(args) -> int:
 
     model, tokenizer, _ = load_any_model(args.run_dir)
     out = Path(args.out_dir)
-    dense = export_dense(model)
+    dense = model.merge_and_unload() if hasattr(model, "merge_and_unload") else export_dense(model)  # LoRA via peft
     dense.save_pretrained(out)
     tokenizer.save_pretrained(out)
     print(f"exported a dense {type(dense).__name__} to {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
@@ -126,9 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="poetlm", description="Train and finetune language models with POET.")
     sub = parser.add_subparsers(dest="command", required=False)
     _train_parser(sub)
-    # FINETUNE_IMPORT
-
-    # FINETUNE_ADD
+    _finetune_parser(sub)
     p = sub.add_parser("eval", help="validation perplexity of a run or an exported model")
     p.add_argument("path", help="run directory or model directory")
     p.add_argument("--data", help="evaluate on this data instead of the run's own validation split")
@@ -153,25 +181,32 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-COMMANDS = {"train": _cmd_train, "eval": _cmd_eval, "export": _cmd_export, "generate": _cmd_generate, "report": _cmd_report}
+COMMANDS = {"train": _cmd_train, "finetune": _cmd_finetune, "eval": _cmd_eval, "export": _cmd_export, "generate": _cmd_generate, "report": _cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:
-    AdapterError = ValueError  # TEMP
+    from .adapter import AdapterError
     from .train.loop import TrainingError
+    from .train.models import ModelError
     from .train.report import ReportError
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    # KEY=VALUE overrides may come before or after flags; argparse alone stops collecting them at the first flag.
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides = [*args.overrides, *extra]
     if args.command is None:  # `poetlm` alone: show what there is
-        build_parser().print_help()
+        parser.print_help()
         return 0
-    handler = COMMANDS.get(args.command) or args.handler
+    handler = COMMANDS[args.command]
     try:
         return handler(args)
     except ConfigError as error:
         print(f"poetlm: config error: {error}", file=sys.stderr)
         return 2
-    except (DataError, CheckpointError, TrainingError, ReportError, AdapterError) as error:
+    except (DataError, CheckpointError, TrainingError, ReportError, AdapterError, ModelError) as error:
         print(f"poetlm: error: {error}", file=sys.stderr)
         return 1
 

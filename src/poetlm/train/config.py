@@ -22,7 +22,7 @@ else:  # pragma: no cover
 
 from ..config import POETConfig
 
-METHODS = ("poet", "adamw", "muon")
+METHODS = ("poet", "adamw", "muon", "lora")
 
 
 class ConfigError(ValueError):
@@ -66,6 +66,15 @@ class OptimConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    base_model: str | None = None     # a local model directory or a hub id; set => finetune it instead of building model.*
+    train_norms: bool = False         # also train the RMSNorm gains (POET / LoRA; full finetuning trains everything)
+    train_biases: bool = False
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+
+
+@dataclass
 class TrainConfig:
     name: str = ""
     method: str = "poet"
@@ -88,10 +97,13 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     poet: POETConfig = field(default_factory=lambda: POETConfig(block_size=32))
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:
         checks = [
             ("method", self.method in METHODS, f"choose one of {METHODS}"),
+            ("method", self.method != "lora" or self.finetune.base_model is not None, "lora needs finetune.base_model (poetlm finetune --model ...)"),
+            ("finetune.lora_rank", self.finetune.lora_rank >= 1, "must be >= 1"),
             ("steps", self.steps >= 1, "must be >= 1"),
             ("batch_size", self.batch_size >= 1, "must be >= 1"),
             ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
@@ -121,6 +133,10 @@ class TrainConfig:
         for key, ok, allowed in checks:
             if not ok:
                 raise ConfigError(f"config value {key}={_get(self, key)!r} is invalid: {allowed}")
+
+    @property
+    def finetuning(self) -> bool:
+        return self.finetune.base_model is not None
 
     @property
     def run_name(self) -> str:

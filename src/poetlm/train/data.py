@@ -23,6 +23,8 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 import torch
 
+from .hub import honor_offline_env
+
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
@@ -223,18 +225,6 @@ def _iter_parquet(path: Path) -> Iterator[str]:
         raise DataError(f"{path} is not a readable parquet file ({e}); re-export it") from e
 
 
-def _honor_offline_env() -> None:
-    # datasets/huggingface_hub read HF_HUB_OFFLINE once, at import. Honor a value set later
-    # (by the CLI or a test) so an offline run fails at once instead of retrying for ~30 s.
-    if os.environ.get("HF_HUB_OFFLINE", "").upper() not in {"1", "ON", "YES", "TRUE"}:
-        return
-    import datasets.config
-    import huggingface_hub.constants
-
-    datasets.config.HF_HUB_OFFLINE = True
-    huggingface_hub.constants.HF_HUB_OFFLINE = True
-
-
 def _split_hf_spec(spec: str) -> tuple[str, str | None]:
     # A local directory may itself contain ':'; only split when it is not one.
     if Path(spec).expanduser().is_dir():
@@ -251,7 +241,7 @@ def _iter_hf(spec: str) -> Iterator[str]:
     name, config = _split_hf_spec(spec)
     if not name:
         raise DataError("hf: needs a dataset name, e.g. hf:allenai/c4:en")
-    _honor_offline_env()
+    honor_offline_env()
 
     def unreachable(e: Exception) -> DataError:
         return DataError(

@@ -15,7 +15,7 @@ import resource
 import signal
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -31,7 +31,8 @@ from .data import TokenData, make_batch, prepare_data, sample_offsets
 from .evaluate import perplexity
 from .methods import build_optimizers, build_schedulers, clip_threshold, lr_factor, merge_due, prepare_model
 from .metrics import MetricsLogger
-from .models import block_linears, build_llama
+from ..adapter import MergeHistory, base_fingerprint, save_adapter
+from .models import block_linears, load_model
 from .report import write_report
 
 
@@ -44,10 +45,15 @@ class TrainState:
     step: int = 0
     tokens: int = 0
     last_merge_step: int | None = None
-    extra: dict = field(default_factory=dict)  # e.g. the finetuning app's merge history
+    initial_val_ppl: float | None = None  # finetuning: the base model's perplexity before the first step
 
     def state_dict(self) -> dict:
-        return {"step": self.step, "tokens": self.tokens, "last_merge_step": self.last_merge_step}
+        return {"step": self.step, "tokens": self.tokens, "last_merge_step": self.last_merge_step,
+                "initial_val_ppl": self.initial_val_ppl}
+
+    def load_state_dict(self, saved: dict) -> None:
+        for key, value in saved.items():
+            setattr(self, key, value)
 
 
 def autocast_dtype(config: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -64,9 +70,12 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
-def spectrum_layer(model: nn.Module) -> tuple[str, torch.Tensor]:
-    """The layer whose singular values the report plots: the last block's down projection (or the last block linear)."""
-    name, module = block_linears(model)[-1]
+def spectrum_layer(model: nn.Module) -> tuple[str, torch.Tensor] | None:
+    """Singular values of the layer the report plots: the last block's down projection (None under LoRA)."""
+    candidates = [(n, m) for n, m in block_linears(model) if n.endswith("down_proj")]
+    if not candidates:
+        return None
+    name, module = candidates[-1]
     weight = module.effective_weight() if hasattr(module, "effective_weight") else module.weight
     return name, torch.linalg.svdvals(weight.detach().float().cpu())
 
@@ -143,7 +152,8 @@ def load_data(config: TrainConfig, runtime: distributed.Runtime) -> TokenData:
     """Rank 0 builds the tokenizer and token cache; the others wait, then read it."""
     def build():
         d = config.data
-        return prepare_data(d.data, tokenizer=d.tokenizer, vocab_size=d.vocab_size, cache_root=Path(d.cache_dir),
+        tokenizer = d.tokenizer or config.finetune.base_model  # a finetuned model keeps its own tokenizer
+        return prepare_data(d.data, tokenizer=tokenizer, vocab_size=d.vocab_size, cache_root=Path(d.cache_dir),
                             val_fraction=d.val_fraction, split_seed=config.seed, max_documents=d.max_documents)
 
     if runtime.is_main:
@@ -163,20 +173,19 @@ def new_run_dir(config: TrainConfig) -> Path:
     return run_dir
 
 
-def train(config: TrainConfig | None = None, resume: str | Path | None = None, run_dir: str | Path | None = None,
-          callbacks=None) -> dict:
+def train(config: TrainConfig | None = None, resume: str | Path | None = None, run_dir: str | Path | None = None) -> dict:
     """Run (or resume) training; returns the summary dict also written to run_dir/summary.json."""
     if resume is not None:
         run_dir = Path(resume)
         config = load_config(run_dir / "config.json")
     runtime = distributed.setup(config.device)
     try:
-        return _train(config, runtime, resume is not None, run_dir, callbacks)
+        return _train(config, runtime, resume is not None, run_dir)
     finally:
         distributed.teardown(runtime)
 
 
-def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, run_dir, callbacks) -> dict:
+def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, run_dir) -> dict:
     torch.manual_seed(config.seed)
     data = load_data(config, runtime)
     if run_dir is None:
@@ -186,13 +195,14 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, ru
             torch.distributed.broadcast_object_list(shared, src=0)
             run_dir = Path(shared[0])
     run_dir = Path(run_dir)
-    model = build_llama(config.model, data.vocab_size, config.data.seq_len)
-    model = prepare_model(model, config).to(runtime.device)
+    model = prepare_model(load_model(config, data.vocab_size), config).to(runtime.device)
+    # POET finetuning also writes an adapter: the pre-merge rotations of every merge replay the run on the base.
+    adapter = config.finetuning and config.method == "poet"
+    history = MergeHistory()
+    fingerprint = base_fingerprint(model) if adapter else None  # W0 is still the pretrained weight here
     state = TrainState()
     optimizers = build_optimizers(model, config)
     schedulers = build_schedulers(optimizers, config)
-    if callbacks is not None:
-        callbacks.setup(model, state)
     if resuming:
         saved = ckpt.load_checkpoint(run_dir, map_location=runtime.device)
         model.load_state_dict(saved["model"])
@@ -200,8 +210,9 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, ru
             optimizer.load_state_dict(s)
         for scheduler, s in zip(schedulers, saved["schedulers"], strict=True):
             scheduler.load_state_dict(s)
-        state.step, state.tokens, state.last_merge_step = saved["state"]["step"], saved["state"]["tokens"], saved["state"]["last_merge_step"]
-        state.extra = saved.get("extra", {})
+        state.load_state_dict(saved["state"])
+        if adapter:
+            history.load_state_dict(saved["history"])
         ckpt.set_rng_state(saved["rng"])
     elif runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -212,9 +223,9 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, ru
     counts = trainable_counts(model, config.method)
     logger = MetricsLogger(run_dir, enabled=runtime.is_main, resume_step=state.step if resuming else None)
     tokens_per_step = config.batch_size * config.grad_accum * runtime.world_size * config.data.seq_len
-    spectrum_name, initial_spectrum = spectrum_layer(model)
-    if runtime.is_main and not resuming:
-        (run_dir / "spectrum_initial.json").write_text(json.dumps({"layer": spectrum_name, "initial": initial_spectrum.tolist()}))
+    spectrum = spectrum_layer(model)
+    if runtime.is_main and not resuming and spectrum is not None:
+        (run_dir / "spectrum_initial.json").write_text(json.dumps({"layer": spectrum[0], "initial": spectrum[1].tolist()}))
 
     def evaluate():
         return perplexity(wrapped, data.val, seq_len=config.data.seq_len, batch_size=config.batch_size,
@@ -225,10 +236,14 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, ru
         if runtime.is_main:
             payload = {"model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
                        "schedulers": [s.state_dict() for s in schedulers], "state": state.state_dict(),
-                       "extra": state.extra}
+                       "history": history.state_dict()}
             ckpt.save_checkpoint(run_dir, state.step, payload, config.keep_checkpoints)
         distributed.barrier(runtime)
 
+    if config.finetuning and not resuming:
+        before = evaluate()
+        state.initial_val_ppl = before["val_ppl"]
+        logger.log({"step": 0, "tokens": 0, **before})
     progress = _progress(config, runtime, state.step)
     last_eval, last_rate = None, 0.0
     window_start, window_tokens = time.perf_counter(), 0
@@ -258,8 +273,8 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, ru
                 logger.log(record)
                 window_start, window_tokens = time.perf_counter(), 0
             if merge_due(state.step, config):  # after the diagnostics, which would otherwise always see fresh identities
-                if callbacks is not None:
-                    callbacks.before_merge(model, state)
+                if adapter:
+                    history.record(model)
                 merge(model, optimizers[0])
                 state.last_merge_step = state.step
             if state.step % config.eval_every == 0 or state.step == config.steps:
@@ -287,13 +302,17 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, ru
         progress.close()
     logger.close()
     summary = {"method": config.method, **counts, "final_val_ppl": last_eval["val_ppl"] if last_eval else None,
-               "final_val_loss": last_eval["val_loss"] if last_eval else None,
+               "final_val_loss": last_eval["val_loss"] if last_eval else None, "initial_val_ppl": state.initial_val_ppl,
                "tokens_per_s": logger.median("tokens_per_s"), "peak_mem_mb": peak_memory_mb(runtime.device),
                "total_tokens": state.tokens, "steps": state.step, "run_dir": str(run_dir)}
     if runtime.is_main:
-        _, final_spectrum = spectrum_layer(model)
-        initial = json.loads((run_dir / "spectrum_initial.json").read_text())
-        (run_dir / "spectrum.json").write_text(json.dumps({**initial, "final": final_spectrum.tolist()}))
+        if spectrum is not None:
+            initial = json.loads((run_dir / "spectrum_initial.json").read_text())
+            (run_dir / "spectrum.json").write_text(json.dumps({**initial, "final": spectrum_layer(model)[1].tolist()}))
+        if adapter:
+            rotation_ids = {id(p) for p in rotation_parameters(model)}
+            trained = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in rotation_ids]
+            save_adapter(model, run_dir / "adapter.safetensors", history=history, trained=trained, base_fingerprint=fingerprint)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
         write_report([run_dir], run_dir)
     return summary

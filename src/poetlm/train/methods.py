@@ -8,15 +8,45 @@ import torch
 from torch import nn
 
 from ..config import POETConfig
-from ..model import param_groups, poetize
+from ..model import param_groups, poetize, rotation_parameters
 from .config import TrainConfig
 
 
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
 def prepare_model(model: nn.Module, config: TrainConfig) -> nn.Module:
-    """POET wraps the block linears; AdamW and Muon train the model as it is."""
+    """POET wraps the block linears; LoRA adds adapters (peft); AdamW and Muon train the model as it is.
+
+    Finetuning with POET or LoRA trains only the rotations / adapters (plus norms and biases when asked);
+    W0 is the pretrained weight itself (init="keep"), so the wrapped model starts exactly where the base is.
+    """
     if config.method == "poet":
-        poetize(model, POETConfig.from_dict({**config.poet.to_dict(), "seed": config.seed}))
+        poet = {**config.poet.to_dict(), "seed": config.seed}
+        if config.finetuning:
+            poet["init"] = "keep"
+        poetize(model, POETConfig.from_dict(poet))
+    elif config.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        targets = config.poet.target_modules or LORA_TARGETS
+        model = get_peft_model(model, LoraConfig(r=config.finetune.lora_rank, lora_alpha=config.finetune.lora_alpha,
+                                                 target_modules=targets, lora_dropout=0.0))
+    if config.finetuning and config.method in ("poet", "lora"):
+        _freeze_base(model, config)
     return model
+
+
+def _freeze_base(model: nn.Module, config: TrainConfig) -> None:
+    keep = {id(p) for p in rotation_parameters(model)}
+    keep |= {id(p) for name, p in model.named_parameters() if "lora_" in name}
+    for name, module in model.named_modules():
+        if config.finetune.train_norms and "norm" in type(module).__name__.lower():
+            keep |= {id(p) for p in module.parameters(recurse=False)}
+    if config.finetune.train_biases:
+        keep |= {id(p) for name, p in model.named_parameters() if name.endswith(".bias")}
+    for param in model.parameters():
+        param.requires_grad_(id(param) in keep)
 
 
 def _hidden_matrices(model: nn.Module) -> set[int]:
@@ -31,7 +61,7 @@ def build_optimizers(model: nn.Module, config: TrainConfig) -> list[torch.optim.
         groups = param_groups(model, lr_base=opt.lr, lr_poet=opt.lr_poet, weight_decay=opt.weight_decay)
         return [torch.optim.AdamW(groups, betas=betas)]
     groups = param_groups(model, lr_base=opt.lr, lr_poet=opt.lr, weight_decay=opt.weight_decay)
-    if config.method == "adamw":
+    if config.method in ("adamw", "lora"):
         return [torch.optim.AdamW(groups, betas=betas)]
     hidden = _hidden_matrices(model)
     muon_params = [p for p in model.parameters() if id(p) in hidden]

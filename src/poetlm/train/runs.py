@@ -10,7 +10,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig, load_config
 from .data import DataError, load_tokenizer
 from .methods import prepare_model
-from .models import build_llama
+from .models import load_model
 
 
 def is_run_dir(path: Path) -> bool:
@@ -21,7 +21,7 @@ def load_run_model(run_dir: Path, device="cpu") -> tuple[nn.Module, object, Trai
     """The model of the newest checkpoint of a run (POET layers included) and its tokenizer."""
     config = load_config(run_dir / "config.json")
     tokenizer = load_tokenizer(run_dir / "tokenizer")
-    model = prepare_model(build_llama(config.model, len(tokenizer), config.data.seq_len), config)
+    model = prepare_model(load_model(config, len(tokenizer)), config)
     state = ckpt.load_checkpoint(run_dir, map_location=device)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), tokenizer, config

@@ -1,0 +1,116 @@
+"""`poetlm finetune` on small pretrained models saved to disk (no hub)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import poetlm
+from poetlm.adapter import load_adapter
+from poetlm.cli import main
+from poetlm.train.data import prepare_data, read_documents, train_tokenizer
+from poetlm.train.evaluate import perplexity
+from poetlm.train.runs import load_run_model
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A small random LLaMA with its own tokenizer, saved like a downloaded model."""
+    root = tmp_path_factory.mktemp("ft")
+    corpus = root / "plays.txt"
+    docs = read_documents("shakespeare", max_documents=300)
+    corpus.write_text("\n\n".join(docs))
+    model_dir = root / "base"
+    tokenizer = train_tokenizer(docs, 300, model_dir)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(config).save_pretrained(model_dir)
+    return model_dir, corpus
+
+
+def finetune_args(base, tmp_path, *extra):
+    model_dir, corpus = base
+    return ["finetune", "--model", str(model_dir), "--data", str(corpus), "--out", str(tmp_path / "runs"), "--no-progress",
+            "steps=6", "batch_size=4", "data.seq_len=32", "eval_tokens=512", "eval_every=3", "log_every=1",
+            "checkpoint_every=3", "poet.block_size=8", "poet.merge_every=2", f"data.cache_dir={str(tmp_path / 'cache')!r}",
+            "optim.lr_poet=1e-2", *extra]
+
+
+def reload(model_dir):
+    return AutoModelForCausalLM.from_pretrained(model_dir)
+
+
+def test_wrapped_pretrained_llama_starts_at_the_original_logits(base):
+    original = reload(base[0])
+    ids = torch.randint(0, 300, (2, 12))
+    wrapped = poetlm.poetize(reload(base[0]), poetlm.POETConfig(block_size=8, init="keep"))
+    assert len(list(poetlm.poet_layers(wrapped))) == 14
+    torch.testing.assert_close(wrapped(ids).logits, original(ids).logits, rtol=0, atol=1e-6)
+
+
+def test_gpt2_conv1d_is_refused_with_a_clear_message(tmp_path):
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="Conv1D"):
+        poetlm.poetize(reload(tmp_path), poetlm.POETConfig(init="keep"))
+
+
+def test_poet_finetune_run_adapter_and_export(base, tmp_path, capsys):
+    assert main(finetune_args(base, tmp_path, "--name", "ft", "finetune.train_norms=true")) == 0
+    run_dir = tmp_path / "runs" / "ft"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    # Perplexity before finetuning is the untouched base model's, computed independently here.
+    data = prepare_data(str(base[1]), tokenizer=str(base[0]), vocab_size=300, cache_root=tmp_path / "cache")
+    expected = perplexity(reload(base[0]), data.val, seq_len=32, batch_size=4, max_tokens=512, device="cpu")["val_ppl"]
+    assert summary["initial_val_ppl"] == pytest.approx(expected, rel=1e-5)
+    assert summary["final_val_ppl"] < summary["initial_val_ppl"]
+    finetuned, _, _ = load_run_model(run_dir)
+    trainable = {n for n, p in finetuned.named_parameters() if p.requires_grad}
+    assert all("rotation_" in n or "norm" in n for n in trainable)
+    assert any("norm" in n for n in trainable)
+    # Only rotations and norms moved: embeddings and head are the base's.
+    base_model = reload(base[0])
+    assert torch.equal(finetuned.lm_head.weight, base_model.lm_head.weight)
+
+    ids = torch.randint(0, 300, (2, 12))
+    target = finetuned(ids).logits
+    adapted = load_adapter(reload(base[0]), run_dir / "adapter.safetensors")
+    torch.testing.assert_close(adapted(ids).logits, target, rtol=1e-5, atol=1e-5)
+    assert (adapted(ids).logits - base_model(ids).logits).abs().max() > 1e-3
+    assert (run_dir / "adapter.safetensors").stat().st_size < (base[0] / "model.safetensors").stat().st_size
+
+    assert main(["export", str(run_dir), str(tmp_path / "merged")]) == 0
+    torch.testing.assert_close(reload(tmp_path / "merged")(ids).logits, target, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["lora", "adamw"])
+def test_lora_and_full_finetuning_in_the_same_harness(base, tmp_path, method):
+    assert main(finetune_args(base, tmp_path, "--method", method, "--name", method, "optim.lr=1e-2")) == 0
+    run_dir = tmp_path / "runs" / method
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_val_ppl"] < summary["initial_val_ppl"]
+    if method == "lora":  # r=8 on 7 linears × 2 layers: A (8×in) + B (out×8)
+        expected = 2 * 8 * (4 * (32 + 32) + 2 * (32 + 64) + (64 + 32))
+        assert summary["block_linear_trainable_params"] == expected
+        assert main(["export", str(run_dir), str(tmp_path / "lora-merged")]) == 0
+        model, _, _ = load_run_model(run_dir)
+        ids = torch.randint(0, 300, (2, 12))
+        torch.testing.assert_close(reload(tmp_path / "lora-merged")(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+    else:
+        assert summary["trainable_params"] == sum(p.numel() for p in reload(base[0]).parameters())
+
+
+def test_unreachable_hub_model_is_a_clear_error(base, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    args = finetune_args(base, tmp_path, "data.tokenizer=" + repr(str(base[0])))
+    args[args.index("--model") + 1] = "some-org/not-a-local-model"
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "some-org/not-a-local-model" in err and "local directory" in err and "Traceback" not in err
+
+
+def test_lora_without_a_base_model_is_a_config_error(capsys):
+    assert main(["train", "method='lora'"]) == 2
+    assert "finetune.base_model" in capsys.readouterr().err
