@@ -11,11 +11,6 @@ import torch
 from .config import PARAMETERIZATIONS
 
 
-def triangle_size(b: int) -> int:
-    """Number of free parameters of a b×b skew-symmetric matrix (its strict upper triangle)."""
-    return b * (b - 1) // 2
-
-
 def packed_slots(block_sizes: list[int], b: int) -> torch.Tensor:
     """Where each packed skew parameter lives in a flattened (n_blocks, b, b) tensor.
 
@@ -40,8 +35,8 @@ def skew_from_packed(packed: torch.Tensor, slots: torch.Tensor, n_blocks: int, b
 def cayley_neumann(q: torch.Tensor, terms: int) -> torch.Tensor:
     """CNP: (I + Q)(I + Q + … + Q^k), the Cayley transform with its inverse truncated after k terms."""
     eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
-    series = eye.expand_as(q)
-    for _ in range(terms):  # Horner: S ← I + Q·S gives I + Q + … + Q^k after k rounds
+    series = eye + q
+    for _ in range(terms - 1):  # Horner: S ← I + Q·S turns I + Q into I + Q + … + Q^k
         series = eye + q @ series
     return series + q @ series
 
