@@ -59,7 +59,7 @@ def shortcut_overrides(args) -> list[str]:
 def _finish(summary: dict) -> int:
     if summary.get("interrupted"):
         return 128 + summary["signal"]
-    if summary.get("final_val_ppl") is not None:
+    if summary.get("rank", 0) == 0 and summary.get("final_val_ppl") is not None:
         print(f"final validation perplexity: {summary['final_val_ppl']:.3f}")
         print(f"run directory: {summary['run_dir']} (report: {Path(summary['run_dir']) / 'report.md'})")
     return 0

@@ -8,6 +8,7 @@ the rotation parameters and `all_reduce_rotation_grads` averages them (one flat 
 
 from __future__ import annotations
 
+import inspect
 import os
 from dataclasses import dataclass
 
@@ -81,7 +82,10 @@ def wrap_model(model: nn.Module, runtime: Runtime, parallel: str) -> nn.Module:
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
     # Buffers (W0, coordinates) are identical on every rank by construction: no per-step broadcast.
-    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, broadcast_buffers=False)
+    ddp = nn.parallel.DistributedDataParallel
+    no_broadcast = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
+                    else {"broadcast_buffers": False})
+    return ddp(model, device_ids=device_ids, **no_broadcast)
 
 
 def all_reduce_rotation_grads(model: nn.Module, runtime: Runtime) -> None:
@@ -105,3 +109,15 @@ def mean_over_ranks(value: float, runtime: Runtime) -> float:
     tensor = torch.tensor([value], dtype=torch.float64, device=runtime.device)
     dist.all_reduce(tensor)
     return float(tensor) / runtime.world_size
+
+
+@torch.no_grad()
+def replica_divergence(model: nn.Module, runtime: Runtime) -> float:
+    """Largest difference between ranks of any parameter or buffer checksum (0.0 when all ranks agree)."""
+    if not runtime.distributed:
+        return 0.0
+    sums = torch.stack([t.detach().double().sum() for t in model.state_dict().values() if t.is_floating_point()])
+    sums = sums.to(runtime.device)
+    gathered = [torch.empty_like(sums) for _ in range(runtime.world_size)]
+    dist.all_gather(gathered, sums)
+    return max(float((g - gathered[0]).abs().max()) for g in gathered)

@@ -297,14 +297,17 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, ru
                 name = signal.Signals(stop.received).name
                 print(f"\n{name} received: checkpoint at step {state.step} written to {ckpt.checkpoint_dir(run_dir)}.\n"
                       f"Resume with: poetlm train --resume {run_dir}", file=sys.stderr)
-                return {"interrupted": True, "signal": stop.received, "step": state.step, "run_dir": str(run_dir)}
+                return {"interrupted": True, "signal": stop.received, "step": state.step, "run_dir": str(run_dir),
+                        "rank": runtime.rank}
     if progress is not None:
         progress.close()
     logger.close()
     summary = {"method": config.method, **counts, "final_val_ppl": last_eval["val_ppl"] if last_eval else None,
                "final_val_loss": last_eval["val_loss"] if last_eval else None, "initial_val_ppl": state.initial_val_ppl,
                "tokens_per_s": logger.median("tokens_per_s"), "peak_mem_mb": peak_memory_mb(runtime.device),
-               "total_tokens": state.tokens, "steps": state.step, "run_dir": str(run_dir)}
+               "total_tokens": state.tokens, "steps": state.step, "world_size": runtime.world_size,
+               "replica_divergence": distributed.replica_divergence(model, runtime), "run_dir": str(run_dir),
+               "rank": runtime.rank}
     if runtime.is_main:
         if spectrum is not None:
             initial = json.loads((run_dir / "spectrum_initial.json").read_text())
