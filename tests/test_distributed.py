@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from poetlm.cli import main
 from poetlm.train.data import read_documents
 
 TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2", "model.num_heads=2",
@@ -41,3 +42,15 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, me
     assert two["final_val_ppl"] == pytest.approx(one["final_val_ppl"], rel=1e-4)
     assert two["replica_divergence"] == 0.0  # every rank holds identical weights (W0 after 3 merges included)
     assert stdout.count("final validation perplexity") == 1  # only rank 0 reports
+
+
+def test_fsdp2_matches_one_process_and_its_checkpoint_loads_unsharded(tmp_path, capsys):
+    (tmp_path / "plays.txt").write_text("\n\n".join(read_documents("shakespeare", max_documents=300)))
+    one_losses, one, _ = run(tmp_path, "one", 1, "grad_accum=2")
+    fsdp_losses, fsdp, _ = run(tmp_path, "fsdp", 2, "grad_accum=1", "parallel='fsdp'")
+    assert fsdp_losses == pytest.approx(one_losses, rel=1e-4)
+    assert fsdp["final_val_ppl"] == pytest.approx(one["final_val_ppl"], rel=1e-4)
+    # Checkpoints hold full (gathered) tensors: a single process evaluates the sharded run's model.
+    assert main(["eval", str(tmp_path / "runs" / "fsdp")]) == 0
+    ppl = float(capsys.readouterr().out.split("perplexity:")[1].split()[0])
+    assert ppl == pytest.approx(fsdp["final_val_ppl"], rel=1e-3)

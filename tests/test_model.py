@@ -49,6 +49,9 @@ def test_poetize_targets_block_linears_and_keeps_everything_else():
     for name, param in model.named_parameters():
         if "rotation_" in name:
             assert param.requires_grad and torch.all(param == 0)
+        elif name.endswith("weight0"):  # W0: frozen, freshly drawn (normalized Gaussian)
+            assert not param.requires_grad
+            torch.testing.assert_close(param.norm(dim=1), torch.ones(param.shape[0]))
         else:
             assert torch.equal(param, before[name]) and param.requires_grad
     assert not any(n.endswith("q_proj.weight") for n, _ in model.named_parameters())

@@ -1,7 +1,7 @@
 """POETLinear: a linear layer whose weight is Pᵀ·W0ᵀ·Rᵀ with W0 fixed and R, P learned rotations.
 
 Orientation: the spec writes W_RP = R·W0·P with W0 ∈ R^{in×out}; torch stores weights as (out, in), so
-the buffer `weight0` holds W0ᵀ and the effective (out, in) weight is Pᵀ·weight0·Rᵀ. R rotates the input
+the frozen parameter `weight0` holds W0ᵀ and the effective (out, in) weight is Pᵀ·weight0·Rᵀ. R rotates the input
 side (dimension in_features), P the output side. The bias is added after and never rotated.
 """
 
@@ -15,6 +15,7 @@ from torch.nn import functional as F
 
 from .config import POETConfig
 from .primitives import RotationSide, make_side, seeded_generator
+from .sharding import full_parameters
 
 
 def init_weight(init: str, out_features: int, in_features: int, generator: torch.Generator) -> torch.Tensor:
@@ -49,7 +50,8 @@ class POETLinear(nn.Module):
             weight = init_weight(config.init, out_features, in_features, seeded_generator(config.seed, name, "init"))
         elif weight.shape != (out_features, in_features):
             raise ValueError(f"POETLinear {name!r}: weight of shape {tuple(weight.shape)} does not fit ({out_features}, {in_features})")
-        self.register_buffer("weight0", weight.detach().to(device=device, dtype=master).clone())
+        # A frozen parameter rather than a buffer so that FSDP2 shards it like any other weight.
+        self.weight0 = nn.Parameter(weight.detach().to(device=device, dtype=master).clone(), requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         sides = [make_side(config.variant, dim, config.block_size, config.fraction).to(device=device, dtype=master)
                  for dim in (in_features, out_features)]
@@ -135,6 +137,10 @@ class POETLinear(nn.Module):
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the rotations into W0 (in fp32), reset them to identity and draw new coordinates."""
+        with full_parameters(self):
+            self._merge()
+
+    def _merge(self) -> None:
         self.record_initial_spectrum()
         blocks_in, _ = self.rotation_blocks()
         with torch.autocast(self.weight0.device.type, enabled=False):

@@ -72,11 +72,14 @@ def wrap_model(model: nn.Module, runtime: Runtime, parallel: str) -> nn.Module:
     if not runtime.distributed:
         return model
     if parallel == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        for layer in model.model.layers:
-            fully_shard(layer)
-        return fully_shard(model)
+        mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
+        blocks = [m for name, m in model.named_modules() if name.endswith("layers") and isinstance(m, nn.ModuleList)]
+        for block in (b for layers in blocks for b in layers):  # one FSDP unit per decoder block
+            fully_shard(block, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
     rotation_ids = {id(p) for p in rotation_parameters(model)}
     ignored = [name for name, p in model.named_parameters() if id(p) in rotation_ids]
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
@@ -112,12 +115,48 @@ def mean_over_ranks(value: float, runtime: Runtime) -> float:
 
 
 @torch.no_grad()
-def replica_divergence(model: nn.Module, runtime: Runtime) -> float:
-    """Largest difference between ranks of any parameter or buffer checksum (0.0 when all ranks agree)."""
+def replica_divergence(model: nn.Module, runtime: Runtime) -> float | None:
+    """Largest difference between ranks of any parameter or buffer checksum (0.0 when all ranks agree).
+
+    Under FSDP the ranks hold different shards by design; there the check does not apply (None).
+    """
     if not runtime.distributed:
         return 0.0
+    if any(type(t).__name__ == "DTensor" for t in model.state_dict().values()):
+        return None
     sums = torch.stack([t.detach().double().sum() for t in model.state_dict().values() if t.is_floating_point()])
     sums = sums.to(runtime.device)
     gathered = [torch.empty_like(sums) for _ in range(runtime.world_size)]
     dist.all_gather(gathered, sums)
     return max(float((g - gathered[0]).abs().max()) for g in gathered)
+
+
+def is_sharded(runtime: Runtime, parallel: str) -> bool:
+    return runtime.distributed and parallel == "fsdp"
+
+
+def training_state(model: nn.Module, optimizers, sharded: bool) -> tuple[dict, list[dict]]:
+    """Model and optimizer states to checkpoint. Sharded: gathered into full tensors (a collective call)."""
+    if not sharded:
+        return model.state_dict(), [o.state_dict() for o in optimizers]
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return (get_model_state_dict(model, options=options),
+            [get_optimizer_state_dict(model, o, options=options) for o in optimizers])
+
+
+def load_training_state(model: nn.Module, optimizers, model_state: dict, optimizer_states: list[dict], sharded: bool) -> None:
+    if len(optimizer_states) != len(optimizers):
+        raise RuntimeError(f"checkpoint holds {len(optimizer_states)} optimizer states, the run builds {len(optimizers)}")
+    if not sharded:
+        model.load_state_dict(model_state)
+        for optimizer, state in zip(optimizers, optimizer_states):
+            optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    options = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(model, model_state, options=options)
+    for optimizer, state in zip(optimizers, optimizer_states):
+        set_optimizer_state_dict(model, optimizer, state, options=options)

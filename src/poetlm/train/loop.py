@@ -24,6 +24,7 @@ from torch.nn import functional as F
 
 from ..diagnostics import model_diagnostics
 from ..model import merge, rotation_parameters, step_weight_cache
+from ..sharding import full_parameters
 from . import checkpoint as ckpt
 from . import distributed
 from .config import TrainConfig, load_config, save_config
@@ -76,8 +77,9 @@ def spectrum_layer(model: nn.Module) -> tuple[str, torch.Tensor] | None:
     if not candidates:
         return None
     name, module = candidates[-1]
-    weight = module.effective_weight() if hasattr(module, "effective_weight") else module.weight
-    return name, torch.linalg.svdvals(weight.detach().float().cpu())
+    with full_parameters(module):
+        weight = module.effective_weight() if hasattr(module, "effective_weight") else module.weight
+        return name, torch.linalg.svdvals(weight.detach().float().cpu())
 
 
 def trainable_counts(model: nn.Module, method: str) -> dict[str, int]:
@@ -116,14 +118,15 @@ def micro_batch_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
 
 
 def train_step(model, raw_model, optimizers, data: TokenData, config: TrainConfig, state: TrainState,
-               runtime: distributed.Runtime, amp) -> tuple[float, float]:
+               runtime: distributed.Runtime, amp, sharded: bool = False) -> tuple[float, float]:
     """One optimizer step over grad_accum micro-batches on every rank; returns (mean loss, grad norm)."""
     rows = config.batch_size
     global_rows = rows * config.grad_accum * runtime.world_size
     offsets = sample_offsets(len(data.train), state.step, global_rows, config.data.seq_len, config.seed)
     poet = config.method == "poet"
     total = 0.0
-    cache = step_weight_cache(raw_model) if poet else contextlib.nullcontext()
+    # FSDP2 gathers parameters only inside each block's forward, so sharded runs rebuild weights per micro-batch.
+    cache = step_weight_cache(raw_model) if poet and not sharded else contextlib.nullcontext()
     with cache:
         for micro in range(config.grad_accum):
             start = (micro * runtime.world_size + runtime.rank) * rows
@@ -135,7 +138,7 @@ def train_step(model, raw_model, optimizers, data: TokenData, config: TrainConfi
                 loss = micro_batch_loss(model, inputs, targets, amp) / config.grad_accum
                 loss.backward()
             total += loss.item()
-    if poet:
+    if poet and not sharded:
         distributed.all_reduce_rotation_grads(raw_model, runtime)
     loss_value = distributed.mean_over_ranks(total, runtime)
     if not math.isfinite(loss_value):
@@ -201,13 +204,13 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, ru
     history = MergeHistory()
     fingerprint = base_fingerprint(model) if adapter else None  # W0 is still the pretrained weight here
     state = TrainState()
+    sharded = distributed.is_sharded(runtime, config.parallel)
+    wrapped = distributed.wrap_model(model, runtime, config.parallel)  # FSDP2 swaps in sharded parameters: wrap first
     optimizers = build_optimizers(model, config)
     schedulers = build_schedulers(optimizers, config)
     if resuming:
-        saved = ckpt.load_checkpoint(run_dir, map_location=runtime.device)
-        model.load_state_dict(saved["model"])
-        for optimizer, s in zip(optimizers, saved["optimizers"], strict=True):
-            optimizer.load_state_dict(s)
+        saved = ckpt.load_checkpoint(run_dir, map_location="cpu" if sharded else runtime.device)
+        distributed.load_training_state(model, optimizers, saved["model"], saved["optimizers"], sharded)
         for scheduler, s in zip(schedulers, saved["schedulers"], strict=True):
             scheduler.load_state_dict(s)
         state.load_state_dict(saved["state"])
@@ -218,7 +221,6 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, ru
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.json")
         data.tokenizer.save_pretrained(run_dir / "tokenizer")
-    wrapped = distributed.wrap_model(model, runtime, config.parallel)
     amp = autocast_dtype(config, runtime.device)
     counts = trainable_counts(model, config.method)
     logger = MetricsLogger(run_dir, enabled=runtime.is_main, resume_step=state.step if resuming else None)
@@ -233,8 +235,9 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, ru
                           rank=runtime.rank, world_size=runtime.world_size)
 
     def save():
+        model_state, optimizer_states = distributed.training_state(model, optimizers, sharded)
         if runtime.is_main:
-            payload = {"model": model.state_dict(), "optimizers": [o.state_dict() for o in optimizers],
+            payload = {"model": model_state, "optimizers": optimizer_states,
                        "schedulers": [s.state_dict() for s in schedulers], "state": state.state_dict(),
                        "history": history.state_dict()}
             ckpt.save_checkpoint(run_dir, state.step, payload, config.keep_checkpoints)
@@ -252,7 +255,7 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, ru
             model.train()
             lr = config.optim.lr * lr_factor(state.step, config)
             try:
-                loss, grad_norm = train_step(wrapped, model, optimizers, data, config, state, runtime, amp)
+                loss, grad_norm = train_step(wrapped, model, optimizers, data, config, state, runtime, amp, sharded)
             except TrainingError as error:
                 good = ckpt.list_checkpoints(run_dir)
                 kept = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
@@ -268,7 +271,8 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, ru
                 last_rate = window_tokens / elapsed
                 record.update(tokens_per_s=last_rate, peak_mem_mb=peak_memory_mb(runtime.device))
                 if config.method == "poet" and (state.step % config.diagnostics_every == 0 or state.step == config.steps):
-                    diag = model_diagnostics(model)
+                    with full_parameters(model):
+                        diag = model_diagnostics(model)
                     record.update(q_norm=diag["q_norm"], orth_err=diag["orth_err"], probe_cos=diag["probe_cos"])
                 logger.log(record)
                 window_start, window_tokens = time.perf_counter(), 0
@@ -308,10 +312,11 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, ru
                "total_tokens": state.tokens, "steps": state.step, "world_size": runtime.world_size,
                "replica_divergence": distributed.replica_divergence(model, runtime), "run_dir": str(run_dir),
                "rank": runtime.rank}
+    final_spectrum = spectrum_layer(model)  # on every rank: gathering a sharded layer is collective
     if runtime.is_main:
         if spectrum is not None:
             initial = json.loads((run_dir / "spectrum_initial.json").read_text())
-            (run_dir / "spectrum.json").write_text(json.dumps({**initial, "final": spectrum_layer(model)[1].tolist()}))
+            (run_dir / "spectrum.json").write_text(json.dumps({**initial, "final": final_spectrum[1].tolist()}))
         if adapter:
             rotation_ids = {id(p) for p in rotation_parameters(model)}
             trained = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in rotation_ids]

@@ -1,0 +1,427 @@
+"""Time per optimizer step and peak memory of POET, AdamW and Muon training a LLaMA preset.
+
+    python benchmarks/step.py                      # tiny + llama-60m, accum 1 and 4, CPU-sized micro-batches
+    python benchmarks/step.py --presets llama-60m --methods adamw poet-b256 --accum 1 --repeats 1 --profile
+    python benchmarks/step.py --device cuda --dtype bf16 --presets llama-60m llama-350m --methods adamw poet-b256
+
+One step is `poetlm.train.loop.train_step` itself (for POET: the micro-batches inside
+`step_weight_cache`, the rotation backward, clip, optimizer step) followed by the scheduler step, on
+random tokens: the batch comes from a random token array through the loop's own sampler, so no corpus
+or tokenizer is involved. Merges are timed separately (they happen once every `merge_every` steps).
+See docs/benchmarks.md for the flop model and what "peak MB" counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from common import (DTYPES, default_device, describe_machine, interleaved_times, markdown_table, median,
+                    paired_ratio, peak_memory_bytes, synchronizer)
+from poetlm import merge, poet_layers, step_weight_cache
+from poetlm.train.config import TrainConfig, resolve_config
+from poetlm.train.data import TokenData
+from poetlm.train.distributed import Runtime
+from poetlm.train.loop import TrainState, autocast_dtype, micro_batch_loss, train_step
+from poetlm.train.methods import build_optimizers, build_schedulers, clip_threshold, prepare_model
+from poetlm.train.models import build_llama
+
+METHODS = {
+    "adamw": ("AdamW", ["method=adamw"]),
+    "muon": ("Muon", ["method=muon"]),
+    "poet-b64": ("POET bs b=64", ["method=poet", "poet.variant='bs'", "poet.block_size=64"]),
+    "poet-b128": ("POET bs b=128", ["method=poet", "poet.variant='bs'", "poet.block_size=128"]),
+    "poet-b256": ("POET bs b=256", ["method=poet", "poet.variant='bs'", "poet.block_size=256"]),
+    "poet-fs": ("POET fs β=½", ["method=poet", "poet.variant='fs'", "poet.fraction=0.5"]),
+}
+# Sequences per micro-batch on CPU: llama-60m's 64×256 would take minutes per step on two cores.
+CPU_MICRO_BATCH = {"tiny": 16, "llama-60m": 1}
+ADAMW_MACS_PER_PARAM = 5   # lerp, addcmul, decay, sqrt/div, addcdiv: ~10 flops per element
+CLIP_MACS_PER_PARAM = 2    # the global norm and the rescale
+MUON_NS_STEPS = 5          # torch.optim.Muon's default Newton–Schulz iterations
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default=default_device(), help="cpu, cuda or cuda:N")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="bf16 = the loop's bf16 autocast (fp32 master weights)")
+    parser.add_argument("--presets", nargs="+", default=["tiny", "llama-60m"])
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--accum", type=int, nargs="+", default=[1, 4], help="micro-batches per optimizer step")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per contender and accumulation")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (creates optimizer state)")
+    parser.add_argument("--micro-batch", type=int, help="sequences per micro-batch (default: the preset's on CUDA, "
+                        f"{CPU_MICRO_BATCH} on CPU)")
+    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's)")
+    parser.add_argument("--threads", type=int, help="torch threads (default on CPU: 1, see docs/benchmarks.md)")
+    parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory step")
+    parser.add_argument("--merges", type=int, default=2, help="timed merges per POET contender (0: none)")
+    parser.add_argument("--profile", action="store_true", help="also split one step into phases and list the top ops")
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available")
+    if args.threads is None and args.device == "cpu":
+        # POET's many small ops each wait at a barrier for a core that a neighbour's job holds.
+        args.threads = 1
+    return args
+
+
+@dataclasses.dataclass
+class Contender:
+    key: str
+    label: str
+    config: TrainConfig
+    model: nn.Module
+    optimizers: list
+    schedulers: list
+    state: TrainState
+
+    @property
+    def is_poet(self) -> bool:
+        return self.config.method == "poet"
+
+
+def build_contender(preset: str, key: str, args: argparse.Namespace) -> Contender:
+    label, overrides = METHODS[key]
+    base = resolve_config(preset)
+    micro = args.micro_batch or (base.batch_size if args.device != "cpu" else CPU_MICRO_BATCH.get(preset, 1))
+    config = resolve_config(preset, overrides + [f"batch_size={micro}", f"data.seq_len={args.seq_len or base.data.seq_len}",
+                                                 f"device='{args.device}'", f"dtype='{args.dtype}'", "progress=false"])
+    torch.manual_seed(config.seed)
+    model = prepare_model(build_llama(config.model, config.data.vocab_size, config.data.seq_len), config).to(args.device)
+    optimizers = build_optimizers(model, config)
+    if config.method == "poet" and (key.startswith("poet-b") and config.poet.block_size == base.poet.block_size
+                                    and config.poet.variant == base.poet.variant):
+        label += " (preset)"
+    return Contender(key, label, config, model, optimizers, build_schedulers(optimizers, config), TrainState())
+
+
+def random_tokens(config: TrainConfig, seed: int) -> TokenData:
+    """A TokenData whose training split is uniform random tokens: train_step samples from it as from a corpus."""
+    tokens = np.random.default_rng(seed).integers(0, config.data.vocab_size, 1 << 20, dtype=np.int64).astype(np.int32)
+    return TokenData(train=tokens, val=tokens[:0], tokenizer=None, eos_id=0, cache_dir=Path("."))
+
+
+def make_step(c: Contender, accum: int, data: TokenData, runtime: Runtime):
+    config = dataclasses.replace(c.config, grad_accum=accum)
+    amp = autocast_dtype(config, runtime.device)
+
+    def step() -> None:
+        train_step(c.model, c.model, c.optimizers, data, config, c.state, runtime, amp)
+        for scheduler in c.schedulers:
+            scheduler.step()
+        c.state.step += 1
+
+    return step
+
+
+def tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None or not isinstance(t, torch.Tensor):
+            continue
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen:
+            continue
+        seen.add(storage.data_ptr())
+        total += storage.nbytes()
+    return total
+
+
+def static_bytes(c: Contender) -> tuple[int, int]:
+    """(parameters + buffers + leftover grads, optimizer state) bytes live between steps."""
+    model = tensor_bytes(list(c.model.parameters()) + list(c.model.buffers()) + [p.grad for p in c.model.parameters()])
+    state = tensor_bytes(v for opt in c.optimizers for s in opt.state.values() for v in s.values())
+    return model, state
+
+
+# ---------------------------------------------------------------------------------------------------
+# Flop model: multiply-adds per optimizer step (see docs/benchmarks.md).
+
+
+def model_macs_per_token(model: nn.Module, config: TrainConfig) -> int:
+    """Forward multiply-adds per token: every matmul weight (blocks and head) plus causal attention."""
+    linears = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, nn.Linear))
+    linears += sum(layer.in_features * layer.out_features for _, layer in poet_layers(model))
+    # QKᵀ and A·V over on average seq/2 earlier positions (causal).
+    attention = config.model.num_layers * config.model.hidden_size * config.data.seq_len
+    return linears + attention
+
+
+def poet_build_macs(model: nn.Module) -> int:
+    """Building every effective weight and carrying its gradient into the rotations, once per step."""
+    total = 0
+    for _, layer in poet_layers(model):
+        sides = (layer.rotation_in, layer.rotation_out)
+        c_in, c_out = (side.flops_per_vector for side in sides)
+        # W0 is frozen: the first rotation needs only the block gradient (2×), the second both (3×).
+        total += 2 * layer.out_features * c_in + 3 * layer.in_features * c_out
+        # CNP with k terms is k b×b products per block, each with two products in backward.
+        k = layer.config.neumann_terms
+        total += sum(3 * k * side.n_blocks * side.block ** 3 for side in sides)
+    return total
+
+
+def muon_macs(c: Contender) -> int:
+    muon = next((opt for opt in c.optimizers if isinstance(opt, torch.optim.Muon)), None)
+    if muon is None:
+        return 0
+    total = 0
+    for group in muon.param_groups:
+        for p in group["params"]:
+            m, n = sorted(p.shape)
+            total += MUON_NS_STEPS * (2 * m * m * n + m ** 3)
+    return total
+
+
+def step_macs(c: Contender, tokens: int) -> int:
+    trainable = sum(p.numel() for p in c.model.parameters() if p.requires_grad)
+    macs = 3 * model_macs_per_token(c.model, c.config) * tokens + CLIP_MACS_PER_PARAM * trainable
+    # Muon's own matrices get Newton–Schulz instead of Adam moments; everything else AdamW's update.
+    muon_params = sum(p.numel() for opt in c.optimizers if isinstance(opt, torch.optim.Muon)
+                      for g in opt.param_groups for p in g["params"])
+    macs += ADAMW_MACS_PER_PARAM * (trainable - muon_params) + muon_macs(c)
+    if c.is_poet:
+        macs += poet_build_macs(c.model)
+    return macs
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def merge_times(c: Contender, repeats: int, sync) -> list[float]:
+    layers = [layer for _, layer in poet_layers(c.model)]
+    for layer in layers:
+        # The first merge of a run also stores each layer's initial singular values (one SVD per layer,
+        # once per run): a diagnostic, not the per-merge cost, so it is filled here and not timed.
+        if torch.isnan(layer.initial_spectrum).any():
+            layer.initial_spectrum.zero_()
+    times = []
+    for _ in range(repeats):
+        sync()
+        start = time.perf_counter()
+        merge(c.model, c.optimizers[0])
+        sync()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def phase_times(c: Contender, accum: int, data: TokenData, runtime: Runtime, sync) -> dict[str, float]:
+    """One step split into phases: the body of loop.train_step, unrolled (single process, no DDP)."""
+    from poetlm.train.data import make_batch, sample_offsets
+
+    config = dataclasses.replace(c.config, grad_accum=accum)
+    amp = autocast_dtype(config, runtime.device)
+    phases: dict[str, float] = {}
+
+    def tick(name: str, start: float) -> float:
+        sync()
+        now = time.perf_counter()
+        phases[name] = phases.get(name, 0.0) + now - start
+        return now
+
+    sync()
+    t = time.perf_counter()
+    offsets = sample_offsets(len(data.train), c.state.step, config.batch_size * accum, config.data.seq_len, config.seed)
+    cache = step_weight_cache(c.model) if c.is_poet else None
+    if cache is not None:
+        cache.__enter__()
+        t = tick("build effective weights", t)
+    for micro in range(accum):
+        rows = offsets[micro * config.batch_size: (micro + 1) * config.batch_size]
+        inputs, targets = make_batch(data.train, rows, config.data.seq_len)
+        inputs, targets = inputs.to(runtime.device), targets.to(runtime.device)
+        loss = micro_batch_loss(c.model, inputs, targets, amp) / accum
+        t = tick("micro-batch forward", t)
+        loss.backward()
+        loss.item()
+        t = tick("micro-batch backward", t)
+    if cache is not None:
+        cache.__exit__(None, None, None)
+        t = tick("rotation backward", t)
+    nn.utils.clip_grad_norm_(c.model.parameters(), clip_threshold(c.state.step, c.state.last_merge_step, config))
+    t = tick("clip", t)
+    for optimizer in c.optimizers:
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    t = tick("optimizer step", t)
+    for scheduler in c.schedulers:
+        scheduler.step()
+    c.state.step += 1
+    return phases
+
+
+def top_ops(c: Contender, accum: int, data: TokenData, runtime: Runtime, limit: int = 12) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if runtime.device.type == "cuda" else [])
+    step = make_step(c, accum, data, runtime)
+    with profile(activities=activities) as prof:
+        step()
+    attr = "self_device_time_total" if runtime.device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
+    total = sum(getattr(e, attr) for e in events) or 1
+    rows = [[e.key[:60], e.count, f"{getattr(e, attr) / 1e3:.1f}", f"{100 * getattr(e, attr) / total:.1f}"] for e in events[:limit]]
+    return markdown_table(["op", "calls", "self ms", "% of step"], rows)
+
+
+# ---------------------------------------------------------------------------------------------------
+
+
+def bench_preset(preset: str, args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    runtime = Runtime(0, 1, 0, device)
+    sync = synchronizer(args.device)
+    contenders = {key: build_contender(preset, key, args) for key in args.methods}
+    first = next(iter(contenders.values()))
+    data = random_tokens(first.config, seed=0)
+    micro_tokens = first.config.batch_size * first.config.data.seq_len
+    preset_config = resolve_config(preset)
+    preset_tokens = preset_config.batch_size * preset_config.grad_accum * preset_config.data.seq_len
+    result = {"preset": preset, "micro": (first.config.batch_size, first.config.data.seq_len), "rows": [],
+              "memory": [], "fit": [], "profile": [], "preset_tokens": preset_tokens,
+              "merge_every": preset_config.poet.merge_every}
+    for accum in args.accum:
+        tokens = micro_tokens * accum
+        steps = {key: make_step(c, accum, data, runtime) for key, c in contenders.items()}
+        times = interleaved_times(steps, args.repeats, args.warmup, sync)
+        baseline = times.get("adamw")
+        for key, c in contenders.items():
+            ms = 1e3 * median(times[key])
+            row = {"accum": accum, "tokens": tokens, "label": c.label, "key": key, "ms": ms, "tok_s": tokens / ms * 1e3,
+                   "ratio": paired_ratio(times[key], baseline) if baseline else None,
+                   "ideal": step_macs(c, tokens) / step_macs(contenders["adamw"], tokens) if "adamw" in contenders else None}
+            result["rows"].append(row)
+        if args.memory:
+            for key, c in contenders.items():
+                gc.collect()
+                model_b, state_b = static_bytes(c)
+                in_step = peak_memory_bytes(steps[key], args.device)
+                result["memory"].append({"accum": accum, "label": c.label, "key": key, "model": model_b, "state": state_b,
+                                         "step": in_step, "peak": None if in_step is None else model_b + state_b + in_step})
+        print(f"  done {preset} accum {accum}: " + ", ".join(f"{contenders[k].label} {1e3 * median(t):.0f} ms" for k, t in times.items()),
+              file=sys.stderr, flush=True)
+    if len(set(args.accum)) >= 2:
+        lo, hi = min(args.accum), max(args.accum)
+        by = {(r["key"], r["accum"]): r["ms"] for r in result["rows"]}
+        fits = {}
+        for key, c in contenders.items():
+            per_micro = (by[key, hi] - by[key, lo]) / (hi - lo)
+            fits[key] = (by[key, lo] - lo * per_micro, per_micro)
+        for key, c in contenders.items():
+            fixed, per_micro = fits[key]
+            at_preset = fixed + per_micro * preset_tokens / micro_tokens
+            row = {"label": c.label, "fixed": fixed, "per_micro": per_micro, "at_preset_s": at_preset / 1e3}
+            if "adamw" in fits:
+                a_fixed, a_micro = fits["adamw"]
+                row["ratio"] = at_preset / (a_fixed + a_micro * preset_tokens / micro_tokens)
+                row["ideal"] = step_macs(c, preset_tokens) / step_macs(contenders["adamw"], preset_tokens)
+            result["fit"].append(row)
+    for key, c in contenders.items():
+        if c.is_poet and args.merges:
+            result.setdefault("merge_ms", {})[key] = 1e3 * median(merge_times(c, args.merges, sync))
+    if args.profile:
+        accum = min(args.accum)
+        for key, c in contenders.items():
+            phases = phase_times(c, accum, data, runtime, sync)
+            phases = phase_times(c, accum, data, runtime, sync)  # the first one re-creates state reset by a merge
+            result["profile"].append((c.label, accum, phases, top_ops(c, accum, data, runtime)))
+    del contenders
+    gc.collect()
+    return result
+
+
+def _mb(nbytes: int | None) -> str:
+    return "n/a" if nbytes is None else f"{nbytes / 2**20:.0f}"
+
+
+def render(result: dict, args: argparse.Namespace) -> str:
+    out = []
+    rows_, seq = result["micro"]
+    out.append(f"#### {result['preset']}: micro-batch {rows_}×{seq} tokens, {args.dtype}, {args.device}\n")
+    merge_ms = result.get("merge_ms", {})
+    headers = ["accum", "tokens/step", "method", "ms/step", "tokens/s", "× AdamW", "ideal ×", "merge ms"]
+    body = [[r["accum"], r["tokens"], r["label"], f"{r['ms']:.0f}" if r["ms"] >= 10 else f"{r['ms']:.1f}",
+             f"{r['tok_s']:.0f}", "n/a" if r["ratio"] is None else f"{r['ratio']:.2f}",
+             "n/a" if r["ideal"] is None else f"{r['ideal']:.2f}",
+             f"{merge_ms[r['key']]:.0f}" if r["key"] in merge_ms else "—"] for r in result["rows"]]
+    out.append(markdown_table(headers, body, align="rrlrrrrr"))
+    if result["memory"]:
+        adamw = {m["accum"]: m["peak"] for m in result["memory"] if m["key"] == "adamw"}
+        headers = ["accum", "method", "params+buffers MB", "optimizer state MB", "in-step peak MB", "peak MB", "× AdamW"]
+        body = [[m["accum"], m["label"], _mb(m["model"]), _mb(m["state"]), _mb(m["step"]), _mb(m["peak"]),
+                 f"{m['peak'] / adamw[m['accum']]:.2f}" if m["peak"] and adamw.get(m["accum"]) else "n/a"]
+                for m in result["memory"]]
+        out.append("\n" + markdown_table(headers, body, align="rlrrrrr"))
+    if result["fit"]:
+        lo, hi = min(args.accum), max(args.accum)
+        out.append(f"\nFit t(accum) = fixed + accum × per-micro-batch (from accum {lo} and {hi}), extrapolated to the preset's "
+                   f"{result['preset_tokens']} tokens per step (merge every {result['merge_every']} steps):\n")
+        headers = ["method", "fixed ms/step", "ms per micro-batch", "s/step @preset", "× AdamW @preset", "ideal × @preset"]
+        body = [[f["label"], f"{f['fixed']:.0f}", f"{f['per_micro']:.0f}", f"{f['at_preset_s']:.1f}",
+                 f"{f['ratio']:.3f}" if "ratio" in f else "n/a", f"{f['ideal']:.3f}" if "ideal" in f else "n/a"]
+                for f in result["fit"]]
+        out.append(markdown_table(headers, body, align="lrrrrr"))
+    for label, accum, phases, ops in result["profile"]:
+        total = sum(phases.values())
+        split = ", ".join(f"{name} {1e3 * t:.0f} ms ({100 * t / total:.0f}%)" for name, t in phases.items())
+        out.append(f"\nProfile, {label}, accum {accum}: step {1e3 * total:.0f} ms = {split}\n")
+        out.append(ops)
+    return "\n".join(out)
+
+
+def targets(results: list[dict]) -> list[str]:
+    """The issue's targets at llama-60m: POET step ≤ 1.10× AdamW, POET peak memory below AdamW's."""
+    lines = []
+    for result in results:
+        if result["preset"] != "llama-60m":
+            continue
+        for r in result["rows"]:
+            if r["key"].startswith("poet") and r["ratio"] is not None:
+                verdict = "met" if r["ratio"] <= 1.10 else "missed"
+                lines.append(f"llama-60m accum {r['accum']}, {r['label']}: step {r['ratio']:.2f}× AdamW (target ≤ 1.10: {verdict})")
+        adamw = {m["accum"]: m["peak"] for m in result["memory"] if m["key"] == "adamw"}
+        for m in result["memory"]:
+            if m["key"].startswith("poet") and m["peak"] and adamw.get(m["accum"]):
+                ratio = m["peak"] / adamw[m["accum"]]
+                lines.append(f"llama-60m accum {m['accum']}, {m['label']}: peak memory {ratio:.2f}× AdamW "
+                             f"(target < 1: {'met' if ratio < 1 else 'missed'})")
+        for f in result["fit"]:
+            if "ratio" in f and f["label"].startswith("POET"):
+                lines.append(f"llama-60m at the preset's {result['preset_tokens']} tokens/step (extrapolated), {f['label']}: "
+                             f"{f['ratio']:.3f}× AdamW (ideal {f['ideal']:.3f})")
+    return lines
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"$ python benchmarks/step.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
+    print(describe_machine(args.device))
+    print(f"device {args.device}, dtype {args.dtype}, accum {args.accum}, {args.repeats} timed rounds after "
+          f"{args.warmup} warmup round(s), methods {args.methods}\n", flush=True)
+    start = time.perf_counter()
+    results = []
+    for preset in args.presets:
+        result = bench_preset(preset, args)
+        results.append(result)
+        print(render(result, args) + "\n", flush=True)
+    lines = targets(results)
+    if lines:
+        print("\n".join(lines))
+    print(f"\n({time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
