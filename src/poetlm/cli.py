@@ -40,6 +40,9 @@ def _cmd_train(args) -> int:
     from .train.loop import train
 
     if args.resume:
+        if args.overrides:
+            raise ConfigError(f"--resume continues a run with the config saved in it; drop the overrides {args.overrides} "
+                              "(or start a new run with them)")
         return _finish(train(resume=args.resume))
     return _finish(train(resolve_config(args.config, [*shortcut_overrides(args), *args.overrides])))
 
