@@ -7,7 +7,7 @@
 #      sotu validation split (forgetting), and write OUT_DIR/results.md.
 #
 # usage: benchmarks/finetune_experiment.sh OUT_DIR [FINETUNE_STEPS]
-#   env: PRETRAIN_LR (3e-3), POET_LR (2e-3 = the finetune preset's optim.lr_poet),
+#   env: PRETRAIN_STEPS (1000 = the tiny preset), PRETRAIN_LR (3e-3), POET_LR (2e-3 = the finetune preset's optim.lr_poet),
 #        LORA_LR (1e-3), FULL_LR (1e-4), EVAL_TOKENS (32768)
 # Everything (runs, exported models, the token cache .cache/poetlm, logs) goes under OUT_DIR:
 # the commands run with OUT_DIR as the working directory. Needs the poetlm venv active.
@@ -16,6 +16,7 @@ set -euo pipefail
 
 OUT=${1:?usage: benchmarks/finetune_experiment.sh OUT_DIR [FINETUNE_STEPS]}
 STEPS=${2:-200}
+PRETRAIN_STEPS=${PRETRAIN_STEPS:-1000}
 PRETRAIN_LR=${PRETRAIN_LR:-3e-3}
 POET_LR=${POET_LR:-2e-3}
 LORA_LR=${LORA_LR:-1e-3}
@@ -45,7 +46,7 @@ evaluate() {  # evaluate NAME PATH CORPUS
 }
 
 # 1. The base: tiny preset (1000 steps, batch 16, seq_len 128), AdamW, sotu; then a plain HF directory.
-timed pretrain poetlm train --method adamw --name base-adamw --out runs --no-progress "optim.lr=$PRETRAIN_LR"
+timed pretrain poetlm train --method adamw --name base-adamw --out runs --no-progress "steps=$PRETRAIN_STEPS" "optim.lr=$PRETRAIN_LR"
 timed export poetlm export runs/base-adamw base
 evaluate base base sotu          # exported dir: val_fraction 0.05, split seed 0 = the pretraining split
 evaluate base base shakespeare
@@ -102,9 +103,10 @@ def ppl(name, corpus):
 def wall(name):
     return int((out / f"logs/{name}.wall").read_text())
 
-base = json.loads((out / "runs/base-adamw/summary.json").read_text())
-print(f"Base: tiny preset, AdamW, sotu, {base['steps']} steps; own final val ppl {base['final_val_ppl']:.2f} "
-      f"({base['tokens_per_s']:.0f} tok/s, {wall('pretrain')} s wall)\n")
+base_cfg = json.loads((out / "runs/base-adamw/config.json").read_text())
+base_step = max(int(p.stem.split("_")[1]) for p in (out / "runs/base-adamw/checkpoints").glob("step_*.pt"))
+print(f"Base: tiny preset, AdamW lr {base_cfg['optim']['lr']:g}, sotu, checkpoint of step {base_step} "
+      f"(schedule of {base_cfg['steps']} steps), {wall('pretrain')} s wall\n")
 print(f"Finetuning on shakespeare, {steps} steps x 16 x 128 tokens each.\n")
 print("| method | lr | trainable params | of which block linears | shakespeare val ppl before → after | sotu val ppl before → after | tokens/s | s/step | wall s |")
 print("| --- | --- | ---: | ---: | --- | --- | ---: | ---: | ---: |")

@@ -90,6 +90,9 @@ def drift_run(map_name: str, precision: str, sigma: float, args: argparse.Namesp
         layer.merge()
         if bf16:
             layer.weight0.copy_(layer.weight0.to(torch.bfloat16).float())
+        if not torch.isfinite(layer.weight0).all():  # k=1 expands every merge and overflows at large σ
+            drifts += [math.inf] * sum(n >= count for n in args.merges)
+            break
         if count in args.merges:
             sigma_now = torch.linalg.svdvals(layer.weight0.double())
             drifts.append(float((sigma_now - sigma0).abs().max() / sigma0.max()))
@@ -109,7 +112,7 @@ def drift_table(args: argparse.Namespace) -> tuple[str, dict]:
                 rows.append([f"{sigma:.0e}", f"{q_norm:.3f}", map_name + marker, precision,
                              f"{per_merge:.1e}" if per_merge else "0"] + [f"{d:.2e}" for d in drifts])
         print(f"  done σ={sigma:g}", file=sys.stderr, flush=True)
-    headers = ["entry σ", "‖Q‖₂ med", "map", "W0", "σ(G)−1 per merge (pred.)"] + [f"drift @{n}" for n in args.merges]
+    headers = ["entry σ", "‖Q‖₂ med", "map", "W0", "σ(G) dev. per merge (pred.)"] + [f"drift @{n}" for n in args.merges]
     return markdown_table(headers, rows, align="rrllr" + "r" * len(args.merges)), results
 
 
@@ -179,7 +182,7 @@ def calibrate(args: argparse.Namespace) -> str:
                          f"{predicted_singular_change(float(q[0]), k):.1e}", f"{predicted_singular_change(float(spectral.max()), k):.1e}"])
             merge(model, optimizers[0])
             state.last_merge_step = state.step
-    headers = ["merge at step", "entry rms", "‖Q‖₂ median", "‖Q‖₂ p90", "‖Q‖₂ max", "σ(G)−1 at median (pred.)", "σ(G)−1 at max (pred.)"]
+    headers = ["merge at step", "entry rms", "‖Q‖₂ median", "‖Q‖₂ p90", "‖Q‖₂ max", "σ(G) dev. at median (pred.)", "σ(G) dev. at max (pred.)"]
     note = (f"tiny preset: bs b={config.poet.block_size}, lr_poet={config.optim.lr_poet:g}, merge_every={config.poet.merge_every}, "
             f"CNP k={config.poet.neumann_terms}; {state.step} steps in {time.perf_counter() - start:.0f} s")
     return note + "\n\n" + markdown_table(headers, rows)
