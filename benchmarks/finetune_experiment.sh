@@ -41,6 +41,7 @@ timed() {  # timed NAME CMD...: run, log to logs/NAME.log, record the wall time 
 # validation split in seq_len-128 windows (what the runs themselves evaluate during training).
 evaluate() {  # evaluate NAME PATH CORPUS
   local name=$1 path=$2 corpus=$3
+  if [[ -s "evals/$name.$corpus.txt" ]]; then return; fi
   poetlm eval "$path" --data "$corpus" --tokens "$EVAL_TOKENS" --seq-len 128 > "evals/$name.$corpus.txt" 2>"logs/eval-$name.$corpus.log"
   log "eval $name on $corpus: $(cat "evals/$name.$corpus.txt")"
 }
@@ -92,6 +93,42 @@ except AdapterError as error:
 EOF
 log "$(cat evals/adapter-check.txt)"
 
+# Step time, measured fairly: the three finetuning setups built in one process and stepped
+# round-robin (rotating start; median over rounds), so a busy shared machine slows all of them alike.
+# One step = poetlm's own train_step (batch 16 x 128, forward, backward, clip, AdamW) on random tokens.
+python - "$OUT" > evals/step-time.json 2>logs/step-time.log <<'EOF_TIMING'
+import json, statistics, sys, time
+import numpy as np, torch
+from types import SimpleNamespace
+from poetlm.train import distributed
+from poetlm.train.config import resolve_config
+from poetlm.train.loop import TrainState, train_step
+from poetlm.train.methods import build_optimizers, prepare_model
+from poetlm.train.models import load_model
+
+out, rounds = sys.argv[1], 12
+runtime = distributed.Runtime(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+data = SimpleNamespace(train=np.random.default_rng(0).integers(0, 4096, 1_000_000).astype(np.uint16))
+lrs = {"poet": "optim.lr_poet=2e-3", "lora": "optim.lr=1e-3", "adamw": "optim.lr=1e-4"}
+setups = {}
+for method, lr in lrs.items():
+    config = resolve_config("finetune", [f"finetune.base_model={out}/base", f"method={method!r}", lr])
+    model = prepare_model(load_model(config, 4096), config)
+    setups[method] = (model, build_optimizers(model, config), config, TrainState())
+times = {m: [] for m in setups}
+for r in range(rounds + 3):
+    order = list(setups)[r % 3:] + list(setups)[: r % 3]
+    for m in order:
+        model, optimizers, config, state = setups[m]
+        start = time.perf_counter()
+        train_step(model, model, optimizers, data, config, state, runtime, None)
+        state.step += 1
+        if r >= 3:  # warmup rounds left out
+            times[m].append(time.perf_counter() - start)
+print(json.dumps({m: {"median_s": statistics.median(t), "tokens_per_s": 16 * 128 / statistics.median(t)} for m, t in times.items()}))
+EOF_TIMING
+log "step time: $(cat evals/step-time.json)"
+
 # Table.
 python - "$OUT" "$STEPS" > results.md <<'EOF'
 import json, re, sys
@@ -108,9 +145,10 @@ base_step = max(int(p.stem.split("_")[1]) for p in (out / "runs/base-adamw/check
 print(f"Base: tiny preset, AdamW lr {base_cfg['optim']['lr']:g}, sotu, checkpoint of step {base_step} "
       f"(schedule of {base_cfg['steps']} steps), {wall('pretrain')} s wall\n")
 print(f"Finetuning on shakespeare, {steps} steps x 16 x 128 tokens each.\n")
-print("| method | lr | trainable params | of which block linears | shakespeare val ppl before → after | sotu val ppl before → after | tokens/s | s/step | wall s |")
-print("| --- | --- | ---: | ---: | --- | --- | ---: | ---: | ---: |")
-print(f"| base (no finetuning) | – | – | – | {ppl('base', 'shakespeare'):.2f} | {ppl('base', 'sotu'):.2f} | – | – | – |")
+timing = json.loads((out / "evals/step-time.json").read_text())
+print("| method | lr | trainable params | of which block linears | shakespeare val ppl before → after | sotu val ppl before → after | s/step (interleaved) | tokens/s (interleaved) | tokens/s in the run | wall s of the run |")
+print("| --- | --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: |")
+print(f"| base (no finetuning) | – | – | – | {ppl('base', 'shakespeare'):.2f} | {ppl('base', 'sotu'):.2f} | – | – | – | – |")
 for m in ("poet", "lora", "adamw"):
     s = json.loads((out / f"runs/ft-{m}/summary.json").read_text())
     c = json.loads((out / f"runs/ft-{m}/config.json").read_text())
@@ -118,7 +156,7 @@ for m in ("poet", "lora", "adamw"):
     label = {"poet": "POET-BS (b=32)", "lora": f"LoRA (r={c['finetune']['lora_rank']})", "adamw": "full (AdamW)"}[m]
     print(f"| {label} | {lr:g} | {s['trainable_params']:,} | {s['block_linear_trainable_params']:,} | "
           f"{s['initial_val_ppl']:.2f} → {s['final_val_ppl']:.2f} | {ppl('base', 'sotu'):.2f} → {ppl(f'ft-{m}', 'sotu'):.2f} | "
-          f"{s['tokens_per_s']:.0f} | {2048 / s['tokens_per_s']:.3f} | {wall(f'ft-{m}')} |")
+          f"{timing[m]['median_s']:.3f} | {timing[m]['tokens_per_s']:.0f} | {s['tokens_per_s']:.0f} | {wall(f'ft-{m}')} |")
 print(f"\nPOET merged export on shakespeare: {ppl('ft-poet-merged', 'shakespeare'):.2f} "
       f"(run: {ppl('ft-poet', 'shakespeare'):.2f})")
 print((out / "evals/adapter-check.txt").read_text().strip().replace("\n", "  \n"))

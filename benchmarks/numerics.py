@@ -23,7 +23,7 @@ import time
 import torch
 
 from common import describe_machine, markdown_table
-from poetlm import POETConfig, POETLinear, merge, poet_layers
+from poetlm import POETConfig, POETLinear, merge, model_diagnostics, poet_layers
 from poetlm.orthogonal import orthogonal_map
 
 MAPS = {"cayley": ("cayley", 3), "cnp k=1": ("cayley_neumann", 1), "cnp k=2": ("cayley_neumann", 2),
@@ -46,7 +46,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-calibrate", dest="calibrate", action="store_false",
                         help="skip training the tiny preset to measure the ‖Q‖ it reaches by each merge")
-    parser.add_argument("--calibrate-merges", type=int, default=1, help="merge cycles of the tiny preset to measure")
+    parser.add_argument("--calibrate-merges", type=int, default=2, help="merge cycles of the tiny preset to measure")
     return parser.parse_args(argv)
 
 
@@ -182,7 +182,11 @@ def calibrate(args: argparse.Namespace) -> str:
                          f"{predicted_singular_change(float(q[0]), k):.1e}", f"{predicted_singular_change(float(spectral.max()), k):.1e}"])
             merge(model, optimizers[0])
             state.last_merge_step = state.step
-    headers = ["merge at step", "entry rms", "‖Q‖₂ median", "‖Q‖₂ p90", "‖Q‖₂ max", "σ(G) dev. at median (pred.)", "σ(G) dev. at max (pred.)"]
+            # POET can only move singular values through CNP's non-orthogonality: this is the drift itself.
+            drift = model_diagnostics(model, spectrum=True)["spectrum_drift_max"]
+            rows[-1].append(f"{drift:.1e}")
+    headers = ["merge at step", "entry rms", "‖Q‖₂ median", "‖Q‖₂ p90", "‖Q‖₂ max", "σ(G) dev. at median (pred.)",
+               "σ(G) dev. at max (pred.)", "drift after merge (max over layers)"]
     note = (f"tiny preset: bs b={config.poet.block_size}, lr_poet={config.optim.lr_poet:g}, merge_every={config.poet.merge_every}, "
             f"CNP k={config.poet.neumann_terms}; {state.step} steps in {time.perf_counter() - start:.0f} s")
     return note + "\n\n" + markdown_table(headers, rows)

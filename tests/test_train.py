@@ -189,13 +189,15 @@ def test_config_errors_name_the_key(tiny, capsys):
 
 
 def test_data_and_resume_errors(tiny, tmp_path, capsys):
-    assert main(["train", *tiny(), "--data", str(tmp_path / "missing.txt")]) == 1
+    assert main(["train", *tiny(f"data.data={str(tmp_path / 'missing.txt')!r}")]) == 1
     assert "missing.txt" in capsys.readouterr().err
     (tmp_path / "empty.txt").write_text("\n\n")
-    assert main(["train", *tiny(), "--data", str(tmp_path / "empty.txt")]) == 1
+    assert main(["train", *tiny(f"data.data={str(tmp_path / 'empty.txt')!r}")]) == 1
     assert "empty.txt" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path), "steps=5"]) == 2
+    assert "drop the overrides" in capsys.readouterr().err
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tiny, capsys):
