@@ -139,6 +139,9 @@ def run_one(spec: Spec, args: argparse.Namespace) -> str:
     if code == 0 and (run_dir / "summary.json").is_file():
         print(f"  {spec.name}: {seconds:.0f} s", flush=True)
         return "done"
+    if "received: checkpoint" in text or code in (130, 143, -2, -15):
+        # The run was stopped by a signal and checkpointed; carrying on would tabulate a half-done benchmark.
+        raise KeyboardInterrupt
     if "non-finite loss" in text:
         # A divergence is a result (the lr is too high), not a glitch: keep it, do not retry on resume.
         diverged_marker(spec, args).write_text(text[-2000:])
@@ -255,6 +258,13 @@ def plot_curves(args, best, path: Path) -> None:
         tokens, ppl = mean_curve(curves)
         ax.plot(tokens, ppl, marker="o", markersize=3,
                 label=f"{method.label}, {method.lr_key.split('.')[-1]}={best[key]:g} (n={len(curves)}): {ppl[-1]:.1f}")
+    save(fig, ax, path)
+
+
+def save(fig: Figure, ax, path: Path) -> None:
+    if not ax.lines:  # never replace a published plot with an empty one (e.g. --report-only on an empty --out)
+        print(f"nothing to plot, {path} left as it was")
+        return
     ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
@@ -273,16 +283,19 @@ def plot_lr(args, lrs, path: Path) -> None:
         if points:
             ax.plot(*zip(*points), marker="o", label=method.label)
     ax.set_xscale("log")
-    ax.set_yscale("log")
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    print(f"wrote {path}")
+    save(fig, ax, path)
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    try:
+        benchmark(args)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: finished runs are kept in {args.out}; rerun the same command to resume", file=sys.stderr)
+        sys.exit(130)
+
+
+def benchmark(args: argparse.Namespace) -> None:
     torch.set_num_threads(args.threads)  # so the machine description reports what the runs use
     args.out.mkdir(parents=True, exist_ok=True)
     lrs = {key: getattr(args, f"lrs_{key.replace('-', '_')}") for key in args.methods}

@@ -58,13 +58,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--accum", type=int, nargs="+", default=[1, 4], help="micro-batches per optimizer step")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per contender and accumulation")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds first (creates optimizer state)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before the first accumulation setting")
     parser.add_argument("--micro-batch", type=int, help="sequences per micro-batch (default: the preset's on CUDA, "
                         f"{CPU_MICRO_BATCH} on CPU)")
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's)")
     parser.add_argument("--threads", type=int, help="torch threads (default on CPU: 1, see docs/benchmarks.md)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory step")
-    parser.add_argument("--merges", type=int, default=2, help="timed merges per POET contender (0: none)")
+    parser.add_argument("--merges", type=int, default=1, help="timed merges per POET contender (0: none)")
     parser.add_argument("--profile", action="store_true", help="also split one step into phases and list the top ops")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
@@ -291,10 +291,13 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict:
     result = {"preset": preset, "micro": (first.config.batch_size, first.config.data.seq_len), "rows": [],
               "memory": [], "fit": [], "profile": [], "preset_tokens": preset_tokens,
               "merge_every": preset_config.poet.merge_every}
-    for accum in args.accum:
+    for index, accum in enumerate(args.accum):
         tokens = micro_tokens * accum
         steps = {key: make_step(c, accum, data, runtime) for key, c in contenders.items()}
-        times = interleaved_times(steps, args.repeats, args.warmup, sync)
+        # Warmup creates optimizer state; on CPU nothing is left to warm after the first setting, and a
+        # llama-60m round costs a minute there. CUDA's allocator meets new sizes, so it warms every time.
+        warmup = args.warmup if index == 0 or args.device != "cpu" else 0
+        times = interleaved_times(steps, args.repeats, warmup, sync)
         baseline = times.get("adamw")
         for key, c in contenders.items():
             ms = 1e3 * median(times[key])
@@ -312,21 +315,22 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict:
         print(f"  done {preset} accum {accum}: " + ", ".join(f"{contenders[k].label} {1e3 * median(t):.0f} ms" for k, t in times.items()),
               file=sys.stderr, flush=True)
     if len(set(args.accum)) >= 2:
-        lo, hi = min(args.accum), max(args.accum)
         by = {(r["key"], r["accum"]): r["ms"] for r in result["rows"]}
-        fits = {}
+        lo, hi = min(args.accum), max(args.accum)
+        slopes = {key: (by[key, hi] - by[key, lo]) / (hi - lo) for key in contenders}
+        # Every method runs the very same micro-batch code (a plain weight in F.linear), so one slope
+        # pooled over methods: per-method slopes differ only by noise, which a 500× extrapolation magnifies.
+        pooled = statistics.median(slopes.values())
+        micro_batches = preset_tokens / micro_tokens
+        fixed = {key: statistics.mean(by[key, a] - a * pooled for a in args.accum) for key in contenders}
         for key, c in contenders.items():
-            per_micro = (by[key, hi] - by[key, lo]) / (hi - lo)
-            fits[key] = (by[key, lo] - lo * per_micro, per_micro)
-        for key, c in contenders.items():
-            fixed, per_micro = fits[key]
-            at_preset = fixed + per_micro * preset_tokens / micro_tokens
-            row = {"label": c.label, "fixed": fixed, "per_micro": per_micro, "at_preset_s": at_preset / 1e3}
-            if "adamw" in fits:
-                a_fixed, a_micro = fits["adamw"]
-                row["ratio"] = at_preset / (a_fixed + a_micro * preset_tokens / micro_tokens)
+            at_preset = fixed[key] + pooled * micro_batches
+            row = {"label": c.label, "fixed": fixed[key], "slope": slopes[key], "at_preset_s": at_preset / 1e3}
+            if "adamw" in contenders:
+                row["ratio"] = at_preset / (fixed["adamw"] + pooled * micro_batches)
                 row["ideal"] = step_macs(c, preset_tokens) / step_macs(contenders["adamw"], preset_tokens)
             result["fit"].append(row)
+        result["pooled"] = pooled
     for key, c in contenders.items():
         if c.is_poet and args.merges:
             result.setdefault("merge_ms", {})[key] = 1e3 * median(merge_times(c, args.merges, sync))
@@ -364,11 +368,11 @@ def render(result: dict, args: argparse.Namespace) -> str:
                 for m in result["memory"]]
         out.append("\n" + markdown_table(headers, body, align="rlrrrrr"))
     if result["fit"]:
-        lo, hi = min(args.accum), max(args.accum)
-        out.append(f"\nFit t(accum) = fixed + accum × per-micro-batch (from accum {lo} and {hi}), extrapolated to the preset's "
-                   f"{result['preset_tokens']} tokens per step (merge every {result['merge_every']} steps):\n")
-        headers = ["method", "fixed ms/step", "ms per micro-batch", "s/step @preset", "× AdamW @preset", "ideal × @preset"]
-        body = [[f["label"], f"{f['fixed']:.0f}", f"{f['per_micro']:.0f}", f"{f['at_preset_s']:.1f}",
+        out.append(f"\nFit t(accum) = fixed + accum × per-micro-batch, one per-micro-batch cost pooled over methods "
+                   f"({result['pooled']:.0f} ms), extrapolated to the preset's {result['preset_tokens']} tokens per step "
+                   f"({result['preset_tokens'] / (rows_ * seq):.0f} micro-batches of {rows_}×{seq}; merge every {result['merge_every']} steps):\n")
+        headers = ["method", "fixed ms/step", "own ms per micro-batch", "s/step @preset", "× AdamW @preset", "ideal × @preset"]
+        body = [[f["label"], f"{f['fixed']:.0f}", f"{f['slope']:.0f}", f"{f['at_preset_s']:.1f}",
                  f"{f['ratio']:.3f}" if "ratio" in f else "n/a", f"{f['ideal']:.3f}" if "ideal" in f else "n/a"]
                 for f in result["fit"]]
         out.append(markdown_table(headers, body, align="lrrrrr"))

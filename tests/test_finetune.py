@@ -1,6 +1,7 @@
 """`poetlm finetune` on small pretrained models saved to disk (no hub)."""
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -51,10 +52,17 @@ def test_wrapped_pretrained_llama_starts_at_the_original_logits(base):
     torch.testing.assert_close(wrapped(ids).logits, original(ids).logits, rtol=0, atol=1e-6)
 
 
-def test_gpt2_conv1d_is_refused_with_a_clear_message(tmp_path):
-    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, n_positions=32)).save_pretrained(tmp_path)
+def test_gpt2_conv1d_is_refused_with_a_clear_message(base, tmp_path, capsys):
+    gpt2 = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=300, n_positions=64)).save_pretrained(gpt2)
     with pytest.raises(ValueError, match="Conv1D"):
-        poetlm.poetize(reload(tmp_path), poetlm.POETConfig(init="keep"))
+        poetlm.poetize(reload(gpt2), poetlm.POETConfig(init="keep"))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(base[0] / name, gpt2 / name)
+    args = finetune_args((gpt2, base[1]), tmp_path)
+    assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "Conv1D" in err and "Traceback" not in err
 
 
 def test_poet_finetune_run_adapter_and_export(base, tmp_path, capsys):

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .train.checkpoint import CheckpointError
-from .train.config import ConfigError, preset_names, resolve_config
+from .train.config import ConfigError, DataConfig, preset_names, resolve_config
 from .train.data import DataError
 
 TRAIN_SHORTCUTS = {  # flag -> config key: the most used overrides get their own flags
@@ -108,7 +108,7 @@ def _cmd_eval(args) -> int:
     seq_len = args.seq_len or (config.data.seq_len if config else 256)
     tokenizer_dir = Path(args.path) / "tokenizer" if config else Path(args.path)
     data = prepare_data(source, tokenizer=str(tokenizer_dir), vocab_size=len(tokenizer),
-                        cache_root=Path(config.data.cache_dir if config else ".cache/poetlm"),
+                        cache_root=Path(config.data.cache_dir if config else DataConfig.cache_dir).expanduser(),
                         val_fraction=config.data.val_fraction if config else 0.05, split_seed=config.seed if config else 0)
     max_tokens = args.tokens or (config.eval_tokens if config else None)
     result = perplexity(model, data.val, seq_len=seq_len, batch_size=args.batch_size, max_tokens=max_tokens, device=device)

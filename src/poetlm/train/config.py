@@ -48,7 +48,7 @@ class DataConfig:
     seq_len: int = 128
     val_fraction: float = 0.05
     max_documents: int | None = None
-    cache_dir: str = ".cache/poetlm"
+    cache_dir: str = "~/.cache/poetlm"  # tokenizers and token caches, shared by runs
 
 
 @dataclass
@@ -241,6 +241,8 @@ def resolve_config(preset: str = "tiny", overrides: list[str] | dict | None = No
     items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
     for keys, value in items:
         _deep_update(values, keys.split(".") if isinstance(keys, str) else keys, value)
+    if not values.get("name"):  # runs/tiny-poet, runs/tiny-adamw, runs/finetune-lora, …
+        values["name"] = f"{Path(preset).stem}-{values.get('method', TrainConfig.method)}"
     return _build(TrainConfig, values)
 
 

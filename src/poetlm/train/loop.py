@@ -156,7 +156,7 @@ def load_data(config: TrainConfig, runtime: distributed.Runtime) -> TokenData:
     def build():
         d = config.data
         tokenizer = d.tokenizer or config.finetune.base_model  # a finetuned model keeps its own tokenizer
-        return prepare_data(d.data, tokenizer=tokenizer, vocab_size=d.vocab_size, cache_root=Path(d.cache_dir),
+        return prepare_data(d.data, tokenizer=tokenizer, vocab_size=d.vocab_size, cache_root=Path(d.cache_dir).expanduser(),
                             val_fraction=d.val_fraction, split_seed=config.seed, max_documents=d.max_documents)
 
     if runtime.is_main:

@@ -10,6 +10,7 @@ from torch import nn
 from ..config import POETConfig
 from ..model import param_groups, poetize, rotation_parameters
 from .config import TrainConfig
+from .models import ModelError
 
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -25,13 +26,21 @@ def prepare_model(model: nn.Module, config: TrainConfig) -> nn.Module:
         poet = {**config.poet.to_dict(), "seed": config.seed}
         if config.finetuning:
             poet["init"] = "keep"
-        poetize(model, POETConfig.from_dict(poet))
+        try:
+            poetize(model, POETConfig.from_dict(poet))
+        except ValueError as error:  # e.g. a model built from Conv1D layers: a user-facing problem, not a crash
+            raise ModelError(str(error)) from None
     elif config.method == "lora":
         from peft import LoraConfig, get_peft_model
 
-        targets = config.poet.target_modules or LORA_TARGETS
-        model = get_peft_model(model, LoraConfig(r=config.finetune.lora_rank, lora_alpha=config.finetune.lora_alpha,
-                                                 target_modules=targets, lora_dropout=0.0))
+        names = {name.rpartition(".")[2] for name, _ in model.named_modules()}
+        # The paper's LoRA baseline adapts all seven block linears of LLaMA; other architectures get peft's defaults.
+        targets = config.poet.target_modules or (LORA_TARGETS if set(LORA_TARGETS) <= names else None)
+        try:
+            model = get_peft_model(model, LoraConfig(r=config.finetune.lora_rank, lora_alpha=config.finetune.lora_alpha,
+                                                     target_modules=targets, lora_dropout=0.0))
+        except ValueError as error:
+            raise ModelError(f"LoRA cannot wrap this model ({error}); set poet.target_modules to its linear layer names") from None
     if config.finetuning and config.method in ("poet", "lora"):
         _freeze_base(model, config)
     return model
