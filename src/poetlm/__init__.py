@@ -5,6 +5,7 @@ fully-stochastic rotations), the layer in `layer`, model-level operations in `mo
 training application in `poetlm.train`.
 """
 
+from .adapter import AdapterError, MergeHistory, base_fingerprint, load_adapter, save_adapter
 from .config import POETConfig
 from .diagnostics import layer_diagnostics, model_diagnostics, svd_entropy
 from .layer import POETLinear
@@ -16,5 +17,5 @@ __version__ = "0.1.0"
 __all__ = [
     "POETConfig", "POETLinear", "poetize", "merge", "export_dense", "param_groups", "poet_layers",
     "rotation_parameters", "step_weight_cache", "layer_diagnostics", "model_diagnostics", "svd_entropy",
-    "ResetState", "KeepState",
+    "ResetState", "KeepState", "MergeHistory", "save_adapter", "load_adapter", "base_fingerprint", "AdapterError",
 ]
