@@ -4,8 +4,9 @@
     python benchmarks/quality.py --steps 100 --seeds 0   # a quicker, noisier look
     python benchmarks/quality.py --report-only           # table and plots from the runs already there
 
-Phase 1 trains every method at every lr of its grid with the first seed; phase 2 trains the remaining
-seeds at each method's best phase-1 lr. Every run gets the same preset, steps and batch, so the same
+Phase 1 trains every method at every lr of its grid with the first seed (a grid whose best lr is at an
+end gets one more lr beyond it, see --extend); phase 2 trains the remaining seeds at each method's best
+phase-1 lr. Every run gets the same preset, steps and batch, so the same
 tokens. Each run is a `poetlm train` subprocess writing to OUT/NAME; a run whose summary.json exists is
 skipped, an interrupted one is resumed from its checkpoint, so rerunning the same command resumes the
 whole benchmark. What is swept: AdamW `optim.lr` (every parameter); Muon `optim.lr` (its hidden
@@ -76,6 +77,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for key, method in METHODS.items():
         parser.add_argument(f"--lrs-{key}", type=float, nargs="+", default=GRID, metavar="LR",
                             help=f"{method.lr_key} grid for {method.label} (default: {' '.join(f'{x:g}' for x in GRID)})")
+    parser.add_argument("--extend", type=int, default=1,
+                        help="when a method's best lr is at an end of its grid, add the next lr beyond it (grid "
+                             "spacing), up to this many times per method (default 1; 0 = the grid as given)")
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
                         help="the first seed runs the lr sweep, all of them run the best lr (default: 0 1)")
@@ -195,6 +199,35 @@ def best_lr(method: Method, lrs: list[float], seed: int, args: argparse.Namespac
     return min(scored)[1] if scored else None
 
 
+def beyond_edge(lrs: list[float], best: float | None) -> float | None:
+    """The next lr past the grid end that won, at the grid's own spacing; None if the best is inside."""
+    grid = sorted(lrs)
+    if best is None or len(grid) < 2 or grid[0] < best < grid[-1]:
+        return None
+    ratio = grid[-1] / grid[-2] if best == grid[-1] else grid[0] / grid[1]
+    return float(f"{best * ratio:.1g}")  # 1e-2 * (1e-2/3e-3) = 0.0333… -> 0.03, keeping run names readable
+
+
+def extend_grids(args: argparse.Namespace, lrs: dict[str, list[float]]) -> None:
+    """A best lr at the end of a grid is only a bound; try one step further, for every method alike."""
+    seed = args.seeds[0]
+    for _ in range(args.extend):
+        new = {}
+        for key in args.methods:
+            lr = beyond_edge(lrs[key], best_lr(METHODS[key], lrs[key], seed, args))
+            if lr is not None and lr not in lrs[key]:
+                if args.report_only and load(Spec(METHODS[key], lr, seed), args) is None:
+                    continue
+                new[key] = lr
+        if not new:
+            return
+        print(f"best lr at a grid end, extending: {', '.join(f'{k} {lr:g}' for k, lr in new.items())}", flush=True)
+        for key, lr in new.items():
+            lrs[key] = sorted(lrs[key] + [lr])
+        if not args.report_only:
+            run_all([Spec(METHODS[k], lr, seed) for k, lr in new.items()], args)
+
+
 def fmt_ppl(values: list[float]) -> str:
     if not values:
         return "—"
@@ -304,6 +337,7 @@ def benchmark(args: argparse.Namespace) -> None:
     if not args.report_only:
         print(f"phase 1: lr sweep, seed {args.seeds[0]}", flush=True)
         run_all([Spec(METHODS[k], lr, args.seeds[0]) for k in args.methods for lr in lrs[k]], args)
+    extend_grids(args, lrs)
     best = {k: best_lr(METHODS[k], lrs[k], args.seeds[0], args) for k in args.methods}
     if not args.report_only and len(args.seeds) > 1:
         print(f"phase 2: seeds {args.seeds[1:]} at each method's best lr", flush=True)

@@ -14,6 +14,7 @@ See docs/benchmarks.md for the flop model and what "peak MB" counts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import statistics
@@ -216,49 +217,101 @@ def merge_times(c: Contender, repeats: int, sync) -> list[float]:
     return times
 
 
-def phase_times(c: Contender, accum: int, data: TokenData, runtime: Runtime, sync) -> dict[str, float]:
-    """One step split into phases: the body of loop.train_step, unrolled (single process, no DDP)."""
+def phase_times(c: Contender, accum: int, data: TokenData, runtime: Runtime, sync,
+                memory: bool = False) -> list[list]:
+    """One step split into phases: the body of loop.train_step, unrolled (single process, no DDP).
+
+    Returns [phase, seconds, peak bytes above the step's start, live bytes above it at the phase's end]
+    per phase (memory columns None unless `memory`). CUDA reads the allocator's counters around each
+    phase; CPU replays the profiler's allocation events against the phases' time windows.
+    """
+    from torch.profiler import ProfilerActivity, profile, record_function
+
     from poetlm.train.data import make_batch, sample_offsets
 
     config = dataclasses.replace(c.config, grad_accum=accum)
     amp = autocast_dtype(config, runtime.device)
-    phases: dict[str, float] = {}
+    cuda = runtime.device.type == "cuda"
+    seconds: dict[str, float] = {}
+    cuda_memory: dict[str, list[int]] = {}
+    base = torch.cuda.memory_allocated(runtime.device) if cuda else 0
 
-    def tick(name: str, start: float) -> float:
+    @contextlib.contextmanager
+    def phase(name: str):
         sync()
-        now = time.perf_counter()
-        phases[name] = phases.get(name, 0.0) + now - start
-        return now
+        if cuda and memory:
+            torch.cuda.reset_peak_memory_stats(runtime.device)
+        start = time.perf_counter()
+        with record_function("phase:" + name):
+            yield
+            sync()
+        seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - start
+        if cuda and memory:
+            peak, live = cuda_memory.get(name, [0, 0])
+            cuda_memory[name] = [max(peak, torch.cuda.max_memory_allocated(runtime.device) - base),
+                                 torch.cuda.memory_allocated(runtime.device) - base]
 
-    sync()
-    t = time.perf_counter()
-    offsets = sample_offsets(len(data.train), c.state.step, config.batch_size * accum, config.data.seq_len, config.seed)
-    cache = step_weight_cache(c.model) if c.is_poet else None
-    if cache is not None:
-        cache.__enter__()
-        t = tick("build effective weights", t)
-    for micro in range(accum):
-        rows = offsets[micro * config.batch_size: (micro + 1) * config.batch_size]
-        inputs, targets = make_batch(data.train, rows, config.data.seq_len)
-        inputs, targets = inputs.to(runtime.device), targets.to(runtime.device)
-        loss = micro_batch_loss(c.model, inputs, targets, amp) / accum
-        t = tick("micro-batch forward", t)
-        loss.backward()
-        loss.item()
-        t = tick("micro-batch backward", t)
-    if cache is not None:
-        cache.__exit__(None, None, None)
-        t = tick("rotation backward", t)
-    nn.utils.clip_grad_norm_(c.model.parameters(), clip_threshold(c.state.step, c.state.last_merge_step, config))
-    t = tick("clip", t)
-    for optimizer in c.optimizers:
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    t = tick("optimizer step", t)
-    for scheduler in c.schedulers:
-        scheduler.step()
-    c.state.step += 1
-    return phases
+    def body() -> None:
+        offsets = sample_offsets(len(data.train), c.state.step, config.batch_size * accum, config.data.seq_len, config.seed)
+        cache = step_weight_cache(c.model) if c.is_poet else None
+        if cache is not None:
+            with phase("build effective weights"):
+                cache.__enter__()
+        for micro in range(accum):
+            with phase("micro-batch forward"):
+                rows = offsets[micro * config.batch_size: (micro + 1) * config.batch_size]
+                inputs, targets = make_batch(data.train, rows, config.data.seq_len)
+                inputs, targets = inputs.to(runtime.device), targets.to(runtime.device)
+                loss = micro_batch_loss(c.model, inputs, targets, amp) / accum
+            with phase("micro-batch backward"):
+                loss.backward()
+                loss.item()
+        if cache is not None:
+            with phase("rotation backward"):
+                cache.__exit__(None, None, None)
+        with phase("clip"):
+            nn.utils.clip_grad_norm_(c.model.parameters(), clip_threshold(c.state.step, c.state.last_merge_step, config))
+        with phase("optimizer step"):
+            for optimizer in c.optimizers:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        for scheduler in c.schedulers:
+            scheduler.step()
+        c.state.step += 1
+
+    if not memory or cuda:
+        body()
+        return [[name, t, *cuda_memory.get(name, [None, None])] for name, t in seconds.items()]
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        body()
+    return [[name, t, *peak_live] for (name, t), peak_live in zip(seconds.items(), _cpu_phase_memory(prof, list(seconds)))]
+
+
+def _cpu_phase_memory(prof, names: list[str]) -> list[list[int]]:
+    from torch._C._profiler import _EventType
+
+    windows, allocations, stack = [], [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        if event.tag == _EventType.TorchOp and event.name.startswith("phase:"):
+            windows.append((event.start_time_ns, event.end_time_ns, event.name[len("phase:"):]))
+        elif event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            allocations.append((event.start_time_ns, event.extra_fields.alloc_size))
+        stack.extend(event.children)
+    allocations.sort()
+    result = {name: [0, 0] for name in names}
+    live, i = 0, 0
+    for start, end, name in sorted(windows):
+        while i < len(allocations) and allocations[i][0] < start:  # between phases (e.g. the scheduler)
+            live += allocations[i][1]
+            i += 1
+        peak = live
+        while i < len(allocations) and allocations[i][0] <= end:
+            live += allocations[i][1]
+            peak = max(peak, live)
+            i += 1
+        result[name] = [max(result[name][0], peak), live]
+    return [result[name] for name in names]
 
 
 def top_ops(c: Contender, accum: int, data: TokenData, runtime: Runtime, limit: int = 12) -> str:
@@ -337,8 +390,10 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict:
     if args.profile:
         accum = min(args.accum)
         for key, c in contenders.items():
+            phase_times(c, accum, data, runtime, sync)  # re-creates the rotations' optimizer state a merge dropped
             phases = phase_times(c, accum, data, runtime, sync)
-            phases = phase_times(c, accum, data, runtime, sync)  # the first one re-creates state reset by a merge
+            memory = phase_times(c, accum, data, runtime, sync, memory=True)
+            phases = [[name, t, peak, live] for (name, t, _, _), (_, _, peak, live) in zip(phases, memory)]
             result["profile"].append((c.label, accum, phases, top_ops(c, accum, data, runtime)))
     del contenders
     gc.collect()
@@ -377,9 +432,12 @@ def render(result: dict, args: argparse.Namespace) -> str:
                 for f in result["fit"]]
         out.append(markdown_table(headers, body, align="lrrrrr"))
     for label, accum, phases, ops in result["profile"]:
-        total = sum(phases.values())
-        split = ", ".join(f"{name} {1e3 * t:.0f} ms ({100 * t / total:.0f}%)" for name, t in phases.items())
-        out.append(f"\nProfile, {label}, accum {accum}: step {1e3 * total:.0f} ms = {split}\n")
+        total = sum(t for _, t, _, _ in phases)
+        out.append(f"\nProfile, {label}, accum {accum}: one step {1e3 * total:.0f} ms (phases timed with a sync around each; "
+                   "memory in MB above what was live when the step began)\n")
+        body = [[name, f"{1e3 * t:.0f}", f"{100 * t / total:.0f}", _mb(peak), _mb(live)] for name, t, peak, live in phases]
+        out.append(markdown_table(["phase", "ms", "%", "peak MB", "live MB at end"], body))
+        out.append("")
         out.append(ops)
     return "\n".join(out)
 

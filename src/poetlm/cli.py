@@ -47,15 +47,11 @@ def _cmd_train(args) -> int:
     return _finish(train(resolve_config(args.config, [*shortcut_overrides(args), *args.overrides])))
 
 
-def shortcut_overrides(args) -> list[str]:
-    """--method, --steps, … as config overrides (explicit KEY=VALUE overrides, applied after, win)."""
-    overrides = []
-    for flag, key in TRAIN_SHORTCUTS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            overrides.append(f"{key}={value!r}" if isinstance(value, str) else f"{key}={value}")
+def shortcut_overrides(args) -> list[tuple[str, object]]:
+    """--method, --steps, … as (key, value) overrides; explicit KEY=VALUE overrides come after and win."""
+    overrides = [(key, getattr(args, flag)) for flag, key in TRAIN_SHORTCUTS.items() if getattr(args, flag, None) is not None]
     if args.no_progress:
-        overrides.append("progress=false")
+        overrides.append(("progress", False))
     return overrides
 
 
@@ -91,7 +87,7 @@ def _cmd_finetune(args) -> int:
     """`poetlm train` on a pretrained model, with the finetuning preset."""
     from .train.loop import train
 
-    overrides = [f"finetune.base_model={args.model!r}", *shortcut_overrides(args), *args.overrides]
+    overrides = [("finetune.base_model", args.model), *shortcut_overrides(args), *args.overrides]
     return _finish(train(resolve_config(args.config, overrides)))
 
 

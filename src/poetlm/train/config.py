@@ -236,11 +236,12 @@ def _deep_update(base: dict, keys: list[str], value) -> None:
     base[keys[-1]] = value
 
 
-def resolve_config(preset: str = "tiny", overrides: list[str] | dict | None = None) -> TrainConfig:
+def resolve_config(preset: str = "tiny", overrides: list | None = None) -> TrainConfig:
+    """Preset (or TOML file) + overrides: "section.key=value" strings or ("section.key", value) pairs, in order."""
     values = load_toml(preset)
-    items = overrides.items() if isinstance(overrides, dict) else [parse_override(o) for o in overrides or []]
-    for keys, value in items:
-        _deep_update(values, keys.split(".") if isinstance(keys, str) else keys, value)
+    for item in overrides or []:
+        keys, value = parse_override(item) if isinstance(item, str) else (item[0].split("."), item[1])
+        _deep_update(values, keys, value)
     if not values.get("name"):  # runs/tiny-poet, runs/tiny-adamw, runs/finetune-lora, …
         values["name"] = f"{Path(preset).stem}-{values.get('method', TrainConfig.method)}"
     return _build(TrainConfig, values)
