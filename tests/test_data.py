@@ -555,3 +555,8 @@ def test_perplexity_shards_across_ranks(monkeypatch):
     loss_sum, count = torch.stack(reduced).sum(0).tolist()
     assert count == 39  # 13 windows split 5/4/4, every prediction counted once
     assert loss_sum / count == pytest.approx(_expected_ce(model, tokens, 39), rel=1e-6)
+
+
+def test_hub_stream_needs_an_explicit_document_budget():
+    with pytest.raises(DataError, match="data.max_documents"):
+        read_documents("hf:allenai/c4:en")

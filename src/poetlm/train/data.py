@@ -59,6 +59,10 @@ def read_documents(source: str, *, max_documents: int | None = None) -> list[str
     """
     if max_documents is not None and max_documents < 1:
         raise DataError(f"max_documents must be at least 1, got {max_documents}")
+    if source.startswith("hf:") and max_documents is None and not Path(source[3:]).expanduser().is_dir():
+        # A hub stream such as C4 has no useful end: poetlm caches a fixed prefix of it, so its size must be chosen.
+        raise DataError(f"{source} streams from the Hub: set how many documents to tokenize, "
+                        "e.g. data.max_documents=2000000")
     docs_iter = _iter_documents(source)
     try:
         docs = list(itertools.islice(docs_iter, max_documents))
