@@ -31,6 +31,7 @@ from pathlib import Path
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, LogLocator
 
 from common import describe_machine, markdown_table
 
@@ -156,8 +157,9 @@ def run_one(spec: Spec, args: argparse.Namespace) -> str:
 
 
 def run_all(specs: list[Spec], args: argparse.Namespace) -> None:
-    todo = [s for s in specs if not (args.out / s.name / "summary.json").is_file()]
-    print(f"{len(specs) - len(todo)} of {len(specs)} runs already done", flush=True)
+    todo = [s for s in specs if not (args.out / s.name / "summary.json").is_file()
+            and (args.retry_diverged or not diverged_marker(s, args).is_file())]
+    print(f"{len(specs) - len(todo)} of {len(specs)} runs already done (or diverged)", flush=True)
     if args.jobs == 1:
         for spec in todo:
             run_one(spec, args)
@@ -281,6 +283,7 @@ def _axes(title: str, xlabel: str, ylabel: str):
 def plot_curves(args, best, path: Path) -> None:
     fig, ax = _axes(f"validation perplexity at equal tokens ({args.preset}, {args.steps} steps)",
                     "training tokens", "validation perplexity (mean over seeds)")
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value / 1e3:g}k"))
     for key in args.methods:
         if best[key] is None:
             continue
@@ -299,6 +302,10 @@ def save(fig: Figure, ax, path: Path) -> None:
         print(f"nothing to plot, {path} left as it was")
         return
     ax.set_yscale("log")
+    plain = FuncFormatter(lambda value, _: f"{value:g}")  # 200, not 2×10²
+    ax.yaxis.set_major_locator(LogLocator(subs=(1, 1.5, 2, 3, 4, 6)))
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(FuncFormatter(lambda value, _: ""))
     ax.legend()
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -312,9 +319,11 @@ def plot_lr(args, lrs, path: Path) -> None:
     for key in args.methods:
         method = METHODS[key]
         points = [(lr, final_ppl(load(Spec(method, lr, args.seeds[0]), args))) for lr in lrs[key]]
-        points = [(lr, p) for lr, p in points if math.isfinite(p)]  # diverged runs are in the table, not the plot
+        diverged = [f"{lr:g}" for lr, p in points if p == math.inf]
+        points = [(lr, p) for lr, p in points if math.isfinite(p)]
         if points:
-            ax.plot(*zip(*points), marker="o", label=method.label)
+            note = f" ({', '.join(diverged)} diverged)" if diverged else ""
+            ax.plot(*zip(*points), marker="o", label=method.label + note)
     ax.set_xscale("log")
     save(fig, ax, path)
 

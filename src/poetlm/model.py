@@ -130,22 +130,24 @@ def param_groups(model: nn.Module, lr_base: float, lr_poet: float, weight_decay:
 def step_weight_cache(model: nn.Module):
     """Build every effective weight once for a whole optimizer step (all micro-batches).
 
-    Inside the block, POET layers use a detached copy of their effective weight as a leaf, so the
-    micro-batch backward passes only accumulate ∂loss/∂W. On exit, one backward pass carries those
-    gradients into the rotation parameters: the rotation cost is paid once per step, not per micro-batch.
+    Inside the block, POET layers use their effective weight as a leaf tensor, so the micro-batch
+    backward passes only accumulate ∂loss/∂W. On exit, each layer's weight is rebuilt with autograd and
+    back-propagated into its rotation parameters, one layer at a time. The rotation cost is paid once per
+    step, not per micro-batch, and no build graph is held while the micro-batches run (that graph is
+    several times the size of the weights).
     """
     layers = [layer for _, layer in poet_layers(model)]
-    built = []
     try:
-        for layer in layers:
-            weight = layer.effective_weight()
-            layer.step_weight = weight.detach().requires_grad_(weight.requires_grad)
-            built.append(weight)
+        with torch.no_grad():
+            for layer in layers:
+                trainable = any(p.requires_grad for p in layer.rotation_parameters())
+                layer.step_weight = layer.effective_weight().requires_grad_(trainable)
         yield
-        pairs = [(w, layer.step_weight.grad) for w, layer in zip(built, layers)
-                 if w.requires_grad and layer.step_weight.grad is not None]
-        if pairs:
-            torch.autograd.backward([w for w, _ in pairs], [g for _, g in pairs])
+        for layer in layers:
+            grad = layer.step_weight.grad
+            layer.step_weight = None  # free the leaf and its gradient before the next layer's build
+            if grad is not None:
+                layer.effective_weight().backward(grad)
     finally:
         for layer in layers:
             layer.step_weight = None

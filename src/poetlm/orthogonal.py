@@ -6,29 +6,35 @@ and diagnostics all go through it, on every device, so there is exactly one Neum
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .config import PARAMETERIZATIONS
 
 
-def packed_slots(block_sizes: list[int], b: int) -> torch.Tensor:
-    """Where each packed skew parameter lives in a flattened (n_blocks, b, b) tensor.
+@functools.lru_cache(maxsize=None)
+def _upper_indices(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    rows, cols = torch.triu_indices(size, size, offset=1, device=device)
+    return rows, cols
 
-    Parameters are the strict upper triangles of the blocks, concatenated block after block. A block
-    smaller than b (the remainder of a dimension that b does not divide) sits in the top-left corner of
-    its b×b slot; the padding rows/columns of Q stay zero, so its rotation is the identity there and all
-    blocks can still be mapped in one batched call.
+
+def skew_from_packed(packed: torch.Tensor, block_sizes: list[int], b: int) -> torch.Tensor:
+    """Packed strict-upper-triangle parameters -> (n_blocks, b, b) skew matrices Q = U − Uᵀ.
+
+    Parameters are the strict upper triangles of the blocks, concatenated block after block. All blocks
+    have size b except possibly the last (the remainder of a dimension that b does not divide); it sits
+    in the top-left corner of its b×b slot, and the padding rows/columns of Q stay zero, so its rotation
+    is the identity there and all blocks can still be mapped in one batched call.
     """
-    slots = []
-    for index, size in enumerate(block_sizes):
-        rows, cols = torch.triu_indices(size, size, offset=1)
-        slots.append(index * b * b + rows * b + cols)
-    return torch.cat(slots) if slots else torch.zeros(0, dtype=torch.long)
-
-
-def skew_from_packed(packed: torch.Tensor, slots: torch.Tensor, n_blocks: int, b: int) -> torch.Tensor:
-    """Packed strict-upper-triangle parameters -> (n_blocks, b, b) skew matrices Q = U − Uᵀ."""
-    upper = packed.new_zeros(n_blocks * b * b).index_copy(0, slots, packed).view(n_blocks, b, b)
+    full = sum(1 for size in block_sizes if size == b)
+    per_block = b * (b - 1) // 2
+    upper = packed.new_zeros(len(block_sizes), b, b)
+    rows, cols = _upper_indices(b, packed.device)
+    upper[:full, rows, cols] = packed[: full * per_block].view(full, per_block)
+    if full < len(block_sizes):
+        rows, cols = _upper_indices(block_sizes[-1], packed.device)
+        upper[full, rows, cols] = packed[full * per_block:]
     return upper - upper.transpose(-1, -2)
 
 

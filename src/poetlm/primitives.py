@@ -15,7 +15,7 @@ import math
 import torch
 from torch import nn
 
-from .orthogonal import orthogonal_map, packed_slots, skew_from_packed
+from .orthogonal import orthogonal_map, skew_from_packed
 
 
 def seeded_generator(*key) -> torch.Generator:
@@ -34,8 +34,7 @@ class RotationSide(nn.Module):
         self.dim = dim
         self.block = block
         self.block_sizes = block_sizes
-        self.register_buffer("slots", packed_slots(block_sizes, block), persistent=False)
-        self.skew = nn.Parameter(torch.zeros(len(self.slots)))
+        self.skew = nn.Parameter(torch.zeros(sum(size * (size - 1) // 2 for size in block_sizes)))
 
     @property
     def n_blocks(self) -> int:
@@ -48,11 +47,10 @@ class RotationSide(nn.Module):
 
     def blocks(self, parameterization: str, terms: int) -> torch.Tensor:
         """The (n_blocks, b, b) rotation blocks, computed in the parameters' dtype (fp32)."""
-        q = skew_from_packed(self.skew, self.slots, self.n_blocks, self.block)
-        return orthogonal_map(q, parameterization, terms)
+        return orthogonal_map(self.skew_blocks(), parameterization, terms)
 
     def skew_blocks(self) -> torch.Tensor:
-        return skew_from_packed(self.skew, self.slots, self.n_blocks, self.block)
+        return skew_from_packed(self.skew, self.block_sizes, self.block)
 
     @torch.no_grad()
     def reset(self) -> None:

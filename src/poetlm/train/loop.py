@@ -138,6 +138,7 @@ def train_step(model, raw_model, optimizers, data: TokenData, config: TrainConfi
                 loss = micro_batch_loss(model, inputs, targets, amp) / config.grad_accum
                 loss.backward()
             total += loss.item()
+            del loss  # its graph holds the step's weights; drop it before the rotation backward and the optimizer step
     if poet and not sharded:
         distributed.all_reduce_rotation_grads(raw_model, runtime)
     loss_value = distributed.mean_over_ranks(total, runtime)
