@@ -10,6 +10,7 @@ import gc
 import os
 import platform
 import statistics
+import sys
 import time
 from typing import Callable, Sequence
 
@@ -48,6 +49,14 @@ def describe_machine(device: str) -> str:
         props = torch.cuda.get_device_properties(torch.device(device))
         lines.append(f"GPU: {props.name} ({props.total_memory / 2**30:.0f} GiB, CUDA {torch.version.cuda})")
     return "\n".join(lines)
+
+
+def announce(script: str, argv: list[str] | None, device: str, threads: int | None) -> None:
+    """Set the thread count, then print the command line and the machine: the header of every table."""
+    if threads:
+        torch.set_num_threads(threads)
+    print(f"$ python benchmarks/{script} {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
+    print(describe_machine(device))
 
 
 def synchronizer(device: str) -> Callable[[], None]:

@@ -18,7 +18,7 @@ import sys
 import torch
 from torch import nn
 
-from common import (DTYPES, default_device, describe_machine, interleaved_times, markdown_table, median,
+from common import (DTYPES, announce, default_device, interleaved_times, markdown_table, median,
                     paired_ratio, peak_memory_bytes, synchronizer)
 from poetlm import POETConfig, POETLinear
 
@@ -158,10 +158,7 @@ def auto_report(rows: list[dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"$ python benchmarks/layer.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
-    print(describe_machine(args.device))
+    announce("layer.py", argv, args.device, args.threads)
     print(f"device {args.device}, dtype {args.dtype}, hidden {args.hidden}, tokens {args.tokens}, "
           f"{args.repeats} repeats after {args.warmup} warmup round(s)")
     if args.quick:

@@ -22,7 +22,7 @@ import time
 
 import torch
 
-from common import describe_machine, markdown_table
+from common import announce, markdown_table
 from poetlm import POETConfig, POETLinear, merge, model_diagnostics, poet_layers
 from poetlm.orthogonal import orthogonal_map
 
@@ -194,9 +194,7 @@ def calibrate(args: argparse.Namespace) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    torch.set_num_threads(args.threads)
-    print(f"$ python benchmarks/numerics.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
-    print(describe_machine("cpu"))
+    announce("numerics.py", argv, "cpu", args.threads)
     out_features, in_features = args.shape
     print(f"layer {out_features}×{in_features} (out×in), bs b={args.block}, merges {args.merges}, entry σ {args.sigmas}\n", flush=True)
     start = time.perf_counter()

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common import (DTYPES, default_device, describe_machine, interleaved_times, markdown_table, median,
+from common import (DTYPES, announce, default_device, interleaved_times, markdown_table, median,
                     paired_ratio, peak_memory_bytes, synchronizer)
 from poetlm import merge, poet_layers, step_weight_cache
 from poetlm.train.config import TrainConfig, resolve_config
@@ -467,10 +467,7 @@ def targets(results: list[dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    print(f"$ python benchmarks/step.py {' '.join(sys.argv[1:] if argv is None else argv)}".rstrip())
-    print(describe_machine(args.device))
+    announce("step.py", argv, args.device, args.threads)
     print(f"device {args.device}, dtype {args.dtype}, accum {args.accum}, {args.repeats} timed rounds after "
           f"{args.warmup} warmup round(s), methods {args.methods}\n", flush=True)
     start = time.perf_counter()

@@ -224,18 +224,25 @@ def _plot_loss(runs: list[Run], path: Path) -> Path | None:
     return _save(fig, ax, path) if drawn else None
 
 
-def _plot_val_ppl(runs: list[Run], path: Path) -> Path | None:
-    fig, ax = _new_axes("Validation perplexity", "val ppl")
+def _plot_metric(runs: list[Run], path: Path, *, eval_records: bool, key: str, title: str, log: bool,
+                 **style) -> Path | None:
+    """One line per run of `key` against tokens; None (nothing written) if no run has it."""
+    fig, ax = _new_axes(title, key.replace("_", " "))
     drawn = False
     for i, run in enumerate(runs):
-        x, y = _series(run.eval, "val_ppl")
+        x, y = _series(run.eval if eval_records else run.train, key)
         if x:
-            ax.plot(x, y, color=f"C{i % 10}", marker="o", label=_legend_name(run))
+            ax.plot(x, y, color=f"C{i % 10}", label=_legend_name(run), **style)
             drawn = True
     if not drawn:
         return None
-    ax.set_yscale("log")
+    if log:
+        ax.set_yscale("log")
     return _save(fig, ax, path)
+
+
+def _plot_val_ppl(runs: list[Run], path: Path) -> Path | None:
+    return _plot_metric(runs, path, eval_records=True, key="val_ppl", title="Validation perplexity", log=True, marker="o")
 
 
 def _plot_spectrum(runs: list[Run], path: Path) -> Path | None:
@@ -260,14 +267,7 @@ def _plot_spectrum(runs: list[Run], path: Path) -> Path | None:
 
 
 def _plot_probe_cos(runs: list[Run], path: Path) -> Path | None:
-    fig, ax = _new_axes("POET probe cosine", "probe cos")
-    drawn = False
-    for i, run in enumerate(runs):
-        x, y = _series(run.train, "probe_cos")
-        if x:
-            ax.plot(x, y, color=f"C{i % 10}", linewidth=0.8, label=_legend_name(run))
-            drawn = True
-    return _save(fig, ax, path) if drawn else None
+    return _plot_metric(runs, path, eval_records=False, key="probe_cos", title="POET probe cosine", log=False, linewidth=0.8)
 
 
 PLOTS = (
