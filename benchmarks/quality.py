@@ -1,13 +1,14 @@
 """Validation perplexity at equal tokens: POET-BS, POET-FS, AdamW and Muon, each at its best swept lr.
 
-    python benchmarks/quality.py                         # the run in docs/benchmarks.md (~50 min, 2-core CPU)
+    python benchmarks/quality.py                         # 2 seeds, 18 runs: ~30 min on a 2-core CPU
+    python benchmarks/quality.py --seeds 0 1 2           # the run in docs/benchmarks.md (22 runs, ~35 min)
     python benchmarks/quality.py --steps 100 --seeds 0   # a quicker, noisier look
     python benchmarks/quality.py --report-only           # table and plots from the runs already there
 
 Phase 1 trains every method at every lr of its grid with the first seed (a grid whose best lr is at an
 end gets one more lr beyond it, see --extend); phase 2 trains the remaining seeds at each method's best
-phase-1 lr. Every run gets the same preset, steps and batch, so the same
-tokens. Each run is a `poetlm train` subprocess writing to OUT/NAME; a run whose summary.json exists is
+phase-1 lr. Every run gets the same preset, steps and batch, so the same tokens. Each run is a
+`poetlm train` subprocess writing to OUT/NAME; a run whose summary.json exists is
 skipped, an interrupted one is resumed from its checkpoint, so rerunning the same command resumes the
 whole benchmark. What is swept: AdamW `optim.lr` (every parameter); Muon `optim.lr` (its hidden
 matrices and the AdamW part together); POET `optim.lr_poet` (the rotations), with `optim.lr`

@@ -50,3 +50,9 @@ def test_optimizers_per_method():
     assert muon_ids | rest_ids == {id(p) for p in model.parameters()}
     assert id(model.model.embed_tokens.weight) in rest_ids and id(model.lm_head.weight) in rest_ids
     assert id(model.model.layers[0].mlp.up_proj.weight) in muon_ids
+
+
+def test_split_seed_follows_the_run_seed_unless_pinned():
+    assert resolve_config("tiny", ["seed=5"]).data.resolved_split_seed(5) == 5
+    pinned = resolve_config("tiny", ["seed=5", "data.split_seed=0"])
+    assert pinned.data.resolved_split_seed(pinned.seed) == 0

@@ -129,20 +129,38 @@ def test_sigint_from_outside_writes_a_checkpoint_and_exits_cleanly(tiny, tmp_pat
     assert len(checkpoints) == 1
 
 
-def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny, monkeypatch, capsys):
+class _NanGradient(torch.autograd.Function):
+    """Identity forward, NaN backward: a finite loss whose gradients are not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+@pytest.mark.parametrize("spoil,message", [
+    (lambda loss: loss * float("nan"), "non-finite loss (nan) at step 5"),
+    (_NanGradient.apply, "non-finite gradient norm (nan) at step 5"),
+])
+def test_non_finite_loss_or_gradient_stops_with_the_step_and_keeps_a_good_checkpoint(tiny, monkeypatch, capsys, spoil, message):
     original = loop.micro_batch_loss
     calls = {"n": 0}
 
-    def nan_from_step_5(*args, **kwargs):
+    def spoiled_from_step_5(*args, **kwargs):
         calls["n"] += 1
         loss = original(*args, **kwargs)
-        return loss * float("nan") if calls["n"] >= 5 else loss
+        return spoil(loss) if calls["n"] >= 5 else loss
 
-    monkeypatch.setattr(loop, "micro_batch_loss", nan_from_step_5)
+    monkeypatch.setattr(loop, "micro_batch_loss", spoiled_from_step_5)
     code = main(["train", *tiny("name='nan'")])
     err = capsys.readouterr().err
     assert code == 1
-    assert "non-finite loss (nan) at step 5" in err and "step_00000003.pt" in err
+    assert message in err and "step_00000003.pt" in err
+    kept = torch.load(Path(err.split("checkpoint is ")[1].split(")")[0]), weights_only=False)
+    assert all(torch.isfinite(t).all() for t in kept["model"].values() if t.is_floating_point())
 
 
 def test_export_round_trip_and_eval_generate_report(tiny, tmp_path, capsys):

@@ -105,7 +105,8 @@ def _cmd_eval(args) -> int:
     tokenizer_dir = Path(args.path) / "tokenizer" if config else Path(args.path)
     data = prepare_data(source, tokenizer=str(tokenizer_dir), vocab_size=len(tokenizer),
                         cache_root=Path(config.data.cache_dir if config else DataConfig.cache_dir).expanduser(),
-                        val_fraction=config.data.val_fraction if config else 0.05, split_seed=config.seed if config else 0)
+                        val_fraction=config.data.val_fraction if config else 0.05,
+                        split_seed=config.data.resolved_split_seed(config.seed) if config else 0)
     max_tokens = args.tokens or (config.eval_tokens if config else None)
     result = perplexity(model, data.val, seq_len=seq_len, batch_size=args.batch_size, max_tokens=max_tokens, device=device)
     print(f"validation perplexity: {result['val_ppl']:.3f} (loss {result['val_loss']:.4f} over {result['val_tokens']} tokens of {source})")

@@ -48,7 +48,13 @@ class DataConfig:
     seq_len: int = 128
     val_fraction: float = 0.05
     max_documents: int | None = None
+    split_seed: int | None = None    # seeds the document-level train/val split; None = the run's seed
     cache_dir: str = "~/.cache/poetlm"  # tokenizers and token caches, shared by runs
+
+
+    def resolved_split_seed(self, seed: int) -> int:
+        """Pin split_seed to compare seeds on one validation set; by default each seed draws its own split."""
+        return seed if self.split_seed is None else self.split_seed
 
 
 @dataclass

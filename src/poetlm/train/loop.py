@@ -146,6 +146,8 @@ def train_step(model, raw_model, optimizers, data: TokenData, config: TrainConfi
         raise TrainingError(f"non-finite loss ({loss_value}) at step {state.step + 1}")
     threshold = clip_threshold(state.step, state.last_merge_step, config)
     grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), threshold))
+    if not math.isfinite(grad_norm):  # a finite loss can still have inf/nan gradients: never apply them
+        raise TrainingError(f"non-finite gradient norm ({grad_norm}) at step {state.step + 1}")
     for optimizer in optimizers:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -158,7 +160,8 @@ def load_data(config: TrainConfig, runtime: distributed.Runtime) -> TokenData:
         d = config.data
         tokenizer = d.tokenizer or config.finetune.base_model  # a finetuned model keeps its own tokenizer
         return prepare_data(d.data, tokenizer=tokenizer, vocab_size=d.vocab_size, cache_root=Path(d.cache_dir).expanduser(),
-                            val_fraction=d.val_fraction, split_seed=config.seed, max_documents=d.max_documents)
+                            val_fraction=d.val_fraction, split_seed=d.resolved_split_seed(config.seed),
+                            max_documents=d.max_documents)
 
     if runtime.is_main:
         data = build()
