@@ -9,7 +9,7 @@
 # usage: benchmarks/finetune_experiment.sh OUT_DIR [FINETUNE_STEPS]
 #   env: PRETRAIN_STEPS (1000 = the tiny preset), PRETRAIN_LR (3e-3), POET_LR (2e-3 = the finetune preset's optim.lr_poet),
 #        LORA_LR (1e-3), FULL_LR (1e-4), EVAL_TOKENS (32768)
-# Everything (runs, exported models, the token cache .cache/poetlm, logs) goes under OUT_DIR:
+# Everything (runs, exported models, logs) goes under OUT_DIR (the token cache is data.cache_dir, ~/.cache/poetlm):
 # the commands run with OUT_DIR as the working directory. Needs the poetlm venv active.
 # Rerunning with the same OUT_DIR skips the steps that finished (logs/STEP.wall exists).
 set -euo pipefail
