@@ -49,7 +49,7 @@ def layer_diagnostics(layer: POETLinear, spectrum: bool = False) -> dict[str, fl
     }
     if spectrum:
         layer.record_initial_spectrum()
-        sigma = torch.linalg.svdvals(layer.effective_weight().float())
+        sigma = torch.linalg.svdvals(layer.effective_weight((blocks_in, blocks_out)).float())
         initial = layer.initial_spectrum.float()
         result["spectrum_drift"] = float((sigma - initial).abs().max() / initial.max())
     return result

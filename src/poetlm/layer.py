@@ -100,9 +100,12 @@ class POETLinear(nn.Module):
             return (self.rotation_in.blocks(cfg.parameterization, cfg.neumann_terms),
                     self.rotation_out.blocks(cfg.parameterization, cfg.neumann_terms))
 
-    def effective_weight(self) -> torch.Tensor:
-        """The current (out, in) weight Pᵀ·W0ᵀ·Rᵀ in W0's precision, differentiable in the rotations."""
-        blocks_in, blocks_out = self.rotation_blocks()
+    def effective_weight(self, blocks: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """The current (out, in) weight Pᵀ·W0ᵀ·Rᵀ in W0's precision, differentiable in the rotations.
+
+        `blocks` (from `rotation_blocks()`) saves rebuilding them when the caller already has them.
+        """
+        blocks_in, blocks_out = blocks if blocks is not None else self.rotation_blocks()
         with torch.autocast(self.weight0.device.type, enabled=False):
             rows_rotated = self.rotation_in.rotate(self.weight0, blocks_in)  # each row w -> R·w, i.e. W0ᵀ·Rᵀ
             return self.rotation_out.rotate(rows_rotated.t(), blocks_out, transpose=True).t()
@@ -142,10 +145,10 @@ class POETLinear(nn.Module):
 
     def _merge(self) -> None:
         self.record_initial_spectrum()
-        blocks_in, _ = self.rotation_blocks()
+        blocks = self.rotation_blocks()
         with torch.autocast(self.weight0.device.type, enabled=False):
-            self.probe_rotated.copy_(self.rotation_in.rotate(self.probe_rotated, blocks_in.to(self.probe_rotated.dtype)))
-            self.weight0.copy_(self.effective_weight())
+            self.probe_rotated.copy_(self.rotation_in.rotate(self.probe_rotated, blocks[0].to(self.probe_rotated.dtype)))
+            self.weight0.copy_(self.effective_weight(blocks))
         self.rotation_in.reset()
         self.rotation_out.reset()
         self.merge_count += 1
