@@ -8,6 +8,7 @@ the rotation parameters and `all_reduce_rotation_grads` averages them (one flat 
 
 from __future__ import annotations
 
+import gc
 import inspect
 import os
 from dataclasses import dataclass
@@ -60,6 +61,10 @@ def setup(requested_device: str) -> Runtime:
 
 def teardown(runtime: Runtime) -> None:
     if runtime.distributed and dist.is_initialized():
+        # Rank 0 writes the report after the last collective; a rank that tears down and exits meanwhile
+        # can abort in gloo's background threads ("terminate called without an active exception").
+        dist.barrier()
+        gc.collect()  # release FSDP's pending collectives before their process group goes away
         dist.destroy_process_group()
 
 
