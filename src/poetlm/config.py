@@ -9,6 +9,7 @@ VARIANTS = ("bs", "fs")
 PARAMETERIZATIONS = ("cayley_neumann", "cayley", "exp")
 INITS = ("normalized_gaussian", "standard", "xavier", "uniform_spectrum", "keep")
 FORWARD_MODES = ("auto", "weight", "input")
+ORTHOGONALIZERS = ("exact", "newton_schulz")
 
 
 def _invalid(name: str, value, allowed: str) -> ValueError:
@@ -24,9 +25,13 @@ class POETConfig:
     block_size: block size b for "bs"; a dimension that b does not divide gets a smaller last block.
     fraction: β for "fs"; each side rotates ⌊β·dim⌋ coordinates.
     parameterization: "cayley_neumann" (the paper's CNP), "cayley" (exact, linear solve) or "exp".
-    neumann_terms: k, the number of Neumann terms of CNP (paper default 3).
+    neumann_terms: k, the number of Neumann terms of CNP. Default 4: CNP_k = Cayley·(I − Q^{k+1}), and for
+        odd k the real factor I − Q^{k+1} scales singular values by 1 ± ‖Q‖^{k+1} at every merge (k=3 is the
+        paper's setting and drifts); for even k that factor is normal with moduli √(1 + θ^{2k+2}) ≈ 1.
     merge_every: optimizer steps between merge-then-reinitialize (used by the training app).
     init: how W0 is drawn; "keep" keeps the wrapped weight (finetuning).
+    init_scale: multiplies the drawn W0. POET never changes singular values, so their scale is a
+        hyperparameter of the model, not just of the start (1.0 = the paper's unit-norm rows).
     target_modules: None for every nn.Linear except the output head; otherwise a list of module
         names or name suffixes (e.g. ["q_proj", "v_proj"]) or one regular expression string.
     exclude_modules: module names or suffixes never wrapped (in addition to the output head).
@@ -38,9 +43,10 @@ class POETConfig:
     block_size: int = 256
     fraction: float = 0.5
     parameterization: str = "cayley_neumann"
-    neumann_terms: int = 3
+    neumann_terms: int = 4
     merge_every: int = 200
     init: str = "normalized_gaussian"
+    init_scale: float = 1.0
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] = field(default_factory=list)
     forward_mode: str = "auto"
@@ -59,6 +65,8 @@ class POETConfig:
             raise _invalid("neumann_terms", self.neumann_terms, "must be an integer >= 1 (k=0 does not converge; default 3)")
         if isinstance(self.merge_every, bool) or not isinstance(self.merge_every, int) or self.merge_every < 1:
             raise _invalid("merge_every", self.merge_every, "must be an integer >= 1 (optimizer steps; paper uses 200-400)")
+        if isinstance(self.init_scale, bool) or not isinstance(self.init_scale, (int, float)) or not self.init_scale > 0:
+            raise _invalid("init_scale", self.init_scale, "must be a number > 0 (1.0 = unit-norm rows for normalized_gaussian)")
         if self.init not in INITS:
             raise _invalid("init", self.init, f"choose one of {INITS}")
         if self.forward_mode not in FORWARD_MODES:

@@ -1,7 +1,7 @@
-"""Orthogonal maps from skew-symmetric matrices, batched over blocks.
+"""Orthogonal maps from skew-symmetric matrices, batched over blocks, and skew orthogonalization.
 
-Every rotation block in poetlm is produced by `orthogonal_blocks`; forward passes, merges, export
-and diagnostics all go through it, on every device, so there is exactly one Neumann polynomial.
+Every rotation block in poetlm is produced by `orthogonal_map`; forward passes, merges, per-step folds,
+export and diagnostics all go through it, on every device, so there is exactly one Neumann polynomial.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import functools
 
 import torch
 
-from .config import PARAMETERIZATIONS
+from .config import ORTHOGONALIZERS, PARAMETERIZATIONS
 
 
 @functools.lru_cache(maxsize=None)
@@ -62,3 +62,35 @@ def orthogonal_map(q: torch.Tensor, parameterization: str = "cayley_neumann", te
     if parameterization == "exp":
         return torch.linalg.matrix_exp(q)
     raise ValueError(f"parameterization {parameterization!r} is not one of {PARAMETERIZATIONS}")
+
+
+def generator_scale(parameterization: str) -> float:
+    """c such that orthogonal_map(c·A) turns each eigenplane of a unit skew A by ≈ 1 radian per unit.
+
+    Cayley and CNP are I + 2Q + O(Q²) near 0, exp is I + Q + O(Q²): a step of "angle θ" is Q = c·θ·A.
+    """
+    return 1.0 if parameterization == "exp" else 0.5
+
+
+def orthogonalize_skew(a: torch.Tensor, method: str = "exact", eps: float = 1e-7) -> torch.Tensor:
+    """Skew (..., b, b) -> the skew matrix with the same eigenplanes and every nonzero singular value 1.
+
+    For a skew A, AᵀA = −A² commutes with A, so the polar factor A·(AᵀA)^(−1/2) is skew again. "exact"
+    computes it by an eigendecomposition of AᵀA in fp64 (directions with a singular value below
+    eps·σ_max, e.g. the kernel of an odd-sized block, stay zero); "newton_schulz" runs Muon's quintic
+    iteration, an odd polynomial in A (so the result is skew too) whose singular values land in ≈[0.7, 1.2].
+    """
+    if method == "exact":
+        wide = a.double()
+        gram = wide.transpose(-1, -2) @ wide
+        values, vectors = torch.linalg.eigh(gram)
+        floor = eps**2 * values.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(wide.dtype).tiny)
+        inv_sqrt = torch.where(values > floor, values.clamp_min(floor).rsqrt(), torch.zeros_like(values))
+        return (wide @ (vectors * inv_sqrt.unsqueeze(-2)) @ vectors.transpose(-1, -2)).to(a.dtype)
+    if method == "newton_schulz":
+        x = a / a.flatten(-2).norm(dim=-1).clamp_min(1e-12)[..., None, None]
+        for _ in range(5):
+            gram = x @ x.transpose(-1, -2)
+            x = 3.4445 * x + (-4.7750 * gram + 2.0315 * gram @ gram) @ x
+        return x
+    raise ValueError(f"orthogonalization {method!r} is not one of {ORTHOGONALIZERS}")

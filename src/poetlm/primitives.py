@@ -26,6 +26,55 @@ def seeded_generator(*key) -> torch.Generator:
     return generator
 
 
+def block_layout(variant: str, dim: int, block_size: int, fraction: float) -> tuple[int, list[int]]:
+    """(slot size b, the sizes of the blocks) of one side of a `dim`-wide weight.
+
+    "bs": ⌈dim/b⌉ blocks of b, the last one smaller when b does not divide dim; "fs": one block of
+    ⌊β·dim⌋ coordinates, or none when that is below 2 (a 1×1 rotation is the identity).
+    """
+    if variant == "bs":
+        block = min(block_size, dim)
+        n_blocks = math.ceil(dim / block)
+        return block, [block] * (n_blocks - 1) + [dim - block * (n_blocks - 1)]
+    size = math.floor(fraction * dim)
+    return (size, [size]) if size >= 2 else (1, [])
+
+
+def draw_index(variant: str, dim: int, count: int, generator: torch.Generator) -> torch.Tensor:
+    """The coordinates a side rotates, in block order: a permutation ("bs") or a random subset ("fs")."""
+    permutation = torch.randperm(dim, generator=generator)
+    return permutation if variant == "bs" else permutation[:count]
+
+
+def gather_blocks(x: torch.Tensor, index: torch.Tensor, block: int, n_blocks: int) -> torch.Tensor:
+    """Rows `index` of x (dim, cols) grouped as (n_blocks, block, cols); a short last block is zero-padded."""
+    gathered = x.index_select(0, index)
+    padding = n_blocks * block - len(index)
+    if padding:
+        gathered = nn.functional.pad(gathered, (0, 0, 0, padding))
+    return gathered.view(n_blocks, block, x.shape[1])
+
+
+def transport_blocks(blocks: torch.Tensor, old_index: torch.Tensor, new_index: torch.Tensor, dim: int) -> torch.Tensor:
+    """Re-express per-block (n, b, b) matrices, indexed by `old_index`, in the blocks of `new_index`.
+
+    An entry (i, j) of a new block keeps its value when coordinates i and j sat in one old block (the
+    plane they span was rotated before and is rotated again); every other entry is zero. This is the
+    dense d×d block matrix restricted to the new blocks, without building it.
+    """
+    n_blocks, block = blocks.shape[0], blocks.shape[-1]
+    position = torch.full((dim,), -1, dtype=torch.long, device=blocks.device)
+    position[old_index] = torch.arange(len(old_index), device=blocks.device)
+    new_position = torch.full((n_blocks * block,), -1, dtype=torch.long, device=blocks.device)
+    new_position[: len(new_index)] = position[new_index]
+    new_position = new_position.view(n_blocks, block)
+    valid = new_position >= 0
+    old_block, old_offset = new_position.clamp_min(0) // block, new_position.clamp_min(0) % block
+    values = blocks[old_block[:, :, None], old_offset[:, :, None], old_offset[:, None, :]]
+    same = valid[:, :, None] & valid[:, None, :] & (old_block[:, :, None] == old_block[:, None, :])
+    return torch.where(same, values, torch.zeros_like(values))
+
+
 class RotationSide(nn.Module):
     """Skew parameters for one side plus the coordinates they rotate. Subclasses define the layout."""
 
@@ -68,16 +117,13 @@ class BlockStochastic(RotationSide):
     """Permutation + block-diagonal rotation. When b does not divide dim the last block is smaller."""
 
     def __init__(self, dim: int, block_size: int) -> None:
-        block = min(block_size, dim)
-        n_blocks = math.ceil(dim / block)
-        sizes = [block] * (n_blocks - 1) + [dim - block * (n_blocks - 1)]
-        super().__init__(dim, block, sizes)
+        super().__init__(dim, *block_layout("bs", dim, block_size, 1.0))
         self.register_buffer("index", torch.arange(dim))
         self.register_buffer("inverse", torch.arange(dim))
 
     @torch.no_grad()
     def redraw(self, generator: torch.Generator) -> None:
-        permutation = torch.randperm(self.dim, generator=generator)
+        permutation = draw_index("bs", self.dim, self.dim, generator)
         self.index.copy_(permutation)
         self.inverse.copy_(torch.argsort(permutation))
 
@@ -95,16 +141,12 @@ class FullyStochastic(RotationSide):
     """One rotation block on a random subset of ⌊β·dim⌋ coordinates; the rest stay put."""
 
     def __init__(self, dim: int, fraction: float) -> None:
-        size = math.floor(fraction * dim)
-        if size < 2:  # a 1×1 rotation is the identity: nothing to learn on this side
-            super().__init__(dim, 1, [])
-        else:
-            super().__init__(dim, size, [size])
+        super().__init__(dim, *block_layout("fs", dim, 0, fraction))
         self.register_buffer("index", torch.arange(self.block if self.block_sizes else 0))
 
     @torch.no_grad()
     def redraw(self, generator: torch.Generator) -> None:
-        self.index.copy_(torch.randperm(self.dim, generator=generator)[: len(self.index)])
+        self.index.copy_(draw_index("fs", self.dim, len(self.index), generator))
 
     def rotate(self, x: torch.Tensor, blocks: torch.Tensor, transpose: bool = False) -> torch.Tensor:
         if not self.block_sizes:

@@ -1,8 +1,7 @@
-"""What happens to the optimizer state of rotation parameters at a merge.
+"""The reparameterized (layer) form: what a merge does to the rotation parameters' optimizer state.
 
 After a merge the skew parameters are zero again and act on freshly drawn coordinates, so any state an
-optimizer kept for them describes coordinates that no longer exist. The paper resets it; other rules
-(e.g. momentum carried across merges in the Lie algebra) plug in here without touching the layer.
+optimizer kept for them describes coordinates that no longer exist. The paper resets it.
 """
 
 from __future__ import annotations
@@ -33,6 +32,3 @@ class KeepState:
 
     def after_merge(self, optimizer, rotation_params) -> None:
         pass
-
-
-MERGE_RULES = {"reset": ResetState, "keep": KeepState}

@@ -1,0 +1,150 @@
+"""POET as an optimizer: rotate ordinary weights every step, W ← R_out · W · R_inᵀ.
+
+Folding the rotations into the weight after every step (merge_every = 1) leaves no reparameterization
+to carry: at Q = 0 the gradient of the loss with respect to a block's skew parameter is a function of
+the ordinary weight gradient G. For one side, with X the weight seen from that side (W for the output
+side, Wᵀ for the input side, so its rows are the side's coordinates) and H the matching gradient, the
+rows of block k are X_k = X[index_k]; the rotation X_k ← orthogonal_map(Q_k)·X_k ≈ (I + 2Q_k)·X_k changes
+the loss by ⟨H_k, 2Q_k X_k⟩, so
+
+    ∂loss/∂Q_k = 2·(H_k X_kᵀ − X_k H_kᵀ)     (skew, b×b)
+
+which is exactly what autograd gives the layer form (`POETLinear`) at Q = 0. A `RotationRule` turns it
+into a direction, and the rotation built from it is folded into the weight in place, in the weight's
+precision from an fp64 block. Singular values change only by rounding. Coordinates (permutations or
+subsets) are redrawn every `rule.redraw_every` steps from seeded generators, as in the layer form.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .config import POETConfig
+from .orthogonal import generator_scale, orthogonal_map
+from .primitives import block_layout, draw_index, gather_blocks, seeded_generator, transport_blocks
+from .update_rules import RuleConfig, make_rule
+
+SIDES = ("out", "in")
+
+
+class POET(torch.optim.Optimizer):
+    """Rotates each 2-D parameter on both sides; its singular values stay those it had at the first step.
+
+    params: the weights to train this way (the block linears' `weight`; no biases, norms or embeddings:
+        train those with AdamW beside it). lr: the step size of the rule; for "orthogonalized" the angle
+        in radians each rotation plane turns per step (≈ 0.01–0.03).
+    poet: block layout (variant, block_size, fraction), the orthogonal map and the seed of the coordinates.
+    rule: the update rule (default: orthogonalized momentum, Nesterov, alternating sides).
+    """
+
+    def __init__(self, params, lr: float = 0.02, poet: POETConfig | None = None, rule: RuleConfig | None = None) -> None:
+        if not lr > 0:
+            raise ValueError(f"POET lr={lr!r} is invalid: must be > 0")
+        super().__init__(params, {"lr": lr})
+        self.poet = poet or POETConfig()
+        self.rule_config = rule or RuleConfig()
+        self.rule = make_rule(self.rule_config)
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.dim() != 2:
+                    raise ValueError(f"POET rotates matrices; got a parameter of shape {tuple(param.shape)} "
+                                     "(train biases, norms and embeddings with AdamW)")
+
+    def _layout(self, dim: int) -> tuple[int, list[int]]:
+        cfg = self.poet
+        return block_layout(cfg.variant, dim, cfg.block_size, cfg.fraction)
+
+    def _side(self, param: torch.Tensor, side: str, state: dict) -> tuple[torch.Tensor, torch.Tensor, int, int]:
+        """(rows of that side, their index, slot size b, number of blocks)."""
+        rows = self._side_view(param, side)
+        block, sizes = self._layout(rows.shape[0])
+        return rows, state[side]["index"], block, len(sizes)
+
+    def _draw(self, key: int, side: str, dim: int, draws: int, device) -> torch.Tensor:
+        _, sizes = self._layout(dim)
+        generator = seeded_generator(self.poet.seed, "optim", key, draws, side)
+        return draw_index(self.poet.variant, dim, sum(sizes), generator).to(device)
+
+    def _keys(self):
+        """(seed key, parameter) in a fixed order, so every rank and every resume draws the same coordinates."""
+        key = 0
+        for group in self.param_groups:
+            for param in group["params"]:
+                yield key, group, param
+                key += 1
+
+    @staticmethod
+    def _side_view(weight: torch.Tensor, side: str) -> torch.Tensor:
+        return weight if side == "out" else weight.t()
+
+    def _init_state(self, key: int, param: torch.Tensor, state: dict) -> None:
+        state["step"] = 0
+        state["draws"] = 0
+        state["initial_spectrum"] = torch.linalg.svdvals(param.detach().float())
+        for side in SIDES:
+            dim = self._side_view(param, side).shape[0]
+            state[side] = {"index": self._draw(key, side, dim, 0, param.device), "rule": {}}
+
+    def _redraw(self, key: int, param: torch.Tensor, state: dict) -> None:
+        state["draws"] += 1
+        for side in SIDES:
+            side_state = state[side]
+            dim = self._side_view(param, side).shape[0]
+            old, new = side_state["index"], self._draw(key, side, dim, state["draws"], param.device)
+            self.rule.after_redraw(side_state["rule"], lambda blocks: transport_blocks(blocks, old, new, dim))
+            side_state["index"] = new
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        cfg, rule_cfg = self.poet, self.rule_config
+        for key, group, param in self._keys():
+            if param.grad is None:
+                continue
+            state = self.state[param]
+            if not state:
+                self._init_state(key, param, state)
+            elif state["step"] % rule_cfg.redraw_every == 0:
+                self._redraw(key, param, state)
+            active = SIDES if not rule_cfg.alternate else (SIDES[state["step"] % 2],)
+            directions = {}
+            for side in SIDES:  # every side's state sees every step's gradient, active or not
+                rows, index, block, n_blocks = self._side(param, side, state)
+                if not n_blocks:
+                    continue
+                x = gather_blocks(rows, index, block, n_blocks).float()
+                h = gather_blocks(self._side_view(param.grad, side), index, block, n_blocks).float()
+                product = h @ x.transpose(-1, -2)
+                directions[side] = self.rule.direction(2 * (product - product.transpose(-1, -2)), state[side]["rule"])
+            scale = -group["lr"] * generator_scale(cfg.parameterization)
+            for side in active:
+                if side not in directions:
+                    continue
+                rows, index, block, n_blocks = self._side(param, side, state)
+                rotation = orthogonal_map(scale * directions[side].double(), cfg.parameterization, cfg.neumann_terms)
+                x = gather_blocks(rows, index, block, n_blocks)  # after the other side moved, if it did
+                rotated = (rotation.to(x.dtype) @ x).flatten(0, 1)[: len(index)]
+                rows.index_copy_(0, index, rotated)
+            state["step"] += 1
+        return loss
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for state in self.state.values():  # torch casts every state tensor to the parameter's dtype
+            for side in SIDES:
+                state[side]["index"] = state[side]["index"].long()
+
+    @torch.no_grad()
+    def spectrum_drift(self) -> float:
+        """max over parameters of max_i |σ_i(W) − σ_i(W at its first step)| / σ_max(W at its first step)."""
+        drifts = [0.0]
+        for _, _, param in self._keys():
+            state = self.state.get(param)
+            if state:
+                initial = state["initial_spectrum"]
+                sigma = torch.linalg.svdvals(param.detach().float())
+                drifts.append(float((sigma - initial).abs().max() / initial.max()))
+        return max(drifts)

@@ -1,0 +1,77 @@
+"""The interface of a rotation update rule and its configuration."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+from ..config import ORTHOGONALIZERS
+
+RULES = ("orthogonalized", "lie_adam")
+
+
+@dataclass(frozen=True)
+class RuleConfig:
+    """How `poetlm.optim.POET` turns skew gradients into rotations (the step size is the optimizer's lr).
+
+    name: "orthogonalized" (momentum, then every eigenplane turned by the same angle lr) or "lie_adam"
+        (Adam's moments of the skew gradient; lr scales m̂/√v̂ as in Adam).
+    beta1: momentum (both rules). beta2, eps: Adam's second moment (lie_adam only).
+    nesterov: orthogonalize g + β·m instead of m (orthogonalized only).
+    alternate: rotate only the output side on even steps and only the input side on odd steps; both
+        sides' momenta are updated every step.
+    redraw_every: steps between redraws of the coordinates (permutations / subsets).
+    transport: at a redraw, keep the momentum of every plane whose two coordinates share a block before
+        and after (False: start the momentum from zero). lie_adam always restarts its moments.
+    orthogonalize: "exact" (eigendecomposition, fp64) or "newton_schulz" (Muon's 5 quintic steps).
+    """
+
+    name: str = "orthogonalized"
+    beta1: float = 0.95
+    beta2: float = 0.999
+    eps: float = 1e-8
+    nesterov: bool = True
+    alternate: bool = True
+    redraw_every: int = 50
+    transport: bool = True
+    orthogonalize: str = "exact"
+
+    def __post_init__(self) -> None:
+        checks = [
+            ("name", self.name in RULES, f"choose one of {RULES}"),
+            ("beta1", 0 <= self.beta1 < 1, "must be in [0, 1)"),
+            ("beta2", 0 <= self.beta2 < 1, "must be in [0, 1)"),
+            ("eps", self.eps > 0, "must be > 0"),
+            ("redraw_every", isinstance(self.redraw_every, int) and self.redraw_every >= 1, "must be an integer >= 1"),
+            ("orthogonalize", self.orthogonalize in ORTHOGONALIZERS, f"choose one of {ORTHOGONALIZERS}"),
+        ]
+        for key, ok, allowed in checks:
+            if not ok:
+                raise ValueError(f"RuleConfig.{key}={getattr(self, key)!r} is invalid: {allowed}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+class RotationRule(Protocol):
+    """Data in, data out: it never sees the weight, the layer form, DDP or the trainer.
+
+    `direction` gets one side's skew gradient blocks (n, b, b) — ∂loss/∂Q for the rotation orthogonal_map(Q)
+    folded at Q = 0 — and that side's state dict (empty at the start), updates the state and returns the
+    skew direction D; the optimizer then folds the rotation with Q = −lr·c·D. `after_redraw` is called when
+    the side's coordinates are redrawn, with a function that carries (n, b, b) blocks to the new ones.
+    """
+
+    def direction(self, grad: torch.Tensor, state: dict) -> torch.Tensor: ...
+
+    def after_redraw(self, state: dict, transport: Callable[[torch.Tensor], torch.Tensor]) -> None: ...
+
+
+def make_rule(config: RuleConfig) -> RotationRule:
+    from .lie_adam import LieAdam
+    from .orthogonalized import Orthogonalized
+
+    return {"orthogonalized": Orthogonalized, "lie_adam": LieAdam}[config.name](config)
