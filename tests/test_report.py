@@ -118,14 +118,17 @@ def test_truncated_last_line_is_ignored(tmp_path):
     assert [r["step"] for r in loaded.train] == [1, 2, 3, 4]
 
 
-def test_corrupt_middle_line_raises(tmp_path):
+def test_corrupt_lines_are_skipped_with_a_warning(tmp_path, capsys):
     run = make_run(tmp_path, "bad", {"method": "adamw"})
     path = run / "metrics.jsonl"
-    lines = path.read_text().splitlines()
-    lines[2] = "{not json"
-    path.write_text("\n".join(lines) + "\n")
-    with pytest.raises(ReportError, match=r"metrics\.jsonl: line 3"):
-        load_run(run)
+    lines = path.read_bytes().splitlines()
+    lines[1] = b'{"step": 2, "loss": \xff\xfe}'  # not UTF-8
+    lines[2] = b"{not json"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    loaded = load_run(run)
+    assert [r["step"] for r in loaded.train] == [1, 3, 4] and len(loaded.eval) == 1
+    assert "skipped 2 unreadable line(s)" in capsys.readouterr().err
+    write_report([run], tmp_path / "out")
 
 
 def test_missing_summary_is_incomplete(tmp_path):

@@ -1,21 +1,31 @@
-"""Checkpoints: atomic writes, the last N kept, and everything exact resume needs.
+"""Checkpoints: atomic durable writes, a checksum each, the last N kept, and everything exact resume needs.
 
 A checkpoint holds the model (POET buffers included: W0, coordinates, merge counts), every optimizer
 and scheduler, the loop's counters and all RNG states. Data batches are a pure function of the step,
 so the step is the data position.
+
+Checkpoints hold only tensors and plain data (RNG states included) and are loaded with
+`torch.load(weights_only=True)`: a file planted in a run directory cannot run code. Next to each
+`step_N.pt` a `step_N.pt.sha256` (`sha256sum -c` format) records its checksum, so a damaged file is
+recognised instead of loading as garbage weights.
 """
 
 from __future__ import annotations
 
-import os
+import hashlib
+import pickle
 import random
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from . import files
+
 CHECKPOINT_PATTERN = re.compile(r"step_(\d+)\.pt$")
+CHECKSUM_SUFFIX = ".sha256"
 
 
 class CheckpointError(RuntimeError):
@@ -31,45 +41,108 @@ def list_checkpoints(run_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
+def checksum_path(path: Path) -> Path:
+    return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG state as tensors and plain numbers (numpy's own state holds an ndarray, which weights_only refuses)."""
+    version, internal, gauss = random.getstate()
+    kind, keys, position, has_gauss, cached_gauss = np.random.get_state()
+    state = {"python": [version, list(internal), gauss],
+             "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(position), int(has_gauss), float(cached_gauss)],
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, position, has_gauss, cached_gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), position, has_gauss, cached_gauss))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+class _HashingWriter:
+    """Passes torch.save's bytes to a file while hashing them, so the checkpoint is not read back to hash it."""
+
+    def __init__(self, file, digest) -> None:
+        self.file, self.digest = file, digest
+
+    def write(self, data) -> int:
+        self.digest.update(data)
+        return self.file.write(data)
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def save_checkpoint(run_dir: Path, step: int, payload: dict, keep: int) -> Path:
-    """Write step_XXXXXXXX.pt via a temporary file and rename, then drop all but the newest `keep`."""
+    """Write step_XXXXXXXX.pt and its checksum durably, then drop all but the newest `keep` and stale temp files.
+
+    Older checkpoints are deleted only once the new one is on disk (file and directory fsynced), so a
+    crash at any point leaves at least one complete checkpoint.
+    """
     directory = checkpoint_dir(run_dir)
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"step_{step:08d}.pt"
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save({**payload, "step": step, "rng": rng_state()}, tmp)
-    os.replace(tmp, path)
+    with files.atomic_writer(path) as f:
+        digest = hashlib.sha256()
+        torch.save({**payload, "step": step, "rng": rng_state()}, _HashingWriter(f, digest))
+        # The checksum lands before the checkpoint: a step_N.pt never exists without its own checksum file.
+        files.write_text(checksum_path(path), f"{digest.hexdigest()}  {path.name}\n")
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
+        checksum_path(old).unlink(missing_ok=True)
+    for stale in directory.glob(f"*{files.TEMP_SUFFIX}"):  # left by a process killed while writing
+        stale.unlink(missing_ok=True)
     return path
 
 
+def _verify(path: Path) -> None:
+    try:
+        expected = checksum_path(path).read_text().split()[0]
+    except (OSError, IndexError, UnicodeDecodeError):
+        raise CheckpointError(f"{path.name} has no readable checksum file {checksum_path(path).name} "
+                              "(not written by this poetlm version, or its write was cut short)") from None
+    if _sha256(path) != expected:
+        raise CheckpointError(f"{path.name} does not match its checksum: the file is damaged")
+
+
 def load_checkpoint(run_dir: Path, map_location="cpu") -> dict:
-    """The newest readable checkpoint of a run (a corrupt newest one falls back to the previous)."""
+    """The newest intact checkpoint of a run; a damaged newer one is reported and the previous one used."""
     candidates = list_checkpoints(run_dir)
     if not candidates:
         raise CheckpointError(f"no checkpoint in {checkpoint_dir(run_dir)}: the run stopped before its first one; start it again")
-    errors = []
+    problems = []
     for path in reversed(candidates):
         try:
-            state = torch.load(path, map_location=map_location, weights_only=False)
-            state["path"] = path
-            return state
-        except Exception as error:  # a truncated or corrupt file: try the one before it
-            errors.append(f"{path.name}: {error}")
-    raise CheckpointError(f"every checkpoint in {checkpoint_dir(run_dir)} is unreadable: {'; '.join(errors)}")
+            _verify(path)
+            state = torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as error:
+            found = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line]
+            raise CheckpointError(
+                f"{path} holds Python objects other than tensors and plain data ({found[0] if found else 'unsupported object'}); "
+                "poetlm refuses to unpickle it because that can run arbitrary code. poetlm did not write this file: "
+                "remove it unless you know where it came from") from None
+        except Exception as error:  # damaged, truncated, or no checksum: try the one before it
+            problems.append(str(error) if isinstance(error, CheckpointError) else f"{path.name}: {error}")
+            continue
+        if problems:
+            print(f"poetlm: warning: {'; '.join(problems)}; using the older checkpoint {path.name} (step {state['step']})",
+                  file=sys.stderr)
+        state["path"] = path
+        return state
+    raise CheckpointError(f"no usable checkpoint in {checkpoint_dir(run_dir)}: {'; '.join(problems)}")

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from pathlib import Path
+
+from . import files
 
 
 class MetricsLogger:
@@ -25,17 +28,27 @@ class MetricsLogger:
             self._writer = None
 
     def _truncate_after(self, step: int) -> None:
-        """Drop lines logged after the checkpoint we resume from: they will be logged again."""
+        """Drop lines logged after the checkpoint we resume from: they will be logged again.
+
+        The file is replaced atomically, so a kill during resume leaves it whole. Lines that cannot be
+        read (cut short by a kill, or damaged bytes) are dropped too, and said so.
+        """
         if not self.path.exists():
             return
-        kept = []
-        for line in self.path.read_text().splitlines():
+        kept, unreadable = [], []
+        for number, raw in enumerate(self.path.read_bytes().splitlines(), 1):
             try:
-                if json.loads(line)["step"] <= step:
-                    kept.append(line)
-            except (json.JSONDecodeError, KeyError):
-                continue  # a line cut short by the interruption
-        self.path.write_text("".join(k + "\n" for k in kept))
+                record = json.loads(raw.decode("utf-8"))
+                after = record["step"] > step
+            except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+                unreadable.append(number)
+                continue
+            if not after:
+                kept.append(raw.decode("utf-8"))
+        files.write_text(self.path, "".join(k + "\n" for k in kept))
+        if unreadable:
+            shown = ", ".join(map(str, unreadable[:10])) + (" …" if len(unreadable) > 10 else "")
+            print(f"poetlm: warning: dropped {len(unreadable)} unreadable line(s) of {self.path} (line {shown})", file=sys.stderr)
 
     def log(self, record: dict) -> None:
         for key, value in record.items():
@@ -43,7 +56,7 @@ class MetricsLogger:
                 self.values.setdefault(key, []).append(float(value))
         if not self.enabled:
             return
-        with self.path.open("a") as f:
+        with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(record) + "\n")
         if self._writer is not None:
             for key, value in record.items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import statistics
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -66,27 +67,25 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
-    lines = [
-        (number, text)
-        for number, text in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
-        if text.strip()
-    ]
-    train, evals = [], []
-    for i, (number, text) in enumerate(lines):
+    """Train and eval records; unreadable lines (a kill mid-write, damaged bytes) are dropped with a warning."""
+    train, evals, unreadable = [], [], []
+    for number, raw in enumerate(path.read_bytes().splitlines(), 1):
+        if not raw.strip():
+            continue
         try:
-            record = json.loads(text)
+            record = json.loads(raw.decode("utf-8"))
             if not isinstance(record, dict):
                 raise ValueError("not a JSON object")
-        except ValueError as e:
-            # A killed run can leave its final line half-written; anything
-            # earlier being broken means the file itself is damaged.
-            if i == len(lines) - 1:
-                break
-            raise ReportError(f"{path}: line {number} is corrupt ({e})") from None
+        except ValueError:  # UnicodeDecodeError and JSONDecodeError included
+            unreadable.append(number)
+            continue
         if "loss" in record:
             train.append(record)
         elif "val_loss" in record or "val_ppl" in record:
             evals.append(record)
+    if unreadable:
+        shown = ", ".join(map(str, unreadable[:10])) + (" …" if len(unreadable) > 10 else "")
+        print(f"poetlm: warning: skipped {len(unreadable)} unreadable line(s) of {path} (line {shown})", file=sys.stderr)
     return train, evals
 
 

@@ -1,0 +1,50 @@
+"""Durable, atomic file writes for run directories.
+
+A file is written under a temporary name unique to this process in the same directory, fsynced, renamed
+over the target and the directory fsynced: after a crash the target holds either the old or the new
+content, never a mix or nothing, and two processes never write the same temporary file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+from pathlib import Path
+
+TEMP_SUFFIX = ".tmp"
+
+
+def temp_path(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_writer(path: str | Path, mode: str = "wb"):
+    """A file object whose content replaces `path` durably when the block ends; an error leaves `path` as it was."""
+    path = Path(path)
+    tmp = temp_path(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # 0o666: the umask applies, as for open()
+    try:
+        with os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_writer(path, "w") as f:
+        f.write(text)
