@@ -12,6 +12,10 @@ from .train.checkpoint import CheckpointError
 from .train.config import ConfigError, DataConfig, preset_names, resolve_config
 from .train.data import DataError
 
+class CommandError(RuntimeError):
+    """A command cannot do what was asked as asked; the message says why and what to do instead."""
+
+
 TRAIN_SHORTCUTS = {  # flag -> config key: the most used overrides get their own flags
     "method": "method", "data": "data.data", "tokenizer": "data.tokenizer", "steps": "steps",
     "name": "name", "out": "out_dir", "seed": "seed", "device": "device",
@@ -92,33 +96,54 @@ def _cmd_finetune(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from .train.data import prepare_data
+    from .train.data import load_run_data, prepare_data
+    from .train.distributed import pick_device
     from .train.evaluate import perplexity
-    from .train.runs import load_any_model
+    from .train.runs import data_options, load_any_model
 
-    device = torch.device(args.device)
+    device = pick_device(args.device)
     model, tokenizer, config = load_any_model(args.path, device)
     if args.data is None and config is None:
         raise DataError("an exported model directory has no training data attached: pass --data (e.g. --data sotu)")
     source = args.data or config.data.data
     seq_len = args.seq_len or (config.data.seq_len if config else 256)
-    tokenizer_dir = Path(args.path) / "tokenizer" if config else Path(args.path)
-    data = prepare_data(source, tokenizer=str(tokenizer_dir), vocab_size=len(tokenizer),
-                        cache_root=Path(config.data.cache_dir if config else DataConfig.cache_dir).expanduser(),
-                        val_fraction=config.data.val_fraction if config else 0.05,
-                        split_seed=config.data.resolved_split_seed(config.seed) if config else 0)
+    if args.data is None:  # the run's own validation tokens, exactly
+        data = load_run_data(Path(args.path), source, **data_options(config))
+    else:
+        tokenizer_dir = Path(args.path) / "tokenizer" if config else Path(args.path)
+        data = prepare_data(source, tokenizer=str(tokenizer_dir), vocab_size=len(tokenizer),
+                            cache_root=Path(config.data.cache_dir if config else DataConfig.cache_dir).expanduser(),
+                            val_fraction=config.data.val_fraction if config else 0.05,
+                            split_seed=config.data.resolved_split_seed(config.seed) if config else 0)
     max_tokens = args.tokens or (config.eval_tokens if config else None)
     result = perplexity(model, data.val, seq_len=seq_len, batch_size=args.batch_size, max_tokens=max_tokens, device=device)
     print(f"validation perplexity: {result['val_ppl']:.3f} (loss {result['val_loss']:.4f} over {result['val_tokens']} tokens of {source})")
     return 0
 
 
+def _check_export_target(out: Path, force: bool) -> None:
+    """Never into a run directory (it would destroy the run's config.json); nothing overwritten without --force."""
+    from .train.runs import is_run_dir
+
+    inside = next((p for p in (out.resolve(), *out.resolve().parents) if is_run_dir(p)), None)
+    if inside is not None:
+        raise CommandError(f"{out} is {'inside ' if inside != out.resolve() else ''}the run directory {inside}: exporting "
+                           "there would overwrite the run's own files. Export to a directory outside it")
+    if out.is_file() and not force:
+        raise CommandError(f"{out} is an existing file; export writes a directory. Choose another path, or pass --force to replace it")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise CommandError(f"{out} is not empty; export into a new or empty directory, or pass --force to overwrite files in it")
+
+
 def _cmd_export(args) -> int:
     from .model import export_dense
     from .train.runs import load_any_model
 
-    model, tokenizer, _ = load_any_model(args.run_dir)
     out = Path(args.out_dir)
+    _check_export_target(out, args.force)
+    model, tokenizer, _ = load_any_model(args.run_dir)
+    if out.is_file():
+        out.unlink()
     dense = model.merge_and_unload() if hasattr(model, "merge_and_unload") else export_dense(model)  # LoRA via peft
     dense.save_pretrained(out)
     tokenizer.save_pretrained(out)
@@ -127,14 +152,25 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_generate(args) -> int:
+    from .train.distributed import pick_device
     from .train.runs import load_any_model
 
-    device = torch.device(args.device)
+    device = pick_device(args.device)
     model, tokenizer, _ = load_any_model(args.path, device)
     torch.manual_seed(args.seed)
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(device)
     if ids.shape[1] == 0:
         ids = torch.tensor([[tokenizer.eos_token_id]], device=device)
+    context = getattr(model.config, "max_position_embeddings", None)  # the longest sequence the model was built for
+    if context is not None:
+        if args.max_new_tokens >= context:
+            raise CommandError(f"--max-new-tokens {args.max_new_tokens} leaves no room for the prompt in the model's "
+                               f"context of {context} tokens; use at most {context - 1}")
+        room = context - args.max_new_tokens
+        if ids.shape[1] > room:
+            print(f"poetlm: note: the prompt has {ids.shape[1]} tokens; keeping its last {room} (context {context} "
+                  f"minus --max-new-tokens {args.max_new_tokens})", file=sys.stderr)
+            ids = ids[:, -room:]
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                              temperature=args.temperature if args.temperature > 0 else None, top_k=args.top_k,
@@ -166,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p = sub.add_parser("export", help="merge a POET run into a plain HF model directory")
     p.add_argument("run_dir")
-    p.add_argument("out_dir")
+    p.add_argument("out_dir", help="a new or empty directory (never inside a run directory)")
+    p.add_argument("--force", action="store_true", help="overwrite the files of a non-empty out_dir, or replace a file there")
     p = sub.add_parser("generate", help="sample text from a run or an exported model")
     p.add_argument("path")
     p.add_argument("--prompt", default="")
@@ -206,9 +243,12 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"poetlm: config error: {error}", file=sys.stderr)
         return 2
-    except (DataError, CheckpointError, TrainingError, ReportError, AdapterError, ModelError) as error:
+    except (DataError, CheckpointError, TrainingError, ReportError, AdapterError, ModelError, CommandError) as error:
         print(f"poetlm: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # during training a signal handler takes over; before it, stop without a traceback
+        print(f"\npoetlm {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -119,6 +119,9 @@ class POETLinear(nn.Module):
         return tokens * (c_in + c_out) < self.out_features * c_in + self.in_features * c_out
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:  # the input-centric path would fail deep inside a gather instead
+            raise ValueError(f"POETLinear {self.name!r} takes inputs whose last dimension is in_features={self.in_features}, "
+                             f"got shape {tuple(x.shape)}")
         if self.step_weight is not None:
             return F.linear(x, self.step_weight.to(x.dtype), self._bias_like(x))
         if not self.uses_input_centric(x.numel() // self.in_features):

@@ -59,6 +59,10 @@ def poetize(model: nn.Module, config: POETConfig | None = None) -> nn.Module:
     parameter (biases of the wrapped layers included) keeps its values and requires_grad.
     """
     config = config or POETConfig()
+    wrapped = [name for name, _ in poet_layers(model)]
+    if wrapped:  # wrapping again would find only the head, which is never wrapped, and blame target_modules
+        raise ValueError(f"the model is already poetized ({len(wrapped)} POETLinear layers, e.g. {wrapped[0]!r}); poetize a "
+                         "model once, and to change its POET settings poetize a fresh copy of the original model")
     heads = _output_head_names(model)
     targets = [(name, module) for name, module in model.named_modules()
                if isinstance(module, nn.Linear) and _is_target(name, config, heads)]
@@ -83,6 +87,13 @@ def merge(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, rule
     rotation parameters' optimizer state; the state of other parameters is left alone.
     """
     layers = [layer for _, layer in poet_layers(model)]
+    if optimizer is not None:
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        missing = [p for layer in layers for p in layer.rotation_parameters() if p.requires_grad and id(p) not in held]
+        if missing:
+            raise ValueError(f"the optimizer does not hold {len(missing)} of the model's rotation parameters, so it never "
+                             "trains them (was it created before poetize?); create it after poetize, e.g. "
+                             "torch.optim.AdamW(poetlm.param_groups(model, lr_base=..., lr_poet=..., weight_decay=...))")
     for layer in layers:
         layer.merge()
     if optimizer is not None:

@@ -122,8 +122,14 @@ class TrainConfig:
             ("device", self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:"), "auto, cpu, cuda or cuda:N"),
             ("dtype", self.dtype in ("auto", "fp32", "bf16"), "auto, fp32 or bf16"),
             ("parallel", self.parallel in ("ddp", "fsdp"), "ddp or fsdp"),
-            ("model.hidden_size", self.model.hidden_size % self.model.num_heads == 0,
+            ("model.num_heads", self.model.num_heads >= 1, "must be >= 1"),
+            ("model.hidden_size", self.model.num_heads < 1 or self.model.hidden_size % self.model.num_heads == 0,
              f"must be divisible by model.num_heads={self.model.num_heads}"),
+            ("model.hidden_size", self.model.hidden_size >= 1, "must be >= 1"),
+            ("model.intermediate_size", self.model.intermediate_size >= 1, "must be >= 1"),
+            ("model.num_kv_heads", self.model.num_kv_heads is None
+             or (self.model.num_kv_heads >= 1 and self.model.num_heads % self.model.num_kv_heads == 0),
+             f"must be >= 1 and divide model.num_heads={self.model.num_heads} (or null: as many as model.num_heads)"),
             ("model.num_layers", self.model.num_layers >= 1, "must be >= 1"),
             ("data.vocab_size", self.data.vocab_size >= 260, "must be >= 260 (256 bytes + special tokens)"),
             ("data.seq_len", self.data.seq_len >= 2, "must be >= 2"),
@@ -250,11 +256,23 @@ def resolve_config(preset: str = "tiny", overrides: list | None = None) -> Train
         _deep_update(values, keys, value)
     if not values.get("name"):  # runs/tiny-poet, runs/tiny-adamw, runs/finetune-lora, …
         values["name"] = f"{Path(preset).stem}-{values.get('method', TrainConfig.method)}"
+    return _build_train(values)
+
+
+def _build_train(values: dict) -> TrainConfig:
+    """A TrainConfig whose poet.seed, when not given, is the run's seed.
+
+    One `seed` then reproduces a whole run (data, W0, coordinates), and an explicit poet.seed is honoured,
+    e.g. to vary W0 and the coordinates with the data order fixed.
+    """
+    poet, seed = values.get("poet", {}), values.get("seed", TrainConfig.seed)
+    if isinstance(poet, dict) and "seed" not in poet and isinstance(seed, int) and not isinstance(seed, bool):
+        values = {**values, "poet": {**poet, "seed": seed}}
     return _build(TrainConfig, values)
 
 
 def config_from_dict(values: dict) -> TrainConfig:
-    return _build(TrainConfig, values)
+    return _build_train(values)
 
 
 def save_config(config: TrainConfig, path: Path) -> None:
@@ -266,5 +284,7 @@ def load_config(path: Path) -> TrainConfig:
         return config_from_dict(json.loads(path.read_text()))
     except FileNotFoundError:
         raise ConfigError(f"{path} not found: is {path.parent} a poetlm run directory?") from None
+    except NotADirectoryError:
+        raise ConfigError(f"{path.parent} is a file: give the run directory (e.g. runs/NAME), not a file in it") from None
     except json.JSONDecodeError as error:
         raise ConfigError(f"{path} is corrupt ({error}); it is the run's resolved config and cannot be guessed") from None

@@ -14,9 +14,10 @@ import json
 import lzma
 import os
 import shutil
+import sys
 import tempfile
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -383,10 +384,17 @@ class TokenData:
     tokenizer: "PreTrainedTokenizerFast"
     eos_id: int
     cache_dir: Path
+    identity: dict = field(default_factory=dict)  # the source's identity when it was read (see _data_identity)
 
     @property
     def vocab_size(self) -> int:
         return len(self.tokenizer)
+
+    def record(self) -> dict:
+        """What finds exactly these tokens again; a run keeps it as run_dir/data.json (see load_run_data)."""
+        meta = json.loads((self.cache_dir / "meta.json").read_text())
+        return {"identity": self.identity, "cache_dir": str(self.cache_dir), "tokenizer_hash": meta["tokenizer_hash"],
+                "sha256_train": meta["sha256_train"], "sha256_val": meta["sha256_val"]}
 
 
 def _data_identity(data: str) -> dict:
@@ -560,14 +568,53 @@ def prepare_data(
             raise
         _publish(tmp, cache_dir)
 
+    return _open_cache(cache_dir, tok, identity)
+
+
+def _open_cache(cache_dir: Path, tokenizer, identity: dict) -> TokenData:
     meta = json.loads((cache_dir / "meta.json").read_text())
     return TokenData(
         train=_memmap(cache_dir / "train.bin", meta["dtype"], meta["n_train"]),
         val=_memmap(cache_dir / "val.bin", meta["dtype"], meta["n_val"]),
-        tokenizer=tok,
-        eos_id=eos_id,
+        tokenizer=tokenizer,
+        eos_id=int(tokenizer.eos_token_id),
         cache_dir=cache_dir,
+        identity=identity,
     )
+
+
+def load_run_data(run_dir: Path, data: str, **options) -> TokenData:
+    """The very tokens a run trained on, with its own tokenizer (run_dir/tokenizer), for resume and eval.
+
+    Its token cache is used while it is intact, even if `data` changed since. Without it `data` is
+    tokenized again with the run's tokenizer, and refused if that gives different tokens: a changed
+    corpus must never silently change what a resumed run trains on. `options` are prepare_data's.
+    """
+    run_dir = Path(run_dir)
+    try:
+        record = json.loads((run_dir / "data.json").read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{run_dir / 'data.json'} is missing or unreadable ({type(e).__name__}): it records which tokens "
+                        "the run trained on. Runs started by an older poetlm cannot be resumed; start a new run") from None
+    tokenizer_dir = run_dir / "tokenizer"
+    tokenizer = load_tokenizer(tokenizer_dir)
+    if _tokenizer_hash(tokenizer) != record["tokenizer_hash"]:
+        raise DataError(f"{tokenizer_dir} is not the tokenizer this run was trained with (it was changed); restore it")
+    cache_dir = Path(record["cache_dir"])
+    sums = {split: record[f"sha256_{split}"] for split in ("train", "val")}
+    if cache_dir.is_dir() and _check_cache(cache_dir, record["tokenizer_hash"]) is None:
+        meta = json.loads((cache_dir / "meta.json").read_text())
+        if all(meta[f"sha256_{split}"] == digest for split, digest in sums.items()):
+            if _data_identity(data) != record["identity"]:
+                print(f"poetlm: note: {data} changed since this run started; the run goes on with the tokens it "
+                      f"started with ({cache_dir})", file=sys.stderr)
+            return _open_cache(cache_dir, tokenizer, record["identity"])
+    tokens = prepare_data(data, tokenizer=str(tokenizer_dir), **options)
+    if any(tokens.record()[f"sha256_{split}"] != digest for split, digest in sums.items()):
+        raise DataError(f"{data} changed since this run started: it no longer gives the tokens the run trained on, and "
+                        f"the run's token cache {cache_dir} is gone. Restore the original data to continue this run, "
+                        "or start a new run on the new data")
+    return tokens
 
 
 # ---------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..model import rotation_parameters
+from .config import ConfigError
 
 
 @dataclass
@@ -40,7 +41,8 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     if requested == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"device={requested!r} but CUDA is not available here; use device=cpu or device=auto")
+        raise ConfigError(f"device={requested!r} but CUDA is not available here (torch {torch.__version__}); "
+                          "use device=cpu or device=auto, or install a CUDA build of torch")
     if requested == "cuda":
         return torch.device(f"cuda:{local_rank}")
     return torch.device(requested)
@@ -59,13 +61,29 @@ def setup(requested_device: str) -> Runtime:
     return Runtime(rank, world_size, local_rank, device)
 
 
-def teardown(runtime: Runtime) -> None:
-    if runtime.distributed and dist.is_initialized():
-        # Rank 0 writes the report after the last collective; a rank that tears down and exits meanwhile
-        # can abort in gloo's background threads ("terminate called without an active exception").
-        dist.barrier()
-        gc.collect()  # release FSDP's pending collectives before their process group goes away
-        dist.destroy_process_group()
+def teardown(runtime: Runtime, clean: bool = True) -> None:
+    """End the process group. After an error (clean=False) this rank leaves at once: the other ranks may be
+    inside a collective that a barrier here would never match, and torchrun stops them when this one exits."""
+    if not (runtime.distributed and dist.is_initialized() and clean):
+        return
+    # Rank 0 writes the report after the last collective; a rank that tears down and exits meanwhile
+    # can abort in gloo's background threads ("terminate called without an active exception").
+    dist.barrier()
+    gc.collect()  # release FSDP's pending collectives before their process group goes away
+    dist.destroy_process_group()
+
+
+def agreed_signal(received: int | None, runtime: Runtime) -> int | None:
+    """The stop signal of any rank, on every rank: a signal reaches one worker, and all must stop at the same step.
+
+    A rank that stopped alone would wait in the checkpoint's barrier while the others wait in the next
+    step's collectives, for ever.
+    """
+    if not runtime.distributed:
+        return received
+    flag = torch.tensor([received or 0], dtype=torch.int64, device=runtime.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return int(flag) or None
 
 
 def barrier(runtime: Runtime) -> None:

@@ -12,6 +12,7 @@ import contextlib
 import json
 import math
 import resource
+import shutil
 import signal
 import sys
 import time
@@ -26,15 +27,16 @@ from ..diagnostics import model_diagnostics
 from ..model import merge, rotation_parameters, step_weight_cache
 from ..sharding import full_parameters
 from . import checkpoint as ckpt
-from . import distributed
+from . import distributed, files
 from .config import TrainConfig, load_config, save_config
-from .data import TokenData, make_batch, prepare_data, sample_offsets
+from .data import TokenData, load_run_data, make_batch, prepare_data, sample_offsets
 from .evaluate import perplexity
 from .methods import build_optimizers, build_schedulers, clip_threshold, lr_factor, merge_due, prepare_model
 from .metrics import MetricsLogger
 from ..adapter import MergeHistory, base_fingerprint, save_adapter
 from .models import block_linears, load_model
 from .report import write_report
+from .runs import data_options
 
 
 class TrainingError(RuntimeError):
@@ -154,14 +156,14 @@ def train_step(model, raw_model, optimizers, data: TokenData, config: TrainConfi
     return loss_value, grad_norm
 
 
-def load_data(config: TrainConfig, runtime: distributed.Runtime) -> TokenData:
-    """Rank 0 builds the tokenizer and token cache; the others wait, then read it."""
+def load_data(config: TrainConfig, runtime: distributed.Runtime, run_dir: Path | None = None) -> TokenData:
+    """Rank 0 builds the tokenizer and token cache; the others wait, then read it. A resumed run (run_dir)
+    gets its own tokenizer and tokens back, whatever happened to the data since."""
     def build():
-        d = config.data
-        tokenizer = d.tokenizer or config.finetune.base_model  # a finetuned model keeps its own tokenizer
-        return prepare_data(d.data, tokenizer=tokenizer, vocab_size=d.vocab_size, cache_root=Path(d.cache_dir).expanduser(),
-                            val_fraction=d.val_fraction, split_seed=d.resolved_split_seed(config.seed),
-                            max_documents=d.max_documents)
+        if run_dir is not None:
+            return load_run_data(run_dir, config.data.data, **data_options(config))
+        tokenizer = config.data.tokenizer or config.finetune.base_model  # a finetuned model keeps its own tokenizer
+        return prepare_data(config.data.data, tokenizer=tokenizer, **data_options(config))
 
     if runtime.is_main:
         data = build()
@@ -171,12 +173,26 @@ def load_data(config: TrainConfig, runtime: distributed.Runtime) -> TokenData:
     return data
 
 
-def new_run_dir(config: TrainConfig) -> Path:
+def claim_run_dir(config: TrainConfig) -> Path:
+    """Create out_dir/NAME, or NAME-2, NAME-3, … when taken: mkdir is atomic, so concurrent runs never share one."""
     base = Path(config.out_dir) / config.run_name
+    base.parent.mkdir(parents=True, exist_ok=True)
     run_dir, n = base, 1
-    while (run_dir / "config.json").exists():
-        n += 1
-        run_dir = base.with_name(f"{base.name}-{n}")
+    while True:
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            n += 1
+            run_dir = base.with_name(f"{base.name}-{n}")
+
+
+def _claim_shared_run_dir(config: TrainConfig, runtime: distributed.Runtime) -> Path:
+    run_dir = claim_run_dir(config) if runtime.is_main else None
+    if runtime.distributed:  # every rank must write its checkpoints (if any) to the same place
+        shared = [str(run_dir)]
+        torch.distributed.broadcast_object_list(shared, src=0)
+        run_dir = Path(shared[0])
     return run_dir
 
 
@@ -186,22 +202,27 @@ def train(config: TrainConfig | None = None, resume: str | Path | None = None, r
         run_dir = Path(resume)
         config = load_config(run_dir / "config.json")
     runtime = distributed.setup(config.device)
+    claimed, clean = None, False
     try:
-        return _train(config, runtime, resume is not None, run_dir)
+        if run_dir is None:
+            run_dir = claimed = _claim_shared_run_dir(config, runtime)
+        summary = _train(config, runtime, resume is not None, Path(run_dir))
+        clean = True
+        return summary
+    except BaseException:
+        # A run that failed before its first checkpoint has nothing to resume; left behind, its directory
+        # would only push the next run of this name to NAME-2.
+        if claimed is not None and runtime.is_main and not ckpt.list_checkpoints(claimed):
+            shutil.rmtree(claimed, ignore_errors=True)
+            print(f"poetlm: removed {claimed}: the run stopped before its first checkpoint", file=sys.stderr)
+        raise
     finally:
-        distributed.teardown(runtime)
+        distributed.teardown(runtime, clean)
 
 
-def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, run_dir) -> dict:
+def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, run_dir: Path) -> dict:
     torch.manual_seed(config.seed)
-    data = load_data(config, runtime)
-    if run_dir is None:
-        run_dir = new_run_dir(config) if runtime.is_main else None
-        if runtime.distributed:  # every rank must write its checkpoints (if any) to the same place
-            shared = [str(run_dir)]
-            torch.distributed.broadcast_object_list(shared, src=0)
-            run_dir = Path(shared[0])
-    run_dir = Path(run_dir)
+    data = load_data(config, runtime, run_dir if resuming else None)
     model = prepare_model(load_model(config, data.vocab_size), config).to(runtime.device)
     # POET finetuning also writes an adapter: the pre-merge rotations of every merge replay the run on the base.
     adapter = config.finetuning and config.method == "poet"
@@ -221,10 +242,15 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, ru
         if adapter:
             history.load_state_dict(saved["history"])
         ckpt.set_rng_state(saved["rng"])
+        if state.step >= config.steps:  # going on would only rewrite its summary and report with less
+            if runtime.is_main:
+                print(f"{run_dir} already finished ({state.step} of {config.steps} steps): nothing to do, nothing changed")
+            return {"already_finished": True, "step": state.step, "run_dir": str(run_dir), "rank": runtime.rank}
     elif runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.json")
         data.tokenizer.save_pretrained(run_dir / "tokenizer")
+        files.write_text(run_dir / "data.json", json.dumps(data.record(), indent=2) + "\n")
     amp = autocast_dtype(config, runtime.device)
     counts = trainable_counts(model, config.method)
     logger = MetricsLogger(run_dir, enabled=runtime.is_main, resume_step=state.step if resuming else None)
@@ -257,7 +283,8 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, ru
     with StopSignal() as stop:
         while state.step < config.steps:
             model.train()
-            lr = config.optim.lr * lr_factor(state.step, config)
+            factor = lr_factor(state.step, config)
+            lr = config.optim.lr * factor
             try:
                 loss, grad_norm = train_step(wrapped, model, optimizers, data, config, state, runtime, amp, sharded)
             except TrainingError as error:
@@ -270,6 +297,8 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, ru
             state.tokens += tokens_per_step
             window_tokens += tokens_per_step
             record = {"step": state.step, "tokens": state.tokens, "loss": loss, "lr": lr, "grad_norm": grad_norm}
+            if config.method.startswith("poet"):  # the rotations' lr, the one that drives POET
+                record["lr_poet"] = config.optim.lr_poet * factor
             if state.step % config.log_every == 0 or state.step == config.steps:
                 elapsed = time.perf_counter() - window_start
                 last_rate = window_tokens / elapsed
@@ -296,16 +325,17 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, ru
                                      val_ppl=f"{last_eval['val_ppl']:.2f}" if last_eval else "-")
             if state.step % config.checkpoint_every == 0 or state.step == config.steps:
                 save()
-            if stop.received is not None:
+            received = distributed.agreed_signal(stop.received, runtime)
+            if received is not None:
                 if state.step % config.checkpoint_every != 0 and state.step != config.steps:
                     save()
                 if progress is not None:
                     progress.close()
                 logger.close()
-                name = signal.Signals(stop.received).name
-                print(f"\n{name} received: checkpoint at step {state.step} written to {ckpt.checkpoint_dir(run_dir)}.\n"
-                      f"Resume with: poetlm train --resume {run_dir}", file=sys.stderr)
-                return {"interrupted": True, "signal": stop.received, "step": state.step, "run_dir": str(run_dir),
+                if runtime.is_main:
+                    print(f"\n{signal.Signals(received).name} received: checkpoint at step {state.step} written to "
+                          f"{ckpt.checkpoint_dir(run_dir)}.\nResume with: poetlm train --resume {run_dir}", file=sys.stderr)
+                return {"interrupted": True, "signal": received, "step": state.step, "run_dir": str(run_dir),
                         "rank": runtime.rank}
     if progress is not None:
         progress.close()
@@ -320,12 +350,12 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, ru
     if runtime.is_main:
         if spectrum is not None:
             initial = json.loads((run_dir / "spectrum_initial.json").read_text())
-            (run_dir / "spectrum.json").write_text(json.dumps({**initial, "final": final_spectrum[1].tolist()}))
+            files.write_text(run_dir / "spectrum.json", json.dumps({**initial, "final": final_spectrum[1].tolist()}))
         if adapter:
             rotation_ids = {id(p) for p in rotation_parameters(model)}
             trained = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in rotation_ids]
             save_adapter(model, run_dir / "adapter.safetensors", history=history, trained=trained, base_fingerprint=fingerprint)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        files.write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         write_report([run_dir], run_dir)
     return summary
 

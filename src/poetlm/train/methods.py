@@ -23,7 +23,7 @@ def prepare_model(model: nn.Module, config: TrainConfig) -> nn.Module:
     W0 is the pretrained weight itself (init="keep"), so the wrapped model starts exactly where the base is.
     """
     if config.method == "poet":
-        poet = {**config.poet.to_dict(), "seed": config.seed}
+        poet = config.poet.to_dict()
         if config.finetuning:
             poet["init"] = "keep"
         try:

@@ -13,6 +13,13 @@ from .methods import prepare_model
 from .models import load_model
 
 
+def data_options(config: TrainConfig) -> dict:
+    """prepare_data's settings for the data of a run."""
+    d = config.data
+    return {"vocab_size": d.vocab_size, "cache_root": Path(d.cache_dir).expanduser(), "val_fraction": d.val_fraction,
+            "split_seed": d.resolved_split_seed(config.seed), "max_documents": d.max_documents}
+
+
 def is_run_dir(path: Path) -> bool:
     return (path / "config.json").is_file() and ckpt.checkpoint_dir(path).is_dir()
 
