@@ -103,7 +103,7 @@ from types import SimpleNamespace
 from poetlm.train import distributed
 from poetlm.train.config import resolve_config
 from poetlm.train.loop import TrainState, train_step
-from poetlm.train.methods import build_optimizers, prepare_model
+from poetlm.train.methods import make_method
 from poetlm.train.models import load_model
 
 out, rounds = sys.argv[1], 12
@@ -113,15 +113,16 @@ lrs = {"poet": "optim.lr_poet=2e-3", "lora": "optim.lr=1e-3", "adamw": "optim.lr
 setups = {}
 for method, lr in lrs.items():
     config = resolve_config("finetune", [f"finetune.base_model={out}/base", f"method={method!r}", lr])
-    model = prepare_model(load_model(config, 4096), config)
-    setups[method] = (model, build_optimizers(model, config), config, TrainState())
+    trainer = make_method(config)
+    model = trainer.prepare(load_model(config, 4096))
+    setups[method] = (trainer, model, trainer.optimizers(model), config, TrainState())
 times = {m: [] for m in setups}
 for r in range(rounds + 3):
     order = list(setups)[r % 3:] + list(setups)[: r % 3]
     for m in order:
-        model, optimizers, config, state = setups[m]
+        trainer, model, optimizers, config, state = setups[m]
         start = time.perf_counter()
-        train_step(model, model, optimizers, data, config, state, runtime, None)
+        train_step(trainer, model, model, optimizers, data, config, state, runtime, None)
         state.step += 1
         if r >= 3:  # warmup rounds left out
             times[m].append(time.perf_counter() - start)

@@ -151,25 +151,26 @@ def calibrate(args: argparse.Namespace) -> str:
     from poetlm.train.config import resolve_config
     from poetlm.train.distributed import Runtime
     from poetlm.train.loop import TrainState, load_data, train_step
-    from poetlm.train.methods import build_optimizers, build_schedulers, merge_due, prepare_model
+    from poetlm.train.methods import build_schedulers, make_method
     from poetlm.train.models import load_model
 
-    config = resolve_config("tiny", ["device=cpu", "dtype=fp32", "progress=false"])
+    config = resolve_config("tiny", ["method='poet-paper'", "device=cpu", "dtype=fp32", "progress=false"])
     runtime = Runtime(0, 1, 0, torch.device("cpu"))
     data = load_data(config, runtime)
     torch.manual_seed(config.seed)
-    model = prepare_model(load_model(config, data.vocab_size), config)
-    optimizers = build_optimizers(model, config)
+    method = make_method(config)
+    model = method.prepare(load_model(config, data.vocab_size))
+    optimizers = method.optimizers(model)
     schedulers = build_schedulers(optimizers, config)
     state = TrainState()
     rows = []
     start = time.perf_counter()
     while len(rows) < args.calibrate_merges:
-        train_step(model, model, optimizers, data, config, state, runtime, None)
+        train_step(method, model, model, optimizers, data, config, state, runtime, None)
         for scheduler in schedulers:
             scheduler.step()
         state.step += 1
-        if merge_due(state.step, config):
+        if state.step % config.poet.merge_every == 0:
             with torch.no_grad():
                 layers = [layer for _, layer in poet_layers(model)]
                 spectral = torch.cat([block_spectral_norms(layer) for layer in layers])

@@ -28,21 +28,23 @@ from torch import nn
 
 from common import (DTYPES, announce, default_device, interleaved_times, markdown_table, median,
                     paired_ratio, peak_memory_bytes, synchronizer)
-from poetlm import merge, poet_layers, step_weight_cache
+from poetlm import merge, poet_layers
 from poetlm.train.config import TrainConfig, resolve_config
 from poetlm.train.data import TokenData
 from poetlm.train.distributed import Runtime
 from poetlm.train.loop import TrainState, autocast_dtype, micro_batch_loss, train_step
-from poetlm.train.methods import build_optimizers, build_schedulers, clip_threshold, prepare_model
+from poetlm.train.methods import Method, build_schedulers, make_method
 from poetlm.train.models import build_llama
 
 METHODS = {
     "adamw": ("AdamW", ["method=adamw"]),
     "muon": ("Muon", ["method=muon"]),
     "poet-b64": ("POET bs b=64", ["method=poet", "poet.variant='bs'", "poet.block_size=64"]),
-    "poet-b128": ("POET bs b=128", ["method=poet", "poet.variant='bs'", "poet.block_size=128"]),
     "poet-b256": ("POET bs b=256", ["method=poet", "poet.variant='bs'", "poet.block_size=256"]),
     "poet-fs": ("POET fs β=½", ["method=poet", "poet.variant='fs'", "poet.fraction=0.5"]),
+    "paper-b64": ("POET-paper bs b=64", ["method='poet-paper'", "poet.variant='bs'", "poet.block_size=64"]),
+    "paper-b256": ("POET-paper bs b=256", ["method='poet-paper'", "poet.variant='bs'", "poet.block_size=256"]),
+    "paper-fs": ("POET-paper fs β=½", ["method='poet-paper'", "poet.variant='fs'", "poet.fraction=0.5"]),
 }
 # Sequences per micro-batch on CPU: llama-60m's 64×256 would take minutes per step on two cores.
 CPU_MICRO_BATCH = {"tiny": 16, "llama-60m": 1}
@@ -81,6 +83,7 @@ class Contender:
     key: str
     label: str
     config: TrainConfig
+    method: Method
     model: nn.Module
     optimizers: list
     schedulers: list
@@ -88,7 +91,8 @@ class Contender:
 
     @property
     def is_poet(self) -> bool:
-        return self.config.method == "poet"
+        """The reparameterized form: weight builds per step and merges to time."""
+        return self.config.method == "poet-paper"
 
 
 def build_contender(preset: str, key: str, args: argparse.Namespace) -> Contender:
@@ -98,12 +102,12 @@ def build_contender(preset: str, key: str, args: argparse.Namespace) -> Contende
     config = resolve_config(preset, overrides + [f"batch_size={micro}", f"data.seq_len={args.seq_len or base.data.seq_len}",
                                                  f"device='{args.device}'", f"dtype='{args.dtype}'", "progress=false"])
     torch.manual_seed(config.seed)
-    model = prepare_model(build_llama(config.model, config.data.vocab_size, config.data.seq_len), config).to(args.device)
-    optimizers = build_optimizers(model, config)
-    if config.method == "poet" and (key.startswith("poet-b") and config.poet.block_size == base.poet.block_size
-                                    and config.poet.variant == base.poet.variant):
+    method = make_method(config)
+    model = method.prepare(build_llama(config.model, config.data.vocab_size, config.data.seq_len)).to(args.device)
+    optimizers = method.optimizers(model)
+    if config.method.startswith("poet") and (config.poet.block_size, config.poet.variant) == (base.poet.block_size, base.poet.variant):
         label += " (preset)"
-    return Contender(key, label, config, model, optimizers, build_schedulers(optimizers, config), TrainState())
+    return Contender(key, label, config, method, model, optimizers, build_schedulers(optimizers, config), TrainState())
 
 
 def random_tokens(config: TrainConfig, seed: int) -> TokenData:
@@ -117,7 +121,7 @@ def make_step(c: Contender, accum: int, data: TokenData, runtime: Runtime):
     amp = autocast_dtype(config, runtime.device)
 
     def step() -> None:
-        train_step(c.model, c.model, c.optimizers, data, config, c.state, runtime, amp)
+        train_step(c.method, c.model, c.model, c.optimizers, data, config, c.state, runtime, amp)
         for scheduler in c.schedulers:
             scheduler.step()
         c.state.step += 1
@@ -253,10 +257,9 @@ def phase_times(c: Contender, accum: int, data: TokenData, runtime: Runtime, syn
 
     def body() -> None:
         offsets = sample_offsets(len(data.train), c.state.step, config.batch_size * accum, config.data.seq_len, config.seed)
-        cache = step_weight_cache(c.model) if c.is_poet else None
-        if cache is not None:
-            with phase("build effective weights"):
-                cache.__enter__()
+        cache = c.method.step_context(c.model, sharded=False)
+        with phase("build effective weights"):
+            cache.__enter__()
         for micro in range(accum):
             with phase("micro-batch forward"):
                 rows = offsets[micro * config.batch_size: (micro + 1) * config.batch_size]
@@ -266,11 +269,10 @@ def phase_times(c: Contender, accum: int, data: TokenData, runtime: Runtime, syn
             with phase("micro-batch backward"):
                 loss.backward()
                 loss.item()
-        if cache is not None:
-            with phase("rotation backward"):
-                cache.__exit__(None, None, None)
+        with phase("rotation backward"):
+            cache.__exit__(None, None, None)
         with phase("clip"):
-            nn.utils.clip_grad_norm_(c.model.parameters(), clip_threshold(c.state.step, c.state.last_merge_step, config))
+            nn.utils.clip_grad_norm_(c.model.parameters(), c.method.clip_threshold(c.state.step, c.state.last_merge_step))
         with phase("optimizer step"):
             for optimizer in c.optimizers:
                 optimizer.step()

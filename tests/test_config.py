@@ -32,7 +32,7 @@ def test_every_invalid_value_names_field_value_and_what_is_allowed(field, value,
 def test_defaults_and_dict_round_trip():
     config = POETConfig()
     assert (config.variant, config.block_size, config.parameterization, config.neumann_terms,
-            config.merge_every, config.init) == ("bs", 256, "cayley_neumann", 3, 200, "normalized_gaussian")
+            config.merge_every, config.init) == ("bs", 256, "cayley_neumann", 4, 200, "normalized_gaussian")
     assert POETConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown field.*'blocksize'"):
         POETConfig.from_dict({"blocksize": 3})

@@ -64,8 +64,8 @@ def test_gpt2_conv1d_is_refused_with_a_clear_message(base, tmp_path, capsys):
     assert "Conv1D" in err and "Traceback" not in err
 
 
-def test_poet_finetune_run_adapter_and_export(base, tmp_path, capsys):
-    assert main(finetune_args(base, tmp_path, "--name", "ft", "finetune.train_norms=true")) == 0
+def test_poet_paper_finetune_run_adapter_and_export(base, tmp_path, capsys):
+    assert main(finetune_args(base, tmp_path, "--method", "poet-paper", "--name", "ft", "finetune.train_norms=true")) == 0
     run_dir = tmp_path / "runs" / "ft"
     summary = json.loads((run_dir / "summary.json").read_text())
     # Perplexity before finetuning is the untouched base model's, computed independently here.
@@ -90,6 +90,20 @@ def test_poet_finetune_run_adapter_and_export(base, tmp_path, capsys):
 
     assert main(["export", str(run_dir), str(tmp_path / "merged")]) == 0
     torch.testing.assert_close(reload(tmp_path / "merged")(ids).logits, target, rtol=1e-4, atol=1e-4)
+
+
+def test_poet_finetune_rotates_the_pretrained_weights_and_keeps_their_spectrum(base, tmp_path):
+    assert main(finetune_args(base, tmp_path, "--name", "fold", "optim.lr_poet=0.05")) == 0
+    run_dir = tmp_path / "runs" / "fold"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_val_ppl"] < summary["initial_val_ppl"] and summary["spectrum_drift"] < 1e-5
+    finetuned, base_model = load_run_model(run_dir)[0], reload(base[0])
+    for (name, tuned), (_, original) in zip(finetuned.named_parameters(), base_model.named_parameters()):
+        if name.endswith("_proj.weight"):  # rotated: moved, same singular values
+            assert not torch.equal(tuned, original)
+            torch.testing.assert_close(torch.linalg.svdvals(tuned), torch.linalg.svdvals(original), atol=1e-5, rtol=1e-5)
+        else:  # frozen: embeddings, norms, head
+            assert torch.equal(tuned, original), name
 
 
 @pytest.mark.parametrize("method", ["lora", "adamw"])

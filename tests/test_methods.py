@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from poetlm.train.config import resolve_config
-from poetlm.train.methods import build_optimizers, clip_threshold, lr_factor, merge_due, prepare_model
+from poetlm.optim import POET
+from poetlm.train.methods import lr_factor, make_method
 from poetlm.train.models import build_llama
 
 SMALL = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2", "model.num_heads=2", "poet.block_size=8"]
@@ -20,29 +21,49 @@ def test_cosine_schedule_with_warmup_reaches_the_minimum_ratio():
 
 
 def test_clip_is_tightened_after_a_merge_and_ramps_back():
-    config = resolve_config("tiny", ["optim.grad_clip=0.5", "optim.merge_clip_steps=10"])
-    assert clip_threshold(37, None, config) == 0.5
-    assert clip_threshold(100, 100, config) == pytest.approx(0.05)
-    assert clip_threshold(105, 100, config) == pytest.approx(0.5 * (0.1 + 0.9 * 0.5))
-    assert clip_threshold(110, 100, config) == 0.5
+    method = make_method(resolve_config("tiny", ["method='poet-paper'", "optim.grad_clip=0.5", "optim.merge_clip_steps=10"]))
+    assert method.clip_threshold(37, None) == 0.5
+    assert method.clip_threshold(100, 100) == pytest.approx(0.05)
+    assert method.clip_threshold(105, 100) == pytest.approx(0.5 * (0.1 + 0.9 * 0.5))
+    assert method.clip_threshold(110, 100) == 0.5
+    assert make_method(resolve_config("tiny", ["optim.grad_clip=0.5"])).clip_threshold(100, 100) == 0.5
 
 
-def test_merges_happen_every_merge_every_steps_for_poet_only():
-    poet = resolve_config("tiny", ["steps=500", "poet.merge_every=200"])
-    assert [s for s in range(1, 501) if merge_due(s, poet)] == [200, 400]
-    assert not any(merge_due(s, resolve_config("tiny", ["method='adamw'", "steps=500"])) for s in range(1, 501))
+def build(method, *overrides):
+    config = resolve_config("tiny", [f"method={method!r}", *SMALL, *overrides])
+    method = make_method(config)
+    model = method.prepare(build_llama(config.model, 300, 32))
+    return method, model, method.optimizers(model)
+
+
+def test_paper_merges_happen_every_merge_every_steps_only():
+    method, model, optimizers = build("poet-paper", "steps=500", "poet.merge_every=200")
+    assert [s for s in range(1, 501) if method.after_step(s, model, optimizers)] == [200, 400]
+    for name in ("poet", "adamw", "muon"):
+        method, model, optimizers = build(name, "steps=500")
+        assert not any(method.after_step(s, model, optimizers) for s in range(1, 501))
+
+
+def test_poet_paper_is_the_papers_recipe_unless_k_is_given():
+    assert resolve_config("tiny", ["method='poet-paper'"]).poet.neumann_terms == 3
+    assert resolve_config("tiny", ["method='poet-paper'", "poet.neumann_terms=4"]).poet.neumann_terms == 4
+    assert resolve_config("tiny").poet.neumann_terms == 4
 
 
 def test_optimizers_per_method():
-    def build(method):
-        config = resolve_config("tiny", [f"method={method!r}", *SMALL])
-        model = prepare_model(build_llama(config.model, 300, 32), config)
-        return model, build_optimizers(model, config)
-
-    model, (adamw,) = build("poet")
+    _, model, (adamw,) = build("poet-paper")
     names = {g["name"]: g for g in adamw.param_groups}
     assert names["poet"]["lr"] == 4e-3 and names["poet"]["weight_decay"] == 0
-    model, (muon, rest) = build("muon")
+    _, model, (rotations, rest) = build("poet", "optim.lr_poet=0.02")
+    assert isinstance(rotations, POET) and rotations.param_groups[0]["lr"] == 0.02
+    rotated = {id(p) for p in rotations.param_groups[0]["params"]}
+    assert rotated == {id(m.weight) for n, m in model.named_modules() if n.endswith(("_proj",))}
+    assert not rotated & {id(p) for g in rest.param_groups for p in g["params"]}
+    _, model, (adamw,) = build("adamw", "optim.lr_hidden=1e-3")
+    lrs = {g["name"]: g["lr"] for g in adamw.param_groups}
+    assert lrs["hidden"] == 1e-3 and lrs["base"] == resolve_config("tiny").optim.lr
+    assert id(model.lm_head.weight) in {id(p) for g in adamw.param_groups if g["name"] == "base" for p in g["params"]}
+    _, model, (muon, rest) = build("muon")
     assert isinstance(muon, torch.optim.Muon) and isinstance(rest, torch.optim.AdamW)
     muon_ids = {id(p) for g in muon.param_groups for p in g["params"]}
     rest_ids = {id(p) for g in rest.param_groups for p in g["params"]}
@@ -56,3 +77,16 @@ def test_split_seed_follows_the_run_seed_unless_pinned():
     assert resolve_config("tiny", ["seed=5"]).data.resolved_split_seed(5) == 5
     pinned = resolve_config("tiny", ["seed=5", "data.split_seed=0"])
     assert pinned.data.resolved_split_seed(pinned.seed) == 0
+
+
+def test_fold_form_draws_the_layer_forms_w0_and_coordinates():
+    """Same seed, same names: the optimizer rotates the W0 a POETLinear would hold, on the same coordinates."""
+    _, dense, (rotations, _) = build("poet")
+    _, layered, _ = build("poet-paper", "poet.neumann_terms=4")
+    layer = layered.model.layers[1].mlp.down_proj
+    weight = dense.model.layers[1].mlp.down_proj.weight
+    assert torch.equal(weight, layer.weight0)
+    weight.grad = torch.zeros_like(weight)
+    rotations.step()
+    assert torch.equal(rotations.state[weight]["out"]["index"], layer.rotation_out.index)
+    assert torch.equal(rotations.state[weight]["in"]["index"], layer.rotation_in.index)

@@ -45,8 +45,10 @@ def metrics(run_dir):
 
 
 @pytest.mark.parametrize("method,extra", [
+    ("poet-paper", ["poet.variant='bs'"]),
+    ("poet-paper", ["poet.variant='fs'", "poet.fraction=0.5"]),
     ("poet", ["poet.variant='bs'"]),
-    ("poet", ["poet.variant='fs'", "poet.fraction=0.5"]),
+    ("poet", ["poet.variant='fs'", "poet.fraction=0.5", "rule.name='lie_adam'"]),
     ("adamw", []),
     ("muon", []),
 ])
@@ -60,12 +62,26 @@ def test_each_method_trains_and_writes_a_complete_run(tiny, method, extra):
     assert summary["final_val_ppl"] == pytest.approx(eval_lines[-1]["val_ppl"])
     for name in ("config.json", "summary.json", "spectrum.json", "report.md", "loss.png", "tokenizer/tokenizer.json"):
         assert (run_dir / name).exists(), name
-    if method == "poet":
-        assert {"q_norm", "orth_err", "probe_cos"} <= set(train_lines[-1])
+    if method == "poet-paper":
+        assert {"q_norm", "orth_err", "probe_cos", "spectrum_drift"} <= set(train_lines[-1])
         model, _, _ = load_run_model(run_dir)
         assert summary["block_linear_trainable_params"] == sum(p.numel() for p in poetlm.rotation_parameters(model))
         assert all(int(layer.merge_count) == 3 for _, layer in poetlm.poet_layers(model))  # merges at steps 2, 4, 6
-    else:
+    if method == "poet":
+        # Rotations only: every block linear keeps the spectrum of the W0 the layer form would have drawn.
+        model, _, config = load_run_model(run_dir)
+        assert summary["spectrum_drift"] < 1e-5 and train_lines[-1]["spectrum_drift"] < 1e-5
+        start = poetlm.POETLinear(32, 64, bias=False, config=poetlm.POETConfig(**{**config.poet.to_dict()}),
+                                  name="model.layers.1.mlp.up_proj").weight0
+        up = model.model.layers[1].mlp.up_proj.weight.detach()
+        assert (up - start).norm() > 1e-3
+        torch.testing.assert_close(torch.linalg.svdvals(up), torch.linalg.svdvals(start), atol=1e-5, rtol=0)
+        poet = config.poet
+        per_side = (lambda d: poetlm.primitives.block_layout(poet.variant, d, poet.block_size, poet.fraction)[1])
+        expected = sum(s * (s - 1) // 2 for shape in [(32, 32)] * 4 + [(64, 32), (64, 32), (32, 64)] for d in shape
+                       for s in per_side(d))
+        assert summary["block_linear_trainable_params"] == 2 * expected
+    if method in ("adamw", "muon"):
         assert summary["block_linear_trainable_params"] == 2 * (4 * 32 * 32 + 3 * 32 * 64)
 
 

@@ -28,7 +28,8 @@ def _train_parser(sub) -> None:
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=3e-3 poet.block_size=64")
     p.add_argument("--config", "--preset", dest="config", default="tiny",
                    help=f"preset name ({', '.join(preset_names())}) or path to a TOML file (default: tiny)")
-    p.add_argument("--method", choices=["poet", "adamw", "muon"])
+    p.add_argument("--method", choices=["poet", "poet-paper", "adamw", "muon"],
+                   help="poet (default: rotations folded every step), poet-paper (the paper's recipe), adamw, muon")
     p.add_argument("--data", help="bundled corpus (sotu, shakespeare), local .txt/.jsonl/.parquet file or directory, or hf:NAME[:CONFIG]")
     p.add_argument("--tokenizer", help="HF tokenizer directory (default: train a byte-level BPE on the training split)")
     p.add_argument("--steps", type=int)
@@ -77,8 +78,9 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--model", required=True, help="local model directory (save_pretrained / poetlm export) or a hub id (needs network)")
     p.add_argument("--data", required=True, help="bundled corpus, local .txt/.jsonl/.parquet file or directory, or hf:NAME[:CONFIG]")
     p.add_argument("--config", "--preset", dest="config", default="finetune", help="preset or TOML file (default: finetune)")
-    p.add_argument("--method", choices=["poet", "lora", "adamw", "muon"], default=None,
-                   help="poet (default), lora (peft), adamw / muon (full finetuning)")
+    p.add_argument("--method", choices=["poet", "poet-paper", "lora", "adamw", "muon"], default=None,
+                   help="poet (default), poet-paper (reparameterized; writes a replayable adapter), lora (peft), "
+                        "adamw / muon (full finetuning)")
     p.add_argument("--steps", type=int)
     p.add_argument("--name")
     p.add_argument("--out")

@@ -27,6 +27,15 @@ from .update_rules import RuleConfig, make_rule
 SIDES = ("out", "in")
 
 
+def skew_gradient(rows: torch.Tensor, grad_rows: torch.Tensor, index: torch.Tensor, block: int, n_blocks: int) -> torch.Tensor:
+    """∂loss/∂Q_k = 2·(H_k X_kᵀ − X_k H_kᵀ) for every block k of one side, in fp32 or wider (module docstring)."""
+    wide = torch.promote_types(rows.dtype, torch.float32)
+    x = gather_blocks(rows, index, block, n_blocks).to(wide)
+    h = gather_blocks(grad_rows, index, block, n_blocks).to(wide)
+    product = h @ x.transpose(-1, -2)
+    return 2 * (product - product.transpose(-1, -2))
+
+
 class POET(torch.optim.Optimizer):
     """Rotates each 2-D parameter on both sides; its singular values stay those it had at the first step.
 
@@ -62,16 +71,22 @@ class POET(torch.optim.Optimizer):
 
     def _draw(self, key: int, side: str, dim: int, draws: int, device) -> torch.Tensor:
         _, sizes = self._layout(dim)
-        generator = seeded_generator(self.poet.seed, "optim", key, draws, side)
+        generator = seeded_generator(self.poet.seed, key, draws, side)
         return draw_index(self.poet.variant, dim, sum(sizes), generator).to(device)
 
     def _keys(self):
-        """(seed key, parameter) in a fixed order, so every rank and every resume draws the same coordinates."""
-        key = 0
+        """(seed key, group, parameter): the same coordinates on every rank and after every resume.
+
+        Given named parameters (`POET(model.named_parameters() …)` or `rotated_weights`), the key of
+        "a.b.weight" is the module name "a.b", so coordinates and W0 match a POETLinear named "a.b" with the
+        same seed; otherwise it is the parameter's position.
+        """
+        position = 0
         for group in self.param_groups:
-            for param in group["params"]:
-                yield key, group, param
-                key += 1
+            names = group.get("param_names") or [None] * len(group["params"])
+            for name, param in zip(names, group["params"]):
+                yield (name.removesuffix(".weight") if name else position), group, param
+                position += 1
 
     @staticmethod
     def _side_view(weight: torch.Tensor, side: str) -> torch.Tensor:
@@ -115,10 +130,8 @@ class POET(torch.optim.Optimizer):
                 rows, index, block, n_blocks = self._side(param, side, state)
                 if not n_blocks:
                     continue
-                x = gather_blocks(rows, index, block, n_blocks).float()
-                h = gather_blocks(self._side_view(param.grad, side), index, block, n_blocks).float()
-                product = h @ x.transpose(-1, -2)
-                directions[side] = self.rule.direction(2 * (product - product.transpose(-1, -2)), state[side]["rule"])
+                grad = skew_gradient(rows, self._side_view(param.grad, side), index, block, n_blocks)
+                directions[side] = self.rule.direction(grad, state[side]["rule"])
             scale = -group["lr"] * generator_scale(cfg.parameterization)
             for side in active:
                 if side not in directions:

@@ -86,7 +86,8 @@ def orthogonalize_skew(a: torch.Tensor, method: str = "exact", eps: float = 1e-7
         values, vectors = torch.linalg.eigh(gram)
         floor = eps**2 * values.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(wide.dtype).tiny)
         inv_sqrt = torch.where(values > floor, values.clamp_min(floor).rsqrt(), torch.zeros_like(values))
-        return (wide @ (vectors * inv_sqrt.unsqueeze(-2)) @ vectors.transpose(-1, -2)).to(a.dtype)
+        polar = wide @ (vectors * inv_sqrt.unsqueeze(-2)) @ vectors.transpose(-1, -2)
+        return (0.5 * (polar - polar.transpose(-1, -2))).to(a.dtype)  # skew to the last bit, not just to rounding
     if method == "newton_schulz":
         x = a / a.flatten(-2).norm(dim=-1).clamp_min(1e-12)[..., None, None]
         for _ in range(5):

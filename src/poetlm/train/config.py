@@ -21,8 +21,12 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from ..config import POETConfig
+from ..update_rules import RuleConfig
 
-METHODS = ("poet", "adamw", "muon", "lora")
+METHODS = ("poet", "poet-paper", "adamw", "muon", "lora")
+
+
+PAPER_NEUMANN_TERMS = 3  # the paper's CNP k; drifts the spectrum by ~‖Q‖⁴ per merge (POETConfig explains)
 
 
 class ConfigError(ValueError):
@@ -60,8 +64,9 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     lr: float = 3e-3                  # ordinary parameters (AdamW's lr, Muon's AdamW part)
-    lr_poet: float = 1e-3             # rotation parameters (POET only)
+    lr_poet: float = 1e-3             # POET's rotations: radians per step (poet) or AdamW's lr on Q (poet-paper)
     lr_muon: float | None = None      # Muon's hidden matrices; None = lr
+    lr_hidden: float | None = None    # AdamW's block matrices; None = lr (embeddings, norms, head keep lr)
     weight_decay: float = 0.01
     beta1: float = 0.9
     beta2: float = 0.999
@@ -103,6 +108,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     poet: POETConfig = field(default_factory=lambda: POETConfig(block_size=32))
+    rule: RuleConfig = field(default_factory=RuleConfig)  # the update rule of method "poet"
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def __post_init__(self) -> None:
@@ -136,6 +142,8 @@ class TrainConfig:
             ("data.val_fraction", 0 < self.data.val_fraction < 1, "must be between 0 and 1"),
             ("optim.lr", self.optim.lr > 0, "must be > 0"),
             ("optim.lr_poet", self.optim.lr_poet > 0, "must be > 0"),
+            ("optim.lr_hidden", self.optim.lr_hidden is None or self.optim.lr_hidden > 0, "must be > 0 (or null = optim.lr)"),
+            ("optim.lr_muon", self.optim.lr_muon is None or self.optim.lr_muon > 0, "must be > 0 (or null = optim.lr)"),
             ("optim.weight_decay", self.optim.weight_decay >= 0, "must be >= 0"),
             ("optim.warmup_steps", self.optim.warmup_steps >= 0, "must be >= 0"),
             ("optim.min_lr_ratio", 0 <= self.optim.min_lr_ratio <= 1, "must be in [0, 1]"),
@@ -248,14 +256,39 @@ def _deep_update(base: dict, keys: list[str], value) -> None:
     base[keys[-1]] = value
 
 
+def _flatten(table: dict, prefix: tuple = ()) -> list[tuple[list[str], object]]:
+    out = []
+    for key, value in table.items():
+        if isinstance(value, dict):
+            out += _flatten(value, prefix + (key,))
+        else:
+            out.append((list(prefix + (key,)), value))
+    return out
+
+
 def resolve_config(preset: str = "tiny", overrides: list | None = None) -> TrainConfig:
-    """Preset (or TOML file) + overrides: "section.key=value" strings or ("section.key", value) pairs, in order."""
+    """Preset (or TOML file) + overrides: "section.key=value" strings or ("section.key", value) pairs, in order.
+
+    A preset's `[methods.NAME]` tables hold settings for one method only (e.g. its tuned learning rate):
+    they apply over the preset's top level when that method runs, and explicit overrides apply over them.
+    """
     values = load_toml(preset)
-    for item in overrides or []:
-        keys, value = parse_override(item) if isinstance(item, str) else (item[0].split("."), item[1])
+    per_method = values.pop("methods", {})
+    parsed = [parse_override(item) if isinstance(item, str) else (item[0].split("."), item[1]) for item in overrides or []]
+    unknown = sorted(set(per_method) - set(METHODS))
+    if unknown:
+        raise ConfigError(f"{preset}: [methods.*] tables for unknown method(s) {unknown}; methods are {list(METHODS)}")
+    method = next((value for keys, value in reversed(parsed) if keys == ["method"]), values.get("method", TrainConfig.method))
+    for keys, value in _flatten(per_method.get(method, {})) + parsed:
         _deep_update(values, keys, value)
+    if values.get("method") == "poet-paper":  # the paper's recipe exactly, unless k is asked for explicitly
+        values.setdefault("poet", {}).setdefault("neumann_terms", PAPER_NEUMANN_TERMS)
     if not values.get("name"):  # runs/tiny-poet, runs/tiny-adamw, runs/finetune-lora, …
         values["name"] = f"{Path(preset).stem}-{values.get('method', TrainConfig.method)}"
+    return _build_train(values)
+
+
+def config_from_dict(values: dict) -> TrainConfig:
     return _build_train(values)
 
 
@@ -269,10 +302,6 @@ def _build_train(values: dict) -> TrainConfig:
     if isinstance(poet, dict) and "seed" not in poet and isinstance(seed, int) and not isinstance(seed, bool):
         values = {**values, "poet": {**poet, "seed": seed}}
     return _build(TrainConfig, values)
-
-
-def config_from_dict(values: dict) -> TrainConfig:
-    return _build_train(values)
 
 
 def save_config(config: TrainConfig, path: Path) -> None:

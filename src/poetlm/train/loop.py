@@ -23,17 +23,14 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..diagnostics import model_diagnostics
-from ..model import merge, rotation_parameters, step_weight_cache
 from ..sharding import full_parameters
 from . import checkpoint as ckpt
 from . import distributed, files
-from .config import TrainConfig, load_config, save_config
+from .config import ConfigError, TrainConfig, load_config, save_config
 from .data import TokenData, load_run_data, make_batch, prepare_data, sample_offsets
 from .evaluate import perplexity
-from .methods import build_optimizers, build_schedulers, clip_threshold, lr_factor, merge_due, prepare_model
+from .methods import Method, build_schedulers, lr_factor, make_method
 from .metrics import MetricsLogger
-from ..adapter import MergeHistory, base_fingerprint, save_adapter
 from .models import block_linears, load_model
 from .report import write_report
 from .runs import data_options
@@ -84,13 +81,9 @@ def spectrum_layer(model: nn.Module) -> tuple[str, torch.Tensor] | None:
         return name, torch.linalg.svdvals(weight.detach().float().cpu())
 
 
-def trainable_counts(model: nn.Module, method: str) -> dict[str, int]:
+def trainable_counts(model: nn.Module, method: Method) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if method == "poet":
-        block = sum(p.numel() for p in rotation_parameters(model))
-    else:
-        block = sum(p.numel() for _, m in block_linears(model) for p in m.parameters() if p.requires_grad and p.dim() == 2)
-    return {"trainable_params": total, "block_linear_trainable_params": block}
+    return {"trainable_params": total, "block_linear_trainable_params": method.block_linear_params(model)}
 
 
 class StopSignal:
@@ -119,17 +112,14 @@ def micro_batch_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
-def train_step(model, raw_model, optimizers, data: TokenData, config: TrainConfig, state: TrainState,
+def train_step(method: Method, model, raw_model, optimizers, data: TokenData, config: TrainConfig, state: TrainState,
                runtime: distributed.Runtime, amp, sharded: bool = False) -> tuple[float, float]:
     """One optimizer step over grad_accum micro-batches on every rank; returns (mean loss, grad norm)."""
     rows = config.batch_size
     global_rows = rows * config.grad_accum * runtime.world_size
     offsets = sample_offsets(len(data.train), state.step, global_rows, config.data.seq_len, config.seed)
-    poet = config.method == "poet"
     total = 0.0
-    # FSDP2 gathers parameters only inside each block's forward, so sharded runs rebuild weights per micro-batch.
-    cache = step_weight_cache(raw_model) if poet and not sharded else contextlib.nullcontext()
-    with cache:
+    with method.step_context(raw_model, sharded):
         for micro in range(config.grad_accum):
             start = (micro * runtime.world_size + runtime.rank) * rows
             inputs, targets = make_batch(data.train, offsets[start: start + rows], config.data.seq_len)
@@ -141,12 +131,11 @@ def train_step(model, raw_model, optimizers, data: TokenData, config: TrainConfi
                 loss.backward()
             total += loss.item()
             del loss  # its graph holds the step's weights; drop it before the rotation backward and the optimizer step
-    if poet and not sharded:
-        distributed.all_reduce_rotation_grads(raw_model, runtime)
+    method.after_backward(raw_model, runtime, sharded)
     loss_value = distributed.mean_over_ranks(total, runtime)
     if not math.isfinite(loss_value):
         raise TrainingError(f"non-finite loss ({loss_value}) at step {state.step + 1}")
-    threshold = clip_threshold(state.step, state.last_merge_step, config)
+    threshold = method.clip_threshold(state.step, state.last_merge_step)
     grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), threshold))
     if not math.isfinite(grad_norm):  # a finite loss can still have inf/nan gradients: never apply them
         raise TrainingError(f"non-finite gradient norm ({grad_norm}) at step {state.step + 1}")
@@ -223,15 +212,14 @@ def train(config: TrainConfig | None = None, resume: str | Path | None = None, r
 def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, run_dir: Path) -> dict:
     torch.manual_seed(config.seed)
     data = load_data(config, runtime, run_dir if resuming else None)
-    model = prepare_model(load_model(config, data.vocab_size), config).to(runtime.device)
-    # POET finetuning also writes an adapter: the pre-merge rotations of every merge replay the run on the base.
-    adapter = config.finetuning and config.method == "poet"
-    history = MergeHistory()
-    fingerprint = base_fingerprint(model) if adapter else None  # W0 is still the pretrained weight here
-    state = TrainState()
+    method = make_method(config)
     sharded = distributed.is_sharded(runtime, config.parallel)
+    if sharded and not method.supports_fsdp:
+        raise ConfigError(f"method {config.method!r} does not run under FSDP (parallel='fsdp'); use parallel='ddp'")
+    model = method.prepare(load_model(config, data.vocab_size)).to(runtime.device)
+    state = TrainState()
     wrapped = distributed.wrap_model(model, runtime, config.parallel)  # FSDP2 swaps in sharded parameters: wrap first
-    optimizers = build_optimizers(model, config)
+    optimizers = method.optimizers(model)
     schedulers = build_schedulers(optimizers, config)
     if resuming:
         saved = ckpt.load_checkpoint(run_dir, map_location="cpu" if sharded else runtime.device)
@@ -239,8 +227,7 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, ru
         for scheduler, s in zip(schedulers, saved["schedulers"], strict=True):
             scheduler.load_state_dict(s)
         state.load_state_dict(saved["state"])
-        if adapter:
-            history.load_state_dict(saved["history"])
+        method.load_state_dict(saved["method"])
         ckpt.set_rng_state(saved["rng"])
         if state.step >= config.steps:  # going on would only rewrite its summary and report with less
             if runtime.is_main:
@@ -252,7 +239,7 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, ru
         data.tokenizer.save_pretrained(run_dir / "tokenizer")
         files.write_text(run_dir / "data.json", json.dumps(data.record(), indent=2) + "\n")
     amp = autocast_dtype(config, runtime.device)
-    counts = trainable_counts(model, config.method)
+    counts = trainable_counts(model, method)
     logger = MetricsLogger(run_dir, enabled=runtime.is_main, resume_step=state.step if resuming else None)
     tokens_per_step = config.batch_size * config.grad_accum * runtime.world_size * config.data.seq_len
     spectrum = spectrum_layer(model)
@@ -269,7 +256,7 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, ru
         if runtime.is_main:
             payload = {"model": model_state, "optimizers": optimizer_states,
                        "schedulers": [s.state_dict() for s in schedulers], "state": state.state_dict(),
-                       "history": history.state_dict()}
+                       "method": method.state_dict()}
             ckpt.save_checkpoint(run_dir, state.step, payload, config.keep_checkpoints)
         distributed.barrier(runtime)
 
@@ -286,7 +273,7 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, ru
             factor = lr_factor(state.step, config)
             lr = config.optim.lr * factor
             try:
-                loss, grad_norm = train_step(wrapped, model, optimizers, data, config, state, runtime, amp, sharded)
+                loss, grad_norm = train_step(method, wrapped, model, optimizers, data, config, state, runtime, amp, sharded)
             except TrainingError as error:
                 good = ckpt.list_checkpoints(run_dir)
                 kept = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
@@ -303,16 +290,11 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, ru
                 elapsed = time.perf_counter() - window_start
                 last_rate = window_tokens / elapsed
                 record.update(tokens_per_s=last_rate, peak_mem_mb=peak_memory_mb(runtime.device))
-                if config.method == "poet" and (state.step % config.diagnostics_every == 0 or state.step == config.steps):
-                    with full_parameters(model):
-                        diag = model_diagnostics(model)
-                    record.update(q_norm=diag["q_norm"], orth_err=diag["orth_err"], probe_cos=diag["probe_cos"])
+                if state.step % config.diagnostics_every == 0 or state.step == config.steps:
+                    record.update(method.diagnostics(model, optimizers, spectrum=True))
                 logger.log(record)
                 window_start, window_tokens = time.perf_counter(), 0
-            if merge_due(state.step, config):  # after the diagnostics, which would otherwise always see fresh identities
-                if adapter:
-                    history.record(model)
-                merge(model, optimizers[0])
+            if method.after_step(state.step, model, optimizers):  # after the diagnostics, which would see fresh identities
                 state.last_merge_step = state.step
             if state.step % config.eval_every == 0 or state.step == config.steps:
                 eval_start = time.perf_counter()
@@ -345,16 +327,15 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, ru
                "tokens_per_s": logger.median("tokens_per_s"), "peak_mem_mb": peak_memory_mb(runtime.device),
                "total_tokens": state.tokens, "steps": state.step, "world_size": runtime.world_size,
                "replica_divergence": distributed.replica_divergence(model, runtime), "run_dir": str(run_dir),
-               "rank": runtime.rank}
+               "rank": runtime.rank,
+               # The method's core promise: every rotated weight keeps its singular values (None: not a POET run).
+               "spectrum_drift": method.diagnostics(model, optimizers, spectrum=True).get("spectrum_drift")}
     final_spectrum = spectrum_layer(model)  # on every rank: gathering a sharded layer is collective
     if runtime.is_main:
         if spectrum is not None:
             initial = json.loads((run_dir / "spectrum_initial.json").read_text())
             files.write_text(run_dir / "spectrum.json", json.dumps({**initial, "final": final_spectrum[1].tolist()}))
-        if adapter:
-            rotation_ids = {id(p) for p in rotation_parameters(model)}
-            trained = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in rotation_ids]
-            save_adapter(model, run_dir / "adapter.safetensors", history=history, trained=trained, base_fingerprint=fingerprint)
+        method.finish(model, run_dir)
         files.write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         write_report([run_dir], run_dir)
     return summary

@@ -1,38 +1,137 @@
-"""The three methods as optimizers and schedules. They differ only here and in whether merges happen."""
+"""The training methods behind one interface; the loop never asks which method it runs.
+
+- `poet` (the default): POET in its fold-every-step form, `poetlm.optim.POET` rotating the block linears'
+  weights with the configured update rule (`[rule]`); embeddings, norms and head train with AdamW.
+- `poet-paper`: the paper's reparameterized form, POETLinear layers, AdamW on the skew parameters, a
+  merge every `poet.merge_every` steps with the optimizer state reset and a tightened clip after it.
+- `adamw`, `muon`: baselines in the same harness; `lora`: peft adapters for finetuning.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 from torch import nn
 
+from ..adapter import MergeHistory, base_fingerprint, save_adapter
 from ..config import POETConfig
-from ..model import param_groups, poetize, rotation_parameters
+from ..diagnostics import model_diagnostics
+from ..model import merge, param_groups, poetize, rotated_weights, rotation_parameters, step_weight_cache
+from ..optim import POET
+from ..primitives import block_layout
+from ..sharding import full_parameters
+from . import distributed
 from .config import TrainConfig
-from .models import ModelError
-
+from .models import ModelError, block_linears
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def prepare_model(model: nn.Module, config: TrainConfig) -> nn.Module:
-    """POET wraps the block linears; LoRA adds adapters (peft); AdamW and Muon train the model as it is.
+def _hidden_matrices(model: nn.Module) -> set[int]:
+    """2-D weights inside the decoder blocks: what Muon, POET and AdamW's lr_hidden train."""
+    return {id(p) for name, p in model.named_parameters() if p.requires_grad and p.dim() == 2 and ".layers." in f".{name}"}
 
-    Finetuning with POET or LoRA trains only the rotations / adapters (plus norms and biases when asked);
-    W0 is the pretrained weight itself (init="keep"), so the wrapped model starts exactly where the base is.
-    """
-    if config.method == "poet":
-        poet = config.poet.to_dict()
-        if config.finetuning:
-            poet["init"] = "keep"
-        try:
-            poetize(model, POETConfig.from_dict(poet))
-        except ValueError as error:  # e.g. a model built from Conv1D layers: a user-facing problem, not a crash
-            raise ModelError(str(error)) from None
-    elif config.method == "lora":
+
+def _split_groups(groups: list[dict], ids: set[int]) -> list[dict]:
+    """The groups without the parameters in `ids` (empty groups dropped)."""
+    rest = [{**g, "params": [p for p in g["params"] if id(p) not in ids]} for g in groups]
+    return [g for g in rest if g["params"]]
+
+
+def poet_config(config: TrainConfig) -> POETConfig:
+    values = config.poet.to_dict()
+    if config.finetuning:  # W0 is the pretrained weight itself, so the wrapped model starts where the base is
+        values["init"] = "keep"
+    return POETConfig.from_dict(values)
+
+
+class Method:
+    """What differs between methods: the model they train, their optimizers and what follows a step."""
+
+    name = ""
+    supports_fsdp = True
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def optimizers(self, model: nn.Module) -> list[torch.optim.Optimizer]:
+        opt = self.config.optim
+        groups = param_groups(model, lr_base=opt.lr, lr_poet=opt.lr, weight_decay=opt.weight_decay)
+        return [torch.optim.AdamW(groups, betas=(opt.beta1, opt.beta2))]
+
+    def step_context(self, model: nn.Module, sharded: bool):
+        """Wraps the micro-batches of one optimizer step."""
+        return contextlib.nullcontext()
+
+    def after_backward(self, model: nn.Module, runtime: distributed.Runtime, sharded: bool) -> None:
+        """After the last micro-batch, before clipping."""
+
+    def clip_threshold(self, step: int, last_merge_step: int | None) -> float:
+        return self.config.optim.grad_clip
+
+    def after_step(self, step: int, model: nn.Module, optimizers) -> bool:
+        """After optimizer step `step` (1-based); True if it merged (for the clip ramp)."""
+        return False
+
+    def diagnostics(self, model: nn.Module, optimizers, spectrum: bool) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        """What the method itself must checkpoint beyond the model and optimizers."""
+        return {}
+
+    def load_state_dict(self, saved: dict) -> None:
+        pass
+
+    def finish(self, model: nn.Module, run_dir) -> None:
+        """At the end of the run, on the main process: write what the method adds to the run directory."""
+
+    def block_linear_params(self, model: nn.Module) -> int:
+        """Trainable parameters of the block linears, as the paper counts them."""
+        return sum(p.numel() for _, m in block_linears(model) for p in m.parameters() if p.requires_grad and p.dim() == 2)
+
+
+class AdamW(Method):
+    """One AdamW; `optim.lr_hidden` (if set) is the block matrices' lr, `optim.lr` everything else's."""
+
+    name = "adamw"
+
+    def optimizers(self, model):
+        opt = self.config.optim
+        if opt.lr_hidden is None:
+            return super().optimizers(model)
+        groups = param_groups(model, lr_base=opt.lr, lr_poet=opt.lr, weight_decay=opt.weight_decay)
+        hidden = _hidden_matrices(model)
+        hidden_group = {"name": "hidden", "params": [p for p in model.parameters() if id(p) in hidden],
+                        "lr": opt.lr_hidden, "weight_decay": opt.weight_decay}
+        return [torch.optim.AdamW([hidden_group, *_split_groups(groups, hidden)], betas=(opt.beta1, opt.beta2))]
+
+
+class Muon(Method):
+    name = "muon"
+
+    def optimizers(self, model):
+        opt = self.config.optim
+        groups = param_groups(model, lr_base=opt.lr, lr_poet=opt.lr, weight_decay=opt.weight_decay)
+        hidden = _hidden_matrices(model)
+        # "match_rms_adamw" scales Muon's update to AdamW's RMS, so one learning-rate range serves both.
+        muon = torch.optim.Muon([p for p in model.parameters() if id(p) in hidden], lr=opt.lr_muon or opt.lr,
+                                weight_decay=opt.weight_decay, adjust_lr_fn="match_rms_adamw")
+        return [muon, torch.optim.AdamW(_split_groups(groups, hidden), betas=(opt.beta1, opt.beta2))]
+
+
+class LoRA(Method):
+    name = "lora"
+
+    def prepare(self, model):
         from peft import LoraConfig, get_peft_model
 
+        config = self.config
         names = {name.rpartition(".")[2] for name, _ in model.named_modules()}
         # The paper's LoRA baseline adapts all seven block linears of LLaMA; other architectures get peft's defaults.
         targets = config.poet.target_modules or (LORA_TARGETS if set(LORA_TARGETS) <= names else None)
@@ -41,44 +140,136 @@ def prepare_model(model: nn.Module, config: TrainConfig) -> nn.Module:
                                                      target_modules=targets, lora_dropout=0.0))
         except ValueError as error:
             raise ModelError(f"LoRA cannot wrap this model ({error}); set poet.target_modules to its linear layer names") from None
-    if config.finetuning and config.method in ("poet", "lora"):
-        _freeze_base(model, config)
-    return model
+        _freeze_base(model, config, {id(p) for name, p in model.named_parameters() if "lora_" in name})
+        return model
 
 
-def _freeze_base(model: nn.Module, config: TrainConfig) -> None:
-    keep = {id(p) for p in rotation_parameters(model)}
-    keep |= {id(p) for name, p in model.named_parameters() if "lora_" in name}
-    for name, module in model.named_modules():
+class POETFold(Method):
+    """POET folded into the weights every step: plain nn.Linear layers, `poetlm.optim.POET` rotating them."""
+
+    name = "poet"
+
+    supports_fsdp = False  # the optimizer rotates full weights
+
+    def prepare(self, model):
+        try:
+            self.named_weights = rotated_weights(model, poet_config(self.config))
+            self.weights = [weight for _, weight in self.named_weights]
+        except ValueError as error:
+            raise ModelError(str(error)) from None
+        if self.config.finetuning:
+            _freeze_base(model, self.config, {id(w) for w in self.weights})
+        return model
+
+    def optimizers(self, model):
+        cfg = self.config
+        ids = {id(w) for w in self.weights}
+        groups = param_groups(model, lr_base=cfg.optim.lr, lr_poet=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+        rotations = POET(self.named_weights, lr=cfg.optim.lr_poet, poet=poet_config(cfg), rule=cfg.rule)
+        rest = _split_groups(groups, ids)
+        return [rotations] + ([torch.optim.AdamW(rest, betas=(cfg.optim.beta1, cfg.optim.beta2))] if rest else [])
+
+    def diagnostics(self, model, optimizers, spectrum):
+        return {"spectrum_drift": optimizers[0].spectrum_drift()} if spectrum else {}
+
+    def block_linear_params(self, model):
+        """The rotation parameters one step trains: b(b−1)/2 per block and side, as the layer form counts them."""
+        poet = poet_config(self.config)
+        return sum(size * (size - 1) // 2 for weight in self.weights for dim in weight.shape
+                   for size in block_layout(poet.variant, dim, poet.block_size, poet.fraction)[1])
+
+
+class POETPaper(Method):
+    """The paper's recipe: reparameterized layers, AdamW on the skew parameters, merge-then-reinitialize."""
+
+    name = "poet-paper"
+
+    def prepare(self, model):
+        try:
+            poetize(model, poet_config(self.config))
+        except ValueError as error:  # e.g. a model built from Conv1D layers: a user-facing problem, not a crash
+            raise ModelError(str(error)) from None
+        if self.config.finetuning:
+            _freeze_base(model, self.config, {id(p) for p in rotation_parameters(model)})
+            # The adapter replays the run on the base: the pre-merge rotations of every merge, recorded here.
+            self.history, self.fingerprint = MergeHistory(), base_fingerprint(model)
+        return model
+
+    def state_dict(self) -> dict:
+        return {"history": self.history.state_dict()} if self.config.finetuning else {}
+
+    def load_state_dict(self, saved: dict) -> None:
+        if self.config.finetuning:
+            self.history.load_state_dict(saved["history"])
+
+    def finish(self, model, run_dir):
+        if self.config.finetuning:
+            rotation_ids = {id(p) for p in rotation_parameters(model)}
+            trained = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in rotation_ids]
+            save_adapter(model, run_dir / "adapter.safetensors", history=self.history, trained=trained,
+                         base_fingerprint=self.fingerprint)
+
+    def optimizers(self, model):
+        opt = self.config.optim
+        groups = param_groups(model, lr_base=opt.lr, lr_poet=opt.lr_poet, weight_decay=opt.weight_decay)
+        return [torch.optim.AdamW(groups, betas=(opt.beta1, opt.beta2))]
+
+    def step_context(self, model, sharded):
+        # FSDP2 gathers parameters only inside each block's forward, so sharded runs rebuild weights per micro-batch.
+        return contextlib.nullcontext() if sharded else step_weight_cache(model)
+
+    def after_backward(self, model, runtime, sharded):
+        if not sharded:
+            distributed.all_reduce_rotation_grads(model, runtime)
+
+    def clip_threshold(self, step, last_merge_step):
+        """The global clip, tightened to 0.1× right after a merge and ramped back to 1× (paper §5)."""
+        opt = self.config.optim
+        since = None if last_merge_step is None else step - last_merge_step
+        if since is None or since >= opt.merge_clip_steps:
+            return opt.grad_clip
+        return opt.grad_clip * (0.1 + 0.9 * since / opt.merge_clip_steps)
+
+    def after_step(self, step, model, optimizers):
+        if step % self.config.poet.merge_every != 0 or step >= self.config.steps:
+            return False
+        if self.config.finetuning:
+            self.history.record(model)
+        merge(model, optimizers[0])
+        return True
+
+    def diagnostics(self, model, optimizers, spectrum):
+        with full_parameters(model):
+            diag = model_diagnostics(model, spectrum=spectrum)
+        keys = ["q_norm", "orth_err", "probe_cos"] + (["spectrum_drift"] if spectrum else [])
+        return {key: diag[key + "_max" if key == "spectrum_drift" else key] for key in keys}
+
+    def block_linear_params(self, model):
+        return sum(p.numel() for p in rotation_parameters(model))
+
+
+METHOD_CLASSES = {cls.name: cls for cls in (POETFold, POETPaper, AdamW, Muon, LoRA)}
+
+
+def make_method(config: TrainConfig) -> Method:
+    return METHOD_CLASSES[config.method](config)
+
+
+def prepare_model(model: nn.Module, config: TrainConfig) -> nn.Module:
+    """The model as `config.method` trains it (e.g. with POET layers), for rebuilding a run's model."""
+    return make_method(config).prepare(model)
+
+
+def _freeze_base(model: nn.Module, config: TrainConfig, keep: set[int]) -> None:
+    """Finetuning with POET or LoRA trains only `keep` (plus norms and biases when asked)."""
+    keep = set(keep)
+    for module in model.modules():
         if config.finetune.train_norms and "norm" in type(module).__name__.lower():
             keep |= {id(p) for p in module.parameters(recurse=False)}
     if config.finetune.train_biases:
         keep |= {id(p) for name, p in model.named_parameters() if name.endswith(".bias")}
     for param in model.parameters():
         param.requires_grad_(id(param) in keep)
-
-
-def _hidden_matrices(model: nn.Module) -> set[int]:
-    """2-D weights inside the decoder blocks: Muon's domain (embeddings and head stay with AdamW)."""
-    return {id(p) for name, p in model.named_parameters() if p.requires_grad and p.dim() == 2 and ".layers." in f".{name}"}
-
-
-def build_optimizers(model: nn.Module, config: TrainConfig) -> list[torch.optim.Optimizer]:
-    opt = config.optim
-    betas = (opt.beta1, opt.beta2)
-    if config.method == "poet":
-        groups = param_groups(model, lr_base=opt.lr, lr_poet=opt.lr_poet, weight_decay=opt.weight_decay)
-        return [torch.optim.AdamW(groups, betas=betas)]
-    groups = param_groups(model, lr_base=opt.lr, lr_poet=opt.lr, weight_decay=opt.weight_decay)
-    if config.method in ("adamw", "lora"):
-        return [torch.optim.AdamW(groups, betas=betas)]
-    hidden = _hidden_matrices(model)
-    muon_params = [p for p in model.parameters() if id(p) in hidden]
-    rest = [{**g, "params": [p for p in g["params"] if id(p) not in hidden]} for g in groups]
-    # "match_rms_adamw" scales Muon's update to AdamW's RMS, so one learning-rate range serves both.
-    muon = torch.optim.Muon(muon_params, lr=opt.lr_muon or opt.lr, weight_decay=opt.weight_decay,
-                            adjust_lr_fn="match_rms_adamw")
-    return [muon, torch.optim.AdamW([g for g in rest if g["params"]], betas=betas)]
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
@@ -92,17 +283,3 @@ def lr_factor(step: int, config: TrainConfig) -> float:
 
 def build_schedulers(optimizers, config: TrainConfig) -> list[torch.optim.lr_scheduler.LambdaLR]:
     return [torch.optim.lr_scheduler.LambdaLR(o, lambda step: lr_factor(step, config)) for o in optimizers]
-
-
-def clip_threshold(step: int, last_merge_step: int | None, config: TrainConfig) -> float:
-    """The global clip, tightened to 0.1× right after a merge and ramped back to 1× (paper §5)."""
-    opt = config.optim
-    since = None if last_merge_step is None else step - last_merge_step
-    if since is None or since >= opt.merge_clip_steps:
-        return opt.grad_clip
-    return opt.grad_clip * (0.1 + 0.9 * since / opt.merge_clip_steps)
-
-
-def merge_due(step: int, config: TrainConfig) -> bool:
-    """After optimizer step `step` (1-based count of completed steps)."""
-    return config.method == "poet" and step % config.poet.merge_every == 0 and step < config.steps

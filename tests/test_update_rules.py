@@ -1,0 +1,193 @@
+"""Update rules and the fold-every-step optimizer against dense references."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from poetlm import POETConfig, POETLinear, merge
+from poetlm.optim import POET, skew_gradient
+from poetlm.orthogonal import orthogonalize_skew
+from poetlm.primitives import block_layout, draw_index, seeded_generator, transport_blocks
+from poetlm.update_rules import RuleConfig
+
+
+def random_skew(*shape, dtype=torch.float64, seed=0):
+    a = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    return a - a.transpose(-1, -2)
+
+
+def test_exact_orthogonalization_is_the_polar_factor_and_stays_skew():
+    a = random_skew(3, 8, 8)
+    u, _, vh = torch.linalg.svd(a)
+    result = orthogonalize_skew(a, "exact")
+    torch.testing.assert_close(result, u @ vh, atol=1e-10, rtol=0)
+    torch.testing.assert_close(result, -result.transpose(-1, -2), atol=1e-12, rtol=0)
+    torch.testing.assert_close(torch.linalg.svdvals(result), torch.ones(3, 8, dtype=torch.float64), atol=1e-10, rtol=0)
+
+
+def test_exact_orthogonalization_of_an_odd_block_keeps_its_kernel_at_zero():
+    sigma = torch.linalg.svdvals(orthogonalize_skew(random_skew(7, 7), "exact"))
+    torch.testing.assert_close(sigma, torch.tensor([1.0] * 6 + [0.0], dtype=torch.float64), atol=1e-9, rtol=0)
+
+
+def test_newton_schulz_is_skew_and_near_the_polar_factor():
+    a = random_skew(4, 16, 16, dtype=torch.float32)
+    result = orthogonalize_skew(a, "newton_schulz")
+    torch.testing.assert_close(result, -result.transpose(-1, -2), atol=1e-5, rtol=0)
+    sigma = torch.linalg.svdvals(result)
+    assert sigma.min() > 0.6 and sigma.max() < 1.3
+    exact = orthogonalize_skew(a, "exact")
+    cosine = (result * exact).sum((-1, -2)) / (result.norm(dim=(-1, -2)) * exact.norm(dim=(-1, -2)))
+    assert cosine.min() > 0.95
+
+
+def dense_block_embedding(blocks, index, dim):
+    """The dim×dim matrix holding each block at its coordinates (loops, from the definition)."""
+    block = blocks.shape[-1]
+    dense = torch.zeros(dim, dim, dtype=blocks.dtype)
+    for p in range(len(index)):
+        for q in range(len(index)):
+            if p // block == q // block:
+                dense[index[p], index[q]] = blocks[p // block, p % block, q % block]
+    return dense
+
+
+@pytest.mark.parametrize("variant, side", [("bs", "out"), ("bs", "in"), ("fs", "out"), ("fs", "in")])
+def test_skew_gradient_is_the_autograd_gradient_of_a_dense_rotation(variant, side):
+    torch.manual_seed(0)
+    weight = torch.randn(10, 7, dtype=torch.float64)
+    inputs, targets = torch.randn(32, 7, dtype=torch.float64), torch.randn(32, 10, dtype=torch.float64)
+    dim = weight.shape[0] if side == "out" else weight.shape[1]
+    block, sizes = block_layout(variant, dim, 4, 0.5)
+    index = draw_index(variant, dim, sum(sizes), seeded_generator(1, side))
+    # Reference: L((I + 2M)·W) (output side) or L(W·(I + 2M)ᵀ) (input side), M the dense embedding of free blocks.
+    free = torch.zeros(len(sizes), block, block, dtype=torch.float64, requires_grad=True)
+    m = dense_block_embedding(free, index, dim)
+    eye = torch.eye(dim, dtype=torch.float64)
+    rotated = (eye + 2 * m) @ weight if side == "out" else weight @ (eye + 2 * m).T
+    ((inputs @ rotated.T - targets) ** 2).sum().backward()
+    reference = free.grad - free.grad.transpose(-1, -2)  # the gradient along skew directions Q = U − Uᵀ
+
+    w = weight.clone().requires_grad_(True)
+    ((inputs @ w.T - targets) ** 2).sum().backward()
+    rows, grad_rows = (weight, w.grad) if side == "out" else (weight.T, w.grad.T)
+    torch.testing.assert_close(skew_gradient(rows, grad_rows, index, block, len(sizes)), reference, atol=1e-9, rtol=1e-9)
+
+
+def test_transported_momentum_equals_the_dense_one_on_surviving_planes():
+    dim, block = 11, 4
+    _, sizes = block_layout("bs", dim, block, 1.0)
+    old = draw_index("bs", dim, dim, seeded_generator("old"))
+    new = draw_index("bs", dim, dim, seeded_generator("new"))
+    blocks = random_skew(len(sizes), block, block)
+    blocks[-1, sizes[-1]:, :] = 0  # a short last block has zero padding rows and columns
+    blocks[-1, :, sizes[-1]:] = 0
+    dense = dense_block_embedding(blocks, old, dim)
+    old_block = {int(c): p // block for p, c in enumerate(old)}
+    moved = transport_blocks(blocks, old, new, dim)
+    for k in range(len(sizes)):
+        for i in range(block):
+            for j in range(block):
+                p, q = k * block + i, k * block + j
+                if p >= dim or q >= dim:
+                    assert moved[k, i, j] == 0
+                    continue
+                ci, cj = int(new[p]), int(new[q])
+                expected = dense[ci, cj] if old_block[ci] == old_block[cj] else 0.0
+                assert moved[k, i, j] == expected
+
+
+def regression(seed=0, out=12, inp=12):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(64, inp, generator=g), torch.randn(64, out, generator=g)
+
+
+def test_fold_every_step_equals_the_layer_form_merging_every_step():
+    """lie_adam with a redraw (and state reset) every step is the paper's recipe with merge_every=1."""
+    config = POETConfig(variant="bs", block_size=4, parameterization="cayley_neumann", neumann_terms=3, seed=3)
+    inputs, targets = (t.double() for t in regression(out=10, inp=9))
+    layer = POETLinear(9, 10, bias=False, config=config, name="lin", dtype=torch.float64)
+    linear = nn.Linear(9, 10, bias=False, dtype=torch.float64)
+    with torch.no_grad():
+        linear.weight.copy_(layer.weight0)
+    start = layer.weight0.detach().clone()
+    lr, betas, eps = 3e-3, (0.9, 0.99), 1e-8
+    adam = torch.optim.AdamW(layer.rotation_parameters(), lr=lr, betas=betas, eps=eps, weight_decay=0.0)
+    rule = RuleConfig(name="lie_adam", beta1=betas[0], beta2=betas[1], eps=eps, redraw_every=1, alternate=False)
+    # Cayley and CNP are I + 2Q near 0: the layer's step Q = −lr·D turns by 2·lr, so the optimizer's angle is 2·lr.
+    poet = POET([("lin.weight", linear.weight)], lr=2 * lr, poet=config, rule=rule)
+    for _ in range(5):
+        for module, optimizer in ((layer, adam), (linear, poet)):
+            ((module(inputs) - targets) ** 2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        merge(layer, adam)
+    assert (linear.weight.detach() - start).norm() > 1e-3
+    torch.testing.assert_close(linear.weight.detach(), layer.effective_weight().detach(), atol=1e-10, rtol=1e-10)
+
+
+def test_an_orthogonalized_step_turns_every_plane_by_the_same_angle():
+    inputs, targets = regression(out=8, inp=8)
+    weight = nn.Parameter(torch.randn(8, 8, dtype=torch.float64))
+    before = weight.detach().clone()
+    lr = 0.05
+    optimizer = POET([weight], lr=lr, poet=POETConfig(block_size=4), rule=RuleConfig(alternate=True))
+    ((inputs.double() @ weight.T - targets.double()) ** 2).sum().backward()
+    optimizer.step()  # step 0 of alternation: the output side only, W ← R·W
+    rotation = weight.detach() @ torch.linalg.inv(before)
+    torch.testing.assert_close(rotation @ rotation.T, torch.eye(8, dtype=torch.float64), atol=1e-10, rtol=0)
+    angles = torch.linalg.eigvals(rotation).angle().abs()
+    torch.testing.assert_close(angles, torch.full((8,), 2 * math.atan(lr / 2), dtype=torch.float64), atol=1e-8, rtol=0)
+
+
+@pytest.mark.parametrize("rule", [RuleConfig(), RuleConfig(name="lie_adam"), RuleConfig(orthogonalize="newton_schulz", alternate=False)])
+@pytest.mark.parametrize("variant", ["bs", "fs"])
+def test_many_steps_keep_the_spectrum_while_the_weight_moves(rule, variant):
+    inputs, targets = regression(out=24, inp=20)
+    weight = nn.Parameter(torch.randn(24, 20) / 5)
+    start = weight.detach().clone()
+    optimizer = POET([weight], lr=0.02, poet=POETConfig(variant=variant, block_size=8), rule=rule)
+    for _ in range(200):
+        ((inputs @ weight.T - targets) ** 2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert (weight.detach() - start).norm() / start.norm() > 0.1
+    assert optimizer.spectrum_drift() < 1e-5
+    torch.testing.assert_close(torch.linalg.svdvals(weight.detach()), torch.linalg.svdvals(start), atol=1e-5, rtol=0)
+
+
+def test_resuming_from_a_state_dict_continues_exactly():
+    inputs, targets = regression(out=12, inp=10)
+    rule = RuleConfig(redraw_every=3)
+
+    def run(weight, optimizer, steps):
+        for _ in range(steps):
+            ((inputs @ weight.T - targets) ** 2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    start = torch.randn(12, 10)
+    straight = nn.Parameter(start.clone())
+    run(straight, POET([straight], lr=0.03, poet=POETConfig(block_size=4), rule=rule), 8)
+    first = nn.Parameter(start.clone())
+    optimizer = POET([first], lr=0.03, poet=POETConfig(block_size=4), rule=rule)
+    run(first, optimizer, 4)
+    saved = optimizer.state_dict()
+    resumed = nn.Parameter(first.detach().clone())
+    optimizer = POET([resumed], lr=0.03, poet=POETConfig(block_size=4), rule=rule)
+    optimizer.load_state_dict(saved)
+    run(resumed, optimizer, 4)
+    assert torch.equal(resumed, straight)
+
+
+@pytest.mark.parametrize("field, value", [("name", "sgd"), ("beta1", 1.0), ("redraw_every", 0), ("orthogonalize", "svd")])
+def test_rule_config_rejects_bad_values_by_name(field, value):
+    with pytest.raises(ValueError, match=f"RuleConfig.{field}="):
+        RuleConfig(**{field: value})
+
+
+def test_poet_optimizer_refuses_vectors():
+    with pytest.raises(ValueError, match="rotates matrices"):
+        POET([nn.Parameter(torch.zeros(4))])
