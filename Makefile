@@ -1,4 +1,5 @@
-# Two commands for a newcomer: `make demo` (the main job) and `make test` (the test suite).
+# Two commands for a newcomer: `make demo` (the main job) and `make test` (lint and the whole test suite;
+# `pytest -m 'not slow'` is the quick tier for everyday work).
 # Both create .venv and install what they need; torch comes as the 2.13.0 CPU build unless a
 # torch is already importable (a GPU user's own build is kept).
 PYTHON ?= python3
@@ -18,6 +19,7 @@ demo: setup
 	$(VENV)/bin/poetlm train
 
 test: setup
+	$(PY) -m ruff check .
 	$(PY) -m pytest -q
 
 clean:

@@ -1,15 +1,21 @@
 """torchrun data parallelism on CPU (gloo): same global batch, same losses; identical replicas after merges."""
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
 from poetlm.cli import main
+from poetlm.train import checkpoint as ckpt
 from poetlm.train.data import read_documents
+
+pytestmark = pytest.mark.slow
 
 TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2", "model.num_heads=2",
         "data.seq_len=32", "data.vocab_size=300", "batch_size=4", "eval_tokens=512", "log_every=1",
@@ -17,15 +23,17 @@ TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=
         "eval_every=3", "checkpoint_every=3"]
 
 
-def run(tmp_path, name, nproc, *extra):
+def command(tmp_path, name, nproc, *extra):
     common = [*TINY, f"data.data={str(tmp_path / 'plays.txt')!r}", f"data.cache_dir={str(tmp_path / 'cache')!r}",
               f"out_dir={str(tmp_path / 'runs')!r}", f"name={name!r}", *extra]
     if nproc == 1:
-        cmd = [sys.executable, "-m", "poetlm", "train", *common]
-    else:
-        torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
-        cmd = [torchrun, "--standalone", "--nproc_per_node", str(nproc), "-m", "poetlm", "train", *common]
-    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        return [sys.executable, "-m", "poetlm", "train", *common]
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    return [torchrun, "--standalone", "--nproc_per_node", str(nproc), "-m", "poetlm", "train", *common]
+
+
+def run(tmp_path, name, nproc, *extra):
+    result = subprocess.run(command(tmp_path, name, nproc, *extra), capture_output=True, text=True, timeout=300)
     failure = [line for line in result.stderr.splitlines() if "Error" in line or "error" in line]
     assert result.returncode == 0, "\n".join(failure[:40]) or result.stderr[-3000:]
     run_dir = tmp_path / "runs" / name
@@ -55,3 +63,48 @@ def test_fsdp2_matches_one_process_and_its_checkpoint_loads_unsharded(tmp_path, 
     assert main(["eval", str(tmp_path / "runs" / "fsdp")]) == 0
     ppl = float(capsys.readouterr().out.split("perplexity:")[1].split()[0])
     assert ppl == pytest.approx(fsdp["final_val_ppl"], rel=1e-3)
+
+
+def _descendant_with_env(root: int, entry: bytes) -> int | None:
+    """A process below `root` whose environment holds `entry` exactly (e.g. b"RANK=1")."""
+    children = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    todo = list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        try:
+            if entry in (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0"):
+                return pid
+        except OSError:
+            pass
+        todo += children.get(pid, [])
+    return None
+
+
+def test_a_signal_to_one_worker_stops_every_rank_at_one_checkpoint(tmp_path):
+    (tmp_path / "plays.txt").write_text("\n\n".join(read_documents("shakespeare", max_documents=300)))
+    cmd = command(tmp_path, "sig", 2, "steps=100000", "checkpoint_every=100000", "eval_every=100000")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    run_dir = tmp_path / "runs" / "sig"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists()
+                                              and (run_dir / "metrics.jsonl").read_text().count("\n") >= 3):
+            time.sleep(0.2)
+        worker = _descendant_with_env(proc.pid, b"RANK=1")
+        assert worker is not None, "no worker with RANK=1 found"
+        os.kill(worker, signal.SIGTERM)  # that worker alone: rank 0 never sees a signal
+        _, err = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+        pytest.fail("the job hung after one worker got SIGTERM")
+    assert "SIGTERM received: checkpoint at step" in err
+    saved = ckpt.load_checkpoint(run_dir)
+    logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert saved["step"] == max(logged)  # both ranks stopped after the same step, and that step was saved

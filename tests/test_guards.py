@@ -1,5 +1,7 @@
 """Mistakes a user can make get a message that names them, not a deep or misleading error."""
 
+import threading
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -7,6 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import poetlm
 from poetlm import POETConfig
 from poetlm.cli import main
+from poetlm.train import loop
 from poetlm.train.config import ConfigError, resolve_config
 
 
@@ -63,3 +66,26 @@ def test_cuda_without_cuda_is_a_config_error(monkeypatch, capsys, tmp_path):
     assert "CUDA is not available" in capsys.readouterr().err
     assert main(["generate", str(tmp_path), "--device", "cuda"]) == 2
     assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_run_directories_are_claimed_atomically(tmp_path):
+    config = resolve_config("tiny", [f"out_dir={str(tmp_path)!r}", "name='sweep'"])
+    claimed, barrier = [], threading.Barrier(8)
+
+    def claim():
+        barrier.wait()
+        claimed.append(loop.claim_run_dir(config))
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(p.name for p in claimed) == sorted(["sweep"] + [f"sweep-{n}" for n in range(2, 9)])
+    assert all(p.is_dir() for p in claimed)
+
+
+def test_resume_of_a_file_is_a_clear_error(tmp_path, capsys):
+    (tmp_path / "step_00000003.pt").write_bytes(b"")
+    assert main(["train", "--resume", str(tmp_path / "step_00000003.pt")]) == 2
+    assert "is a file: give the run directory" in capsys.readouterr().err

@@ -128,6 +128,7 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(tiny, monkeypat
         assert torch.equal(x, y), name
 
 
+@pytest.mark.slow
 def test_sigint_from_outside_writes_a_checkpoint_and_exits_cleanly(tiny, tmp_path):
     args = [sys.executable, "-m", "poetlm", "train", *tiny("name='sig'", steps=100000), "checkpoint_every=100000", "eval_every=100000"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

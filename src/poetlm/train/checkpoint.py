@@ -135,8 +135,8 @@ def load_checkpoint(run_dir: Path, map_location="cpu") -> dict:
             found = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line]
             raise CheckpointError(
                 f"{path} holds Python objects other than tensors and plain data ({found[0] if found else 'unsupported object'}); "
-                "poetlm refuses to unpickle it because that can run arbitrary code. poetlm did not write this file: "
-                "remove it unless you know where it came from") from None
+                "poetlm refuses to unpickle it because that can run arbitrary code, and its own checkpoints hold nothing "
+                "else. Remove the file unless you know where it came from") from None
         except Exception as error:  # damaged, truncated, or no checksum: try the one before it
             problems.append(str(error) if isinstance(error, CheckpointError) else f"{path.name}: {error}")
             continue

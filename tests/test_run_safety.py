@@ -1,0 +1,175 @@
+"""What `poetlm train` and its companions do with run directories when things go wrong or are misused."""
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from poetlm.cli import main
+from poetlm.train import checkpoint as ckpt
+from poetlm.train import loop
+from poetlm.train.config import resolve_config
+from poetlm.train.data import read_documents
+
+pytestmark = pytest.mark.slow
+
+TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2", "model.num_heads=2",
+        "data.seq_len=32", "data.vocab_size=300", "batch_size=4", "eval_tokens=512", "log_every=1",
+        "diagnostics_every=1", "poet.block_size=8", "poet.merge_every=2", "progress=false", "optim.warmup_steps=0",
+        "eval_every=3", "checkpoint_every=3"]
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    corpus = tmp_path / "plays.txt"
+    corpus.write_text("\n\n".join(read_documents("shakespeare", max_documents=300)))
+
+    def overrides(*extra, steps=6):
+        return [*TINY, f"data.data={str(corpus)!r}", f"data.cache_dir={str(tmp_path / 'cache')!r}",
+                f"out_dir={str(tmp_path / 'runs')!r}", f"steps={steps}", *extra]
+    overrides.corpus, overrides.cache, overrides.runs = corpus, tmp_path / "cache", tmp_path / "runs"
+    return overrides
+
+
+def stop_at_step(monkeypatch, step):
+    """SIGTERM this process during optimizer step `step` (grad_accum=1): the loop checkpoints there and returns."""
+    original, calls = loop.micro_batch_loss, {"n": 0}
+
+    def loss_then_signal(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == step:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "micro_batch_loss", loss_then_signal)
+
+
+def snapshot(directory):
+    return {str(p.relative_to(directory)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(Path(directory).rglob("*")) if p.is_file()}
+
+
+def test_a_resumed_run_keeps_its_tokenizer_and_tokens_when_the_data_changes(tiny, monkeypatch, capsys):
+    stop_at_step(monkeypatch, 2)
+    stopped = loop.train(resolve_config("tiny", tiny("name='cut'")))
+    monkeypatch.undo()
+    run_dir = Path(stopped["run_dir"])
+    tokenizers = sorted((tiny.cache / "tokenizers").iterdir())
+    record = json.loads((run_dir / "data.json").read_text())
+    with tiny.corpus.open("a") as f:
+        f.write("\n\nA new scene, appended after the run started, with words the tokenizer never saw: zyxxy qwopp.\n")
+
+    # Without its token cache the run cannot get its tokens back from the changed file: refused, nothing touched.
+    cache = Path(record["cache_dir"])
+    cache.rename(cache.with_name("aside"))
+    before = snapshot(run_dir)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "changed since this run started" in err and "Restore the original data" in err
+    assert snapshot(run_dir) == before
+
+    # With the cache the run goes on, exactly on what it trained on, and says the data changed.
+    cache.with_name("aside").rename(cache)
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    assert "changed since this run started; the run goes on with the tokens it started with" in capsys.readouterr().err
+    assert sorted((tiny.cache / "tokenizers").iterdir()) == tokenizers  # no tokenizer was trained on the new text
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 6
+
+
+def test_resuming_a_finished_run_changes_nothing(tiny, capsys):
+    summary = loop.train(resolve_config("tiny", tiny("name='done'", steps=3)))
+    run_dir = Path(summary["run_dir"])
+    before = snapshot(run_dir)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    assert "already finished (3 of 3 steps)" in capsys.readouterr().out
+    assert snapshot(run_dir) == before
+
+
+def test_the_logged_lr_of_poet_is_the_rotations_lr(tiny):
+    summary = loop.train(resolve_config("tiny", tiny("name='lr'", "optim.lr=1e-2", "optim.lr_poet=2e-3", steps=3)))
+    first = json.loads((Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()[0])
+    assert (first["lr"], first["lr_poet"]) == (1e-2, 2e-3)
+
+
+def _nan_loss(monkeypatch):
+    original = loop.micro_batch_loss
+    monkeypatch.setattr(loop, "micro_batch_loss", lambda *a, **k: original(*a, **k) * float("nan"))
+
+
+def _interrupt_startup(monkeypatch):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loop, "load_data", interrupted)
+
+
+@pytest.mark.parametrize("failure,extra,code,message", [
+    (None, ["data.seq_len=100000"], 1, "fewer than seq_len+1=100001"),
+    (_nan_loss, [], 1, "non-finite loss (nan) at step 1"),
+    (_interrupt_startup, [], 130, "poetlm train: interrupted"),
+])
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory(tiny, monkeypatch, capsys, failure, extra, code, message):
+    if failure is not None:
+        failure(monkeypatch)
+    assert main(["train", *tiny("name='early'", *extra)]) == code
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tiny.runs / "early").exists()
+    monkeypatch.undo()
+    summary = loop.train(resolve_config("tiny", tiny("name='early'", steps=3)))
+    assert Path(summary["run_dir"]).name == "early"  # not early-2
+
+
+@pytest.fixture
+def finished_run(tiny):
+    return Path(loop.train(resolve_config("tiny", tiny("name='exp'", steps=3)))["run_dir"])
+
+
+def test_export_never_overwrites_silently_and_never_writes_into_a_run(finished_run, tmp_path, capsys):
+    run_dir = finished_run
+    config = (run_dir / "config.json").read_bytes()
+    for target in (run_dir, run_dir / "exported"):
+        for force in ([], ["--force"]):
+            assert main(["export", str(run_dir), str(target), *force]) == 1
+            assert "the run directory" in capsys.readouterr().err
+    assert (run_dir / "config.json").read_bytes() == config and not (run_dir / "exported").exists()
+
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    assert main(["export", str(run_dir), str(occupied)]) == 1
+    assert "is not empty" in capsys.readouterr().err and sorted(os.listdir(occupied)) == ["notes.txt"]
+    assert main(["export", str(run_dir), str(occupied), "--force"]) == 0
+    assert (occupied / "config.json").is_file() and (occupied / "notes.txt").read_text() == "mine"
+
+    a_file = tmp_path / "model.bin"
+    a_file.write_text("not a directory")
+    assert main(["export", str(run_dir), str(a_file)]) == 1
+    assert "is an existing file" in capsys.readouterr().err and a_file.read_text() == "not a directory"
+    assert main(["export", str(run_dir), str(a_file), "--force"]) == 0
+    assert (a_file / "config.json").is_file()
+
+
+def test_generate_keeps_the_end_of_a_prompt_longer_than_the_context(finished_run, capsys):
+    assert main(["generate", str(finished_run), "--prompt", "To be or not to be " * 40, "--max-new-tokens", "4"]) == 0
+    err = capsys.readouterr().err
+    assert "keeping its last 28 (context 32 minus --max-new-tokens 4)" in err
+    assert main(["generate", str(finished_run), "--max-new-tokens", "32"]) == 1
+    assert "use at most 31" in capsys.readouterr().err
+
+
+def test_a_damaged_checkpoint_fails_eval_export_and_generate_clearly(finished_run, tmp_path, capsys):
+    (only,) = ckpt.list_checkpoints(finished_run)
+    data = bytearray(only.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped bit, same size
+    only.write_bytes(bytes(data))
+    for command in (["eval", str(finished_run)], ["export", str(finished_run), str(tmp_path / "out")],
+                    ["generate", str(finished_run)]):
+        capsys.readouterr()
+        assert main(command) == 1, command
+        out, err = capsys.readouterr()
+        assert "does not match its checksum" in err and "perplexity" not in out
