@@ -153,7 +153,58 @@ def test_merge_history_round_trips_and_refuses_missed_records():
         save_adapter(model, "unused.safetensors", history=history)
 
 
-def test_gpt2_conv1d_layers_are_refused_with_a_clear_message():
-    config = GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0, eos_token_id=0)
-    with pytest.raises(ValueError, match="Conv1D"):
-        poetlm.poetize(GPT2LMHeadModel(config), POETConfig(init="keep"))
+def gpt2(seed=0):
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
+                                      eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+
+
+def finetune(model, merges, config=None):
+    """Random rotations folded in `merges` times, with the history recorded; returns (model, history, fingerprint)."""
+    model = poetlm.poetize(model, config or POETConfig(init="keep", block_size=4))
+    fingerprint, history = base_fingerprint(model), MergeHistory()
+    for i in range(merges + 1):
+        with torch.no_grad():
+            for param in poetlm.rotation_parameters(model):
+                param.normal_(std=0.05, generator=torch.Generator().manual_seed(i))
+        if i < merges:
+            history.record(model)
+            poetlm.merge(model)
+    return model, history, fingerprint
+
+
+def test_gpt2_conv1d_adapter_round_trip(tmp_path):
+    model, history, fingerprint = finetune(gpt2(), merges=2)
+    assert {type(m).__name__ for _, m in poetlm.poet_layers(model)} == {"POETConv1D"}
+    save_adapter(model, tmp_path / "a.safetensors", history=history, base_fingerprint=fingerprint)
+    loaded = load_adapter(gpt2(), tmp_path / "a.safetensors")
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=1e-6)
+    with pytest.raises(AdapterError, match="weights of .* differ"):
+        load_adapter(gpt2(seed=1), tmp_path / "a.safetensors")
+
+
+def test_a_layer_whose_history_outgrows_its_weight_stores_w0_instead(tmp_path):
+    """block 16 on 32-wide layers: r = 2·2·120 = 480 per merge for a 1024-entry q_proj, so from the third
+    merge on its W0 is smaller than its history; the 48-wide down_proj (r = 600, 1536 entries) too."""
+    config = POETConfig(init="keep", block_size=16, target_modules=["q_proj", "down_proj"])
+    model, history, fingerprint = finetune(llama(), merges=5, config=config)
+    assert len(history) == 5 and history.records[0] == {}  # every layer dropped from the records
+    save_adapter(model, tmp_path / "a.safetensors", history=history, base_fingerprint=fingerprint)
+    info = poetlm.adapter.read_adapter_info(tmp_path / "a.safetensors")
+    assert info["merges"] == 5 and len(info["stored_w0"]) == 4
+    restored = MergeHistory()
+    loaded = load_adapter(llama(), tmp_path / "a.safetensors", history=restored)
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=1e-6)
+    for (_, ours), (_, theirs) in zip(poetlm.poet_layers(model), poetlm.poet_layers(loaded)):
+        assert torch.equal(ours.weight0, theirs.weight0) and torch.equal(ours.probe_rotated, theirs.probe_rotated)
+        assert int(theirs.merge_count) == 5 and torch.equal(ours.rotation_in.index, theirs.rotation_in.index)
+    # Size: per layer min(history, W0) + current rotations, far below 5 merges of history.
+    entries = sum(min(5 * r, w) + r for r, w in [(480, 1024), (600, 1536)]) * 2  # two decoder blocks
+    with safe_open(str(tmp_path / "a.safetensors"), framework="pt") as f:
+        stored = sum(f.get_tensor(k).numel() for k in f.keys() if not k.startswith("probe_rotated."))
+    assert stored == entries
+    # Training goes on: the restored history keeps recording and saving.
+    restored.record(loaded)
+    poetlm.merge(loaded)
+    save_adapter(loaded, tmp_path / "b.safetensors", history=restored, base_fingerprint=info["base_fingerprint"])
+    assert poetlm.adapter.read_adapter_info(tmp_path / "b.safetensors")["merges"] == 6

@@ -51,17 +51,26 @@ def test_wrapped_pretrained_llama_starts_at_the_original_logits(base):
     torch.testing.assert_close(wrapped(ids).logits, original(ids).logits, rtol=0, atol=1e-6)
 
 
-def test_gpt2_conv1d_is_refused_with_a_clear_message(base, tmp_path, capsys):
+@pytest.mark.parametrize("method", ["poet", "poet-paper"])
+def test_gpt2_conv1d_finetunes_and_exports_to_gpt2(base, tmp_path, method):
     gpt2 = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=300, n_positions=64)).save_pretrained(gpt2)
-    with pytest.raises(ValueError, match="Conv1D"):
-        poetlm.poetize(reload(gpt2), poetlm.POETConfig(init="keep"))
     for name in ("tokenizer.json", "tokenizer_config.json"):
         shutil.copy(base[0] / name, gpt2 / name)
-    args = finetune_args((gpt2, base[1]), tmp_path)
-    assert main(args) == 1
-    err = capsys.readouterr().err
-    assert "Conv1D" in err and "Traceback" not in err
+    assert main(finetune_args((gpt2, base[1]), tmp_path, "--method", method, "--name", "ft")) == 0
+    run_dir = tmp_path / "runs" / "ft"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_val_ppl"] < summary["initial_val_ppl"]
+    assert summary["block_linear_trainable_params"] > 0  # GPT-2's blocks (transformer.h.N) are counted too
+    finetuned, _, _ = load_run_model(run_dir)
+    ids = torch.randint(0, 300, (2, 12))
+    target = finetuned(ids).logits
+    assert main(["export", str(run_dir), str(tmp_path / "merged")]) == 0
+    merged = GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
+    torch.testing.assert_close(merged(ids).logits, target, rtol=1e-4, atol=1e-4)
+    if method == "poet-paper":
+        adapted = load_adapter(reload(gpt2).eval(), run_dir / "adapter.safetensors")
+        torch.testing.assert_close(adapted(ids).logits, target, rtol=1e-5, atol=1e-5)
 
 
 def test_poet_paper_finetune_run_adapter_and_export(base, tmp_path, capsys):

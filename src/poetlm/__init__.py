@@ -8,14 +8,17 @@ training application in `poetlm.train`.
 from .adapter import AdapterError, MergeHistory, base_fingerprint, load_adapter, save_adapter
 from .config import POETConfig
 from .diagnostics import layer_diagnostics, model_diagnostics, svd_entropy
-from .layer import POETLinear
-from .model import export_dense, merge, param_groups, poet_layers, poetize, rotation_parameters, step_weight_cache
+from .layer import POETConv1D, POETLinear
+from .model import (coverage, export_dense, merge, param_groups, poet_layers, poetize, rotation_parameters,
+                    step_weight_cache, unpoetize)
+from .serialization import LoadError, from_pretrained, save_pretrained
 from .update_rules import KeepState, ResetState
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "POETConfig", "POETLinear", "poetize", "merge", "export_dense", "param_groups", "poet_layers",
+    "POETConfig", "POETLinear", "POETConv1D", "poetize", "coverage", "merge", "export_dense", "unpoetize",
+    "param_groups", "poet_layers", "save_pretrained", "from_pretrained", "LoadError",
     "rotation_parameters", "step_weight_cache", "layer_diagnostics", "model_diagnostics", "svd_entropy",
     "ResetState", "KeepState", "MergeHistory", "save_adapter", "load_adapter", "base_fingerprint", "AdapterError",
 ]

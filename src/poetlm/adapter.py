@@ -6,6 +6,12 @@ merge, the current ones, and any other parameters the user trained. Loading repl
 in the same order on the same base weights (coordinates are a pure function of seed, layer name and
 merge count), which rebuilds the same W0 and hence the same logits.
 
+The history of a layer grows by its rotation parameters r at every merge; once m·r reaches the size of
+its weight (in·out), the adapter stores that layer's final W0 (fp32) instead, which is just as exact.
+So a layer never costs more than min(m·r, in·out) + r numbers, the current rotations included.
+
+The PEFT-shaped wrapper `poetlm.get_poet_model` does this bookkeeping itself.
+
 Usage in a training loop:
     model = poetize(base, POETConfig(init="keep", ...)); fingerprint = base_fingerprint(model)
     history = MergeHistory()
@@ -27,11 +33,12 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import POETConfig
-from .layer import POETLinear
+from .layer import POETLinear, is_conv1d
 from .model import merge, poet_layers, poetize
+from .sharding import full_parameters
 
 FORMAT = "poetlm-adapter"
-VERSION = 1
+VERSION = 2  # 2: layers whose history outgrew their weight store their final W0
 _META_KEY = "poetlm_adapter"
 _SIDES = ("rotation_in.skew", "rotation_out.skew")
 
@@ -59,9 +66,10 @@ def _merge_count(model: nn.Module) -> int:
 class MergeHistory:
     """The rotation parameters as they were just before each merge: what an adapter needs to replay them.
 
-    Call record(model) right before every poetlm.merge(model, ...). Record i holds what merge i folded
-    in, on the coordinates drawn for merge count i. Save state_dict() with training checkpoints so a
-    resumed run keeps the earlier records.
+    Call record(model) right before every poetlm.merge(model, ...) (a POETModel does it itself). Record i
+    holds what merge i folded in, on the coordinates drawn for merge count i. A layer whose records
+    have reached the size of its weight is dropped from all of them: the adapter then stores its W0.
+    Save state_dict() with training checkpoints so a resumed run keeps the earlier records.
     """
 
     def __init__(self) -> None:
@@ -73,7 +81,16 @@ class MergeHistory:
             raise ValueError(f"MergeHistory holds {len(self.records)} record(s) but the model has merged {merged} time(s): "
                              "call history.record(model) right before every poetlm.merge(model), and restore "
                              "history.load_state_dict(...) together with the model when resuming")
-        self.records.append(_rotations(model))
+        record = _rotations(model)
+        if self.records:  # layers dropped earlier stay dropped
+            record = {key: t for key, t in record.items() if key in self.records[0]}
+        self.records.append(record)
+        for name, layer in poet_layers(model):
+            keys = [f"{name}.{side}" for side in _SIDES]
+            if keys[0] in record and len(self.records) * sum(record[k].numel() for k in keys) >= layer.weight0.numel():
+                for past in self.records:
+                    for key in keys:
+                        del past[key]
 
     def __len__(self) -> int:
         return len(self.records)
@@ -102,7 +119,7 @@ def base_fingerprint(model: nn.Module) -> dict[str, dict[str, float]]:
                 raise ValueError(f"layer {name!r} has merged {int(module.merge_count)} time(s), so its weight0 is no "
                                  "longer the base weight: compute base_fingerprint(model) right after poetize")
             weight = module.weight0
-        elif isinstance(module, nn.Linear):
+        elif isinstance(module, nn.Linear) or is_conv1d(module):  # sums are the same for Conv1D's transposed layout
             weight = module.weight
         else:
             continue
@@ -150,11 +167,17 @@ def save_adapter(model: nn.Module, path, *, history: MergeHistory, trained: list
 
     current = _rotations(model)
     tensors = {f"current.{key}": t for key, t in current.items()}
+    replayed = history.records[0].keys() if history.records else current.keys()
     for i, record in enumerate(history.records):
-        if record.keys() != current.keys():
+        if record.keys() != replayed or not replayed <= current.keys():
             raise ValueError(f"merge record {i} covers other layers than the model's POET layers; "
                              "was the history recorded on another model?")
         tensors.update({f"merge.{i}.{key}": t for key, t in record.items()})
+    stored_w0 = [name for name in layers if f"{name}.{_SIDES[0]}" not in replayed]
+    for name in stored_w0:  # exact without the history, and no larger than it
+        with full_parameters(layers[name]):
+            tensors[f"weight0.{name}"] = layers[name].weight0.detach().to("cpu", copy=True).contiguous()
+        tensors[f"probe_rotated.{name}"] = layers[name].probe_rotated.detach().to("cpu", copy=True)
     trained = list(dict.fromkeys(trained or []))
     rotation_ids = {id(p) for layer in layers.values() for p in layer.rotation_parameters()}
     for name in trained:
@@ -168,6 +191,7 @@ def save_adapter(model: nn.Module, path, *, history: MergeHistory, trained: list
 
     info = {"format": FORMAT, "version": VERSION, "config": config.to_dict(), "merges": merged,
             "layers": {name: [layer.in_features, layer.out_features] for name, layer in layers.items()},
+            "stored_w0": stored_w0,
             "trained": trained, "base_fingerprint": {name: base_fingerprint[name] for name in layers}}
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -202,6 +226,7 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         info["merges"] = int(info["merges"])
         info["layers"] = {name: tuple(shape) for name, shape in info["layers"].items()}
         info["trained"] = list(info["trained"])
+        info["stored_w0"] = list(info.get("stored_w0", []))  # version 1 replays every layer
         info["base_fingerprint"] = dict(info["base_fingerprint"])
     except AdapterError:
         raise
@@ -218,14 +243,16 @@ def _check_layers(model: nn.Module, layers: dict[str, tuple], path: Path) -> Non
                            f"{missing[:4]}{' ...' if len(missing) > 4 else ''} ({len(missing)} missing)")
     for name, shape in layers.items():
         module = modules[name]
-        if not isinstance(module, nn.Linear):
-            found = f"a {type(module).__name__}, not an nn.Linear"
-        elif (module.in_features, module.out_features) != shape:
-            found = f"(in, out) shape {(module.in_features, module.out_features)}"
+        if is_conv1d(module):
+            in_out = tuple(module.weight.shape)
+        elif isinstance(module, nn.Linear):
+            in_out = (module.in_features, module.out_features)
         else:
-            continue
-        raise AdapterError(f"{path}: this adapter was made for a different base model: layer {name!r} is {found} "
-                           f"in the base but has (in, out) shape {shape} in the adapter")
+            raise AdapterError(f"{path}: this adapter was made for a different base model: layer {name!r} is "
+                               f"a {type(module).__name__}, not an nn.Linear or Conv1D")
+        if in_out != shape:
+            raise AdapterError(f"{path}: this adapter was made for a different base model: layer {name!r} is (in, out) "
+                               f"shape {in_out} in the base but has (in, out) shape {shape} in the adapter")
 
 
 def _check_fingerprint(model: nn.Module, info: dict, path: Path) -> None:
@@ -248,12 +275,19 @@ def _load_into(param: torch.Tensor, tensors: dict, key: str, path: Path) -> None
     param.copy_(tensor)
 
 
-def load_adapter(base_model: nn.Module, path) -> nn.Module:
+def read_adapter_info(path) -> dict:
+    """An adapter's metadata: config (POETConfig), merges, layers {name: (in, out)}, trained, stored_w0
+    (layers stored as their final W0) and base_fingerprint."""
+    return _read(Path(path))[0]
+
+
+def load_adapter(base_model: nn.Module, path, history: MergeHistory | None = None) -> nn.Module:
     """Wrap `base_model` (in place) with the adapter's config, replay its merges and load its tensors.
 
     The base must be the plain model the adapter was trained from (e.g. fresh from from_pretrained).
     Wrong bases are refused before the model is touched, except for extra targeted layers, which only
-    show once it has been wrapped.
+    show once it has been wrapped. `history`, if given, receives the adapter's merge records, so that
+    training can go on and save a new adapter.
     """
     path = Path(path)
     info, tensors = _read(path)
@@ -273,15 +307,24 @@ def load_adapter(base_model: nn.Module, path) -> nn.Module:
     if config.init != "keep":  # W0 was drawn from the seed: check it is the draw that was trained
         _check_fingerprint(model, info, path)
 
+    stored_w0 = set(info["stored_w0"])
+
     def load_rotations(prefix: str) -> None:
         for name, layer in poet_layers(model):
             for side in _SIDES:
-                _load_into(layer.get_parameter(side), tensors, f"{prefix}{name}.{side}", path)
+                if prefix.startswith("merge.") and name in stored_w0:  # replayed as the identity, W0 loaded below
+                    layer.get_parameter(side).zero_()
+                else:
+                    _load_into(layer.get_parameter(side), tensors, f"{prefix}{name}.{side}", path)
 
     with torch.no_grad():
         for i in range(info["merges"]):
             load_rotations(f"merge.{i}.")
             merge(model)
+        for name in stored_w0:
+            layer = model.get_submodule(name)
+            _load_into(layer.weight0, tensors, f"weight0.{name}", path)
+            _load_into(layer.probe_rotated, tensors, f"probe_rotated.{name}", path)
         load_rotations("current.")
         for name in info["trained"]:
             try:
@@ -290,4 +333,7 @@ def load_adapter(base_model: nn.Module, path) -> nn.Module:
                 raise AdapterError(f"{path}: the adapter trained {name!r}, which the base model does not have; "
                                    "this adapter was made for a different base model") from None
             _load_into(param, tensors, f"trained.{name}", path)
+    if history is not None:
+        history.records = [{key[len(f"merge.{i}."):]: t for key, t in tensors.items() if key.startswith(f"merge.{i}.")}
+                           for i in range(info["merges"])]
     return model

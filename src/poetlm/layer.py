@@ -3,11 +3,16 @@
 Orientation: the spec writes W_RP = R·W0·P with W0 ∈ R^{in×out}; torch stores weights as (out, in), so
 the frozen parameter `weight0` holds W0ᵀ and the effective (out, in) weight is Pᵀ·weight0·Rᵀ. R rotates the input
 side (dimension in_features), P the output side. The bias is added after and never rotated.
+
+GPT-2's `Conv1D` (y = x·W + b with W stored as (in, out)) is the same map with the weight transposed:
+`POETConv1D` wraps it with the same math and gives `weight`, the state dict and export back in Conv1D's
+orientation.
 """
 
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 from torch import nn
@@ -15,7 +20,7 @@ from torch.nn import functional as F
 
 from .config import POETConfig
 from .primitives import RotationSide, make_side, seeded_generator
-from .sharding import full_parameters
+from .sharding import DTensor, full_parameters
 
 
 def init_weight(init: str, out_features: int, in_features: int, generator: torch.Generator) -> torch.Tensor:
@@ -33,6 +38,11 @@ def init_weight(init: str, out_features: int, in_features: int, generator: torch
     raise ValueError(f"init {init!r} draws no weight (use init='keep' through POETLinear.from_linear)")
 
 
+def draw_weight(config: POETConfig, out_features: int, in_features: int, name: str) -> torch.Tensor:
+    """The fresh W0 of layer `name`: config.init scaled by config.init_scale, a pure function of the seed."""
+    return init_weight(config.init, out_features, in_features, seeded_generator(config.seed, name, "init")) * config.init_scale
+
+
 class POETLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool = True, config: POETConfig | None = None,
                  name: str = "", weight: torch.Tensor | None = None, device=None, dtype=None) -> None:
@@ -47,11 +57,12 @@ class POETLinear(nn.Module):
         # W0 stays in fp32 (or wider) whatever the compute dtype, so merges do not erode the spectrum.
         master = torch.float64 if dtype == torch.float64 else torch.float32
         if weight is None:
-            weight = init_weight(config.init, out_features, in_features, seeded_generator(config.seed, name, "init"))
+            weight = draw_weight(config, out_features, in_features, name)
         elif weight.shape != (out_features, in_features):
             raise ValueError(f"POETLinear {name!r}: weight of shape {tuple(weight.shape)} does not fit ({out_features}, {in_features})")
         # A frozen parameter rather than a buffer so that FSDP2 shards it like any other weight.
-        self.weight0 = nn.Parameter(weight.detach().to(device=device, dtype=master).clone(), requires_grad=False)
+        self.weight0 = nn.Parameter(weight.detach().to(device=device, dtype=master).clone(memory_format=torch.contiguous_format),
+                                    requires_grad=False)
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
         sides = [make_side(config.variant, dim, config.block_size, config.fraction).to(device=device, dtype=master)
                  for dim in (in_features, out_features)]
@@ -71,12 +82,76 @@ class POETLinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, config: POETConfig, name: str) -> "POETLinear":
         """Wrap an existing nn.Linear: keep its bias; W0 is its weight (init="keep") or a fresh draw."""
-        weight = linear.weight if config.init == "keep" else None
-        layer = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, config=config, name=name,
-                    weight=weight, device=linear.weight.device, dtype=linear.weight.dtype)
-        if linear.bias is not None:
-            layer.bias = linear.bias  # the very same Parameter: its state and requires_grad are untouched
+        return cls._wrap(linear, linear.in_features, linear.out_features, linear.weight, config, name)
+
+    @classmethod
+    def _wrap(cls, module: nn.Module, in_features: int, out_features: int, weight: torch.Tensor,
+              config: POETConfig, name: str) -> "POETLinear":
+        bias = getattr(module, "bias", None)
+        layer = cls(in_features, out_features, bias=bias is not None, config=config, name=name,
+                    weight=weight if config.init == "keep" else None, device=weight.device, dtype=weight.dtype)
+        if bias is not None:
+            layer.bias = bias  # the very same Parameter: its state and requires_grad are untouched
         return layer
+
+    def _oriented(self, weight: torch.Tensor) -> torch.Tensor:
+        """An (out, in) weight in the layout of the module this layer replaced."""
+        return weight
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The effective weight, in the compute dtype and the replaced module's layout.
+
+        For code that reads `.weight` directly (nn.MultiheadAttention's out_proj, fused fast paths). It is
+        computed, differentiable in the rotations, and not a parameter: parameter counts, optimizers and
+        FSDP see only weight0 and the skew parameters.
+        """
+        weight = self.step_weight if self.step_weight is not None else self.effective_weight()
+        return self._oriented(weight.to(self.weight_dtype))
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Module:
+        """A plain module of the replaced kind computing what this layer computes now."""
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                           device=self.weight0.device, dtype=self.weight_dtype)
+        linear.weight.copy_(self.effective_weight())
+        if self.bias is not None:
+            linear.bias.copy_(self.bias)
+        return linear
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        # The dense weight under the replaced module's own key: a plain loader (from_pretrained on a
+        # directory written by model.save_pretrained or a Trainer checkpoint) then builds the model this
+        # layer computes, instead of leaving a random weight. A rank of an FSDP2-sharded layer holds part
+        # of W0 only, so it has no dense weight to write; its checkpoints are loaded by poetlm.
+        if DTensor is None or not isinstance(self.weight0, DTensor):
+            with torch.no_grad():
+                destination[prefix + "weight"] = self._oriented(self.effective_weight().to(self.weight_dtype)).contiguous()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        if prefix + "weight" in unexpected_keys:  # derived from W0 and the rotations, which are what gets loaded
+            unexpected_keys.remove(prefix + "weight")
+
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) or .half() casts every floating tensor. W0, the skew parameters and the
+        # probe are the fp32 master state of the merges: they follow device moves (and a cast up to fp64)
+        # only, while the new dtype becomes the compute dtype, as it would for an nn.Linear.
+        masters = [self.weight0, self.probe, self.probe_rotated, self.initial_spectrum, *self.rotation_parameters()]
+        master_ids = {id(t) for t in masters} | {id(t.grad) for t in masters if t.grad is not None}
+
+        def keep_master(t: torch.Tensor) -> torch.Tensor:
+            applied = fn(t)
+            if id(t) in master_ids and applied.is_floating_point():
+                wanted = torch.float64 if applied.dtype == torch.float64 else torch.float32
+                if applied.dtype != wanted:
+                    applied = t.to(device=applied.device, dtype=wanted)
+            return applied
+
+        self.weight_dtype = fn(torch.empty(0, dtype=self.weight_dtype)).dtype
+        return super()._apply(keep_master, recurse)
 
     def extra_repr(self) -> str:
         variant = f"bs b={self.config.block_size}" if self.config.variant == "bs" else f"fs β={self.config.fraction}"
@@ -156,3 +231,42 @@ class POETLinear(nn.Module):
         self.rotation_out.reset()
         self.merge_count += 1
         self._draw()
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    # No module can be a Conv1D before transformers.pytorch_utils is imported, and importing it costs seconds.
+    pytorch_utils = sys.modules.get("transformers.pytorch_utils")
+    return pytorch_utils is not None and isinstance(module, pytorch_utils.Conv1D)
+
+
+class POETConv1D(POETLinear):
+    """POET on transformers' Conv1D (GPT-2 and relatives), whose weight is stored as (in, out).
+
+    W0 holds that weight transposed, so everything else is POETLinear's math; `weight`, the dense entry
+    of the state dict and `to_dense()` are in Conv1D's layout, which GPT-2 code and checkpoints expect.
+    """
+
+    @classmethod
+    def from_conv1d(cls, conv: nn.Module, config: POETConfig, name: str) -> "POETConv1D":
+        in_features, out_features = conv.weight.shape
+        return cls._wrap(conv, in_features, out_features, conv.weight.t(), config, name)
+
+    def _oriented(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.t()
+
+    @torch.no_grad()
+    def to_dense(self) -> nn.Module:
+        from transformers.pytorch_utils import Conv1D
+
+        conv = Conv1D(self.out_features, self.in_features).to(device=self.weight0.device, dtype=self.weight_dtype)
+        conv.weight.copy_(self.effective_weight().t())
+        if self.bias is not None:
+            conv.bias.copy_(self.bias)
+        return conv
+
+
+def wrap_module(module: nn.Module, config: POETConfig, name: str) -> POETLinear:
+    """The POET layer replacing an nn.Linear or a Conv1D."""
+    if is_conv1d(module):
+        return POETConv1D.from_conv1d(module, config, name)
+    return POETLinear.from_linear(module, config, name)

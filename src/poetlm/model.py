@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
 import re
+import warnings
+from dataclasses import dataclass
 from typing import Iterator
 
 import torch
 from torch import nn
 
 from .config import POETConfig
-from .layer import POETLinear
+from .layer import POETLinear, draw_weight, is_conv1d, wrap_module
+from .sharding import full_parameters
 from .update_rules import MergeRule, ResetState
 
 
@@ -25,6 +29,11 @@ def rotation_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for _, layer in poet_layers(model) for p in layer.rotation_parameters()]
 
 
+def _linear_like(module: nn.Module) -> bool:
+    """What POET wraps: nn.Linear and transformers' Conv1D (GPT-2)."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
 def _output_head_names(model: nn.Module) -> set[str]:
     """Linears that produce logits or share their weight with an embedding: never wrapped by default."""
     heads = {name for name, _ in model.named_modules() if name.split(".")[-1] in ("lm_head", "output", "classifier", "score")}
@@ -32,7 +41,7 @@ def _output_head_names(model: nn.Module) -> set[str]:
     head = get_head() if callable(get_head) else None
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     for name, module in model.named_modules():
-        if module is head or (isinstance(module, nn.Linear) and id(module.weight) in embedding_weights):
+        if module is head or (_linear_like(module) and id(module.weight) in embedding_weights):
             heads.add(name)
     return heads
 
@@ -52,39 +61,75 @@ def _is_target(name: str, config: POETConfig, heads: set[str]) -> bool:
     return _matches(name, targets)
 
 
-def poetize(model: nn.Module, config: POETConfig | None = None) -> nn.Module:
-    """Replace the targeted nn.Linear layers of `model` (in place) by POETLinear and return the model.
+def poetize(model: nn.Module, config: POETConfig | None = None, *, strict: bool = False) -> nn.Module:
+    """Replace the targeted nn.Linear / Conv1D layers of `model` (in place) by POET layers; returns the model.
 
     Their weights become the fixed W0 buffers, the rotation parameters are trainable, and every other
     parameter (biases of the wrapped layers included) keeps its values and requires_grad.
+
+    Targeted weights that are not nn.Linear or Conv1D modules (e.g. Mixtral's fused 3-D expert weights,
+    nn.MultiheadAttention's in_proj_weight) stay dense: a warning names them, `strict=True` refuses before
+    anything is wrapped, and `poetlm.coverage(model)` reports what is wrapped and what is not.
     """
     config = config or POETConfig()
     wrapped = [name for name, _ in poet_layers(model)]
     if wrapped:  # wrapping again would find only the head, which is never wrapped, and blame target_modules
         raise ValueError(f"the model is already poetized ({len(wrapped)} POETLinear layers, e.g. {wrapped[0]!r}); poetize a "
                          "model once, and to change its POET settings poetize a fresh copy of the original model")
-    heads = _output_head_names(model)
-    targets = [(name, module) for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and _is_target(name, config, heads)]
-    if not targets:
-        linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-        hint = f"its nn.Linear layers are {linears[:8]}" if linears else "it has no nn.Linear layers"
-        other = sorted({type(m).__name__ for m in model.modules() if type(m).__name__ in ("Conv1D",)})
-        if other:
-            hint += f"; it uses {other} layers, which POET does not wrap (convert them to nn.Linear first)"
-        raise ValueError(f"poetize found no layer to wrap with target_modules={config.target_modules!r}: {hint}")
-    for name, linear in targets:
+    targets = target_linears(model, config)
+    left_dense = [w for w in coverage(model, config).dense if w.targeted]
+    if left_dense:
+        listing = "; ".join(str(w) for w in left_dense[:6]) + (f"; … ({len(left_dense)} in all)" if len(left_dense) > 6 else "")
+        message = (f"{len(left_dense)} targeted weight(s) are not nn.Linear or Conv1D modules and stay dense: {listing}. "
+                   "Add them to exclude_modules (or narrow target_modules) to train only the wrapped layers")
+        if strict:
+            raise ValueError(f"poetize(strict=True) refuses: {message}; poetlm.coverage(model) lists every weight")
+        warnings.warn(message + "; pass strict=True to refuse instead", stacklevel=2)
+    for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, POETLinear.from_linear(linear, config, name))
+        setattr(parent, child, wrap_module(module, config, name))
     return model
+
+
+def target_linears(model: nn.Module, config: POETConfig) -> list[tuple[str, nn.Module]]:
+    """The nn.Linear / Conv1D layers POET trains under `config` (target_modules / exclude_modules, never the head)."""
+    heads = _output_head_names(model)
+    targets = [(name, module) for name, module in model.named_modules()
+               if _linear_like(module) and _is_target(name, config, heads)]
+    if not targets:
+        linears = [name for name, m in model.named_modules() if _linear_like(m)]
+        hint = f"its nn.Linear / Conv1D layers are {linears[:8]}" if linears else "it has no nn.Linear or Conv1D layers"
+        raise ValueError(f"POET found no layer to wrap with target_modules={config.target_modules!r}: {hint}")
+    return targets
+
+
+@torch.no_grad()
+def rotated_weights(model: nn.Module, config: POETConfig | None = None) -> list[tuple[str, nn.Parameter]]:
+    """(name, weight) of what `poetlm.optim.POET` should rotate, each redrawn as W0 (unless init == "keep").
+
+    The fold-every-step form of POET: the model keeps plain nn.Linear layers, their weights start as the
+    fixed-spectrum W0 the layer form would draw (same seed, same names), and the optimizer only rotates them.
+    """
+    config = config or POETConfig()
+    weights = []
+    for name, linear in target_linears(model, config):
+        if config.init != "keep":
+            if is_conv1d(linear):  # weight stored as (in, out)
+                linear.weight.copy_(draw_weight(config, *reversed(linear.weight.shape), name).t())
+            else:
+                linear.weight.copy_(draw_weight(config, linear.out_features, linear.in_features, name))
+        weights.append((f"{name}.weight", linear.weight))
+    return weights
 
 
 def merge(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, rule: MergeRule | None = None) -> int:
     """Merge every POET layer (fold rotations into W0, reset, redraw); returns how many were merged.
 
     With an optimizer, `rule` (default: reset, the paper's choice) decides what becomes of the
-    rotation parameters' optimizer state; the state of other parameters is left alone.
+    rotation parameters' optimizer state; the state of other parameters is left alone. A module of
+    `model` whose class defines `poet_before_merge()` is called first (a POETModel records its merge
+    history there).
     """
     layers = [layer for _, layer in poet_layers(model)]
     if optimizer is not None:
@@ -94,6 +139,10 @@ def merge(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, rule
             raise ValueError(f"the optimizer does not hold {len(missing)} of the model's rotation parameters, so it never "
                              "trains them (was it created before poetize?); create it after poetize, e.g. "
                              "torch.optim.AdamW(poetlm.param_groups(model, lr_base=..., lr_poet=..., weight_decay=...))")
+    for module in model.modules():
+        hook = getattr(type(module), "poet_before_merge", None)
+        if hook is not None:
+            hook(module)
     for layer in layers:
         layer.merge()
     if optimizer is not None:
@@ -102,18 +151,82 @@ def merge(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, rule
 
 
 def export_dense(model: nn.Module) -> nn.Module:
-    """A copy of `model` whose POET layers are plain nn.Linear holding the effective weights."""
-    dense = copy.deepcopy(model)
-    for name, layer in list(poet_layers(dense)):
-        linear = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None,
-                           device=layer.weight0.device, dtype=layer.weight_dtype)
-        with torch.no_grad():
-            linear.weight.copy_(layer.effective_weight())
-            if layer.bias is not None:
-                linear.bias.copy_(layer.bias)
+    """A copy of `model` whose POET layers are plain nn.Linear (Conv1D) modules holding the effective weights."""
+    return unpoetize(copy.deepcopy(model))
+
+
+def unpoetize(model: nn.Module) -> nn.Module:
+    """Replace every POET layer of `model` in place by the plain module it computes; returns the model."""
+    for name, layer in list(poet_layers(model)):
         parent_name, _, child = name.rpartition(".")
-        setattr(dense.get_submodule(parent_name) if parent_name else dense, child, linear)
-    return dense
+        with full_parameters(layer):
+            dense = layer.to_dense()
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, dense)
+    return model
+
+
+@dataclass
+class DenseWeight:
+    """A matrix (or higher-dimensional) weight that poetize left dense, and why."""
+
+    name: str
+    shape: tuple[int, ...]
+    reason: str
+    targeted: bool  # the config asks for it, but it is not an nn.Linear / Conv1D module
+
+    def __str__(self) -> str:
+        return f"{self.name} {list(self.shape)} ({self.reason})"
+
+
+@dataclass
+class Coverage:
+    wrapped: list[str]        # POET layers (module names)
+    dense: list[DenseWeight]  # every other weight of two or more dimensions
+    wrapped_params: int       # entries of the wrapped weights (W0)
+    dense_params: int
+
+    def __str__(self) -> str:
+        total = self.wrapped_params + self.dense_params
+        lines = [f"POET wraps {len(self.wrapped)} layers: {self.wrapped_params:,} of {total:,} matrix weight entries "
+                 f"({100 * self.wrapped_params / max(total, 1):.1f}%)"]
+        lines += [f"  dense: {w}" for w in self.dense]
+        return "\n".join(lines)
+
+
+def coverage(model: nn.Module, config: POETConfig | None = None) -> Coverage:
+    """Which weights POET wraps in `model` and which stay dense (embeddings, the head, excluded or
+    unwrappable modules such as fused 3-D expert weights). `config` defaults to the POET layers' own."""
+    layers = dict(poet_layers(model))
+    if config is None:
+        config = next(iter(layers.values())).config if layers else POETConfig()
+    heads = _output_head_names(model)
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    wrapped_params = sum(layer.weight0.numel() for layer in layers.values())
+    dense, seen = [], set()
+    for owner_name, owner in model.named_modules():
+        if isinstance(owner, POETLinear):
+            continue
+        for param_name, param in owner.named_parameters(prefix=owner_name, recurse=False):
+            if param.dim() < 2 or id(param) in seen:  # a tied weight (head = embedding) is listed once
+                continue
+            seen.add(id(param))
+            targeted = False
+            if id(param) in embeddings:
+                reason = "embedding"
+            elif owner_name in heads:
+                reason = "output head"
+            elif _matches(owner_name, config.exclude_modules) or _matches(param_name, config.exclude_modules):
+                reason = "exclude_modules"
+            elif not (_is_target(owner_name, config, heads) or _is_target(param_name, config, heads)):
+                reason = "not in target_modules"
+            elif _linear_like(owner):
+                reason = "targeted, not wrapped"
+            else:
+                targeted = True
+                kind = "fused expert weights" if param.dim() == 3 else f"a raw {param.dim()}-D parameter"
+                reason = f"{kind} of {type(owner).__name__}, not an nn.Linear / Conv1D module"
+            dense.append(DenseWeight(param_name, tuple(param.shape), reason, targeted))
+    return Coverage(list(layers), dense, wrapped_params, sum(math.prod(w.shape) for w in dense))
 
 
 def param_groups(model: nn.Module, lr_base: float, lr_poet: float, weight_decay: float) -> list[dict]:

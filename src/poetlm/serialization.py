@@ -1,0 +1,161 @@
+"""Save and load POET models as Hugging Face directories that no loader can misread.
+
+`save_pretrained(model, dir)` writes an ordinary Hugging Face directory holding the *dense* model (every
+POET layer as the nn.Linear / Conv1D it computes, under the usual names), so `from_pretrained` from
+transformers, or any tool reading the directory, gets the model's exact function. Next to it:
+
+- `poetlm_config.json`: the POETConfig of every wrapped layer, the layer list, the trainable parameters;
+- `poetlm_state.safetensors`: what POET needs beyond the dense weights — W0 (fp32), the rotation
+  parameters, the coordinates, merge counts and probes.
+
+`from_pretrained(dir)` loads the dense directory with transformers, re-wraps exactly the recorded layers
+and loads that state: same logits, same merge counts and coordinates, and training continues.
+`merged=True` leaves the two poetlm files out: a plain dense model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from .config import POETConfig
+from .layer import POETConv1D, POETLinear, wrap_module
+from .model import poet_layers
+
+CONFIG_NAME = "poetlm_config.json"
+STATE_NAME = "poetlm_state.safetensors"
+FORMAT = "poetlm-model"
+VERSION = 1
+
+
+class LoadError(ValueError):
+    """A directory poetlm cannot rebuild a POET model from; the message says why and what to do."""
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:  # a crash mid-write must never leave a half-written file under the real name
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _layer_keys(name: str, layer: POETLinear, state: dict) -> list[str]:
+    """State-dict keys only POET needs: everything of the layer but its dense weight and its bias."""
+    dense = {f"{name}.weight", f"{name}.bias"}
+    return [key for key in state if key.startswith(name + ".") and key not in dense]
+
+
+def save_pretrained(model: nn.Module, directory, merged: bool = False, **kwargs) -> None:
+    """Write `model` (a poetized transformers model) to `directory`; see the module docstring.
+
+    merged=False (default): the dense model plus the POET state, loadable exactly with
+    `poetlm.from_pretrained`. merged=True: the dense model only, for inference and for tools that do not
+    know poetlm. Other keyword arguments go to transformers' `save_pretrained` (e.g. max_shard_size).
+    """
+    if not callable(getattr(model, "save_pretrained", None)):
+        raise TypeError(f"poetlm.save_pretrained saves transformers models; {type(model).__name__} has no save_pretrained. "
+                        "For another nn.Module save model.state_dict(): it holds W0, the rotations and the coordinates, "
+                        "and loads into a poetized copy with load_state_dict")
+    layers = dict(poet_layers(model))
+    if not layers:
+        raise ValueError("the model has no POET layers: save it with its own save_pretrained")
+    directory = Path(directory)
+    state = model.state_dict()
+    poet_keys = {key for name, layer in layers.items() for key in _layer_keys(name, layer, state)}
+    model.save_pretrained(directory, state_dict={k: v for k, v in state.items() if k not in poet_keys}, **kwargs)
+    if merged:
+        for stale in (CONFIG_NAME, STATE_NAME):  # a POET save into the same directory earlier
+            (directory / stale).unlink(missing_ok=True)
+        return
+    configs = []
+    for layer in layers.values():
+        if layer.config not in configs:
+            configs.append(layer.config)
+    info = {
+        "format": FORMAT, "version": VERSION, "architecture": type(model).__name__,
+        "configs": [c.to_dict() for c in configs],
+        "layers": {name: {"config": configs.index(layer.config), "conv1d": isinstance(layer, POETConv1D),
+                          "in_features": layer.in_features, "out_features": layer.out_features}
+                   for name, layer in layers.items()},
+        "trainable": [name for name, p in model.named_parameters() if p.requires_grad],
+    }
+    tensors = {key: state[key].detach().to("cpu").contiguous() for key in sorted(poet_keys)}
+    _atomic_write(directory / STATE_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+    _atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(info, indent=2) + "\n"))
+
+
+def _read_info(directory: Path) -> dict:
+    path = directory / CONFIG_NAME
+    if not path.is_file():
+        hint = ("it is a plain (or merged) model directory: load it with transformers' from_pretrained"
+                if (directory / "config.json").is_file() else "it is not a model directory")
+        raise LoadError(f"{directory} has no {CONFIG_NAME}, so it was not written by poetlm.save_pretrained(merged=False); {hint}")
+    try:
+        info = json.loads(path.read_text())
+        if info["format"] != FORMAT or int(info["version"]) > VERSION:
+            raise LoadError(f"{path} holds {info['format']!r} version {info['version']}; this poetlm reads {FORMAT!r} "
+                            f"up to version {VERSION}: upgrade poetlm")
+        info["configs"] = [POETConfig.from_dict(c) for c in info["configs"]]
+        for entry in info["layers"].values():
+            entry["config"] = info["configs"][int(entry["config"])]
+        return info
+    except LoadError:
+        raise
+    except (ValueError, KeyError, TypeError, IndexError) as error:
+        raise LoadError(f"{path} is corrupt ({error!r}); save the model again with poetlm.save_pretrained") from error
+
+
+def _read_state(directory: Path) -> dict[str, torch.Tensor]:
+    path = directory / STATE_NAME
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return {key: f.get_tensor(key) for key in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as error:
+        raise LoadError(f"{path} is missing or unreadable ({error}); the directory is incomplete: "
+                        "save the model again with poetlm.save_pretrained") from error
+
+
+def from_pretrained(directory, **kwargs) -> nn.Module:
+    """Rebuild the POET model that `save_pretrained(model, directory)` wrote, exactly.
+
+    Keyword arguments go to transformers' `from_pretrained` (e.g. device_map); the dtype is the saved one.
+    """
+    import transformers
+
+    directory = Path(directory)
+    info = _read_info(directory)
+    state = _read_state(directory)
+    model_class = getattr(transformers, info["architecture"], None) or transformers.AutoModelForCausalLM
+    kwargs.setdefault("dtype", "auto")  # the dense weights' own dtype: the compute dtype the model was saved in
+    model = model_class.from_pretrained(directory, **kwargs)
+    for name, entry in info["layers"].items():
+        try:
+            module = model.get_submodule(name)
+        except AttributeError:
+            raise LoadError(f"{directory}: layer {name!r} recorded in {CONFIG_NAME} is not in the "
+                            f"{type(model).__name__} built from config.json; the directory is inconsistent") from None
+        # W0 comes from the saved state below; wrapping with init="keep" avoids drawing a random one first.
+        layer = wrap_module(module, POETConfig.from_dict({**entry["config"].to_dict(), "init": "keep"}), name)
+        layer.config = entry["config"]
+        prefix = name + "."
+        local = {key[len(prefix):]: t for key, t in state.items() if key.startswith(prefix)}
+        if layer.bias is not None:
+            local["bias"] = layer.bias
+        missing, unexpected = layer.load_state_dict(local, strict=False)
+        if missing or unexpected or (layer.in_features, layer.out_features) != (entry["in_features"], entry["out_features"]):
+            raise LoadError(f"{directory}: the saved state of layer {name!r} does not fit it (missing {missing}, "
+                            f"unexpected {unexpected}); save the model again with poetlm.save_pretrained")
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+    trainable = set(info["trainable"])
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in trainable)
+    return model

@@ -1,0 +1,116 @@
+"""POET beyond LLaMA: modules that read `.weight`, GPT-2's Conv1D, mixture-of-experts coverage."""
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, MixtralConfig, MixtralForCausalLM
+from transformers.pytorch_utils import Conv1D
+
+import poetlm
+from poetlm import POETConfig
+
+
+def rotate_randomly(model, std=0.1):
+    with torch.no_grad():
+        for i, param in enumerate(poetlm.rotation_parameters(model)):
+            param.normal_(std=std, generator=torch.Generator().manual_seed(i))
+
+
+def test_transformer_encoder_layer_and_multihead_attention_read_the_effective_weight():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True)
+    x = torch.randn(2, 5, 32)
+    expected = layer(x)
+    params_before = sum(p.numel() for p in layer.parameters())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        poetlm.poetize(layer, POETConfig(init="keep", block_size=8))
+    # MultiheadAttention keeps q, k, v in one raw parameter: reported, not silently skipped.
+    assert any("self_attn.in_proj_weight" in str(w.message) for w in caught)
+    assert [name for name, _ in poetlm.poet_layers(layer)] == ["self_attn.out_proj", "linear1", "linear2"]
+    torch.testing.assert_close(layer(x), expected, rtol=0, atol=1e-6)
+    rotate_randomly(layer)
+    out = layer(x)
+    out.square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in poetlm.rotation_parameters(layer))
+    # `weight` is the effective weight but not a parameter: counts, optimizers and state dicts are unchanged.
+    out_proj = layer.self_attn.out_proj
+    torch.testing.assert_close(out_proj.weight, out_proj.effective_weight(), rtol=0, atol=0)
+    assert "weight" not in dict(out_proj.named_parameters())
+    rotations = sum(p.numel() for p in poetlm.rotation_parameters(layer))
+    assert sum(p.numel() for p in layer.parameters()) == params_before + rotations
+    state = layer.state_dict()
+    assert torch.equal(state["self_attn.out_proj.weight"], out_proj.effective_weight().detach())
+    copy = poetlm.poetize(nn.TransformerEncoderLayer(d_model=32, nhead=4, dim_feedforward=64, dropout=0.0, batch_first=True),
+                          POETConfig(block_size=8, exclude_modules=["in_proj_weight"]), strict=True)
+    copy.load_state_dict(state)  # strict: the dense entries are accepted and ignored
+    torch.testing.assert_close(copy(x), out, rtol=0, atol=1e-6)
+    # The inference fast path of nn.TransformerEncoderLayer reads the weights directly too.
+    with torch.no_grad():
+        torch.testing.assert_close(layer.eval()(x), out, rtol=1e-5, atol=1e-5)
+    with pytest.raises(KeyError, match="already exists"):
+        out_proj.weight = nn.Parameter(torch.zeros(32, 32))
+
+
+def gpt2():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
+                                      eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))
+
+
+def test_gpt2_conv1d_is_wrapped_and_exports_to_a_gpt2_checkpoint(tmp_path):
+    model = gpt2()
+    ids = torch.randint(0, 64, (2, 12))
+    expected = model(ids).logits
+    poetlm.poetize(model, POETConfig(init="keep", block_size=8))
+    wrapped = dict(poetlm.poet_layers(model))
+    assert len(wrapped) == 8 and all(isinstance(m, poetlm.POETConv1D) for m in wrapped.values())
+    c_attn = wrapped["transformer.h.0.attn.c_attn"]
+    assert (c_attn.in_features, c_attn.out_features) == (32, 96) and c_attn.weight.shape == (32, 96)  # Conv1D layout
+    torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=1e-6)
+    rotate_randomly(model)
+    model(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for p in poetlm.rotation_parameters(model))
+    poetlm.merge(model)
+    rotated = model(ids).logits.detach()
+    dense = poetlm.export_dense(model)
+    assert type(dense.transformer.h[0].attn.c_attn) is Conv1D
+    dense.save_pretrained(tmp_path)
+    reloaded = GPT2LMHeadModel.from_pretrained(tmp_path)
+    torch.testing.assert_close(reloaded(ids).logits, rotated, rtol=0, atol=1e-5)
+    # The fold-every-step form (poetlm.optim.POET) draws W0 into Conv1D weights in their own layout.
+    fresh = gpt2()
+    weights = dict(poetlm.model.rotated_weights(fresh, POETConfig(block_size=8)))
+    assert weights["transformer.h.0.attn.c_attn.weight"].shape == (32, 96)
+    reference = poetlm.poetize(gpt2(), POETConfig(block_size=8)).transformer.h[0].attn.c_attn
+    assert torch.equal(weights["transformer.h.0.attn.c_attn.weight"], reference.weight)
+
+
+def mixtral():
+    torch.manual_seed(0)
+    return MixtralForCausalLM(MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                            num_attention_heads=4, num_key_value_heads=2, num_local_experts=4))
+
+
+def test_mixture_of_experts_coverage_report_and_strict():
+    model = mixtral()
+    with pytest.raises(ValueError, match=r"strict=True\) refuses: 3 targeted weight\(s\).*experts\.gate_up_proj \[4, 96, 32\] "
+                                         r"\(fused expert weights of MixtralExperts"):
+        poetlm.poetize(model, POETConfig(block_size=8), strict=True)
+    assert not list(poetlm.poet_layers(model))  # refused before anything was wrapped
+    with pytest.warns(UserWarning, match="stay dense: model.layers.0.mlp.gate.weight"):
+        poetlm.poetize(model, POETConfig(block_size=8))
+    report = poetlm.coverage(model)
+    assert report.wrapped == [f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"]
+    reasons = {w.name: (w.reason, w.targeted) for w in report.dense}
+    assert reasons["model.embed_tokens.weight"] == ("embedding", False)
+    assert reasons["lm_head.weight"] == ("output head", False)
+    assert reasons["model.layers.0.mlp.experts.down_proj"][1]
+    assert report.wrapped_params == 4 * 32 * 32 - 2 * 2 * 32 * 8  # q, o: 32×32; k, v: 16×32 (two kv heads)
+    assert "dense: model.layers.0.mlp.experts.gate_up_proj [4, 96, 32]" in str(report)
+    # Excluding what cannot be wrapped is a clean, strict wrap of the attention layers.
+    strict = poetlm.poetize(mixtral(), POETConfig(block_size=8, exclude_modules=["gate", "experts.gate_up_proj",
+                                                                                  "experts.down_proj"]), strict=True)
+    assert not [w for w in poetlm.coverage(strict).dense if w.targeted]

@@ -1,0 +1,137 @@
+"""poetlm.save_pretrained / from_pretrained, and what plain transformers loaders see in POET directories."""
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import poetlm
+from poetlm.serialization import CONFIG_NAME, STATE_NAME, LoadError
+
+IDS = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(1))
+
+
+def llama(tie=True):
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tie))
+
+
+def gpt2():
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+                                      bos_token_id=0, eos_token_id=0,
+                                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0))  # training steps comparable
+
+
+def trained(model, config=None, steps=3, merge_at=(2,)):
+    """A poetized model a few AdamW steps in, merged once, with the rotations nonzero at the end."""
+    poetlm.poetize(model, config or poetlm.POETConfig(block_size=8))
+    opt = torch.optim.AdamW(poetlm.param_groups(model, lr_base=1e-2, lr_poet=1e-2, weight_decay=0.0))
+    for step in range(1, steps + 1):
+        model(IDS, labels=IDS).loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if step in merge_at:
+            poetlm.merge(model, opt)
+    return model.eval()
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(IDS).logits
+
+
+@pytest.mark.parametrize("make", [llama, gpt2])
+def test_round_trip_is_exact_and_training_continues(tmp_path, make):
+    model = trained(make())
+    for param in model.parameters():  # which parameters train is part of what is saved
+        if param.dim() == 1:
+            param.requires_grad_(False)
+    poetlm.save_pretrained(model, tmp_path)
+    loaded = poetlm.from_pretrained(tmp_path).eval()
+    assert torch.equal(logits(loaded), logits(model))
+    ours, theirs = model.state_dict(), loaded.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)  # W0, rotations, coordinates, merge counts, probes
+    assert {int(layer.merge_count) for _, layer in poetlm.poet_layers(loaded)} == {1}
+    assert [type(m) for _, m in poetlm.poet_layers(loaded)] == [type(m) for _, m in poetlm.poet_layers(model)]
+    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == {n for n, p in model.named_parameters() if p.requires_grad}
+    assert all(layer.config == poetlm.POETConfig(block_size=8) for _, layer in poetlm.poet_layers(loaded))
+    for m in (model, loaded):  # the same next step and the same next merge
+        m.train()
+        opt = torch.optim.AdamW(poetlm.param_groups(m, lr_base=1e-2, lr_poet=1e-2, weight_decay=0.0))
+        m(IDS, labels=IDS).loss.backward()
+        opt.step()
+        poetlm.merge(m, opt)
+    assert torch.equal(logits(loaded.eval()), logits(model.eval()))
+
+
+def test_plain_transformers_loaders_get_the_dense_model_never_random_weights(tmp_path):
+    model = trained(llama())
+    expected = logits(model)
+    poetlm.save_pretrained(model, tmp_path / "poet")
+    model.save_pretrained(tmp_path / "raw")  # the model's own save_pretrained (what Trainer checkpoints use)
+    for directory in ("poet", "raw"):
+        plain, info = AutoModelForCausalLM.from_pretrained(tmp_path / directory, output_loading_info=True)
+        assert type(plain) is LlamaForCausalLM and not info["missing_keys"]
+        torch.testing.assert_close(logits(plain.eval()), expected, rtol=0, atol=1e-5)
+    # poetlm's directory holds exactly a dense LLaMA; the POET state is in its own files.
+    assert not AutoModelForCausalLM.from_pretrained(tmp_path / "poet", output_loading_info=True)[1]["unexpected_keys"]
+    assert {p.name for p in (tmp_path / "poet").iterdir()} >= {"config.json", "model.safetensors", CONFIG_NAME, STATE_NAME}
+
+
+def test_merged_save_is_a_plain_model(tmp_path):
+    model = trained(gpt2())
+    poetlm.save_pretrained(model, tmp_path)
+    poetlm.save_pretrained(model, tmp_path, merged=True)  # over the unmerged save: its POET files go
+    assert not (tmp_path / CONFIG_NAME).exists() and not (tmp_path / STATE_NAME).exists()
+    plain = GPT2LMHeadModel.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits(plain), logits(poetlm.export_dense(model)), rtol=0, atol=1e-6)
+    with pytest.raises(LoadError, match="plain \\(or merged\\) model directory: load it with transformers' from_pretrained"):
+        poetlm.from_pretrained(tmp_path)
+
+
+def test_bf16_cast_after_wrapping_keeps_the_fp32_master_and_saves_exactly(tmp_path):
+    model = trained(llama())
+    layer = model.model.layers[0].self_attn.q_proj
+    w0 = layer.weight0.detach().clone()
+    model.to(torch.bfloat16)
+    assert layer.weight0.dtype == torch.float32 and torch.equal(layer.weight0, w0)  # not rounded through bf16
+    assert layer.rotation_in.skew.dtype == torch.float32 and layer.probe_rotated.dtype == torch.float32
+    assert layer.weight_dtype == torch.bfloat16 and layer.weight.dtype == torch.bfloat16
+    assert model.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert logits(model).dtype == torch.bfloat16
+    assert poetlm.export_dense(model).model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    poetlm.merge(model)
+    assert layer.weight0.dtype == torch.float32
+    poetlm.save_pretrained(model, tmp_path)
+    loaded = poetlm.from_pretrained(tmp_path).eval()
+    assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert loaded.model.layers[0].self_attn.q_proj.weight0.dtype == torch.float32
+    # transformers itself loads the rotary inv_freq buffer in fp32, where .to(bf16) had rounded it.
+    model.model.rotary_emb.register_buffer("inv_freq", loaded.model.rotary_emb.inv_freq.clone(), persistent=False)
+    assert torch.equal(logits(loaded), logits(model))
+    model.half()
+    assert layer.weight0.dtype == torch.float32 and layer.weight_dtype == torch.float16
+    model.double()
+    assert layer.weight0.dtype == torch.float64 and layer.weight_dtype == torch.float64
+
+
+def test_errors_name_the_problem_and_the_fix(tmp_path):
+    with pytest.raises(TypeError, match="state_dict"):
+        poetlm.save_pretrained(poetlm.poetize(torch.nn.Sequential(torch.nn.Linear(8, 8))), tmp_path)
+    with pytest.raises(ValueError, match="no POET layers"):
+        poetlm.save_pretrained(llama(), tmp_path)
+    with pytest.raises(LoadError, match="not a model directory"):
+        poetlm.from_pretrained(tmp_path)
+    poetlm.save_pretrained(trained(llama()), tmp_path)
+    (tmp_path / STATE_NAME).unlink()
+    with pytest.raises(LoadError, match="incomplete"):
+        poetlm.from_pretrained(tmp_path)
+    info = json.loads((tmp_path / CONFIG_NAME).read_text())
+    info["configs"][0]["block_size"] = "eight"
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(info))
+    with pytest.raises(LoadError, match="corrupt"):
+        poetlm.from_pretrained(tmp_path)
