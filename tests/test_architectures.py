@@ -114,3 +114,61 @@ def test_mixture_of_experts_coverage_report_and_strict():
     strict = poetlm.poetize(mixtral(), POETConfig(block_size=8, exclude_modules=["gate", "experts.gate_up_proj",
                                                                                   "experts.down_proj"]), strict=True)
     assert not [w for w in poetlm.coverage(strict).dense if w.targeted]
+
+
+TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2", "model.num_heads=2",
+        "data.seq_len=32", "data.vocab_size=300", "batch_size=4", "eval_tokens=256", "eval_every=4",
+        "checkpoint_every=4", "poet.block_size=8", "poet.merge_every=2", "progress=false", "steps=4"]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    from poetlm.train.data import read_documents
+
+    path = tmp_path_factory.mktemp("corpus") / "plays.txt"
+    path.write_text("\n\n".join(read_documents("shakespeare", max_documents=200)))
+    return path
+
+
+@pytest.mark.parametrize("source,method,expected", [
+    ("qwen2-dir", "poet", "Qwen2ForCausalLM"),       # a directory holding config.json
+    ("mistral-file", "poet-paper", "MistralForCausalLM"),  # a config.json file
+    ("gpt2", "poet", "GPT2LMHeadModel"),             # a transformers model type
+])
+def test_train_builds_any_hf_causal_lm_config_with_preset_sizes(tmp_path, corpus, source, method, expected):
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from poetlm.cli import main
+    from poetlm.train.runs import load_run_model
+
+    if source == "qwen2-dir":  # sizes far from the preset's: they must be replaced, the architecture kept
+        AutoConfig.for_model("qwen2", hidden_size=896, num_hidden_layers=24, sliding_window=None).save_pretrained(tmp_path / "qwen2")
+        source = str(tmp_path / "qwen2")
+    elif source == "mistral-file":
+        AutoConfig.for_model("mistral", hidden_size=4096, num_key_value_heads=8).save_pretrained(tmp_path / "mistral")
+        source = str(tmp_path / "mistral" / "config.json")
+    args = ["train", "--model-config", source, "--method", method, "--name", "run", "--out", str(tmp_path / "runs"),
+            *TINY, f"data.data={str(corpus)!r}", f"data.cache_dir={str(corpus.parent / 'cache')!r}"]
+    assert main(args) == 0
+    run_dir = tmp_path / "runs" / "run"
+    model, _, config = load_run_model(run_dir)
+    assert type(model).__name__ == expected and config.model.hf_config == source
+    assert (model.config.hidden_size, model.config.num_hidden_layers, model.config.vocab_size) == (32, 2, 300)
+    assert main(["export", str(run_dir), str(tmp_path / "dense")]) == 0
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    ids = torch.randint(0, 300, (2, 16))
+    assert type(dense).__name__ == expected
+    torch.testing.assert_close(dense(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_model_config_errors_name_the_problem(tmp_path, capsys, monkeypatch):
+    from poetlm.cli import main
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # "no-such-thing" is tried as a hub id last
+
+    (tmp_path / "config.json").write_text('{"model_type": "vit"}')
+    for source, message in [(str(tmp_path), "vit config, which has no causal-LM class"),
+                            ("no-such-thing", "neither a config.json")]:
+        assert main(["train", "--model-config", source, "--steps", "1", "--out", str(tmp_path / "runs"),
+                     "data.max_documents=20", f"data.cache_dir={str(tmp_path / 'cache')!r}"]) == 1
+        assert message in capsys.readouterr().err

@@ -18,12 +18,17 @@ class CommandError(RuntimeError):
 
 TRAIN_SHORTCUTS = {  # flag -> config key: the most used overrides get their own flags
     "method": "method", "data": "data.data", "tokenizer": "data.tokenizer", "steps": "steps",
-    "name": "name", "out": "out_dir", "seed": "seed", "device": "device",
+    "name": "name", "out": "out_dir", "seed": "seed", "device": "device", "model_config": "model.hf_config",
 }
 
 
+def _path_or_name(value: str) -> str:
+    """An existing path made absolute (a resumed run may start elsewhere); anything else as given."""
+    return str(Path(value).expanduser().resolve()) if Path(value).expanduser().exists() else value
+
+
 def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="pretrain a LLaMA model with POET, AdamW or Muon",
+    p = sub.add_parser("train", help="pretrain a causal LM (LLaMA, or any HF architecture via --model-config) with POET, AdamW or Muon",
                        description="Train from a preset or TOML config; any config field can be overridden as section.key=value.")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=3e-3 poet.block_size=64")
     p.add_argument("--config", "--preset", dest="config", default="tiny",
@@ -32,6 +37,9 @@ def _train_parser(sub) -> None:
                    help="poet (default: rotations folded every step), poet-paper (the paper's recipe), adamw, muon")
     p.add_argument("--data", help="bundled corpus (sotu, shakespeare), local .txt/.jsonl/.parquet file or directory, or hf:NAME[:CONFIG]")
     p.add_argument("--tokenizer", help="HF tokenizer directory (default: train a byte-level BPE on the training split)")
+    p.add_argument("--model-config", type=_path_or_name, metavar="PATH_OR_NAME",
+                   help="architecture from any HF causal-LM config: a config.json or its directory, a model type "
+                        "(qwen2, mistral, gpt2, ...) or a hub id; the preset's model sizes apply (default: LLaMA)")
     p.add_argument("--steps", type=int)
     p.add_argument("--name", help="run name (directory under --out)")
     p.add_argument("--out", help="parent directory of runs (default: runs)")

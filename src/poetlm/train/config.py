@@ -42,6 +42,9 @@ class ModelConfig:
     num_kv_heads: int | None = None
     rope_theta: float = 10000.0
     tie_embeddings: bool = False
+    # Architecture: None = LLaMA; else any HF causal-LM config (a config.json or its directory, a model
+    # type such as qwen2 / mistral / gpt2, or a hub id), with the sizes above replacing its own.
+    hf_config: str | None = None
 
 
 @dataclass
