@@ -41,7 +41,7 @@ def run(tmp_path, name, nproc, *extra):
     return [r["loss"] for r in lines if "loss" in r], json.loads((run_dir / "summary.json").read_text()), result.stdout
 
 
-@pytest.mark.parametrize("method", ["poet", "adamw"])
+@pytest.mark.parametrize("method", ["poet", "poet-paper", "adamw"])
 def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, method):
     (tmp_path / "plays.txt").write_text("\n\n".join(read_documents("shakespeare", max_documents=300)))
     one_losses, one, _ = run(tmp_path, "one", 1, f"method={method!r}", "grad_accum=2")
@@ -55,8 +55,8 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, me
 
 def test_fsdp2_matches_one_process_and_its_checkpoint_loads_unsharded(tmp_path, capsys):
     (tmp_path / "plays.txt").write_text("\n\n".join(read_documents("shakespeare", max_documents=300)))
-    one_losses, one, _ = run(tmp_path, "one", 1, "grad_accum=2")
-    fsdp_losses, fsdp, _ = run(tmp_path, "fsdp", 2, "grad_accum=1", "parallel='fsdp'")
+    one_losses, one, _ = run(tmp_path, "one", 1, "grad_accum=2", "method='poet-paper'")
+    fsdp_losses, fsdp, _ = run(tmp_path, "fsdp", 2, "grad_accum=1", "parallel='fsdp'", "method='poet-paper'")
     assert fsdp_losses == pytest.approx(one_losses, rel=1e-4)
     assert fsdp["final_val_ppl"] == pytest.approx(one["final_val_ppl"], rel=1e-4)
     # Checkpoints hold full (gathered) tensors: a single process evaluates the sharded run's model.
