@@ -1,0 +1,216 @@
+"""A PEFT-shaped finetuning API: `get_poet_model(base, config)` returns a `POETModel`.
+
+The wrapper poetizes the base with W0 = the pretrained weights (init="keep"), freezes everything but
+the rotations (and the parameters named in `trainable`), records its own merge history (every
+`poetlm.merge` on it, from any loop, Trainer callback or MergeSchedule), and saves and loads adapters:
+
+    model = poetlm.get_poet_model(AutoModelForCausalLM.from_pretrained(base_dir), POETConfig(block_size=64))
+    ... train (merges through poetlm.merge(model, optimizer) or poetlm.integrations) ...
+    model.save_adapter("adapter/")                      # adapter_config.json + adapter.safetensors
+    model = POETModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), "adapter/")
+    dense = model.merge_and_unload()                    # the base model with the adapter folded in
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .adapter import VERSION, AdapterError, MergeHistory, base_fingerprint, load_adapter, read_adapter_info, save_adapter
+from .config import POETConfig
+from .layer import is_conv1d
+from .model import merge, poet_layers, poetize, rotation_parameters, target_linears, unpoetize
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter.safetensors"
+
+
+def get_poet_model(base_model: nn.Module, config: POETConfig | None = None, trainable: list[str] | tuple = (),
+                   keep_base_weights: bool = False) -> "POETModel":
+    """Wrap a pretrained model for POET finetuning (in place); see POETModel."""
+    return POETModel(base_model, config, trainable, keep_base_weights)
+
+
+class _Originals(nn.Module):
+    """Tensors disable_adapter() swaps back in: buffers, so they follow .to(), but kept out of state dicts."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.names = list(tensors)
+        for i, tensor in enumerate(tensors.values()):
+            self.register_buffer(f"t{i}", tensor, persistent=False)
+
+    def items(self):
+        return [(name, getattr(self, f"t{i}")) for i, name in enumerate(self.names)]
+
+
+def _originals(base_model: nn.Module, config: POETConfig, trainable: list[str], keep_base_weights: bool) -> tuple[dict, dict]:
+    """What disable_adapter() needs of the base: its extra trainable tensors (copies: training changes them
+    in place) and, if asked, the weights of the layers POET wraps as (out, in) (no copies: the wrapped
+    modules are dropped and W0 is a copy)."""
+    extras = {name: p.detach().clone() for name, p in base_model.named_parameters() if _matches_any(name, trainable)}
+    weights = {}
+    if keep_base_weights:
+        for name, module in target_linears(base_model, config):
+            weights[name] = module.weight.detach().t() if is_conv1d(module) else module.weight.detach()
+    return extras, weights
+
+
+def _matches_any(name: str, patterns: list[str]) -> bool:
+    return any(re.search(pattern, name) for pattern in patterns)
+
+
+def _tied_names(module: nn.Module) -> dict[str, str]:
+    """{alias: first name} of parameters registered under several names (tied embeddings)."""
+    first, aliases = {}, {}
+    for name, param in module.named_parameters(remove_duplicate=False):
+        if id(param) in first:
+            aliases[name] = first[id(param)]
+        else:
+            first[id(param)] = name
+    return aliases
+
+
+def _drop_tied(module, state_dict, prefix, local_metadata) -> None:
+    # Trainer saves a model that is not a PreTrainedModel with safetensors, which refuses a tensor stored
+    # under two names; loading re-adds the alias (_restore_tied).
+    for alias in _tied_names(module):
+        state_dict.pop(prefix + alias, None)
+
+
+def _restore_tied(module, state_dict, prefix, *args) -> None:
+    for alias, name in _tied_names(module).items():
+        if prefix + name in state_dict:
+            state_dict.setdefault(prefix + alias, state_dict[prefix + name])
+
+
+class POETModel(nn.Module):
+    """A pretrained model under POET finetuning (see the module docstring).
+
+    config: block layout and seed (init is always "keep": W0 is the pretrained weight).
+    trainable: regular expressions of other parameter names to train too (e.g. ["norm"], ["bias$"]);
+        they are saved in the adapter.
+    keep_base_weights: keep the base weights of the wrapped layers, so that disable_adapter() can give
+        the base model's outputs after merges (which fold the adapter into W0). Costs one more copy of
+        those weights; without it disable_adapter() works until the first merge.
+
+    Attributes the wrapper does not have are looked up on the base model (config, generate, ...).
+    """
+
+    def __init__(self, base_model: nn.Module, config: POETConfig | None = None, trainable: list[str] | tuple = (),
+                 keep_base_weights: bool = False) -> None:
+        super().__init__()
+        config = dataclasses.replace(config or POETConfig(), init="keep")
+        originals = _originals(base_model, config, list(trainable), keep_base_weights)
+        poetize(base_model, config)
+        self._setup(base_model, config, trainable, originals, MergeHistory(), base_fingerprint(base_model))
+
+    def _setup(self, base_model, config, trainable, originals, history, fingerprint) -> None:
+        self.base_model = base_model
+        self.poet_config = config
+        self.trainable = list(trainable)
+        self.history = history
+        self.fingerprint = fingerprint
+        self.base_extras, self.base_weights = _Originals(originals[0]), _Originals(originals[1])
+        rotations = {id(p) for p in rotation_parameters(base_model)}
+        for name, param in base_model.named_parameters():
+            param.requires_grad_(id(param) in rotations or _matches_any(name, self.trainable))
+        self.register_state_dict_post_hook(_drop_tied)
+        self.register_load_state_dict_pre_hook(_restore_tied)
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, directory, keep_base_weights: bool = False) -> "POETModel":
+        """Re-apply an adapter written by save_adapter to a fresh copy of its base (exact; training can go on)."""
+        directory = Path(directory)
+        try:
+            settings = json.loads((directory / CONFIG_NAME).read_text())
+        except (OSError, ValueError) as error:
+            raise AdapterError(f"{directory} holds no readable {CONFIG_NAME} ({error}); pass the directory "
+                               "POETModel.save_adapter wrote") from None
+        info = read_adapter_info(directory / WEIGHTS_NAME)
+        trainable = list(settings.get("trainable", []))
+        originals = _originals(base_model, info["config"], trainable, keep_base_weights)
+        history = MergeHistory()
+        load_adapter(base_model, directory / WEIGHTS_NAME, history=history)
+        model = cls.__new__(cls)
+        nn.Module.__init__(model)
+        model._setup(base_model, info["config"], trainable, originals, history, info["base_fingerprint"])
+        return model
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
+        # Named arguments, not just **kwargs: Trainer keeps only the dataset columns the signature names.
+        named = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        return self.base_model(**{k: v for k, v in named.items() if v is not None}, **kwargs)
+
+    def poet_before_merge(self) -> None:
+        """Called by poetlm.merge: what the merge folds in goes into the adapter's history."""
+        self.history.record(self.base_model)
+
+    def merge(self, optimizer: torch.optim.Optimizer | None = None, rule=None) -> int:
+        """poetlm.merge(self, optimizer, rule)."""
+        return merge(self, optimizer, rule)
+
+    def save_adapter(self, directory) -> None:
+        """Write adapter_config.json and adapter.safetensors (merge history, rotations, trained tensors)."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        rotations = {id(p) for p in rotation_parameters(self.base_model)}
+        trained = [n for n, p in self.base_model.named_parameters() if p.requires_grad and id(p) not in rotations]
+        save_adapter(self.base_model, directory / WEIGHTS_NAME, history=self.history, trained=trained,
+                     base_fingerprint=self.fingerprint)
+        base_config = getattr(self.base_model, "config", None)
+        settings = {"format": "poetlm-adapter", "version": VERSION, "poet_config": self.poet_config.to_dict(),
+                    "trainable": self.trainable, "merges": len(self.history), "adapter_file": WEIGHTS_NAME,
+                    "base_model_name_or_path": getattr(base_config, "_name_or_path", None) or None}
+        (directory / CONFIG_NAME).write_text(json.dumps(settings, indent=2) + "\n")
+
+    def merge_and_unload(self) -> nn.Module:
+        """The base model with every POET layer replaced (in place) by the plain layer it computes."""
+        return unpoetize(self.base_model)
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        params = list(self.parameters())
+        return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,} || all params: {total:,} || trainable%: {100 * trainable / total:.4f}")
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Inside the block the model computes what the base model computed (no gradients reach the rotations)."""
+        layers = dict(poet_layers(self.base_model))
+        merges = max(int(layer.merge_count) for layer in layers.values())
+        base_weights = dict(self.base_weights.items())
+        if merges and not base_weights:
+            raise RuntimeError(f"disable_adapter() after {merges} merge(s) needs the base weights, into which the merges "
+                               "have folded the adapter: create the model with get_poet_model(..., keep_base_weights=True) "
+                               "(one more copy of the wrapped weights), or load the base model separately")
+        saved = {name: layer.step_weight for name, layer in layers.items()}
+        extras = [(self.base_model.get_parameter(name), original) for name, original in self.base_extras.items()]
+        trained = [param.data for param, _ in extras]
+        try:
+            for name, layer in layers.items():  # before any merge, W0 is the base weight itself
+                layer.step_weight = base_weights.get(name, layer.weight0)
+            for param, original in extras:
+                param.data = original
+            yield self
+        finally:
+            for name, layer in layers.items():
+                layer.step_weight = saved[name]
+            for (param, _), data in zip(extras, trained):
+                param.data = data

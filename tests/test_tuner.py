@@ -1,0 +1,139 @@
+"""The PEFT-shaped API: get_poet_model / POETModel, on its own and inside transformers.Trainer."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
+
+import poetlm
+from poetlm import POETConfig, POETModel, get_poet_model
+from poetlm.integrations import POETCallback, trainer_optimizer
+
+IDS = torch.randint(0, 64, (2, 10), generator=torch.Generator().manual_seed(3))
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("base")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=4)).save_pretrained(path)
+    return path
+
+
+def base(path):
+    return LlamaForCausalLM.from_pretrained(path).eval()
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(input_ids=IDS).logits
+
+
+def train(model, steps=5, merge_every=2):
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    for step in range(1, steps + 1):
+        ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(step))
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if step % merge_every == 0:
+            poetlm.merge(model, optimizer)  # the wrapper records its history itself
+    return model.eval()
+
+
+def test_wrap_freeze_train_save_and_reload_exactly(base_dir, tmp_path, capsys):
+    model = get_poet_model(base(base_dir), POETConfig(block_size=8), trainable=["norm"])
+    torch.testing.assert_close(logits(model), logits(base(base_dir)), rtol=0, atol=1e-6)  # starts at the base
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("rotation_" in n or "norm" in n for n in trainable)
+    assert all(layer.config.init == "keep" for _, layer in poetlm.poet_layers(model))
+    model.print_trainable_parameters()
+    rotations = sum(p.numel() for p in poetlm.rotation_parameters(model))
+    norms = 5 * 32  # 2 × (input, post-attention) + final norm
+    trained, total = model.get_nb_trainable_parameters()
+    assert trained == rotations + norms
+    assert capsys.readouterr().out.startswith(f"trainable params: {trained:,} || all params: {total:,} || trainable%: ")
+    assert model.config.hidden_size == 32  # attributes of the base model
+
+    train(model)
+    assert len(model.history) == 2  # merges at steps 2 and 4, recorded without user code
+    expected = logits(model)
+    model.save_adapter(tmp_path / "adapter")
+    settings = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert settings["merges"] == 2 and settings["trainable"] == ["norm"] and settings["poet_config"]["block_size"] == 8
+    assert settings["base_model_name_or_path"] == str(base_dir)
+
+    loaded = POETModel.from_pretrained(base(base_dir), tmp_path / "adapter")
+    torch.testing.assert_close(logits(loaded), expected, rtol=0, atol=1e-6)
+    assert {n for n, p in loaded.named_parameters() if p.requires_grad} == trainable
+    assert all(int(layer.merge_count) == 2 for _, layer in poetlm.poet_layers(loaded))
+    # Training goes on from the reloaded adapter, and its next adapter replays all merges.
+    for m in (model, loaded):
+        train(m.train(), steps=2)
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=1e-5)
+    loaded.save_adapter(tmp_path / "again")
+    again = POETModel.from_pretrained(base(base_dir), tmp_path / "again")
+    assert len(again.history) == 3
+    torch.testing.assert_close(logits(again), logits(loaded), rtol=0, atol=1e-6)
+
+
+def test_disable_adapter_merge_and_unload(base_dir, tmp_path):
+    reference = logits(base(base_dir))
+    model = get_poet_model(base(base_dir), POETConfig(block_size=8), trainable=["norm"])
+    train(model, steps=1)  # no merge yet: W0 is still the base weight
+    adapted = logits(model)
+    with model.disable_adapter():
+        torch.testing.assert_close(logits(model), reference, rtol=0, atol=1e-6)
+    torch.testing.assert_close(logits(model), adapted, rtol=0, atol=0)
+    train(model, steps=2)
+    with pytest.raises(RuntimeError, match="keep_base_weights=True"):
+        with model.disable_adapter():
+            pass
+
+    kept = get_poet_model(base(base_dir), POETConfig(block_size=8), trainable=["norm"], keep_base_weights=True)
+    train(kept, steps=4)
+    adapted = logits(kept)
+    assert (adapted - reference).abs().max() > 1e-2
+    with kept.disable_adapter():
+        torch.testing.assert_close(logits(kept), reference, rtol=0, atol=1e-6)  # norms restored too
+    torch.testing.assert_close(logits(kept), adapted, rtol=0, atol=0)
+
+    dense = kept.merge_and_unload()
+    assert type(dense) is LlamaForCausalLM and isinstance(dense.model.layers[0].mlp.down_proj, nn.Linear)
+    torch.testing.assert_close(logits(dense), adapted, rtol=0, atol=1e-5)
+    dense.save_pretrained(tmp_path / "merged")
+    torch.testing.assert_close(logits(base(tmp_path / "merged")), adapted, rtol=0, atol=1e-5)
+
+
+def test_trainer_on_a_tied_gpt2_records_merges_and_saves_checkpoints(tmp_path):
+    def gpt2():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4, bos_token_id=0,
+                                          eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)).eval()
+
+    class Tokens(torch.utils.data.Dataset):
+        ids = torch.randint(0, 64, (16, 12), generator=torch.Generator().manual_seed(5))
+
+        def __len__(self):
+            return len(self.ids)
+
+        def __getitem__(self, i):
+            return {"input_ids": self.ids[i], "attention_mask": torch.ones_like(self.ids[i]), "labels": self.ids[i]}
+
+    model = get_poet_model(gpt2(), POETConfig(block_size=8, merge_every=2))
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=4, per_device_train_batch_size=4,
+                             learning_rate=1e-2, save_strategy="steps", save_steps=2, report_to="none", use_cpu=True,
+                             disable_tqdm=True, logging_steps=1)
+    trainer = Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[POETCallback()],
+                      optimizers=(trainer_optimizer(model, args, lr_poet=1e-2), None))
+    trainer.train()  # checkpoints hold the tied embedding once (safetensors refuses shared tensors)
+    assert len(model.history) == 2 and (tmp_path / "out" / "checkpoint-4" / "model.safetensors").is_file()
+    model.save_adapter(tmp_path / "adapter")
+    loaded = POETModel.from_pretrained(gpt2(), tmp_path / "adapter")
+    torch.testing.assert_close(logits(loaded), logits(model.eval()), rtol=0, atol=1e-6)
+    fresh = get_poet_model(gpt2(), POETConfig(block_size=8, merge_every=2))
+    fresh.load_state_dict(model.state_dict())  # strict: the dropped alias comes back
+    torch.testing.assert_close(logits(fresh), logits(model), rtol=0, atol=1e-6)
