@@ -12,6 +12,8 @@ from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerState, T
 
 import poetlm
 from poetlm.integrations import MergeSchedule, POETCallback, trainer_optimizer
+from poetlm.model import rotated_weights
+from poetlm.optim import POET
 
 
 def llama():
@@ -145,3 +147,22 @@ def test_accelerate_two_cpu_processes_keep_identical_replicas_across_merges(tmp_
     assert summary["divergence"] == 0.0  # W0 after three merges, rotations, coordinates: the same on both ranks
     assert summary["clips"] == pytest.approx([1.0, 1.0, 0.1, 0.19, 0.1, 0.19])
     assert summary["rotation_state"] == 0
+
+
+def test_trainer_with_the_fold_every_step_optimizer():
+    """POET's default form needs no callback: poetlm.POET rotates the weights themselves every step."""
+    model = llama()
+    config = poetlm.POETConfig(init="keep", block_size=8)
+    weights = [w for _, w in rotated_weights(model, config)]
+    for param in model.parameters():
+        param.requires_grad_(any(param is w for w in weights))
+    spectra = [torch.linalg.svdvals(w.detach()) for w in weights]
+    before = [w.detach().clone() for w in weights]
+    optimizer = POET(weights, lr=0.02, poet=config)
+    t = Trainer(model=model, args=args("unused", save_strategy="no"), train_dataset=Tokens(), optimizers=(optimizer, None))
+    t.train()
+    logged = [entry["loss"] for entry in t.state.log_history if "loss" in entry]
+    assert logged[-1] < logged[0]
+    for weight, start, spectrum in zip(weights, before, spectra):
+        assert (weight.detach() - start).norm() > 1e-3  # rotated ...
+        torch.testing.assert_close(torch.linalg.svdvals(weight.detach()), spectrum, rtol=0, atol=1e-5)  # ... not rescaled
