@@ -16,9 +16,9 @@ def _invalid(name: str, value, allowed: str) -> ValueError:
     return ValueError(f"POETConfig.{name}={value!r} is invalid: {allowed}")
 
 
-@dataclass
+@dataclass(frozen=True)
 class POETConfig:
-    """Settings of a POET wrap.
+    """Settings of a POET wrap (immutable: every layer of a model shares one instance).
 
     variant: "bs" (block-stochastic: random permutation + block-diagonal rotations) or
         "fs" (fully-stochastic: one rotation on a random subset of coordinates per side).
@@ -77,10 +77,10 @@ class POETConfig:
         if targets is not None and not isinstance(targets, str):
             if not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) and t for t in targets):
                 raise _invalid("target_modules", targets, "use None (all linears but the head), a non-empty list of module names, or a regex string")
-            self.target_modules = list(targets)
+            object.__setattr__(self, "target_modules", list(targets))  # frozen: normalized once, here
         if not isinstance(self.exclude_modules, (list, tuple)) or not all(isinstance(t, str) for t in self.exclude_modules):
             raise _invalid("exclude_modules", self.exclude_modules, "must be a list of module names")
-        self.exclude_modules = list(self.exclude_modules)
+        object.__setattr__(self, "exclude_modules", list(self.exclude_modules))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
