@@ -77,9 +77,9 @@ def test_each_method_trains_and_writes_a_complete_run(tiny, method, extra):
         assert (up - start).norm() > 1e-3
         torch.testing.assert_close(torch.linalg.svdvals(up), torch.linalg.svdvals(start), atol=1e-5, rtol=0)
         poet = config.poet
-        per_side = (lambda d: poetlm.primitives.block_layout(poet.variant, d, poet.block_size, poet.fraction)[1])
-        expected = sum(s * (s - 1) // 2 for shape in [(32, 32)] * 4 + [(64, 32), (64, 32), (32, 64)] for d in shape
-                       for s in per_side(d))
+        shapes = [(32, 32)] * 4 + [(64, 32), (64, 32), (32, 64)]
+        expected = sum(s * (s - 1) // 2 for shape in shapes for d in shape
+                       for s in poetlm.primitives.block_layout(poet.variant, d, poet.block_size, poet.fraction)[1])
         assert summary["block_linear_trainable_params"] == 2 * expected
     if method in ("adamw", "muon"):
         assert summary["block_linear_trainable_params"] == 2 * (4 * 32 * 32 + 3 * 32 * 64)
