@@ -114,6 +114,8 @@ def test_mixture_of_experts_coverage_report_and_strict():
     strict = poetlm.poetize(mixtral(), POETConfig(block_size=8, exclude_modules=["gate", "experts.gate_up_proj",
                                                                                   "experts.down_proj"]), strict=True)
     assert not [w for w in poetlm.coverage(strict).dense if w.targeted]
+    with pytest.warns(UserWarning, match="experts.down_proj"):  # the fold-every-step form reports them too
+        poetlm.model.rotated_weights(mixtral(), POETConfig(block_size=8))
 
 
 TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2", "model.num_heads=2",

@@ -77,19 +77,25 @@ def poetize(model: nn.Module, config: POETConfig | None = None, *, strict: bool 
         raise ValueError(f"the model is already poetized ({len(wrapped)} POETLinear layers, e.g. {wrapped[0]!r}); poetize a "
                          "model once, and to change its POET settings poetize a fresh copy of the original model")
     targets = target_linears(model, config)
-    left_dense = [w for w in coverage(model, config).dense if w.targeted]
-    if left_dense:
-        listing = "; ".join(str(w) for w in left_dense[:6]) + (f"; … ({len(left_dense)} in all)" if len(left_dense) > 6 else "")
-        message = (f"{len(left_dense)} targeted weight(s) are not nn.Linear or Conv1D modules and stay dense: {listing}. "
-                   "Add them to exclude_modules (or narrow target_modules) to train only the wrapped layers")
-        if strict:
-            raise ValueError(f"poetize(strict=True) refuses: {message}; poetlm.coverage(model) lists every weight")
-        warnings.warn(message + "; pass strict=True to refuse instead", stacklevel=2)
+    _check_coverage(model, config, strict)
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, wrap_module(module, config, name))
     return model
+
+
+def _check_coverage(model: nn.Module, config: POETConfig, strict: bool) -> None:
+    """Warn about (strict: refuse) targeted weights POET cannot take: they are not nn.Linear / Conv1D modules."""
+    left_dense = [w for w in coverage(model, config).dense if w.targeted]
+    if not left_dense:
+        return
+    listing = "; ".join(str(w) for w in left_dense[:6]) + (f"; … ({len(left_dense)} in all)" if len(left_dense) > 6 else "")
+    message = (f"{len(left_dense)} targeted weight(s) are not nn.Linear or Conv1D modules and stay dense: {listing}. "
+               "Add them to exclude_modules (or narrow target_modules) to train only the wrapped layers")
+    if strict:
+        raise ValueError(f"poetize(strict=True) refuses: {message}; poetlm.coverage(model) lists every weight")
+    warnings.warn(message + "; pass strict=True to refuse instead", stacklevel=3)
 
 
 def target_linears(model: nn.Module, config: POETConfig) -> list[tuple[str, nn.Module]]:
@@ -113,7 +119,9 @@ def rotated_weights(model: nn.Module, config: POETConfig | None = None) -> list[
     """
     config = config or POETConfig()
     weights = []
-    for name, linear in target_linears(model, config):
+    targets = target_linears(model, config)
+    _check_coverage(model, config, strict=False)
+    for name, linear in targets:
         if config.init != "keep":
             if is_conv1d(linear):  # weight stored as (in, out)
                 linear.weight.copy_(draw_weight(config, *reversed(linear.weight.shape), name).t())

@@ -134,7 +134,8 @@ def from_pretrained(directory, **kwargs) -> nn.Module:
     info = _read_info(directory)
     state = _read_state(directory)
     model_class = getattr(transformers, info["architecture"], None) or transformers.AutoModelForCausalLM
-    kwargs.setdefault("dtype", "auto")  # the dense weights' own dtype: the compute dtype the model was saved in
+    if "dtype" not in kwargs:  # the dense weights' own dtype, the compute dtype the model was saved in
+        kwargs.setdefault("torch_dtype", "auto")  # the name transformers 4 knows; 5 reads it too
     model = model_class.from_pretrained(directory, **kwargs)
     for name, entry in info["layers"].items():
         try:
