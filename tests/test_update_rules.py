@@ -1,5 +1,6 @@
 """Update rules and the fold-every-step optimizer against dense references."""
 
+import copy
 import math
 
 import pytest
@@ -191,3 +192,43 @@ def test_rule_config_rejects_bad_values_by_name(field, value):
 def test_poet_optimizer_refuses_vectors():
     with pytest.raises(ValueError, match="rotates matrices"):
         POET([nn.Parameter(torch.zeros(4))])
+
+
+def test_poet_optimizer_for_a_whole_model_schedules_checkpoints_and_resumes_as_one():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from poetlm.optim import poet_optimizer
+
+    def build():
+        torch.manual_seed(0)
+        model = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                             num_attention_heads=2, vocab_size=100))
+        optimizer = poet_optimizer(model, lr_poet=0.05, lr=1e-2, poet=POETConfig(block_size=8), rule=RuleConfig(redraw_every=2))
+        return model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / 10)
+
+    ids = torch.randint(0, 100, (4, 16), generator=torch.Generator().manual_seed(1))
+
+    def train(model, optimizer, scheduler, steps):
+        for _ in range(steps):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+
+    model, optimizer, scheduler = build()
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, optimizer, scheduler, 3)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([0.05 * 0.7] + [1e-2 * 0.7] * 2)
+    saved = copy.deepcopy((model.state_dict(), optimizer.state_dict(), scheduler.state_dict()))
+    train(model, optimizer, scheduler, 3)
+    for name, param in model.named_parameters():
+        assert not torch.equal(param, start[name]), name  # the rotated weights and the AdamW ones all trained
+        if name.endswith("proj.weight"):
+            torch.testing.assert_close(torch.linalg.svdvals(param.detach()), torch.linalg.svdvals(start[name]), atol=1e-5, rtol=0)
+    resumed, optimizer2, scheduler2 = build()
+    resumed.load_state_dict(saved[0])
+    optimizer2.load_state_dict(saved[1])
+    scheduler2.load_state_dict(saved[2])
+    train(resumed, optimizer2, scheduler2, 3)
+    for (name, a), b in zip(model.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name

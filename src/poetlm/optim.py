@@ -161,3 +161,83 @@ class POET(torch.optim.Optimizer):
                 sigma = torch.linalg.svdvals(param.detach().float())
                 drifts.append(float((sigma - initial).abs().max() / initial.max()))
         return max(drifts)
+
+
+class Chained(torch.optim.Optimizer):
+    """Several optimizers stepped as one, for loops that take a single optimizer (Trainer, accelerate).
+
+    `param_groups` is the children's groups themselves, so LR schedulers, Trainer's lr logging and
+    `zero_grad` act on the real groups; `state_dict` keeps one entry per child.
+    """
+
+    def __init__(self, optimizers: list[torch.optim.Optimizer]) -> None:
+        params = [p for o in optimizers for g in o.param_groups for p in g["params"]]
+        self.optimizers = []  # torch's __init__ registers a group of its own; with no children it goes nowhere
+        super().__init__(params, {})
+        self.optimizers = list(optimizers)
+
+    # Read through to the children every time: a child's load_state_dict replaces its group dicts.
+    @property
+    def param_groups(self) -> list[dict]:
+        return [g for o in self.optimizers for g in o.param_groups]
+
+    @param_groups.setter
+    def param_groups(self, value) -> None:  # torch.optim.Optimizer.__init__ assigns its own: the children own them
+        pass
+
+    @property
+    def state(self):
+        merged = {}
+        for optimizer in self.optimizers:
+            merged.update(optimizer.state)
+        return merged
+
+    @state.setter
+    def state(self, value) -> None:
+        pass
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for optimizer in self.optimizers:
+            optimizer.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        saved = state_dict.get("optimizers")
+        if saved is None or len(saved) != len(self.optimizers):
+            raise ValueError(f"this state dict holds {len(saved or [])} optimizer(s), this Chained optimizer has "
+                             f"{len(self.optimizers)}: it was saved from a different setup")
+        for optimizer, state in zip(self.optimizers, saved):
+            optimizer.load_state_dict(state)
+
+
+def poet_optimizer(model: torch.nn.Module, lr_poet: float = 0.04, lr: float = 3e-3, weight_decay: float = 0.0,
+                   poet: POETConfig | None = None, rule: RuleConfig | None = None, betas=(0.9, 0.999)) -> Chained:
+    """POET for `model`'s block linears (redrawn as W0 unless poet.init == "keep"), AdamW for the rest.
+
+    The one-call form of the default method: plain nn.Linear layers stay in the model, so any training
+    loop (Trainer, accelerate, a hand-written one) can use POET by swapping its optimizer for this one.
+    """
+    from .model import param_groups, rotated_weights
+
+    poet = poet or POETConfig()
+    named = rotated_weights(model, poet)
+    rotated = {id(weight) for _, weight in named}
+    groups = [{**g, "params": [p for p in g["params"] if id(p) not in rotated]}
+              for g in param_groups(model, lr_base=lr, lr_poet=lr, weight_decay=weight_decay)]
+    rest = [g for g in groups if g["params"]]
+    optimizers = [POET(named, lr=lr_poet, poet=poet, rule=rule)]
+    if rest:
+        optimizers.append(torch.optim.AdamW(rest, betas=betas))
+    return Chained(optimizers)
