@@ -131,10 +131,10 @@ class POET(torch.optim.Optimizer):
                 if not n_blocks:
                     continue
                 grad = skew_gradient(rows, self._side_view(param.grad, side), index, block, n_blocks)
-                directions[side] = self.rule.direction(grad, state[side]["rule"])
+                directions[side] = self.rule.direction(grad, state[side]["rule"], active=side in active)
             scale = -group["lr"] * generator_scale(cfg.parameterization)
             for side in active:
-                if side not in directions:
+                if directions.get(side) is None:
                     continue
                 rows, index, block, n_blocks = self._side(param, side, state)
                 rotation = orthogonal_map(scale * directions[side].double(), cfg.parameterization, cfg.neumann_terms)

@@ -60,12 +60,13 @@ class RotationRule(Protocol):
     """Data in, data out: it never sees the weight, the layer form, DDP or the trainer.
 
     `direction` gets one side's skew gradient blocks (n, b, b) — ∂loss/∂Q for the rotation orthogonal_map(Q)
-    folded at Q = 0 — and that side's state dict (empty at the start), updates the state and returns the
-    skew direction D; the optimizer then folds the rotation with Q = −lr·c·D. `after_redraw` is called when
-    the side's coordinates are redrawn, with a function that carries (n, b, b) blocks to the new ones.
+    folded at Q = 0 — and that side's state dict (empty at the start), updates the state and, if the side
+    turns this step (`active`), returns the skew direction D (else None: alternating sides skip the costly
+    part); the optimizer then folds the rotation with Q = −lr·c·D. `after_redraw` is called when the side's
+    coordinates are redrawn, with a function that carries (n, b, b) blocks to the new ones.
     """
 
-    def direction(self, grad: torch.Tensor, state: dict) -> torch.Tensor: ...
+    def direction(self, grad: torch.Tensor, state: dict, active: bool = True) -> torch.Tensor | None: ...
 
     def after_redraw(self, state: dict, transport: Callable[[torch.Tensor], torch.Tensor]) -> None: ...
 

@@ -15,7 +15,7 @@ class LieAdam:
     def __init__(self, config) -> None:
         self.config = config
 
-    def direction(self, grad: torch.Tensor, state: dict) -> torch.Tensor:
+    def direction(self, grad: torch.Tensor, state: dict, active: bool = True) -> torch.Tensor | None:
         cfg = self.config
         if "exp_avg" not in state:
             state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(grad), torch.zeros_like(grad)
@@ -23,6 +23,8 @@ class LieAdam:
         state["step"] += 1
         state["exp_avg"].lerp_(grad, 1 - cfg.beta1)
         state["exp_avg_sq"].mul_(cfg.beta2).addcmul_(grad, grad, value=1 - cfg.beta2)
+        if not active:
+            return None
         m_hat = state["exp_avg"] / (1 - cfg.beta1 ** state["step"])
         v_hat = state["exp_avg_sq"] / (1 - cfg.beta2 ** state["step"])
         return m_hat / (v_hat.sqrt() + cfg.eps)

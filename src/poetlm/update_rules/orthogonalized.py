@@ -17,11 +17,13 @@ class Orthogonalized:
     def __init__(self, config) -> None:
         self.config = config
 
-    def direction(self, grad: torch.Tensor, state: dict) -> torch.Tensor:
+    def direction(self, grad: torch.Tensor, state: dict, active: bool = True) -> torch.Tensor | None:
         cfg = self.config
         if "momentum" not in state:
             state["momentum"] = torch.zeros_like(grad)
         momentum = state["momentum"].mul_(cfg.beta1).add_(grad)
+        if not active:
+            return None
         ahead = grad.add(momentum, alpha=cfg.beta1) if cfg.nesterov else momentum
         return orthogonalize_skew(ahead, cfg.orthogonalize)
 
