@@ -147,7 +147,8 @@ def train_command(spec: Spec, args: argparse.Namespace) -> list[str]:
 
 
 def diverged_marker(spec: Spec, args: argparse.Namespace) -> Path:
-    return run_dir(spec, args).with_suffix(".diverged")
+    directory = run_dir(spec, args)
+    return directory.parent / f"{directory.name}.diverged"  # not with_suffix: "lr0.001-s0" has a dot
 
 
 def run_one(spec: Spec, args: argparse.Namespace) -> str:
@@ -161,7 +162,7 @@ def run_one(spec: Spec, args: argparse.Namespace) -> str:
         shutil.rmtree(directory)  # started but never checkpointed: poetlm would otherwise pick NAME-2
     directory.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "MKL_NUM_THREADS": str(args.threads)}
-    log = directory.with_suffix(".log")
+    log = directory.parent / f"{directory.name}.log"
     start = time.perf_counter()
     with log.open("w") as stream:
         stream.write(" ".join(command) + "\n")
