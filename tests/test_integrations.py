@@ -80,6 +80,7 @@ def test_the_callback_clips_at_a_tenth_right_after_a_merge_and_ramps_back():
         POETCallback(ramp_steps=10).on_pre_optimizer_step(training_args, TrainerState(global_step=global_step), None, model=model)
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
         assert float(norm) == pytest.approx(expected, rel=1e-5), global_step
+    POETCallback().on_pre_optimizer_step(args("unused", max_grad_norm=0.0), TrainerState(global_step=20), None, model=model)
 
 
 @pytest.mark.slow

@@ -101,6 +101,9 @@ def test_disable_adapter_merge_and_unload(base_dir, tmp_path):
         torch.testing.assert_close(logits(kept), reference, rtol=0, atol=1e-6)  # norms restored too
     torch.testing.assert_close(logits(kept), adapted, rtol=0, atol=0)
 
+    poetlm.save_pretrained(kept, tmp_path / "poet")  # the wrapper saves as the poetized base it holds
+    torch.testing.assert_close(logits(poetlm.from_pretrained(tmp_path / "poet").eval()), adapted, rtol=0, atol=0)
+
     dense = kept.merge_and_unload()
     assert type(dense) is LlamaForCausalLM and isinstance(dense.model.layers[0].mlp.down_proj, nn.Linear)
     torch.testing.assert_close(logits(dense), adapted, rtol=0, atol=1e-5)

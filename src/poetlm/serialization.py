@@ -27,6 +27,7 @@ from torch import nn
 from .config import POETConfig
 from .layer import POETConv1D, POETLinear, wrap_module
 from .model import poet_layers
+from .tuner import POETModel
 
 CONFIG_NAME = "poetlm_config.json"
 STATE_NAME = "poetlm_state.safetensors"
@@ -60,6 +61,8 @@ def save_pretrained(model: nn.Module, directory, merged: bool = False, **kwargs)
     `poetlm.from_pretrained`. merged=True: the dense model only, for inference and for tools that do not
     know poetlm. Other keyword arguments go to transformers' `save_pretrained` (e.g. max_shard_size).
     """
+    if isinstance(model, POETModel):  # its state-dict keys carry the wrapper's prefix
+        model = model.base_model
     if not callable(getattr(model, "save_pretrained", None)):
         raise TypeError(f"poetlm.save_pretrained saves transformers models; {type(model).__name__} has no save_pretrained. "
                         "For another nn.Module save model.state_dict(): it holds W0, the rotations and the coordinates, "

@@ -47,10 +47,12 @@ class POETCallback(TrainerCallback):
         return self.merge_every if self.merge_every is not None else merge_every_of(model)
 
     def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if not args.max_grad_norm:  # Trainer does not clip: nothing to tighten
+            return
         every = self._every(model)
         last_merge = state.global_step // every * every
         clip = post_merge_clip(args.max_grad_norm, state.global_step - last_merge if last_merge else None, self.ramp_steps)
-        if args.max_grad_norm and clip < args.max_grad_norm:
+        if clip < args.max_grad_norm:
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
