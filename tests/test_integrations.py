@@ -167,3 +167,23 @@ def test_trainer_with_the_fold_every_step_optimizer():
     for weight, start, spectrum in zip(weights, before, spectra):
         assert (weight.detach() - start).norm() > 1e-3  # rotated ...
         torch.testing.assert_close(torch.linalg.svdvals(weight.detach()), spectrum, rtol=0, atol=1e-5)  # ... not rescaled
+
+
+@pytest.mark.slow
+def test_trainer_with_poet_optimizer_for_a_whole_model_resumes_exactly(tmp_path):
+    """The default form for a whole model (POET on the block linears, AdamW on the rest) as Trainer's optimizer."""
+    from poetlm.optim import poet_optimizer
+
+    def run(out, resume=None):
+        model = llama()
+        optimizer = poet_optimizer(model, lr_poet=0.04, lr=3e-3, poet=poetlm.POETConfig(block_size=8))
+        t = Trainer(model=model, args=args(out, save_strategy="steps", save_steps=3), train_dataset=Tokens(),
+                    optimizers=(optimizer, None))
+        t.train(resume_from_checkpoint=resume)
+        return model, [e["loss"] for e in t.state.log_history if "loss" in e]
+
+    full, losses = run(tmp_path / "a")
+    assert losses[-1] < losses[0]
+    resumed, again = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-3"))
+    assert again == losses
+    assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values()))
