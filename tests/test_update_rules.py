@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from poetlm import POETConfig, POETLinear, merge
-from poetlm.optim import POET, skew_gradient
+from poetlm.optim import POET, side_blocks, skew_gradient
 from poetlm.orthogonal import orthogonalize_skew
 from poetlm.primitives import block_layout, draw_index, seeded_generator, transport_blocks
 from poetlm.update_rules import RuleConfig
@@ -73,8 +73,8 @@ def test_skew_gradient_is_the_autograd_gradient_of_a_dense_rotation(variant, sid
 
     w = weight.clone().requires_grad_(True)
     ((inputs @ w.T - targets) ** 2).sum().backward()
-    rows, grad_rows = (weight, w.grad) if side == "out" else (weight.T, w.grad.T)
-    torch.testing.assert_close(skew_gradient(rows, grad_rows, index, block, len(sizes)), reference, atol=1e-9, rtol=1e-9)
+    x, h = (side_blocks(t, side, index, block, len(sizes)) for t in (weight, w.grad))
+    torch.testing.assert_close(skew_gradient(x, h), reference, atol=1e-9, rtol=1e-9)
 
 
 def test_transported_momentum_equals_the_dense_one_on_surviving_planes():

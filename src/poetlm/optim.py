@@ -18,6 +18,7 @@ subsets) are redrawn every `rule.redraw_every` steps from seeded generators, as 
 from __future__ import annotations
 
 import torch
+from torch.nn import functional as F
 
 from .config import POETConfig
 from .orthogonal import generator_scale, orthogonal_map
@@ -27,12 +28,33 @@ from .update_rules import RuleConfig, make_rule
 SIDES = ("out", "in")
 
 
-def skew_gradient(rows: torch.Tensor, grad_rows: torch.Tensor, index: torch.Tensor, block: int, n_blocks: int) -> torch.Tensor:
-    """∂loss/∂Q_k = 2·(H_k X_kᵀ − X_k H_kᵀ) for every block k of one side, in fp32 or wider (module docstring)."""
-    wide = torch.promote_types(rows.dtype, torch.float32)
-    x = gather_blocks(rows, index, block, n_blocks).to(wide)
-    h = gather_blocks(grad_rows, index, block, n_blocks).to(wide)
-    product = h @ x.transpose(-1, -2)
+def side_blocks(weight: torch.Tensor, side: str, index: torch.Tensor, block: int, n_blocks: int) -> torch.Tensor:
+    """One side's rows (of W for "out", of Wᵀ for "in") at `index`, as (n_blocks, b, cols).
+
+    The input side gathers columns of the weight itself and returns a transposed view of them: gathering
+    rows of the strided Wᵀ was the single largest cost of a step.
+    """
+    if side == "out":
+        return gather_blocks(weight, index, block, n_blocks)
+    columns = weight.index_select(1, index)
+    padding = n_blocks * block - len(index)
+    if padding:
+        columns = F.pad(columns, (0, padding))
+    return columns.view(weight.shape[0], n_blocks, block).permute(1, 2, 0)
+
+
+def write_side_blocks(weight: torch.Tensor, side: str, index: torch.Tensor, blocks: torch.Tensor) -> None:
+    """The inverse of `side_blocks`: write (n_blocks, b, cols) back at `index` (padding dropped)."""
+    if side == "out":
+        weight.index_copy_(0, index, blocks.flatten(0, 1)[: len(index)])
+    else:
+        weight.index_copy_(1, index, blocks.permute(2, 0, 1).reshape(weight.shape[0], -1)[:, : len(index)])
+
+
+def skew_gradient(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """∂loss/∂Q_k = 2·(H_k X_kᵀ − X_k H_kᵀ) from a side's weight blocks X and gradient blocks H (module docstring)."""
+    wide = torch.promote_types(x.dtype, torch.float32)
+    product = h.to(wide) @ x.to(wide).transpose(-1, -2)
     return 2 * (product - product.transpose(-1, -2))
 
 
@@ -63,11 +85,10 @@ class POET(torch.optim.Optimizer):
         cfg = self.poet
         return block_layout(cfg.variant, dim, cfg.block_size, cfg.fraction)
 
-    def _side(self, param: torch.Tensor, side: str, state: dict) -> tuple[torch.Tensor, torch.Tensor, int, int]:
-        """(rows of that side, their index, slot size b, number of blocks)."""
-        rows = self._side_view(param, side)
-        block, sizes = self._layout(rows.shape[0])
-        return rows, state[side]["index"], block, len(sizes)
+    def _side(self, param: torch.Tensor, side: str, state: dict) -> tuple[torch.Tensor, int, int]:
+        """(the side's index, slot size b, number of blocks)."""
+        block, sizes = self._layout(self._side_view(param, side).shape[0])
+        return state[side]["index"], block, len(sizes)
 
     def _draw(self, key: int, side: str, dim: int, draws: int, device) -> torch.Tensor:
         _, sizes = self._layout(dim)
@@ -127,20 +148,20 @@ class POET(torch.optim.Optimizer):
             active = SIDES if not rule_cfg.alternate else (SIDES[state["step"] % 2],)
             directions = {}
             for side in SIDES:  # every side's state sees every step's gradient, active or not
-                rows, index, block, n_blocks = self._side(param, side, state)
+                index, block, n_blocks = self._side(param, side, state)
                 if not n_blocks:
                     continue
-                grad = skew_gradient(rows, self._side_view(param.grad, side), index, block, n_blocks)
+                grad = skew_gradient(side_blocks(param, side, index, block, n_blocks),
+                                     side_blocks(param.grad, side, index, block, n_blocks))
                 directions[side] = self.rule.direction(grad, state[side]["rule"], active=side in active)
             scale = -group["lr"] * generator_scale(cfg.parameterization)
             for side in active:
                 if directions.get(side) is None:
                     continue
-                rows, index, block, n_blocks = self._side(param, side, state)
+                index, block, n_blocks = self._side(param, side, state)
                 rotation = orthogonal_map(scale * directions[side].double(), cfg.parameterization, cfg.neumann_terms)
-                x = gather_blocks(rows, index, block, n_blocks)  # after the other side moved, if it did
-                rotated = (rotation.to(x.dtype) @ x).flatten(0, 1)[: len(index)]
-                rows.index_copy_(0, index, rotated)
+                x = side_blocks(param, side, index, block, n_blocks)  # after the other side moved, if it did
+                write_side_blocks(param, side, index, rotation.to(x.dtype) @ x)
             state["step"] += 1
         return loss
 
