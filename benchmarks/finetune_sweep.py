@@ -44,6 +44,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=list(GRIDS), default=list(GRIDS))
     parser.add_argument("--steps", type=int, default=200, help="finetuning steps (default: the finetune preset's 200)")
     parser.add_argument("--pretrain-steps", type=int, default=1000)
+    parser.add_argument("--base-run", type=Path, help="use this finished run directory as the base instead of "
+                        "pretraining one (e.g. quality.py's sotu/adamw-lr0.003-s0)")
     parser.add_argument("--eval-tokens", type=int, default=32768)
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
@@ -94,9 +96,11 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     (args.out / "logs").mkdir(parents=True, exist_ok=True)
     print(describe_machine("cpu"), flush=True)
-    poetlm(args, args.out / "logs" / "pretrain.log", "train", "--method", "adamw", "--name", "base-adamw", "--out", "runs",
-           "--no-progress", "--steps", str(args.pretrain_steps), "optim.lr=3e-3")
-    poetlm(args, args.out / "logs" / "export.log", "export", "runs/base-adamw", "base")
+    base_run = args.base_run.resolve() if args.base_run else "runs/base-adamw"
+    if not args.base_run:
+        poetlm(args, args.out / "logs" / "pretrain.log", "train", "--method", "adamw", "--name", "base-adamw", "--out",
+               "runs", "--no-progress", "--steps", str(args.pretrain_steps), "optim.lr=3e-3")
+    poetlm(args, args.out / "logs" / "export.log", "export", str(base_run), "base")
     base_sotu = sotu_ppl(args, "base", "base")
     jobs = [(m, lr) for m in args.methods for lr in GRIDS[m][1]]
     if args.jobs > 1 and not args.report_only:
@@ -114,7 +118,7 @@ def main(argv=None) -> None:
         drift = r.get("spectrum_drift")
         rows.append([LABELS[method], f"{GRIDS[method][0]}={lr:g}", f"{r['final_val_ppl']:.2f}", f"{r['sotu_ppl']:.2f}",
                      f"{r['block_linear_trainable_params']:,}", f"{drift:.1e}" if drift is not None else "—"])
-    print(f"\nbase (AdamW, {args.pretrain_steps} steps on sotu): shakespeare {base_target} · sotu {base_sotu}\n")
+    print(f"\nbase ({base_run}): shakespeare {base_target} · sotu {base_sotu}\n")
     text = markdown_table(["method", "lr", "shakespeare val ppl (adaptation)", "sotu val ppl (forgetting)",
                            "block-linear trainable params", "spectrum drift"], rows, align="llrrrr")
     print(text)
