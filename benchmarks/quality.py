@@ -56,23 +56,31 @@ METHODS = {
     "adamw": Method("adamw", "AdamW", "optim.lr_hidden", (1e-3, 3e-3, 1e-2), ("method='adamw'",)),
     "muon": Method("muon", "Muon", "optim.lr_muon", (3e-3, 1e-2, 3e-2), ("method='muon'",)),
 }
-# The ablation: the paper's POET, then one change at a time towards the default, each at one lr.
+# The ablation: the paper's POET, then one change at a time towards the default, each at one lr. Its first
+# and last rows are the "poet-paper" and "poet" runs of the sweep (pass their lrs with --lrs-poet-paper /
+# --lrs-poet); the rows between pin the W0 scale and block size of the paper until the rows that change them.
+PAPER_SHAPE = ("poet.init_scale=1.0", "poet.block_size=32")
 ABLATION = {
-    "abl-paper": Method("abl-paper", "paper: layers, AdamW + reset, merge every 50, CNP k=3", "optim.lr_poet", (1e-2,),
-                        ("method='poet-paper'",)),
     "abl-k4": Method("abl-k4", "+ CNP k=4 (spectrum-exact)", "optim.lr_poet", (1e-2,),
                      ("method='poet-paper'", "poet.neumann_terms=4")),
-    "abl-fold": Method("abl-fold", "+ fold every step, Adam moments kept in the Lie algebra", "optim.lr_poet", (2e-2,),
-                       ("method='poet'", "rule.name='lie_adam'", "rule.alternate=false")),
-    "abl-ortho": Method("abl-ortho", "+ orthogonalized momentum (Muon on so(b))", "optim.lr_poet", (0.04,),
-                        ("method='poet'", "rule.nesterov=false", "rule.alternate=false", "rule.transport=false")),
+    "abl-cayley": Method("abl-cayley", "(side row) paper with the exact Cayley map instead of CNP", "optim.lr_poet",
+                         (1e-2,), ("method='poet-paper'", "poet.parameterization='cayley'")),
+    "abl-fold": Method("abl-fold", "+ fold every step, Adam moments kept in the Lie algebra (redraw every 50)",
+                       "optim.lr_poet", (2e-2,), ("method='poet'", "rule.name='lie_adam'", "rule.alternate=false",
+                                                  *PAPER_SHAPE)),
+    "abl-ortho": Method("abl-ortho", "+ orthogonalized momentum (Muon on so(b)), lr = angle", "optim.lr_poet", (0.04,),
+                        ("method='poet'", "rule.nesterov=false", "rule.alternate=false", "rule.transport=false",
+                         *PAPER_SHAPE)),
     "abl-nesterov": Method("abl-nesterov", "+ Nesterov", "optim.lr_poet", (0.04,),
-                           ("method='poet'", "rule.alternate=false", "rule.transport=false")),
+                           ("method='poet'", "rule.alternate=false", "rule.transport=false", *PAPER_SHAPE)),
     "abl-alternate": Method("abl-alternate", "+ alternating sides", "optim.lr_poet", (0.04,),
-                            ("method='poet'", "rule.transport=false")),
-    "abl-default": Method("abl-default", "+ momentum transported across redraws (= default)", "optim.lr_poet", (0.04,),
-                          ("method='poet'",)),
+                            ("method='poet'", "rule.transport=false", *PAPER_SHAPE)),
+    "abl-transport": Method("abl-transport", "+ momentum transported across redraws", "optim.lr_poet", (0.04,),
+                            ("method='poet'", *PAPER_SHAPE)),
+    "abl-scale": Method("abl-scale", "+ W0 scale (the tiny preset's init_scale)", "optim.lr_poet", (0.04,),
+                        ("method='poet'", "poet.block_size=32")),
 }
+ABLATION_ROWS = ["poet-paper", *ABLATION, "poet"]
 ALL_METHODS = {**METHODS, **ABLATION}
 
 
@@ -119,7 +127,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.jobs < 1 or args.threads < 1 or args.steps < 1:
         parser.error("--jobs, --threads and --steps must be >= 1")
     if args.methods is None:
-        args.methods = list(ABLATION if args.ablation else METHODS)
+        args.methods = list(ABLATION_ROWS if args.ablation else METHODS)
     if args.ablation:
         args.corpora, args.seeds = args.corpora[:1], args.seeds[:1]
     return args
