@@ -20,7 +20,7 @@ def make_run(root, dirname, config, *, summary=None, spectrum=None, probe=False,
                "lr": 1e-3, "grad_norm": 1.0, "tokens_per_s": 1000.0 * step,
                "peak_mem_mb": 100.0 + step}
         if probe:
-            rec.update(q_norm=1.0, orth_err=1e-6, probe_cos=0.9 + step * 0.01)
+            rec.update(q_norm=1.0, orth_err=1e-6, probe_cos=0.9 + step * 0.01, spectrum_drift=2e-6 * step)
         lines.append(json.dumps(rec))
         if step % 2 == 0:
             ppl = final_ppl * (2 if step < steps else 1)
@@ -73,6 +73,8 @@ def test_labels_and_names(three_runs):
     assert (fs.name, fs.label) == ("fs", "POET-FS β=0.5")  # name defaults to dir
     assert (adamw.name, adamw.label) == ("baseline", "AdamW")
     assert load_run(make_run(three_runs[0].parent, "mu", {"method": "muon"})).label == "Muon"
+    paper = {"method": "poet-paper", "poet": {"variant": "bs", "block_size": 32}}
+    assert load_run(make_run(three_runs[0].parent, "pp", paper)).label == "POET-paper-BS b=32"
     assert len(bs.train) == 4 and len(bs.eval) == 2
     assert bs.spectrum["layer"] == SPECTRUM["layer"] and fs.spectrum is None
 
@@ -84,11 +86,11 @@ def test_report_table_and_plots(three_runs, tmp_path):
     text = report.read_text(encoding="utf-8")
 
     assert table_row(text, "poet-bs") == [
-        "poet-bs", "POET-BS b=256", "9.66M", "31.25", "12,346", "2,048", "4.00M"]
+        "poet-bs", "POET-BS b=256", "9.66M", "31.25", "12,346", "2,048", "4.00M", "8.0e-06"]
     assert table_row(text, "fs") == [
-        "fs", "POET-FS β=0.5", "4.83M", "33.50", "15,000", "1,900", "4.00M"]
+        "fs", "POET-FS β=0.5", "4.83M", "33.50", "15,000", "1,900", "4.00M", "—"]
     assert table_row(text, "baseline") == [
-        "baseline", "AdamW", "19.32M", "29.75", "20,000", "3,000", "4.00M"]
+        "baseline", "AdamW", "19.32M", "29.75", "20,000", "3,000", "4.00M", "—"]
     assert "incomplete" not in text
 
     for name in ("loss.png", "val_ppl.png", "spectrum.png", "probe_cos.png"):
@@ -139,7 +141,7 @@ def test_missing_summary_is_incomplete(tmp_path):
     # Eval lines carry ppl 85.0 at step 2 and 42.5 at step 4; the last one wins.
     # Throughput is the median of 1000..4000, memory the max, tokens the max.
     assert table_row(text, "partial (incomplete)") == [
-        "partial (incomplete)", "POET-BS b=64", "—", "42.50", "2,500", "104", "4.00K"]
+        "partial (incomplete)", "POET-BS b=64", "—", "42.50", "2,500", "104", "4.00K", "8.0e-06"]
 
 
 def test_not_a_run_directory(tmp_path):

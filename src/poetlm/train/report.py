@@ -43,14 +43,15 @@ class Run:
 
 def method_label(config: dict[str, Any]) -> str:
     method = str(config.get("method", "unknown")).lower()
-    if method == "poet":
+    if method in ("poet", "poet-paper"):
         poet = config.get("poet") or {}
         variant = str(poet.get("variant", "")).lower()
+        name = "POET-paper" if method == "poet-paper" else "POET"
         if variant == "bs" and "block_size" in poet:
-            return f"POET-BS b={poet['block_size']}"
+            return f"{name}-BS b={poet['block_size']}"
         if variant == "fs" and "fraction" in poet:
-            return f"POET-FS β={poet['fraction']}"
-        return f"POET-{variant.upper()}" if variant else "POET"
+            return f"{name}-FS β={poet['fraction']}"
+        return f"{name}-{variant.upper()}" if variant else name
     return {"adamw": "AdamW", "muon": "Muon"}.get(method, method)
 
 
@@ -149,6 +150,7 @@ def run_stats(run: Run) -> dict[str, float | None]:
         "tokens_per_s": statistics.median(speeds) if speeds else None,
         "peak_mem_mb": max(mems) if mems else None,
         "total_tokens": max(tokens) if tokens else None,
+        "spectrum_drift": _last(run.train, "spectrum_drift"),
     }
     return {k: s.get(k) if s.get(k) is not None else v for k, v in derived.items()}
 
@@ -156,8 +158,8 @@ def run_stats(run: Run) -> dict[str, float | None]:
 def _table(runs: list[Run]) -> list[str]:
     rows = [
         "| Run | Method | Trainable params (block linears) | Final val ppl "
-        "| Tokens/s | Peak mem (MB) | Tokens |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "| Tokens/s | Peak mem (MB) | Tokens | Spectrum drift |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for run in runs:
         st = run_stats(run)
@@ -170,6 +172,7 @@ def _table(runs: list[Run]) -> list[str]:
             _fmt(st["tokens_per_s"], ",.0f"),
             _fmt(st["peak_mem_mb"], ",.0f"),
             format_count(st["total_tokens"]),
+            _fmt(st["spectrum_drift"], ".1e"),
         ]
         rows.append("| " + " | ".join(cells) + " |")
     return rows
