@@ -88,7 +88,7 @@ def test_report_table_and_plots(three_runs, tmp_path):
     assert table_row(text, "poet-bs") == [
         "poet-bs", "POET-BS b=256", "9.66M", "31.25", "12,346", "2,048", "4.00M", "8.0e-06"]
     assert table_row(text, "fs") == [
-        "fs", "POET-FS β=0.5", "4.83M", "33.50", "15,000", "1,900", "4.00M", "—"]
+        "fs", "POET-FS β=0.5", "4.83M", "33.50", "15,000", "1,900", "4.00M", "8.0e-06"]
     assert table_row(text, "baseline") == [
         "baseline", "AdamW", "19.32M", "29.75", "20,000", "3,000", "4.00M", "—"]
     assert "incomplete" not in text
