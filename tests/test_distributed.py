@@ -65,8 +65,7 @@ def test_fsdp2_matches_one_process_and_its_checkpoint_loads_unsharded(tmp_path, 
     assert ppl == pytest.approx(fsdp["final_val_ppl"], rel=1e-3)
 
 
-def _descendant_with_env(root: int, entry: bytes) -> int | None:
-    """A process below `root` whose environment holds `entry` exactly (e.g. b"RANK=1")."""
+def _descendants(root: int) -> list[int]:
     children = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -74,15 +73,22 @@ def _descendant_with_env(root: int, entry: bytes) -> int | None:
         except OSError:  # the process ended meanwhile
             continue
         children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    todo = list(children.get(root, []))
+    found, todo = [], list(children.get(root, []))
     while todo:
         pid = todo.pop()
+        found.append(pid)
+        todo += children.get(pid, [])
+    return found
+
+
+def _with_env(pids: list[int], entry: bytes) -> int | None:
+    """The process among `pids` whose environment holds `entry` exactly (e.g. b"RANK=1")."""
+    for pid in pids:
         try:
             if entry in (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0"):
                 return pid
         except OSError:
             pass
-        todo += children.get(pid, [])
     return None
 
 
@@ -96,12 +102,17 @@ def test_a_signal_to_one_worker_stops_every_rank_at_one_checkpoint(tmp_path):
         while time.time() < deadline and not ((run_dir / "metrics.jsonl").exists()
                                               and (run_dir / "metrics.jsonl").read_text().count("\n") >= 3):
             time.sleep(0.2)
-        worker = _descendant_with_env(proc.pid, b"RANK=1")
+        workers = _descendants(proc.pid)
+        worker = _with_env(workers, b"RANK=1")
         assert worker is not None, "no worker with RANK=1 found"
         os.kill(worker, signal.SIGTERM)  # that worker alone: rank 0 never sees a signal
         _, err = proc.communicate(timeout=120)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        for pid in [proc.pid, *workers]:  # torchrun starts each worker in a session of its own
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         proc.communicate()
         pytest.fail("the job hung after one worker got SIGTERM")
     assert "SIGTERM received: checkpoint at step" in err

@@ -89,3 +89,12 @@ def test_resume_of_a_file_is_a_clear_error(tmp_path, capsys):
     (tmp_path / "step_00000003.pt").write_bytes(b"")
     assert main(["train", "--resume", str(tmp_path / "step_00000003.pt")]) == 2
     assert "is a file: give the run directory" in capsys.readouterr().err
+
+
+def test_an_explicit_poet_seed_is_honoured():
+    from poetlm.train.methods import prepare_model
+    from poetlm.train.models import load_model
+
+    config = resolve_config("tiny", ["method='poet-paper'", "seed=3", "poet.seed=7", "model.num_layers=1"])
+    model = prepare_model(load_model(config, 300), config)
+    assert {layer.config.seed for _, layer in poetlm.poet_layers(model)} == {7}

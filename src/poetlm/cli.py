@@ -133,9 +133,10 @@ def _cmd_eval(args) -> int:
 
 def _check_export_target(out: Path, force: bool) -> None:
     """Never into a run directory (it would destroy the run's config.json); nothing overwritten without --force."""
-    from .train.runs import is_run_dir
+    def is_run(p: Path) -> bool:  # data.json too: a run that has not written its first checkpoint yet
+        return (p / "config.json").is_file() and ((p / "checkpoints").is_dir() or (p / "data.json").is_file())
 
-    inside = next((p for p in (out.resolve(), *out.resolve().parents) if is_run_dir(p)), None)
+    inside = next((p for p in (out.resolve(), *out.resolve().parents) if is_run(p)), None)
     if inside is not None:
         raise CommandError(f"{out} is {'inside ' if inside != out.resolve() else ''}the run directory {inside}: exporting "
                            "there would overwrite the run's own files. Export to a directory outside it")

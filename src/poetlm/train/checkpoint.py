@@ -145,4 +145,5 @@ def load_checkpoint(run_dir: Path, map_location="cpu") -> dict:
                   file=sys.stderr)
         state["path"] = path
         return state
-    raise CheckpointError(f"no usable checkpoint in {checkpoint_dir(run_dir)}: {'; '.join(problems)}")
+    raise CheckpointError(f"no usable checkpoint in {checkpoint_dir(run_dir)}: {'; '.join(problems)}. "
+                          "Restore the files from a copy, or start the run again")
