@@ -58,7 +58,8 @@ METHODS = {
 }
 # The ablation: the paper's POET, then one change at a time towards the default, each at one lr. Its first
 # and last rows are the "poet-paper" and "poet" runs of the sweep (pass their lrs with --lrs-poet-paper /
-# --lrs-poet); the rows between pin the W0 scale and block size of the paper until the rows that change them.
+# --lrs-poet); the rows between pin the paper's W0 scale and block size, so the last step to the default
+# ("poet") is the preset's W0 scale.
 PAPER_SHAPE = ("poet.init_scale=1.0", "poet.block_size=32")
 ABLATION = {
     "abl-k4": Method("abl-k4", "+ CNP k=4 (spectrum-exact)", "optim.lr_poet", (1e-2,),
@@ -77,8 +78,6 @@ ABLATION = {
                             ("method='poet'", "rule.transport=false", *PAPER_SHAPE)),
     "abl-transport": Method("abl-transport", "+ momentum transported across redraws", "optim.lr_poet", (0.04,),
                             ("method='poet'", *PAPER_SHAPE)),
-    "abl-scale": Method("abl-scale", "+ W0 scale (the tiny preset's init_scale)", "optim.lr_poet", (0.04,),
-                        ("method='poet'", "poet.block_size=32")),
 }
 ABLATION_ROWS = ["poet-paper", *ABLATION, "poet"]
 ALL_METHODS = {**METHODS, **ABLATION}
