@@ -223,6 +223,7 @@ def test_split_membership_by_index_only():
     assert val_a == val_b
 
 
+@pytest.mark.slow
 def test_split_independent_of_hash_randomization():
     code = (
         "from poetlm.train.data import split_documents;"

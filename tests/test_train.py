@@ -85,6 +85,7 @@ def test_each_method_trains_and_writes_a_complete_run(tiny, method, extra):
         assert summary["block_linear_trainable_params"] == 2 * (4 * 32 * 32 + 3 * 32 * 64)
 
 
+@pytest.mark.slow
 def test_default_demo_path_on_the_bundled_corpus(tmp_path, capsys):
     code = main(["train", "--steps", "2", "--out", str(tmp_path / "runs"), "--no-progress", "eval_tokens=1024",
                  "data.max_documents=40", f"data.cache_dir={str(tmp_path / 'cache')!r}", "model.num_layers=1"])
