@@ -10,10 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from poetlm.cli import main
 from poetlm.train import checkpoint as ckpt
 from poetlm.train.data import read_documents
+from poetlm.train.runs import load_run_model
 
 pytestmark = pytest.mark.slow
 
@@ -63,6 +65,14 @@ def test_fsdp2_matches_one_process_and_its_checkpoint_loads_unsharded(tmp_path, 
     assert main(["eval", str(tmp_path / "runs" / "fsdp")]) == 0
     ppl = float(capsys.readouterr().out.split("perplexity:")[1].split()[0])
     assert ppl == pytest.approx(fsdp["final_val_ppl"], rel=1e-3)
+    # final/ is gathered from the shards: the run's dense model, loadable without poetlm.
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 300, (2, 16))
+    final = AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / "fsdp" / "final")
+    assert type(final).__name__ == "LlamaForCausalLM"
+    with torch.no_grad():
+        torch.testing.assert_close(final(ids).logits, load_run_model(tmp_path / "runs" / "fsdp")[0](ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def _descendants(root: int) -> list[int]:

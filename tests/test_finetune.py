@@ -68,6 +68,8 @@ def test_gpt2_conv1d_finetunes_and_exports_to_gpt2(base, tmp_path, method):
     assert main(["export", str(run_dir), str(tmp_path / "merged")]) == 0
     merged = GPT2LMHeadModel.from_pretrained(tmp_path / "merged").eval()
     torch.testing.assert_close(merged(ids).logits, target, rtol=1e-4, atol=1e-4)
+    final = GPT2LMHeadModel.from_pretrained(run_dir / "final").eval()  # what every run writes at its end
+    torch.testing.assert_close(final(ids).logits, target, rtol=1e-4, atol=1e-4)
     if method == "poet-paper":
         adapted = load_adapter(reload(gpt2).eval(), run_dir / "adapter.safetensors")
         torch.testing.assert_close(adapted(ids).logits, target, rtol=1e-5, atol=1e-5)
@@ -121,6 +123,9 @@ def test_lora_and_full_finetuning_in_the_same_harness(base, tmp_path, method):
     run_dir = tmp_path / "runs" / method
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["final_val_ppl"] < summary["initial_val_ppl"]
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():  # final/: LoRA merged into the base's layers by peft, a plain model
+        torch.testing.assert_close(reload(run_dir / "final")(ids).logits, load_run_model(run_dir)[0](ids).logits, rtol=1e-4, atol=1e-4)
     if method == "lora":  # r=8 on 7 linears × 2 layers: A (8×in) + B (out×8)
         expected = 2 * 8 * (4 * (32 + 32) + 2 * (32 + 64) + (64 + 32))
         assert summary["block_linear_trainable_params"] == expected

@@ -62,6 +62,14 @@ def test_each_method_trains_and_writes_a_complete_run(tiny, method, extra):
     assert summary["final_val_ppl"] == pytest.approx(eval_lines[-1]["val_ppl"])
     for name in ("config.json", "summary.json", "spectrum.json", "report.md", "loss.png", "tokenizer/tokenizer.json"):
         assert (run_dir / name).exists(), name
+    # final/: a plain Hugging Face directory with the run's function (poet-paper's layers merged into dense weights).
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 300, (2, 16))
+    final = AutoModelForCausalLM.from_pretrained(run_dir / "final")
+    assert not any(isinstance(m, poetlm.POETLinear) for m in final.modules()) and (run_dir / "final" / "tokenizer.json").exists()
+    with torch.no_grad():
+        torch.testing.assert_close(final(ids).logits, load_run_model(run_dir)[0](ids).logits, rtol=1e-5, atol=1e-5)
     if method == "poet-paper":
         assert {"q_norm", "orth_err", "probe_cos", "spectrum_drift"} <= set(train_lines[-1])
         model, _, _ = load_run_model(run_dir)

@@ -1,4 +1,4 @@
-"""Command line: poetlm train | finetune | eval | export | generate | report."""
+"""Command line: poetlm train | finetune | eval | export | generate | report | config."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .train.checkpoint import CheckpointError
-from .train.config import ConfigError, DataConfig, preset_names, resolve_config
+from .train.config import ConfigError, DataConfig, load_config, preset_names, resolve_config
 from .train.data import DataError
 
 class CommandError(RuntimeError):
@@ -29,7 +29,8 @@ def _path_or_name(value: str) -> str:
 
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="pretrain a causal LM (LLaMA, or any HF architecture via --model-config) with POET, AdamW or Muon",
-                       description="Train from a preset or TOML config; any config field can be overridden as section.key=value.")
+                       description="Train from a preset or TOML config; any config field can be overridden as section.key=value. "
+                                   "Every key and what it does: poetlm config.")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=3e-3 poet.block_size=64")
     p.add_argument("--config", "--preset", dest="config", default="tiny",
                    help=f"preset name ({', '.join(preset_names())}) or path to a TOML file (default: tiny)")
@@ -46,7 +47,21 @@ def _train_parser(sub) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--device", help="auto, cpu, cuda")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run exactly where its last checkpoint left it")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (e.g. in logs)")
+    _output_flags(p)
+
+
+def _output_flags(p) -> None:
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress output (otherwise a bar on a terminal, one plain line per log interval elsewhere)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config as TOML (a file --config reads back as the same config) and exit")
+
+
+def _print_config(config) -> int:
+    from .train.config_text import to_toml
+
+    print(to_toml(config), end="")
+    return 0
 
 
 def _cmd_train(args) -> int:
@@ -56,8 +71,11 @@ def _cmd_train(args) -> int:
         if args.overrides:
             raise ConfigError(f"--resume continues a run with the config saved in it; drop the overrides {args.overrides} "
                               "(or start a new run with them)")
+        if args.print_config:
+            return _print_config(load_config(Path(args.resume) / "config.json"))
         return _finish(train(resume=args.resume))
-    return _finish(train(resolve_config(args.config, [*shortcut_overrides(args), *args.overrides])))
+    config = resolve_config(args.config, [*shortcut_overrides(args), *args.overrides])
+    return _print_config(config) if args.print_config else _finish(train(config))
 
 
 def shortcut_overrides(args) -> list[tuple[str, object]]:
@@ -74,6 +92,7 @@ def _finish(summary: dict) -> int:
     if summary.get("rank", 0) == 0 and summary.get("final_val_ppl") is not None:
         print(f"final validation perplexity: {summary['final_val_ppl']:.3f}")
         print(f"run directory: {summary['run_dir']} (report: {Path(summary['run_dir']) / 'report.md'})")
+        print(f"trained model: {Path(summary['run_dir']) / 'final'} (transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
 
 
@@ -81,7 +100,7 @@ def _finetune_parser(sub) -> None:
     p = sub.add_parser("finetune", help="finetune a pretrained causal LM with POET (or LoRA / full finetuning to compare)",
                        description="Wraps the model with init='keep' (the wrapped model starts exactly at the base), "
                                    "trains the rotations, reports perplexity before and after, and writes a run directory "
-                                   "with an adapter file (adapter.safetensors) next to the checkpoints.")
+                                   "with the finetuned model in final/ (poet-paper also writes a replayable adapter.safetensors).")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr_poet=1e-3 finetune.train_norms=true")
     p.add_argument("--model", required=True, help="local model directory (save_pretrained / poetlm export) or a hub id (needs network)")
     p.add_argument("--data", required=True, help="bundled corpus, local .txt/.jsonl/.parquet file or directory, or hf:NAME[:CONFIG]")
@@ -94,7 +113,7 @@ def _finetune_parser(sub) -> None:
     p.add_argument("--out")
     p.add_argument("--seed", type=int)
     p.add_argument("--device")
-    p.add_argument("--no-progress", action="store_true")
+    _output_flags(p)
 
 
 def _cmd_finetune(args) -> int:
@@ -102,7 +121,8 @@ def _cmd_finetune(args) -> int:
     from .train.loop import train
 
     overrides = [("finetune.base_model", args.model), *shortcut_overrides(args), *args.overrides]
-    return _finish(train(resolve_config(args.config, overrides)))
+    config = resolve_config(args.config, overrides)
+    return _print_config(config) if args.print_config else _finish(train(config))
 
 
 def _cmd_eval(args) -> int:
@@ -190,6 +210,13 @@ def _cmd_generate(args) -> int:
     return 0
 
 
+def _cmd_config(args) -> int:
+    from .train.config_text import describe_config
+
+    print(describe_config(), end="")
+    return 0
+
+
 def _cmd_report(args) -> int:
     from .train.report import write_report
 
@@ -226,10 +253,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="markdown + PNG comparison of runs")
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--out", help="output directory (default: the run directory for one run, ./report for several)")
+    sub.add_parser("config", help="every config key with its default and what it does (set keys in a TOML file or as KEY=VALUE)")
     return parser
 
 
-COMMANDS = {"train": _cmd_train, "finetune": _cmd_finetune, "eval": _cmd_eval, "export": _cmd_export, "generate": _cmd_generate, "report": _cmd_report}
+COMMANDS = {"train": _cmd_train, "finetune": _cmd_finetune, "eval": _cmd_eval, "export": _cmd_export, "generate": _cmd_generate, "report": _cmd_report,
+            "config": _cmd_config}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -2,6 +2,7 @@
 
 Resolution order: preset (or --config file) < explicit `section.key=value` overrides. The resolved
 config is saved as config.json in the run directory and is all that is needed to rebuild the run.
+Each field's trailing comment is its one-line description: `poetlm config` lists them (config_text.py).
 """
 
 from __future__ import annotations
@@ -35,26 +36,24 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    hidden_size: int = 128
-    intermediate_size: int = 384
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int | None = None
-    rope_theta: float = 10000.0
-    tie_embeddings: bool = False
-    # Architecture: None = LLaMA; else any HF causal-LM config (a config.json or its directory, a model
-    # type such as qwen2 / mistral / gpt2, or a hub id), with the sizes above replacing its own.
-    hf_config: str | None = None
+    hidden_size: int = 128           # width of the residual stream
+    intermediate_size: int = 384     # width of each block's MLP
+    num_layers: int = 4              # decoder blocks
+    num_heads: int = 4               # attention heads
+    num_kv_heads: int | None = None  # key/value heads (grouped-query attention); null = num_heads
+    rope_theta: float = 10000.0      # base of the rotary position embedding
+    tie_embeddings: bool = False     # the output head shares the token embedding's weight
+    hf_config: str | None = None     # null = LLaMA; else any HF causal-LM config (config.json or its dir, model type e.g. qwen2, hub id) at the sizes above
 
 
 @dataclass
 class DataConfig:
     data: str = "sotu"               # bundled name, local path, or hf:NAME[:CONFIG]
     tokenizer: str | None = None     # HF tokenizer directory; None trains a byte-level BPE
-    vocab_size: int = 4096
-    seq_len: int = 128
-    val_fraction: float = 0.05
-    max_documents: int | None = None
+    vocab_size: int = 4096           # tokens of the BPE trained when data.tokenizer is unset
+    seq_len: int = 128               # tokens per training sequence (also the model's context length)
+    val_fraction: float = 0.05       # fraction of the documents held out for validation
+    max_documents: int | None = None  # read at most this many documents; null = all
     split_seed: int | None = None    # seeds the document-level train/val split; None = the run's seed
     cache_dir: str = "~/.cache/poetlm"  # tokenizers and token caches, shared by runs
 
@@ -70,12 +69,12 @@ class OptimConfig:
     lr_poet: float = 1e-3             # POET's rotations: radians per step (poet) or AdamW's lr on Q (poet-paper)
     lr_muon: float | None = None      # Muon's hidden matrices; None = lr
     lr_hidden: float | None = None    # AdamW's block matrices; None = lr (embeddings, norms, head keep lr)
-    weight_decay: float = 0.01
-    beta1: float = 0.9
-    beta2: float = 0.999
-    warmup_steps: int = 0
-    min_lr_ratio: float = 0.01
-    grad_clip: float = 1.0
+    weight_decay: float = 0.01        # AdamW's decoupled weight decay (never on POET's rotations)
+    beta1: float = 0.9                # AdamW's first-moment decay
+    beta2: float = 0.999              # AdamW's second-moment decay
+    warmup_steps: int = 0             # steps of linear warmup before the cosine decay
+    min_lr_ratio: float = 0.01        # the cosine schedule ends at this fraction of every learning rate
+    grad_clip: float = 1.0            # clip the global gradient norm to this
     merge_clip_steps: int = 10        # steps after a merge with a tightened clip (0.1× ramping back to 1×)
 
 
@@ -83,36 +82,45 @@ class OptimConfig:
 class FinetuneConfig:
     base_model: str | None = None     # a local model directory or a hub id; set => finetune it instead of building model.*
     train_norms: bool = False         # also train the RMSNorm gains (POET / LoRA; full finetuning trains everything)
-    train_biases: bool = False
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
+    train_biases: bool = False        # also train every parameter named *.bias (POET / LoRA)
+    lora_rank: int = 8                # LoRA's rank r (method lora)
+    lora_alpha: float = 16.0          # LoRA's scale α (the update is scaled by α/r)
+
+
+@dataclass
+class LoggingConfig:
+    tensorboard: bool = True          # also write TensorBoard event files to RUN/tensorboard
+    wandb: bool = False               # also log to Weights & Biases (pip install 'poetlm[wandb]')
+    wandb_project: str = "poetlm"     # the W&B project; the W&B run is named after the run
+    wandb_mode: str | None = None     # online | offline (no network; upload later with `wandb sync`); null = WANDB_MODE, else online
 
 
 @dataclass
 class TrainConfig:
-    name: str = ""
-    method: str = "poet"
-    seed: int = 0
-    steps: int = 300
+    name: str = ""                    # run name, the directory under out_dir; empty = PRESET-METHOD
+    method: str = "poet"              # poet | poet-paper | adamw | muon | lora (finetuning only)
+    seed: int = 0                     # seeds data order, initialization and (unless poet.seed is set) POET's draws
+    steps: int = 300                  # optimizer steps of the run
     batch_size: int = 16              # sequences per micro-batch per process
-    grad_accum: int = 1
-    eval_every: int = 100
+    grad_accum: int = 1               # micro-batches per optimizer step
+    eval_every: int = 100             # steps between validation perplexities (and after the last step)
     eval_tokens: int = 65536          # predicted tokens in the fixed validation set
-    log_every: int = 10
-    diagnostics_every: int = 50
-    checkpoint_every: int = 100
-    keep_checkpoints: int = 2
-    out_dir: str = "runs"
+    log_every: int = 10               # steps between metric lines (metrics.jsonl, backends, progress lines)
+    diagnostics_every: int = 50       # steps between POET diagnostics (spectrum drift, ‖Q‖, …), on logged steps
+    checkpoint_every: int = 100       # steps between checkpoints (and after the last step)
+    keep_checkpoints: int = 2         # the newest checkpoints kept; older ones are deleted
+    out_dir: str = "runs"             # parent directory of run directories
     device: str = "auto"              # auto | cpu | cuda
     dtype: str = "auto"               # auto (bf16 autocast on capable GPUs, else fp32) | fp32 | bf16
     parallel: str = "ddp"             # ddp | fsdp (only used under torchrun with more than one process)
-    progress: bool = True
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    poet: POETConfig = field(default_factory=lambda: POETConfig(block_size=32))
+    progress: bool = True             # progress output: a bar on a terminal, else one plain line per log_every steps
+    model: ModelConfig = field(default_factory=ModelConfig)  # the architecture and its sizes
+    data: DataConfig = field(default_factory=DataConfig)  # corpus, tokenizer, sequence length
+    optim: OptimConfig = field(default_factory=OptimConfig)  # learning rates, schedule, clipping
+    poet: POETConfig = field(default_factory=POETConfig)  # what POET wraps and how it builds rotations
     rule: RuleConfig = field(default_factory=RuleConfig)  # the update rule of method "poet"
-    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)  # finetuning a pretrained model
+    logging: LoggingConfig = field(default_factory=LoggingConfig)  # where metrics go besides metrics.jsonl
 
     def __post_init__(self) -> None:
         checks = [
@@ -152,6 +160,7 @@ class TrainConfig:
             ("optim.min_lr_ratio", 0 <= self.optim.min_lr_ratio <= 1, "must be in [0, 1]"),
             ("optim.grad_clip", self.optim.grad_clip > 0, "must be > 0"),
             ("optim.merge_clip_steps", self.optim.merge_clip_steps >= 0, "must be >= 0"),
+            ("logging.wandb_mode", self.logging.wandb_mode in (None, "online", "offline"), "online, offline or null (WANDB_MODE decides)"),
         ]
         for key, ok, allowed in checks:
             if not ok:

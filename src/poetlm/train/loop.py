@@ -32,6 +32,7 @@ from .evaluate import perplexity
 from .methods import Method, build_schedulers, lr_factor, make_method
 from .metrics import MetricsLogger
 from .models import block_linears, load_model
+from .progress import make_progress
 from .report import write_report
 from .runs import data_options
 
@@ -71,11 +72,13 @@ def peak_memory_mb(device: torch.device) -> float:
 
 
 def spectrum_layer(model: nn.Module) -> tuple[str, torch.Tensor] | None:
-    """Singular values of the layer the report plots: the last block's down projection (None under LoRA)."""
-    candidates = [(n, m) for n, m in block_linears(model) if n.endswith("down_proj")]
-    if not candidates:
+    """Singular values of the layer the report plots: the last block's MLP output projection, which is the
+    last block linear in every architecture (LLaMA's down_proj, GPT-2's mlp.c_proj). None under LoRA,
+    whose weight (base + BA) no single module holds."""
+    linears = block_linears(model)
+    if not linears or hasattr(model, "peft_config"):
         return None
-    name, module = candidates[-1]
+    name, module = linears[-1]
     with full_parameters(module):
         weight = module.effective_weight() if hasattr(module, "effective_weight") else module.weight
         return name, torch.linalg.svdvals(weight.detach().float().cpu())
@@ -240,7 +243,7 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, ru
         files.write_text(run_dir / "data.json", json.dumps(data.record(), indent=2) + "\n")
     amp = autocast_dtype(config, runtime.device)
     counts = trainable_counts(model, method)
-    logger = MetricsLogger(run_dir, enabled=runtime.is_main, resume_step=state.step if resuming else None)
+    logger = MetricsLogger(run_dir, enabled=runtime.is_main, resume_step=state.step if resuming else None, config=config)
     tokens_per_step = config.batch_size * config.grad_accum * runtime.world_size * config.data.seq_len
     spectrum = spectrum_layer(model)
     if runtime.is_main and not resuming and spectrum is not None:
@@ -265,7 +268,7 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, ru
         state.initial_val_ppl = before["val_ppl"]
         logger.log({"step": 0, "tokens": 0, **before})
     progress = _progress(config, runtime, state.step)
-    last_eval, last_rate = None, 0.0
+    last_eval = None
     window_start, window_tokens = time.perf_counter(), 0
     with StopSignal() as stop:
         while state.step < config.steps:
@@ -286,10 +289,10 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, ru
             record = {"step": state.step, "tokens": state.tokens, "loss": loss, "lr": lr, "grad_norm": grad_norm}
             if config.method.startswith("poet"):  # the rotations' lr, the one that drives POET
                 record["lr_poet"] = config.optim.lr_poet * factor
-            if state.step % config.log_every == 0 or state.step == config.steps:
+            logged = state.step % config.log_every == 0 or state.step == config.steps
+            if logged:
                 elapsed = time.perf_counter() - window_start
-                last_rate = window_tokens / elapsed
-                record.update(tokens_per_s=last_rate, peak_mem_mb=peak_memory_mb(runtime.device))
+                record.update(tokens_per_s=window_tokens / elapsed, peak_mem_mb=peak_memory_mb(runtime.device))
                 if state.step % config.diagnostics_every == 0 or state.step == config.steps:
                     record.update(method.diagnostics(model, optimizers, spectrum=True))
                 logger.log(record)
@@ -302,9 +305,7 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, ru
                 logger.log({"step": state.step, "tokens": state.tokens, **last_eval})
                 window_start += time.perf_counter() - eval_start  # keep evaluation out of tokens/s
             if progress is not None:
-                progress.update(1)
-                progress.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{last_rate:.0f}",
-                                     val_ppl=f"{last_eval['val_ppl']:.2f}" if last_eval else "-")
+                progress.step(record, last_eval, logged)
             if state.step % config.checkpoint_every == 0 or state.step == config.steps:
                 save()
             received = distributed.agreed_signal(stop.received, runtime)
@@ -336,14 +337,37 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, ru
             initial = json.loads((run_dir / "spectrum_initial.json").read_text())
             files.write_text(run_dir / "spectrum.json", json.dumps({**initial, "final": final_spectrum[1].tolist()}))
         method.finish(model, run_dir)
+    with full_parameters(model):  # likewise the whole model; final/ is its last use (LoRA merges in place)
+        if runtime.is_main:
+            write_final(method, model, data.tokenizer, run_dir)
+    if runtime.is_main:
         files.write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         write_report([run_dir], run_dir)
     return summary
 
 
-def _progress(config: TrainConfig, runtime: distributed.Runtime, start: int):
+def write_final(method: Method, model: nn.Module, tokenizer, run_dir: Path) -> None:
+    """run_dir/final/: the trained model and its tokenizer as a Hugging Face directory, for
+    `AutoModelForCausalLM.from_pretrained` without poetlm. Written under another name and renamed into
+    place, so a final/ directory is always complete."""
+    from transformers.utils import logging as hf_logging
+
+    final = run_dir / "final"
+    tmp = files.temp_path(final)
+    shown = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # transformers' "Writing model shards" bar: a carriage-return bar in logs
+    try:
+        method.save_final(model, tmp)
+    finally:
+        if shown:
+            hf_logging.enable_progress_bar()
+    tokenizer.save_pretrained(tmp)
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+
+
+def _progress(config: TrainConfig, runtime: distributed.Runtime, start: int, stream=None):
+    """A bar on a terminal, one plain line per log interval elsewhere (stream: default stderr, as tqdm's)."""
     if not (config.progress and runtime.is_main):
         return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=config.steps, initial=start, desc=config.run_name, unit="step", dynamic_ncols=True)
+    return make_progress(config.steps, start, config.run_name, stream if stream is not None else sys.stderr)

@@ -21,6 +21,7 @@ from ..diagnostics import model_diagnostics
 from ..model import merge, param_groups, poetize, rotated_weights, rotation_parameters, step_weight_cache
 from ..optim import POET
 from ..primitives import block_layout
+from ..serialization import save_pretrained
 from ..sharding import full_parameters
 from . import distributed
 from .config import TrainConfig
@@ -30,8 +31,8 @@ LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 
 def _hidden_matrices(model: nn.Module) -> set[int]:
-    """2-D weights inside the decoder blocks: what Muon, POET and AdamW's lr_hidden train."""
-    return {id(p) for name, p in model.named_parameters() if p.requires_grad and p.dim() == 2 and ".layers." in f".{name}"}
+    """The weights of the block linears (in any architecture): what Muon and AdamW's lr_hidden train."""
+    return {id(m.weight) for _, m in block_linears(model) if m.weight.requires_grad}
 
 
 def _split_groups(groups: list[dict], ids: set[int]) -> list[dict]:
@@ -91,6 +92,11 @@ class Method:
     def finish(self, model: nn.Module, run_dir) -> None:
         """At the end of the run, on the main process: write what the method adds to the run directory."""
 
+    def save_final(self, model: nn.Module, directory) -> None:
+        """At the end of the run, after `finish`: the trained model as a Hugging Face directory that
+        `from_pretrained` loads without poetlm. The model is not used afterwards and may change in place."""
+        model.save_pretrained(directory)
+
     def block_linear_params(self, model: nn.Module) -> int:
         """Trainable parameters of the block linears, as the paper counts them."""
         return sum(p.numel() for _, m in block_linears(model) for p in m.parameters() if p.requires_grad and p.dim() == 2)
@@ -142,6 +148,9 @@ class LoRA(Method):
             raise ModelError(f"LoRA cannot wrap this model ({error}); set poet.target_modules to its linear layer names") from None
         _freeze_base(model, config, {id(p) for name, p in model.named_parameters() if "lora_" in name})
         return model
+
+    def save_final(self, model, directory):
+        model.merge_and_unload().save_pretrained(directory)  # W + BA in the base's own layers: a plain model
 
 
 class POETFold(Method):
@@ -201,6 +210,9 @@ class POETPaper(Method):
     def load_state_dict(self, saved: dict) -> None:
         if self.config.finetuning:
             self.history.load_state_dict(saved["history"])
+
+    def save_final(self, model, directory):
+        save_pretrained(model, directory, merged=True)  # every POET layer as the dense weight it computes
 
     def finish(self, model, run_dir):
         if self.config.finetuning:

@@ -19,7 +19,8 @@ class RuleConfig:
 
     name: "orthogonalized" (momentum, then every eigenplane turned by the same angle lr) or "lie_adam"
         (Adam's moments of the skew gradient; lr scales m̂/√v̂ as in Adam).
-    beta1: momentum (both rules). beta2, eps: Adam's second moment (lie_adam only).
+    beta1: momentum (both rules).
+    beta2, eps: Adam's second moment (lie_adam only).
     nesterov: orthogonalize g + β·m instead of m (orthogonalized only).
     alternate: rotate only the output side on even steps and only the input side on odd steps; both
         sides' momenta are updated every step.
