@@ -3,6 +3,8 @@
     python benchmarks/step.py                      # tiny + llama-60m, accum 1 and 4, CPU-sized micro-batches
     python benchmarks/step.py --presets llama-60m --methods adamw poet-b256 --accum 1 --repeats 1 --profile
     python benchmarks/step.py --device cuda --dtype bf16 --presets llama-60m llama-350m --methods adamw poet-b256
+    python benchmarks/step.py --presets tiny --methods adamw poet-b64 --accum 1 --compile both   # compiled vs not
+    python benchmarks/step.py --presets tiny --activation-checkpointing both --merges 0          # memory with/without
 
 One step is `poetlm.train.loop.train_step` itself (for POET: the micro-batches inside
 `step_weight_cache`, the rotation backward, clip, optimizer step) followed by the scheduler step, on
@@ -29,6 +31,7 @@ from torch import nn
 from common import (DTYPES, announce, default_device, interleaved_times, markdown_table, median,
                     paired_ratio, peak_memory_bytes, synchronizer)
 from poetlm import merge, poet_layers
+from poetlm.train.acceleration import accelerate, decoder_blocks
 from poetlm.train.config import TrainConfig, resolve_config
 from poetlm.train.data import TokenData
 from poetlm.train.distributed import Runtime
@@ -45,12 +48,16 @@ METHODS = {
     "paper-b64": ("POET-paper bs b=64", ["method='poet-paper'", "poet.variant='bs'", "poet.block_size=64"]),
     "paper-b256": ("POET-paper bs b=256", ["method='poet-paper'", "poet.variant='bs'", "poet.block_size=256"]),
     "paper-fs": ("POET-paper fs β=½", ["method='poet-paper'", "poet.variant='fs'", "poet.fraction=0.5"]),
+    "paper-b256-bf16": ("POET-paper bs b=256 bf16 build",
+                        ["method='poet-paper'", "poet.variant='bs'", "poet.block_size=256", "poet.build_dtype='bf16'"]),
 }
 # Sequences per micro-batch on CPU: llama-60m's 64×256 would take minutes per step on two cores.
 CPU_MICRO_BATCH = {"tiny": 16, "llama-60m": 1}
 ADAMW_MACS_PER_PARAM = 5   # lerp, addcmul, decay, sqrt/div, addcdiv: ~10 flops per element
 CLIP_MACS_PER_PARAM = 2    # the global norm and the rescale
 MUON_NS_STEPS = 5          # torch.optim.Muon's default Newton–Schulz iterations
+# The training options step.py can switch per contender: (key suffix, label suffix, config key).
+OPTIONS = [("+ckpt", " +ckpt", "activation_checkpointing"), ("+compile", " +compile", "compile")]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,7 +65,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=default_device(), help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="bf16 = the loop's bf16 autocast (fp32 master weights)")
     parser.add_argument("--presets", nargs="+", default=["tiny", "llama-60m"])
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="default: all but the bf16 build, which "
+                        "only pays off on a GPU", default=[key for key in METHODS if not key.endswith("-bf16")])
     parser.add_argument("--accum", type=int, nargs="+", default=[1, 4], help="micro-batches per optimizer step")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per contender and accumulation")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before the first accumulation setting")
@@ -69,6 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory step")
     parser.add_argument("--merges", type=int, default=1, help="timed merges per POET contender (0: none)")
     parser.add_argument("--profile", action="store_true", help="also split one step into phases and list the top ops")
+    parser.add_argument("--compile", nargs="?", const="on", default="off", choices=["off", "on", "both"],
+                        help="torch.compile each decoder block (config compile=true); both: every method compiled and "
+                        "not, timed side by side")
+    parser.add_argument("--activation-checkpointing", nargs="?", const="on", default="off", choices=["off", "on", "both"],
+                        help="recompute each decoder block in backward (config activation_checkpointing=true); both: "
+                        "every method with and without")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available")
@@ -95,19 +109,42 @@ class Contender:
         return self.config.method == "poet-paper"
 
 
-def build_contender(preset: str, key: str, args: argparse.Namespace) -> Contender:
+def variants(args: argparse.Namespace) -> list[tuple[str, str, list[str]]]:
+    """(key suffix, label suffix, config overrides) of every combination of --activation-checkpointing / --compile."""
+    combos = [("", "", [])]
+    for key, label, option in OPTIONS:
+        wanted = {"off": [False], "on": [True], "both": [False, True]}[getattr(args, option)]
+        combos = [(k + key * on, lbl + label * on, o + [f"{option}={str(on).lower()}"]) for k, lbl, o in combos for on in wanted]
+    return combos
+
+
+def build_contender(preset: str, key: str, args: argparse.Namespace, variant: tuple[str, str, list[str]] = ("", "", [])) -> Contender:
     label, overrides = METHODS[key]
+    suffix, label_suffix, options = variant
     base = resolve_config(preset)
     micro = args.micro_batch or (base.batch_size if args.device != "cpu" else CPU_MICRO_BATCH.get(preset, 1))
-    config = resolve_config(preset, overrides + [f"batch_size={micro}", f"data.seq_len={args.seq_len or base.data.seq_len}",
-                                                 f"device='{args.device}'", f"dtype='{args.dtype}'", "progress=false"])
+    config = resolve_config(preset, overrides + options + [f"batch_size={micro}", f"data.seq_len={args.seq_len or base.data.seq_len}",
+                                                           f"device='{args.device}'", f"dtype='{args.dtype}'", "progress=false"])
     torch.manual_seed(config.seed)
     method = make_method(config)
-    model = method.prepare(build_llama(config.model, config.data.vocab_size, config.data.seq_len)).to(args.device)
+    model = accelerate(method.prepare(build_llama(config.model, config.data.vocab_size, config.data.seq_len)).to(args.device), config)
     optimizers = method.optimizers(model)
     if config.method.startswith("poet") and (config.poet.block_size, config.poet.variant) == (base.poet.block_size, base.poet.variant):
         label += " (preset)"
-    return Contender(key, label, config, method, model, optimizers, build_schedulers(optimizers, config), TrainState())
+    return Contender(key + suffix, label + label_suffix, config, method, model, optimizers,
+                     build_schedulers(optimizers, config), TrainState())
+
+
+def plain_key(key: str) -> str:
+    """The contender without the training options (adamw+ckpt+compile -> adamw)."""
+    for suffix, _, _ in OPTIONS:
+        key = key.replace(suffix, "")
+    return key
+
+
+def adamw_key(key: str, contenders) -> str | None:
+    """The AdamW contender to compare `key` with: the one with the same options, else plain AdamW."""
+    return next((k for k in ("adamw" + key[len(plain_key(key)):], "adamw") if k in contenders), None)
 
 
 def random_tokens(config: TrainConfig, seed: int) -> TokenData:
@@ -142,10 +179,22 @@ def tensor_bytes(tensors) -> int:
     return total
 
 
+def state_tensors(value):
+    """Every tensor in an optimizer's per-parameter state, nested ones included (POET keeps one dict per side)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, dict):
+        for item in value.values():
+            yield from state_tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from state_tensors(item)
+
+
 def static_bytes(c: Contender) -> tuple[int, int]:
     """(parameters + buffers + leftover grads, optimizer state) bytes live between steps."""
     model = tensor_bytes(list(c.model.parameters()) + list(c.model.buffers()) + [p.grad for p in c.model.parameters()])
-    state = tensor_bytes(v for opt in c.optimizers for s in opt.state.values() for v in s.values())
+    state = tensor_bytes(state_tensors([s for opt in c.optimizers for s in opt.state.values()]))
     return model, state
 
 
@@ -197,6 +246,11 @@ def step_macs(c: Contender, tokens: int) -> int:
     macs += ADAMW_MACS_PER_PARAM * (trainable - muon_params) + muon_macs(c)
     if c.is_poet:
         macs += poet_build_macs(c.model)
+    if c.config.activation_checkpointing:  # every block's forward runs again in backward
+        blocks = nn.ModuleList(decoder_blocks(c.model))
+        linears = sum(m.in_features * m.out_features for m in blocks.modules() if isinstance(m, nn.Linear))
+        linears += sum(layer.in_features * layer.out_features for _, layer in poet_layers(blocks))
+        macs += (linears + c.config.model.num_layers * c.config.model.hidden_size * c.config.data.seq_len) * tokens
     return macs
 
 
@@ -337,7 +391,7 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     runtime = Runtime(0, 1, 0, device)
     sync = synchronizer(args.device)
-    contenders = {key: build_contender(preset, key, args) for key in args.methods}
+    contenders = {c.key: c for variant in variants(args) for c in (build_contender(preset, key, args, variant) for key in args.methods)}
     first = next(iter(contenders.values()))
     data = random_tokens(first.config, seed=0)
     micro_tokens = first.config.batch_size * first.config.data.seq_len
@@ -353,12 +407,13 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict:
         # llama-60m round costs a minute there. CUDA's allocator meets new sizes, so it warms every time.
         warmup = args.warmup if index == 0 or args.device != "cpu" else 0
         times = interleaved_times(steps, args.repeats, warmup, sync)
-        baseline = times.get("adamw")
         for key, c in contenders.items():
             ms = 1e3 * median(times[key])
+            adamw, plain = adamw_key(key, contenders), plain_key(key)
             row = {"accum": accum, "tokens": tokens, "label": c.label, "key": key, "ms": ms, "tok_s": tokens / ms * 1e3,
-                   "ratio": paired_ratio(times[key], baseline) if baseline else None,
-                   "ideal": step_macs(c, tokens) / step_macs(contenders["adamw"], tokens) if "adamw" in contenders else None}
+                   "ratio": paired_ratio(times[key], times[adamw]) if adamw else None,
+                   "ideal": step_macs(c, tokens) / step_macs(contenders[adamw], tokens) if adamw else None,
+                   "vs_plain": paired_ratio(times[key], times[plain]) if plain != key and plain in contenders else None}
             result["rows"].append(row)
         if args.memory:
             for key, c in contenders.items():
@@ -375,17 +430,20 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict:
         slopes = {key: (by[key, hi] - by[key, lo]) / (hi - lo) for key in contenders}
         # Every method runs the very same micro-batch code (a plain weight in F.linear), so one slope
         # pooled over methods: per-method slopes differ only by noise, which a 500× extrapolation magnifies.
-        pooled = statistics.median(slopes.values())
+        # Checkpointing and compilation change that code, so each combination of options pools its own.
+        suffix = {key: key[len(plain_key(key)):] for key in contenders}
+        pooled = {s: statistics.median(slopes[k] for k in contenders if suffix[k] == s) for s in set(suffix.values())}
         micro_batches = preset_tokens / micro_tokens
-        fixed = {key: statistics.mean(by[key, a] - a * pooled for a in args.accum) for key in contenders}
+        fixed = {key: statistics.mean(by[key, a] - a * pooled[suffix[key]] for a in args.accum) for key in contenders}
+        at_preset = {key: fixed[key] + pooled[suffix[key]] * micro_batches for key in contenders}
         for key, c in contenders.items():
-            at_preset = fixed[key] + pooled * micro_batches
-            row = {"label": c.label, "fixed": fixed[key], "slope": slopes[key], "at_preset_s": at_preset / 1e3}
-            if "adamw" in contenders:
-                row["ratio"] = at_preset / (fixed["adamw"] + pooled * micro_batches)
-                row["ideal"] = step_macs(c, preset_tokens) / step_macs(contenders["adamw"], preset_tokens)
+            row = {"label": c.label, "fixed": fixed[key], "slope": slopes[key], "at_preset_s": at_preset[key] / 1e3}
+            adamw = adamw_key(key, contenders)
+            if adamw:
+                row["ratio"] = at_preset[key] / at_preset[adamw]
+                row["ideal"] = step_macs(c, preset_tokens) / step_macs(contenders[adamw], preset_tokens)
             result["fit"].append(row)
-        result["pooled"] = pooled
+        result["pooled"] = pooled[""] if "" in pooled else statistics.median(pooled.values())
     for key, c in contenders.items():
         if c.is_poet and args.merges:
             result.setdefault("merge_ms", {})[key] = 1e3 * median(merge_times(c, args.merges, sync))
@@ -411,21 +469,33 @@ def render(result: dict, args: argparse.Namespace) -> str:
     rows_, seq = result["micro"]
     out.append(f"#### {result['preset']}: micro-batch {rows_}×{seq} tokens, {args.dtype}, {args.device}\n")
     merge_ms = result.get("merge_ms", {})
-    headers = ["accum", "tokens/step", "method", "ms/step", "tokens/s", "× AdamW", "ideal ×", "merge ms"]
+    # With --compile / --activation-checkpointing, × AdamW compares with AdamW under the same options and
+    # × plain with the same method without them.
+    options = any(r["key"] != plain_key(r["key"]) for r in result["rows"])
+    headers = ["accum", "tokens/step", "method", "ms/step", "tokens/s", "× AdamW", "ideal ×", "merge ms"] + ["× plain"] * options
     body = [[r["accum"], r["tokens"], r["label"], f"{r['ms']:.0f}" if r["ms"] >= 10 else f"{r['ms']:.1f}",
              f"{r['tok_s']:.0f}", "n/a" if r["ratio"] is None else f"{r['ratio']:.2f}",
              "n/a" if r["ideal"] is None else f"{r['ideal']:.2f}",
-             f"{merge_ms[r['key']]:.0f}" if r["key"] in merge_ms else "—"] for r in result["rows"]]
-    out.append(markdown_table(headers, body, align="rrlrrrrr"))
+             f"{merge_ms[r['key']]:.0f}" if r["key"] in merge_ms else "—"]
+            + [f"{r['vs_plain']:.2f}" if r["vs_plain"] else "—"] * options for r in result["rows"]]
+    out.append(markdown_table(headers, body, align="rrlrrrrrr"))
     if result["memory"]:
-        adamw = {m["accum"]: m["peak"] for m in result["memory"] if m["key"] == "adamw"}
-        headers = ["accum", "method", "params+buffers MB", "optimizer state MB", "in-step peak MB", "peak MB", "× AdamW"]
+        peaks = {(m["accum"], m["key"]): m["peak"] for m in result["memory"]}
+        keys = {m["key"] for m in result["memory"]}
+
+        def ratio(m: dict, other: str | None) -> str:
+            base = peaks.get((m["accum"], other))
+            return f"{m['peak'] / base:.2f}" if m["peak"] and base else "n/a"
+
+        headers = ["accum", "method", "params+buffers MB", "optimizer state MB", "in-step peak MB", "peak MB", "× AdamW"] + ["× plain"] * options
         body = [[m["accum"], m["label"], _mb(m["model"]), _mb(m["state"]), _mb(m["step"]), _mb(m["peak"]),
-                 f"{m['peak'] / adamw[m['accum']]:.2f}" if m["peak"] and adamw.get(m["accum"]) else "n/a"]
+                 ratio(m, adamw_key(m["key"], keys))]
+                + [ratio(m, plain_key(m["key"])) if plain_key(m["key"]) != m["key"] else "—"] * options
                 for m in result["memory"]]
-        out.append("\n" + markdown_table(headers, body, align="rlrrrrr"))
+        out.append("\n" + markdown_table(headers, body, align="rlrrrrrr"))
     if result["fit"]:
-        out.append(f"\nFit t(accum) = fixed + accum × per-micro-batch, one per-micro-batch cost pooled over methods "
+        pooled = "each combination of options its own, without them" if options else "one per-micro-batch cost pooled over methods"
+        out.append(f"\nFit t(accum) = fixed + accum × per-micro-batch, {pooled} "
                    f"({result['pooled']:.0f} ms), extrapolated to the preset's {result['preset_tokens']} tokens per step "
                    f"({result['preset_tokens'] / (rows_ * seq):.0f} micro-batches of {rows_}×{seq}; merge every {result['merge_every']} steps):\n")
         headers = ["method", "fixed ms/step", "own ms per micro-batch", "s/step @preset", "× AdamW @preset", "ideal × @preset"]

@@ -10,6 +10,7 @@ PARAMETERIZATIONS = ("cayley_neumann", "cayley", "exp")
 INITS = ("normalized_gaussian", "standard", "xavier", "uniform_spectrum", "keep")
 FORWARD_MODES = ("auto", "weight", "input")
 ORTHOGONALIZERS = ("exact", "newton_schulz")
+BUILD_DTYPES = ("fp32", "bf16")
 
 
 def _invalid(name: str, value, allowed: str) -> ValueError:
@@ -36,6 +37,10 @@ class POETConfig:
         names or name suffixes (e.g. ["q_proj", "v_proj"]) or one regular expression string.
     exclude_modules: module names or suffixes never wrapped (in addition to the output head).
     forward_mode: "auto" picks the cheaper of the weight-centric and input-centric paths per call.
+    build_dtype: precision of the two weight-sized rotations that build the effective weight for forward
+        passes (once per step under `step_weight_cache`): "fp32" (W0's) or "bf16" (tensor-core speed on
+        GPUs; the weight is rounded to bf16, its gradient accumulates in fp32). The rotation blocks are
+        always built in fp32, and merges, export, state dicts and diagnostics always run in fp32.
     seed: seeds W0 and every permutation / index subset (with the layer name and merge count).
     """
 
@@ -50,6 +55,7 @@ class POETConfig:
     target_modules: list[str] | str | None = None
     exclude_modules: list[str] = field(default_factory=list)
     forward_mode: str = "auto"
+    build_dtype: str = "fp32"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -71,6 +77,8 @@ class POETConfig:
             raise _invalid("init", self.init, f"choose one of {INITS}")
         if self.forward_mode not in FORWARD_MODES:
             raise _invalid("forward_mode", self.forward_mode, f"choose one of {FORWARD_MODES}")
+        if self.build_dtype not in BUILD_DTYPES:
+            raise _invalid("build_dtype", self.build_dtype, f"choose one of {BUILD_DTYPES}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise _invalid("seed", self.seed, "must be an integer")
         targets = self.target_modules

@@ -175,15 +175,23 @@ class POETLinear(nn.Module):
             return (self.rotation_in.blocks(cfg.parameterization, cfg.neumann_terms),
                     self.rotation_out.blocks(cfg.parameterization, cfg.neumann_terms))
 
-    def effective_weight(self, blocks: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def effective_weight(self, blocks: tuple[torch.Tensor, torch.Tensor] | None = None,
+                         dtype: torch.dtype | None = None) -> torch.Tensor:
         """The current (out, in) weight Pᵀ·W0ᵀ·Rᵀ in W0's precision, differentiable in the rotations.
 
         `blocks` (from `rotation_blocks()`) saves rebuilding them when the caller already has them.
+        `dtype` runs the two weight-sized rotations in that precision instead (see `build_dtype`).
         """
         blocks_in, blocks_out = blocks if blocks is not None else self.rotation_blocks()
+        weight0 = self.weight0 if dtype is None else self.weight0.to(dtype)
         with torch.autocast(self.weight0.device.type, enabled=False):
-            rows_rotated = self.rotation_in.rotate(self.weight0, blocks_in)  # each row w -> R·w, i.e. W0ᵀ·Rᵀ
+            rows_rotated = self.rotation_in.rotate(weight0, blocks_in)  # each row w -> R·w, i.e. W0ᵀ·Rᵀ
             return self.rotation_out.rotate(rows_rotated.t(), blocks_out, transpose=True).t()
+
+    @property
+    def build_dtype(self) -> torch.dtype | None:
+        """The precision of a training step's weight build (config.build_dtype); None = W0's. Merges never use it."""
+        return torch.bfloat16 if self.config.build_dtype == "bf16" else None
 
     def uses_input_centric(self, tokens: int) -> bool:
         """Rotating activations costs tokens·(c_in + c_out); building the weight costs out·c_in + in·c_out."""
@@ -200,7 +208,7 @@ class POETLinear(nn.Module):
         if self.step_weight is not None:
             return F.linear(x, self.step_weight.to(x.dtype), self._bias_like(x))
         if not self.uses_input_centric(x.numel() // self.in_features):
-            return F.linear(x, self.effective_weight().to(x.dtype), self._bias_like(x))
+            return F.linear(x, self.effective_weight(dtype=self.build_dtype).to(x.dtype), self._bias_like(x))
         blocks_in, blocks_out = self.rotation_blocks()
         x = self.rotation_in.rotate(x, blocks_in, transpose=True)  # Rᵀ·x
         h = F.linear(x, self.weight0.to(x.dtype))

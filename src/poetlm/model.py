@@ -273,13 +273,16 @@ def step_weight_cache(model: nn.Module):
         with torch.no_grad():
             for layer in layers:
                 trainable = any(p.requires_grad for p in layer.rotation_parameters())
-                layer.step_weight = layer.effective_weight().requires_grad_(trainable)
+                # Held in W0's precision whatever the build's: micro-batch gradients accumulate into it.
+                weight = layer.effective_weight(dtype=layer.build_dtype).to(layer.weight0.dtype)
+                layer.step_weight = weight.requires_grad_(trainable)
         yield
         for layer in layers:
             grad = layer.step_weight.grad
             layer.step_weight = None  # free the leaf and its gradient before the next layer's build
             if grad is not None:
-                layer.effective_weight().backward(grad)
+                weight = layer.effective_weight(dtype=layer.build_dtype)
+                weight.backward(grad.to(weight.dtype))
     finally:
         for layer in layers:
             layer.step_weight = None

@@ -14,9 +14,16 @@ from .config import ORTHOGONALIZERS, PARAMETERIZATIONS
 
 
 @functools.lru_cache(maxsize=None)
-def _upper_indices(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _cached_upper_indices(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     rows, cols = torch.triu_indices(size, size, offset=1, device=device)
     return rows, cols
+
+
+def _upper_indices(size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    if torch.compiler.is_compiling():  # a compiled graph holds them as constants; dynamo warns on lru_cache
+        rows, cols = torch.triu_indices(size, size, offset=1, device=device)
+        return rows, cols
+    return _cached_upper_indices(size, device)
 
 
 def skew_from_packed(packed: torch.Tensor, block_sizes: list[int], b: int) -> torch.Tensor:

@@ -114,6 +114,8 @@ class TrainConfig:
     dtype: str = "auto"               # auto (bf16 autocast on capable GPUs, else fp32) | fp32 | bf16
     parallel: str = "ddp"             # ddp | fsdp (only used under torchrun with more than one process)
     progress: bool = True             # progress output: a bar on a terminal, else one plain line per log_every steps
+    activation_checkpointing: bool = False  # keep only each decoder block's input, recompute the block in backward (one more forward)
+    compile: bool = False             # torch.compile each decoder block (one graph shared by all blocks; the first step compiles)
     model: ModelConfig = field(default_factory=ModelConfig)  # the architecture and its sizes
     data: DataConfig = field(default_factory=DataConfig)  # corpus, tokenizer, sequence length
     optim: OptimConfig = field(default_factory=OptimConfig)  # learning rates, schedule, clipping

@@ -47,7 +47,7 @@ def perplexity(
                 else contextlib.nullcontext()
             )
             with autocast:
-                logits = model(input_ids=x).logits
+                logits = model(input_ids=x, use_cache=False).logits  # as in training: compiled blocks share one graph
             loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
             totals[0] += loss.double()
             totals[1] += y.numel()

@@ -26,6 +26,7 @@ from torch.nn import functional as F
 from ..sharding import full_parameters
 from . import checkpoint as ckpt
 from . import distributed, files
+from .acceleration import accelerate
 from .config import ConfigError, TrainConfig, load_config, save_config
 from .data import TokenData, load_run_data, make_batch, prepare_data, sample_offsets
 from .evaluate import perplexity
@@ -111,7 +112,9 @@ class StopSignal:
 
 def micro_batch_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tensor, amp: torch.dtype | None) -> torch.Tensor:
     with torch.autocast(inputs.device.type, dtype=amp, enabled=amp is not None):
-        logits = model(input_ids=inputs).logits
+        # No KV cache: training never reads it, and it hands each block its own cache entry, so compiled
+        # blocks could not share one graph.
+        logits = model(input_ids=inputs, use_cache=False).logits
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1))
 
 
@@ -219,7 +222,7 @@ def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, ru
     sharded = distributed.is_sharded(runtime, config.parallel)
     if sharded and not method.supports_fsdp:
         raise ConfigError(f"method {config.method!r} does not run under FSDP (parallel='fsdp'); use parallel='ddp'")
-    model = method.prepare(load_model(config, data.vocab_size)).to(runtime.device)
+    model = accelerate(method.prepare(load_model(config, data.vocab_size)).to(runtime.device), config)
     state = TrainState()
     wrapped = distributed.wrap_model(model, runtime, config.parallel)  # FSDP2 swaps in sharded parameters: wrap first
     optimizers = method.optimizers(model)

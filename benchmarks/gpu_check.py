@@ -1,0 +1,133 @@
+"""Correctness on a device against CPU fp64: POET's layer form (both paths, bf16 build, merges) and its optimizer.
+
+    python benchmarks/gpu_check.py                          # CUDA, the sizes gpu.sh checks
+    python benchmarks/gpu_check.py --device cpu --small     # the same checks on CPU at small sizes (no GPU)
+
+Failures are bugs, not round-off: a wrong permutation, block or side is an O(1) error. Exits 1 on any miss.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from common import markdown_table
+from poetlm import POETConfig, POETLinear, step_weight_cache
+from poetlm.optim import POET
+
+LAYER_TOL = {"fwd fp32": 1e-5, "fwd bf16": 3e-2, "grad fp32": 1e-4, "fwd bf16-build": 2e-2, "grad bf16-build": 5e-2,
+             "merge fp32": 1e-5, "merge fp64": 1e-12}
+STEP_TOL = {"ΔW fp32": 1e-3, "drift fp32": 1e-5}
+CONFIGS = {"bs b=64": dict(variant="bs", block_size=64), "bs b=256": dict(variant="bs", block_size=256),
+           "fs β=½": dict(variant="fs", fraction=0.5)}
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach().double().cpu(), b.detach().double().cpu()
+    return float((a - b).norm() / b.norm())
+
+
+def rotation_grads(layer: POETLinear) -> torch.Tensor:
+    return torch.cat([p.grad.flatten() for p in layer.rotation_parameters()])
+
+
+def layer_rows(device: torch.device, shape: tuple[int, int], tokens: tuple[int, int]) -> tuple[list, bool]:
+    """POETLinear on `device` in fp32 (and with a bf16 build) against the same layer in fp64 on CPU."""
+    in_features, out_features = shape
+    rows, failed = [], False
+    for name, kwargs in CONFIGS.items():
+        for mode in ("weight", "input"):
+            config = POETConfig(forward_mode=mode, **kwargs)
+            ref = POETLinear(in_features, out_features, config=config, name="check", dtype=torch.float64)
+            gen = torch.Generator().manual_seed(1)
+            with torch.no_grad():
+                for side in (ref.rotation_in, ref.rotation_out):  # ‖Q‖ of a trained block, not the identity
+                    side.skew.copy_(torch.randn(side.skew.shape, generator=gen, dtype=torch.float64) * 0.02)
+                ref.bias.copy_(torch.randn(out_features, generator=gen, dtype=torch.float64))
+            layer = POETLinear(in_features, out_features, config=config, name="check", device=device)
+            layer.load_state_dict(ref.state_dict())  # copy_ casts to fp32 and moves to the device
+            half = POETLinear(in_features, out_features, config=POETConfig(forward_mode=mode, build_dtype="bf16", **kwargs),
+                              name="check", device=device)
+            half.load_state_dict(ref.state_dict())
+            x = torch.randn(*tokens, in_features, generator=gen, dtype=torch.float64)
+            g = torch.randn(*tokens, out_features, generator=gen, dtype=torch.float64)
+            y_ref = ref(x)
+            y_ref.backward(g)
+            xd, gd = x.float().to(device), g.float().to(device)
+            y = layer(xd)
+            y.backward(gd)
+            with step_weight_cache(half):  # the training step's path: one build, gradients carried on exit
+                y_half = half(xd)
+                y_half.backward(gd)
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+                y_bf16 = layer(xd)
+            with torch.no_grad():
+                before = layer(xd)
+                layer.merge()
+                merged = rel(layer(xd), before)
+                before = ref(x)
+                ref.merge()
+                merged64 = rel(ref(x), before)
+            errors = {"fwd fp32": rel(y, y_ref), "fwd bf16": rel(y_bf16, y_ref),
+                      "grad fp32": rel(rotation_grads(layer), rotation_grads(ref)),
+                      # The bf16 build matters only on the weight path; the input path ignores it.
+                      "fwd bf16-build": rel(y_half, y_ref), "grad bf16-build": rel(rotation_grads(half), rotation_grads(ref)),
+                      "merge fp32": merged, "merge fp64": merged64}
+            ok = all(errors[k] <= LAYER_TOL[k] for k in LAYER_TOL)
+            failed |= not ok
+            rows.append([name, mode] + [f"{errors[k]:.1e}" for k in LAYER_TOL] + ["ok" if ok else "FAIL"])
+    return rows, failed
+
+
+def optimizer_rows(device: torch.device, shape: tuple[int, int], steps: int = 3) -> tuple[list, bool]:
+    """`poetlm.optim.POET` steps on `device` in fp32 against the same steps in fp64 on CPU (same gradients)."""
+    in_features, out_features = shape
+    rows, failed = [], False
+    gen = torch.Generator().manual_seed(2)
+    start = torch.randn(out_features, in_features, generator=gen, dtype=torch.float64) / in_features ** 0.5
+    grads = [torch.randn(out_features, in_features, generator=gen, dtype=torch.float64) for _ in range(steps)]
+    for name, kwargs in CONFIGS.items():
+        config = POETConfig(**kwargs)
+        weights = {}
+        for key, dev, dtype in (("ref", torch.device("cpu"), torch.float64), ("device", device, torch.float32)):
+            weight = torch.nn.Parameter(start.to(device=dev, dtype=dtype, copy=True))
+            optimizer = POET([weight], lr=0.02, poet=config)
+            for grad in grads:
+                weight.grad = grad.to(device=dev, dtype=dtype)
+                optimizer.step()
+            weights[key] = (weight.detach(), optimizer.spectrum_drift())
+        (ref, _), (moved, drift) = weights["ref"], weights["device"]
+        errors = {"ΔW fp32": rel(moved.double().cpu() - start, ref - start), "drift fp32": drift}
+        ok = all(errors[k] <= STEP_TOL[k] for k in STEP_TOL)
+        failed |= not ok
+        rows.append([name] + [f"{errors[k]:.1e}" for k in STEP_TOL] + ["ok" if ok else "FAIL"])
+    return rows, failed
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--small", action="store_true", help="96→160 layers and 2×32 tokens instead of 512→1280 and 4×256")
+    args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda but CUDA is not available (use --device cpu --small to run the checks here)")
+    device = torch.device(args.device)
+    shape, tokens = ((96, 160), (2, 32)) if args.small else ((512, 1280), (4, 256))
+    torch.manual_seed(0)
+    print(f"## POETLinear {shape[0]}→{shape[1]}, {tokens[0]}×{tokens[1]} tokens: {device} (fp32, bf16) vs fp64 on CPU\n")
+    rows, layer_failed = layer_rows(device, shape, tokens)
+    print(markdown_table(["config", "path"] + [f"{k} (≤{v:g})" for k, v in LAYER_TOL.items()] + ["result"], rows,
+                         align="ll" + "r" * (len(LAYER_TOL) + 1)))
+    print("\nrelative errors ‖a−b‖/‖b‖; bf16-build: build_dtype='bf16' through step_weight_cache; merge: output "
+          "after merge() vs before, same layer\n")
+    print(f"## POET optimizer, a {shape[1]}×{shape[0]} weight, 3 steps, default rule: {device} fp32 vs fp64 on CPU\n")
+    rows, step_failed = optimizer_rows(device, shape)
+    print(markdown_table(["config"] + [f"{k} (≤{v:g})" for k, v in STEP_TOL.items()] + ["result"], rows, align="lrrr"))
+    print("\nΔW: the weight's change over the steps, relative to the fp64 change; drift: max |Δσ| / σ_max")
+    sys.exit(1 if layer_failed or step_failed else 0)
+
+
+if __name__ == "__main__":
+    main()
