@@ -58,6 +58,14 @@ def skew_gradient(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     return 2 * (product - product.transpose(-1, -2))
 
 
+def _evaluate(closure):
+    """torch.optim's closure convention: re-evaluate the loss, with gradients, before stepping."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class POET(torch.optim.Optimizer):
     """Rotates each 2-D parameter on both sides; its singular values stay those it had at the first step.
 
@@ -132,10 +140,7 @@ class POET(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         cfg, rule_cfg = self.poet, self.rule_config
         for key, group, param in self._keys():
             if param.grad is None:
@@ -219,10 +224,7 @@ class Chained(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _evaluate(closure)
         for optimizer in self.optimizers:
             optimizer.step()
         return loss
