@@ -53,7 +53,7 @@ def test_poet_paper_is_the_papers_recipe_unless_k_is_given():
 def test_optimizers_per_method():
     _, model, (adamw,) = build("poet-paper")
     names = {g["name"]: g for g in adamw.param_groups}
-    assert names["poet"]["lr"] == 4e-3 and names["poet"]["weight_decay"] == 0
+    assert names["poet"]["lr"] == 1e-2 and names["poet"]["weight_decay"] == 0  # the tiny preset's [methods.poet-paper]
     _, model, (rotations, rest) = build("poet", "optim.lr_poet=0.02")
     assert isinstance(rotations, POET) and rotations.param_groups[0]["lr"] == 0.02
     rotated = {id(p) for p in rotations.param_groups[0]["params"]}
@@ -82,7 +82,7 @@ def test_split_seed_follows_the_run_seed_unless_pinned():
 def test_fold_form_draws_the_layer_forms_w0_and_coordinates():
     """Same seed, same names: the optimizer rotates the W0 a POETLinear would hold, on the same coordinates."""
     _, dense, (rotations, _) = build("poet")
-    _, layered, _ = build("poet-paper", "poet.neumann_terms=4")
+    _, layered, _ = build("poet-paper", "poet.neumann_terms=4", f"poet.init_scale={resolve_config('tiny').poet.init_scale}")
     layer = layered.model.layers[1].mlp.down_proj
     weight = dense.model.layers[1].mlp.down_proj.weight
     assert torch.equal(weight, layer.weight0)
