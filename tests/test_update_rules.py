@@ -189,9 +189,11 @@ def test_rule_config_rejects_bad_values_by_name(field, value):
         RuleConfig(**{field: value})
 
 
-def test_poet_optimizer_refuses_vectors():
+def test_poet_optimizer_refuses_vectors_and_low_precision_weights():
     with pytest.raises(ValueError, match="rotates matrices"):
         POET([nn.Parameter(torch.zeros(4))])
+    with pytest.raises(ValueError, match="keep the weights in float32"):
+        POET([nn.Parameter(torch.zeros(4, 4, dtype=torch.bfloat16))])
 
 
 def test_poet_optimizer_for_a_whole_model_schedules_checkpoints_and_resumes_as_one():
