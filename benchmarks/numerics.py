@@ -149,10 +149,10 @@ def orthogonality_table(args: argparse.Namespace) -> str:
 def calibrate(args: argparse.Namespace) -> str:
     """‖Q‖ that real training reaches by each merge: the tiny preset on its bundled corpus, CPU, fp32."""
     from poetlm.train.config import resolve_config
-    from poetlm.train.distributed import Runtime
     from poetlm.train.loop import TrainState, load_data, train_step
     from poetlm.train.methods import build_schedulers, make_method
     from poetlm.train.models import load_model
+    from poetlm.train.parallel import Runtime
 
     config = resolve_config("tiny", ["method='poet-paper'", "device=cpu", "dtype=fp32", "progress=false"])
     runtime = Runtime(0, 1, 0, torch.device("cpu"))

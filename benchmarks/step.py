@@ -34,10 +34,10 @@ from poetlm import merge, poet_layers
 from poetlm.train.acceleration import accelerate, decoder_blocks
 from poetlm.train.config import TrainConfig, resolve_config
 from poetlm.train.data import TokenData
-from poetlm.train.distributed import Runtime
 from poetlm.train.loop import TrainState, autocast_dtype, micro_batch_loss, train_step
 from poetlm.train.methods import Method, build_schedulers, make_method
 from poetlm.train.models import build_llama
+from poetlm.train.parallel import Runtime
 
 METHODS = {
     "adamw": ("AdamW", ["method=adamw"]),

@@ -13,11 +13,11 @@ import poetlm
 from poetlm.train import acceleration, loop
 from poetlm.train.config import ConfigError, resolve_config
 from poetlm.train.data import TokenData
-from poetlm.train.distributed import Runtime
 from poetlm.train.evaluate import perplexity
 from poetlm.train.loop import TrainState, train_step
 from poetlm.train.methods import make_method
 from poetlm.train.models import build_llama
+from poetlm.train.parallel import Runtime
 
 SMALL = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2", "model.num_heads=4",
          "model.num_kv_heads=2", "data.seq_len=16", "data.vocab_size=300", "batch_size=2", "grad_accum=2",
@@ -112,7 +112,7 @@ def test_compiled_checkpointed_blocks_under_fsdp2(method, tmp_path):
         acceleration.enable_activation_checkpointing(run.model)
         acceleration.compile_blocks(run.model, backend="aot_eager")
         mesh = init_device_mesh("cpu", (1,))
-        for block in acceleration.decoder_blocks(run.model):  # as distributed.wrap_model does
+        for block in acceleration.decoder_blocks(run.model):  # as parallel.parallelize does
             fully_shard(block, mesh=mesh)
         fully_shard(run.model, mesh=mesh)
         run.optimizers, run.sharded = run.method.optimizers(run.model), True

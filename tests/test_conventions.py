@@ -18,9 +18,9 @@ from poetlm.train import loop, metrics
 from poetlm.train.config import TrainConfig, resolve_config, save_config
 from poetlm.train.config_text import config_keys, describe_config, field_descriptions, to_toml
 from poetlm.train.data import read_documents
-from poetlm.train.distributed import Runtime
 from poetlm.train.methods import make_method
 from poetlm.train.models import build_model
+from poetlm.train.parallel import Runtime
 from poetlm.train.progress import BarProgress, LineProgress
 from poetlm.train.runs import load_run_model
 
@@ -69,7 +69,7 @@ def test_keys_that_can_be_null_default_to_null():
     ("tiny", []),
     ("tiny", ["method='poet-paper'"]),  # the method's own preset table and the paper's k, resolved
     ("llama-60m", ["method='muon'", "optim.lr_muon=0.02", "model.num_kv_heads=2"]),
-    ("finetune", ["finetune.base_model='some/model'", "method='lora'", "poet.target_modules=['q_proj', 'v_proj']",
+    ("finetune", ["finetune.base_model='some/model'", "method='lora'", "finetune.lora_targets=['q_proj', 'v_proj']",
                   "poet.exclude_modules=['mlp.down_proj']", "logging.wandb=true", "logging.wandb_mode='offline'"]),
     ("tiny", ["poet.target_modules='.*(q|v)_proj$'", "name='quote \" back\\\\slash ü\\t'", "optim.min_lr_ratio=0",
               "data.data='C:\\\\data\\\\c4'", "rule.name='lie_adam'"]),

@@ -75,6 +75,31 @@ def test_fsdp2_matches_one_process_and_its_checkpoint_loads_unsharded(tmp_path, 
         torch.testing.assert_close(final(ids).logits, load_run_model(tmp_path / "runs" / "fsdp")[0](ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_fsdp2_finetune_writes_an_adapter_that_rebuilds_the_run_on_its_base(tmp_path):
+    """The merge history is gathered from the shards on every rank, the adapter written from the whole model."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from poetlm.adapter import load_adapter
+    from poetlm.train.data import train_tokenizer
+
+    docs = read_documents("shakespeare", max_documents=300)
+    (tmp_path / "plays.txt").write_text("\n\n".join(docs))
+    base = tmp_path / "base"
+    tokenizer = train_tokenizer(docs, 300, base)
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)).save_pretrained(base)
+    run(tmp_path, "ft", 2, "grad_accum=1", "parallel='fsdp'", "method='poet-paper'", f"finetune.base_model={str(base)!r}",
+        "optim.lr_poet=1e-2")
+    run_dir = tmp_path / "runs" / "ft"
+    replayed = load_adapter(AutoModelForCausalLM.from_pretrained(base), run_dir / "adapter.safetensors")
+    ids = torch.randint(0, len(tokenizer), (2, 16))
+    with torch.no_grad():
+        expected = load_run_model(run_dir)[0](ids).logits
+        assert (expected - AutoModelForCausalLM.from_pretrained(base)(ids).logits).abs().max() > 1e-3  # it trained
+        torch.testing.assert_close(replayed(ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
 def _descendants(root: int) -> list[int]:
     children = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):

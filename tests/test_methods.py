@@ -73,6 +73,19 @@ def test_optimizers_per_method():
     assert id(model.model.layers[0].mlp.up_proj.weight) in muon_ids
 
 
+def test_lora_targets_its_own_setting_not_poets():
+    def adapted(*overrides):
+        config = resolve_config("finetune", ["finetune.base_model='unused'", "method='lora'", *SMALL, *overrides])
+        model = make_method(config).prepare(build_llama(config.model, 300, 32))
+        return {name.split(".lora_A")[0].rpartition(".")[2] for name, _ in model.named_parameters() if ".lora_A" in name}
+
+    seven = {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"}
+    assert adapted() == seven
+    assert adapted("poet.target_modules=['q_proj']") == seven  # POET's setting is POET's alone
+    assert adapted("finetune.lora_targets=['q_proj', 'v_proj']") == {"q_proj", "v_proj"}
+    assert adapted("finetune.lora_targets='.*mlp\\.(up|down)_proj'") == {"up_proj", "down_proj"}
+
+
 def test_split_seed_follows_the_run_seed_unless_pinned():
     assert resolve_config("tiny", ["seed=5"]).data.resolved_split_seed(5) == 5
     pinned = resolve_config("tiny", ["seed=5", "data.split_seed=0"])

@@ -33,9 +33,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import POETConfig
-from .layer import POETLinear, is_conv1d
+from .layer import POETLinear, is_conv1d, is_shard
 from .model import merge, poet_layers, poetize
-from .sharding import full_parameters
 
 FORMAT = "poetlm-adapter"
 VERSION = 2  # 2: layers whose history outgrew their weight store their final W0
@@ -47,9 +46,15 @@ class AdapterError(ValueError):
     """An adapter file that cannot be read, or that does not fit the base model it is applied to."""
 
 
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    # A sharded (FSDP2) rotation is gathered: a collective, which every rank joins, as a training loop calls
+    # MergeHistory.record on every rank before every merge.
+    return tensor.full_tensor() if is_shard(tensor) else tensor
+
+
 def _rotations(model: nn.Module) -> dict[str, torch.Tensor]:
     # Kept in the parameters' own (master, fp32) dtype: any rounding here would change the replayed W0.
-    return {f"{name}.{side}": layer.get_parameter(side).detach().to("cpu", copy=True)
+    return {f"{name}.{side}": _whole(layer.get_parameter(side).detach()).to("cpu", copy=True)
             for name, layer in poet_layers(model) for side in _SIDES}
 
 
@@ -148,6 +153,8 @@ def save_adapter(model: nn.Module, path, *, history: MergeHistory, trained: list
     the model has not merged yet.
     """
     layers = dict(poet_layers(model))
+    for layer in layers.values():  # one rank writes the file: gathering shards here would wait for the others
+        layer.require_whole("save_adapter")
     merged = _merge_count(model)
     if len(history) != merged:
         raise ValueError(f"the history holds {len(history)} record(s) but the model has merged {merged} time(s): "
@@ -175,8 +182,7 @@ def save_adapter(model: nn.Module, path, *, history: MergeHistory, trained: list
         tensors.update({f"merge.{i}.{key}": t for key, t in record.items()})
     stored_w0 = [name for name in layers if f"{name}.{_SIDES[0]}" not in replayed]
     for name in stored_w0:  # exact without the history, and no larger than it
-        with full_parameters(layers[name]):
-            tensors[f"weight0.{name}"] = layers[name].weight0.detach().to("cpu", copy=True).contiguous()
+        tensors[f"weight0.{name}"] = layers[name].weight0.detach().to("cpu", copy=True).contiguous()
         tensors[f"probe_rotated.{name}"] = layers[name].probe_rotated.detach().to("cpu", copy=True)
     trained = list(dict.fromkeys(trained or []))
     rotation_ids = {id(p) for layer in layers.values() for p in layer.rotation_parameters()}

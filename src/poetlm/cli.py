@@ -127,7 +127,7 @@ def _cmd_finetune(args) -> int:
 
 def _cmd_eval(args) -> int:
     from .train.data import load_run_data, prepare_data
-    from .train.distributed import pick_device
+    from .train.parallel import pick_device
     from .train.evaluate import perplexity
     from .train.runs import data_options, load_any_model
 
@@ -183,7 +183,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_generate(args) -> int:
-    from .train.distributed import pick_device
+    from .train.parallel import pick_device
     from .train.runs import load_any_model
 
     device = pick_device(args.device)

@@ -5,12 +5,17 @@
 - q_norm: the largest ‖Q‖_F over the blocks, an upper bound of ‖Q‖₂ (the series needs ‖Q‖₂ < 1).
 - probe_cos: vᵀ·R_total·v for a fixed unit v, R_total the product of every rotation since the start.
 - spectrum_drift: max_i |σ_i(W_eff) − σ_i(W0 at start)| / σ_max(W0 at start).
-- svd_entropy: −(1/log n) Σ p_i log p_i with p_i = σ_i² / Σ σ_j².
+- svd_entropy: −(1/log n) Σ p_i log p_i with p_i = σ_i² / Σ σ_j² of W_eff (paper §7): 1 for a flat
+  spectrum, lower as energy concentrates in few directions. POET keeps σ fixed, so it stays at W0's.
+
+The last two need the singular values of every weight and are computed with `spectrum=True` only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Callable
 
 import torch
 from torch import nn
@@ -30,7 +35,10 @@ def _orthogonality_error(side: RotationSide, blocks: torch.Tensor) -> float:
 
 
 def svd_entropy(weight: torch.Tensor) -> float:
-    sigma = torch.linalg.svdvals(weight.float())
+    return _entropy(torch.linalg.svdvals(weight.float()))
+
+
+def _entropy(sigma: torch.Tensor) -> float:
     p = sigma**2 / (sigma**2).sum()
     p = p[p > 0]
     return float(-(p * p.log()).sum() / math.log(len(sigma)))
@@ -38,6 +46,7 @@ def svd_entropy(weight: torch.Tensor) -> float:
 
 @torch.no_grad()
 def layer_diagnostics(layer: POETLinear, spectrum: bool = False) -> dict[str, float]:
+    layer.require_whole("layer_diagnostics")
     blocks_in, blocks_out = layer.rotation_blocks()
     q_norms = [side.skew_blocks().flatten(1).norm(dim=1) for side in (layer.rotation_in, layer.rotation_out)]
     q_norms = torch.cat(q_norms)
@@ -52,12 +61,18 @@ def layer_diagnostics(layer: POETLinear, spectrum: bool = False) -> dict[str, fl
         sigma = torch.linalg.svdvals(layer.effective_weight((blocks_in, blocks_out)).float())
         initial = layer.initial_spectrum.float()
         result["spectrum_drift"] = float((sigma - initial).abs().max() / initial.max())
+        result["svd_entropy"] = _entropy(sigma)
     return result
 
 
-def model_diagnostics(model: nn.Module, spectrum: bool = False) -> dict[str, float]:
-    """Mean of each per-layer diagnostic over the POET layers (orth_err and q_norm also as their max)."""
-    per_layer = [layer_diagnostics(layer, spectrum) for _, layer in poet_layers(model)]
+def model_diagnostics(model: nn.Module, spectrum: bool = False,
+                      gather: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None) -> dict[str, float]:
+    """Mean of each per-layer diagnostic over the POET layers (orth_err, q_norm and spectrum_drift also as
+    their max). Sharded models: `gather` as for `poetlm.merge`, one layer at a time."""
+    per_layer = []
+    for _, layer in poet_layers(model):
+        with (gather or contextlib.nullcontext)(layer):
+            per_layer.append(layer_diagnostics(layer, spectrum))
     if not per_layer:
         return {}
     result = {key: sum(d[key] for d in per_layer) / len(per_layer) for key in per_layer[0]}

@@ -1,8 +1,8 @@
 """POETLinear: a linear layer whose weight is Pᵀ·W0ᵀ·Rᵀ with W0 fixed and R, P learned rotations.
 
-Orientation: the spec writes W_RP = R·W0·P with W0 ∈ R^{in×out}; torch stores weights as (out, in), so
-the frozen parameter `weight0` holds W0ᵀ and the effective (out, in) weight is Pᵀ·weight0·Rᵀ. R rotates the input
-side (dimension in_features), P the output side. The bias is added after and never rotated.
+Orientation: the paper (docs/POET.md §1) writes W_RP = R·W0·P with W0 ∈ R^{in×out}; torch stores weights as
+(out, in), so the frozen parameter `weight0` holds W0ᵀ and the effective (out, in) weight is Pᵀ·weight0·Rᵀ.
+R rotates the input side (dimension in_features), P the output side. The bias is added after and never rotated.
 
 GPT-2's `Conv1D` (y = x·W + b with W stored as (in, out)) is the same map with the weight transposed:
 `POETConv1D` wraps it with the same math and gives `weight`, the state dict and export back in Conv1D's
@@ -20,7 +20,15 @@ from torch.nn import functional as F
 
 from .config import POETConfig
 from .primitives import RotationSide, make_side, seeded_generator
-from .sharding import DTensor, full_parameters
+
+
+def is_shard(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` holds only this process's part of a parameter (a DTensor, e.g. under FSDP2).
+
+    Told by its interface, so the library needs no torch.distributed: sharding is the training app's
+    business (poetlm.train.parallel), which hands the library whole tensors.
+    """
+    return hasattr(tensor, "full_tensor")
 
 
 def init_weight(init: str, out_features: int, in_features: int, generator: torch.Generator) -> torch.Tensor:
@@ -112,6 +120,7 @@ class POETLinear(nn.Module):
     @torch.no_grad()
     def to_dense(self) -> nn.Module:
         """A plain module of the replaced kind computing what this layer computes now."""
+        self.require_whole("to_dense()")
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=self.weight0.device, dtype=self.weight_dtype)
         linear.weight.copy_(self.effective_weight())
@@ -125,7 +134,7 @@ class POETLinear(nn.Module):
         # directory written by model.save_pretrained or a Trainer checkpoint) then builds the model this
         # layer computes, instead of leaving a random weight. A rank of an FSDP2-sharded layer holds part
         # of W0 only, so it has no dense weight to write; its checkpoints are loaded by poetlm.
-        if DTensor is None or not isinstance(self.weight0, DTensor):
+        if not is_shard(self.weight0):
             with torch.no_grad():
                 destination[prefix + "weight"] = self._oriented(self.effective_weight().to(self.weight_dtype)).contiguous()
 
@@ -223,13 +232,18 @@ class POETLinear(nn.Module):
         if torch.isnan(self.initial_spectrum).any() and int(self.merge_count) == 0:
             self.initial_spectrum.copy_(torch.linalg.svdvals(self.weight0.float()).to(self.initial_spectrum.dtype))
 
+    def require_whole(self, operation: str) -> None:
+        """Refuse a whole-matrix operation on a sharded layer, where it would compute on one shard only."""
+        if any(is_shard(t) for t in (self.weight0, *self.rotation_parameters())):
+            raise ValueError(f"POETLinear {self.name!r}: {operation} needs whole matrices, but this process holds a shard "
+                             "of the layer (FSDP2); run it where the layer is gathered: pass gather= to poetlm.merge or "
+                             "model_diagnostics (e.g. gather=poetlm.train.parallel.full_parameters), or call it inside "
+                             "`with full_parameters(layer):`")
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the rotations into W0 (in fp32), reset them to identity and draw new coordinates."""
-        with full_parameters(self):
-            self._merge()
-
-    def _merge(self) -> None:
+        self.require_whole("merge()")
         self.record_initial_spectrum()
         blocks = self.rotation_blocks()
         with torch.autocast(self.weight0.device.type, enabled=False):
@@ -266,6 +280,7 @@ class POETConv1D(POETLinear):
     def to_dense(self) -> nn.Module:
         from transformers.pytorch_utils import Conv1D
 
+        self.require_whole("to_dense()")
         conv = Conv1D(self.out_features, self.in_features).to(device=self.weight0.device, dtype=self.weight_dtype)
         conv.weight.copy_(self.effective_weight().t())
         if self.bias is not None:

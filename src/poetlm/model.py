@@ -8,14 +8,13 @@ import math
 import re
 import warnings
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
 
 from .config import POETConfig
 from .layer import POETLinear, draw_weight, is_conv1d, wrap_module
-from .sharding import full_parameters
 from .update_rules import MergeRule, ResetState
 
 
@@ -64,8 +63,8 @@ def _is_target(name: str, config: POETConfig, heads: set[str]) -> bool:
 def poetize(model: nn.Module, config: POETConfig | None = None, *, strict: bool = False) -> nn.Module:
     """Replace the targeted nn.Linear / Conv1D layers of `model` (in place) by POET layers; returns the model.
 
-    Their weights become the fixed W0 buffers, the rotation parameters are trainable, and every other
-    parameter (biases of the wrapped layers included) keeps its values and requires_grad.
+    Their weights become the fixed W0 (a frozen parameter), the rotation parameters are trainable, and
+    every other parameter (biases of the wrapped layers included) keeps its values and requires_grad.
 
     Targeted weights that are not nn.Linear or Conv1D modules (e.g. Mixtral's fused 3-D expert weights,
     nn.MultiheadAttention's in_proj_weight) stay dense: a warning names them, `strict=True` refuses before
@@ -131,13 +130,16 @@ def rotated_weights(model: nn.Module, config: POETConfig | None = None) -> list[
     return weights
 
 
-def merge(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, rule: MergeRule | None = None) -> int:
+def merge(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, rule: MergeRule | None = None, *,
+          gather: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None) -> int:
     """Merge every POET layer (fold rotations into W0, reset, redraw); returns how many were merged.
 
     With an optimizer, `rule` (default: reset, the paper's choice) decides what becomes of the
     rotation parameters' optimizer state; the state of other parameters is left alone. A module of
     `model` whose class defines `poet_before_merge()` is called first (a POETModel records its merge
-    history there).
+    history there). Sharded models (FSDP2): `gather(layer)` is a context manager within which the layer's
+    parameters are whole (e.g. `poetlm.train.parallel.full_parameters`); layers are gathered one at a
+    time, so a merge never holds more than one whole layer.
     """
     layers = [layer for _, layer in poet_layers(model)]
     if optimizer is not None:
@@ -147,12 +149,16 @@ def merge(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, rule
             raise ValueError(f"the optimizer does not hold {len(missing)} of the model's rotation parameters, so it never "
                              "trains them (was it created before poetize?); create it after poetize, e.g. "
                              "torch.optim.AdamW(poetlm.param_groups(model, lr_base=..., lr_poet=..., weight_decay=...))")
+    if gather is None:  # refused before the hooks below record a merge that would not happen
+        for layer in layers:
+            layer.require_whole("poetlm.merge")
     for module in model.modules():
         hook = getattr(type(module), "poet_before_merge", None)
         if hook is not None:
             hook(module)
     for layer in layers:
-        layer.merge()
+        with (gather or contextlib.nullcontext)(layer):
+            layer.merge()
     if optimizer is not None:
         (rule or ResetState()).after_merge(optimizer, [p for layer in layers for p in layer.rotation_parameters()])
     return len(layers)
@@ -167,9 +173,7 @@ def unpoetize(model: nn.Module) -> nn.Module:
     """Replace every POET layer of `model` in place by the plain module it computes; returns the model."""
     for name, layer in list(poet_layers(model)):
         parent_name, _, child = name.rpartition(".")
-        with full_parameters(layer):
-            dense = layer.to_dense()
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, dense)
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.to_dense())
     return model
 
 

@@ -160,9 +160,9 @@ class POETModel(nn.Module):
         """Called by poetlm.merge: what the merge folds in goes into the adapter's history."""
         self.history.record(self.base_model)
 
-    def merge(self, optimizer: torch.optim.Optimizer | None = None, rule=None) -> int:
-        """poetlm.merge(self, optimizer, rule)."""
-        return merge(self, optimizer, rule)
+    def merge(self, optimizer: torch.optim.Optimizer | None = None, rule=None, *, gather=None) -> int:
+        """poetlm.merge(self, optimizer, rule, gather=gather)."""
+        return merge(self, optimizer, rule, gather=gather)
 
     def save_adapter(self, directory) -> None:
         """Write adapter_config.json and adapter.safetensors (merge history, rotations, trained tensors)."""

@@ -9,6 +9,9 @@ checkpointed with the loop (state_dict / load_state_dict, e.g. accelerate's regi
 
 from __future__ import annotations
 
+import contextlib
+from typing import Callable
+
 import torch
 from torch import nn
 
@@ -49,17 +52,19 @@ class MergeSchedule:
         schedule.step()          # merges (and resets the rotations' optimizer state) every merge_every steps
 
     `model` may be wrapped (DDP, accelerate); `optimizer` may be accelerate's wrapper. merge_every
-    defaults to the POET layers' POETConfig.merge_every; `rule` to the paper's state reset.
+    defaults to the POET layers' POETConfig.merge_every; `rule` to the paper's state reset; `gather` makes
+    a sharded (FSDP2) layer whole for its merge (see `poetlm.merge`).
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, merge_every: int | None = None,
-                 max_grad_norm: float = 1.0, ramp_steps: int = 10, rule: MergeRule | None = None) -> None:
+                 max_grad_norm: float = 1.0, ramp_steps: int = 10, rule: MergeRule | None = None,
+                 gather: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None) -> None:
         self.merge_every = merge_every if merge_every is not None else merge_every_of(model)
         if isinstance(self.merge_every, bool) or not isinstance(self.merge_every, int) or self.merge_every < 1:
             raise ValueError(f"merge_every={self.merge_every!r} is invalid: must be an integer >= 1 (optimizer steps)")
         if ramp_steps < 0:
             raise ValueError(f"ramp_steps={ramp_steps!r} is invalid: must be >= 0 (0 turns the post-merge clip off)")
-        self.model, self.optimizer, self.rule = model, optimizer, rule
+        self.model, self.optimizer, self.rule, self.gather = model, optimizer, rule, gather
         self.max_grad_norm, self.ramp_steps = max_grad_norm, ramp_steps
         self.step_count = 0
         self.last_merge_step: int | None = None
@@ -74,7 +79,7 @@ class MergeSchedule:
         self.step_count += 1
         if self.step_count % self.merge_every:
             return False
-        merge(self.model, None if self.optimizer is None else torch_optimizer(self.optimizer), self.rule)
+        merge(self.model, None if self.optimizer is None else torch_optimizer(self.optimizer), self.rule, gather=self.gather)
         self.last_merge_step = self.step_count
         return True
 

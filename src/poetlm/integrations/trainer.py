@@ -10,6 +10,9 @@ checkpoint merges and clips exactly as the uninterrupted run would.
 
 from __future__ import annotations
 
+import contextlib
+from typing import Callable
+
 import torch
 from torch import nn
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -37,11 +40,13 @@ class POETCallback(TrainerCallback):
 
     The clip goes on top of Trainer's own at args.max_grad_norm: clipping again at a lower threshold is
     the same as clipping once at it. Gradient accumulation: one merge per optimizer step, as Trainer
-    counts them. Under FSDP or DeepSpeed, where gradients are sharded, use ramp_steps=0.
+    counts them. Under FSDP or DeepSpeed, where gradients are sharded, use ramp_steps=0; under FSDP2 pass
+    `gather` too (see `poetlm.merge`).
     """
 
-    def __init__(self, merge_every: int | None = None, ramp_steps: int = 10, rule: MergeRule | None = None) -> None:
-        self.merge_every, self.ramp_steps, self.rule = merge_every, ramp_steps, rule
+    def __init__(self, merge_every: int | None = None, ramp_steps: int = 10, rule: MergeRule | None = None,
+                 gather: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None) -> None:
+        self.merge_every, self.ramp_steps, self.rule, self.gather = merge_every, ramp_steps, rule, gather
 
     def _every(self, model: nn.Module) -> int:
         return self.merge_every if self.merge_every is not None else merge_every_of(model)
@@ -57,4 +62,4 @@ class POETCallback(TrainerCallback):
 
     def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         if state.global_step % self._every(model) == 0:
-            merge(model, torch_optimizer(optimizer), self.rule)
+            merge(model, torch_optimizer(optimizer), self.rule, gather=self.gather)

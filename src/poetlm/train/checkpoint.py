@@ -1,6 +1,6 @@
 """Checkpoints: atomic durable writes, a checksum each, the last N kept, and everything exact resume needs.
 
-A checkpoint holds the model (POET buffers included: W0, coordinates, merge counts), every optimizer
+A checkpoint holds the model (POET's state included: W0, coordinates, merge counts), every optimizer
 and scheduler, the loop's counters and all RNG states. Data batches are a pure function of the step,
 so the step is the data position.
 

@@ -85,6 +85,7 @@ class FinetuneConfig:
     train_biases: bool = False        # also train every parameter named *.bias (POET / LoRA)
     lora_rank: int = 8                # LoRA's rank r (method lora)
     lora_alpha: float = 16.0          # LoRA's scale α (the update is scaled by α/r)
+    lora_targets: list[str] | str | None = None  # LoRA's modules (names, suffixes or a regex); null = LLaMA's 7 block linears, else peft's default
 
 
 @dataclass
@@ -129,6 +130,8 @@ class TrainConfig:
             ("method", self.method in METHODS, f"choose one of {METHODS}"),
             ("method", self.method != "lora" or self.finetune.base_model is not None, "lora needs finetune.base_model (poetlm finetune --model ...)"),
             ("finetune.lora_rank", self.finetune.lora_rank >= 1, "must be >= 1"),
+            ("finetune.lora_targets", _names_or_pattern(self.finetune.lora_targets),
+             "a non-empty list of module names, a regex string, or null (the default targets)"),
             ("steps", self.steps >= 1, "must be >= 1"),
             ("batch_size", self.batch_size >= 1, "must be >= 1"),
             ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
@@ -178,6 +181,14 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _names_or_pattern(value) -> bool:
+    if value is None:
+        return True
+    if isinstance(value, str):
+        return bool(value)
+    return bool(value) and all(isinstance(v, str) and v for v in value)
 
 
 def _get(obj, dotted: str):

@@ -1,9 +1,11 @@
-"""The training loop: one function, the same for POET, AdamW and Muon.
+"""The training loop, the same for every method: `Method` (methods.py) holds what differs between them.
 
-Per optimizer step: sample the global batch (a pure function of the step), run the micro-batches
-(for POET inside `step_weight_cache`, so effective weights are built once per step), clip, step,
-schedule, and for POET merge every `merge_every` steps with the optimizer-state reset and a tightened
-clip for the next few steps. Around it: evaluation, metrics, checkpoints, signals, resume.
+A run is set up (data, model, parallelism, optimizers, resume), stepped and finished (summary, the
+method's files, final/, report), each over one `Run`. Per optimizer step (`train_step`): sample the
+global batch (a pure function of the step), run the micro-batches inside the method's step context
+(POET's layer form builds its effective weights once per step there), clip, step; then schedule, log,
+the method's after-step hook (the layer form's merges), evaluation, checkpoints and the stop signal that
+every rank agrees on.
 """
 
 from __future__ import annotations
@@ -16,16 +18,15 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..sharding import full_parameters
 from . import checkpoint as ckpt
-from . import distributed, files
+from . import files, parallel
 from .acceleration import accelerate
 from .config import ConfigError, TrainConfig, load_config, save_config
 from .data import TokenData, load_run_data, make_batch, prepare_data, sample_offsets
@@ -80,7 +81,7 @@ def spectrum_layer(model: nn.Module) -> tuple[str, torch.Tensor] | None:
     if not linears or hasattr(model, "peft_config"):
         return None
     name, module = linears[-1]
-    with full_parameters(module):
+    with parallel.full_parameters(module):
         weight = module.effective_weight() if hasattr(module, "effective_weight") else module.weight
         return name, torch.linalg.svdvals(weight.detach().float().cpu())
 
@@ -119,7 +120,7 @@ def micro_batch_loss(model: nn.Module, inputs: torch.Tensor, targets: torch.Tens
 
 
 def train_step(method: Method, model, raw_model, optimizers, data: TokenData, config: TrainConfig, state: TrainState,
-               runtime: distributed.Runtime, amp, sharded: bool = False) -> tuple[float, float]:
+               runtime: parallel.Runtime, amp, sharded: bool = False) -> tuple[float, float]:
     """One optimizer step over grad_accum micro-batches on every rank; returns (mean loss, grad norm)."""
     rows = config.batch_size
     global_rows = rows * config.grad_accum * runtime.world_size
@@ -138,7 +139,7 @@ def train_step(method: Method, model, raw_model, optimizers, data: TokenData, co
             total += loss.item()
             del loss  # its graph holds the step's weights; drop it before the rotation backward and the optimizer step
     method.after_backward(raw_model, runtime, sharded)
-    loss_value = distributed.mean_over_ranks(total, runtime)
+    loss_value = parallel.mean_over_ranks(total, runtime)
     if not math.isfinite(loss_value):
         raise TrainingError(f"non-finite loss ({loss_value}) at step {state.step + 1}")
     threshold = method.clip_threshold(state.step, state.last_merge_step)
@@ -151,7 +152,7 @@ def train_step(method: Method, model, raw_model, optimizers, data: TokenData, co
     return loss_value, grad_norm
 
 
-def load_data(config: TrainConfig, runtime: distributed.Runtime, run_dir: Path | None = None) -> TokenData:
+def load_data(config: TrainConfig, runtime: parallel.Runtime, run_dir: Path | None = None) -> TokenData:
     """Rank 0 builds the tokenizer and token cache; the others wait, then read it. A resumed run (run_dir)
     gets its own tokenizer and tokens back, whatever happened to the data since."""
     def build():
@@ -162,7 +163,7 @@ def load_data(config: TrainConfig, runtime: distributed.Runtime, run_dir: Path |
 
     if runtime.is_main:
         data = build()
-    distributed.barrier(runtime)
+    parallel.barrier(runtime)
     if not runtime.is_main:
         data = build()
     return data
@@ -182,13 +183,9 @@ def claim_run_dir(config: TrainConfig) -> Path:
             run_dir = base.with_name(f"{base.name}-{n}")
 
 
-def _claim_shared_run_dir(config: TrainConfig, runtime: distributed.Runtime) -> Path:
-    run_dir = claim_run_dir(config) if runtime.is_main else None
-    if runtime.distributed:  # every rank must write its checkpoints (if any) to the same place
-        shared = [str(run_dir)]
-        torch.distributed.broadcast_object_list(shared, src=0)
-        run_dir = Path(shared[0])
-    return run_dir
+def _claim_shared_run_dir(config: TrainConfig, runtime: parallel.Runtime) -> Path:
+    # Every rank must write its checkpoints (if any) to the same place.
+    return Path(parallel.from_main(str(claim_run_dir(config)) if runtime.is_main else None, runtime))
 
 
 def train(config: TrainConfig | None = None, resume: str | Path | None = None, run_dir: str | Path | None = None) -> dict:
@@ -196,7 +193,7 @@ def train(config: TrainConfig | None = None, resume: str | Path | None = None, r
     if resume is not None:
         run_dir = Path(resume)
         config = load_config(run_dir / "config.json")
-    runtime = distributed.setup(config.device)
+    runtime = parallel.setup(config.device)
     claimed, clean = None, False
     try:
         if run_dir is None:
@@ -212,143 +209,220 @@ def train(config: TrainConfig | None = None, resume: str | Path | None = None, r
             print(f"poetlm: removed {claimed}: the run stopped before its first checkpoint", file=sys.stderr)
         raise
     finally:
-        distributed.teardown(runtime, clean)
+        parallel.teardown(runtime, clean)
 
 
-def _train(config: TrainConfig, runtime: distributed.Runtime, resuming: bool, run_dir: Path) -> dict:
+@dataclass
+class Run:
+    """What one training run holds from setup through its steps to finish."""
+
+    config: TrainConfig
+    runtime: parallel.Runtime
+    run_dir: Path
+    resuming: bool
+    data: TokenData
+    method: Method
+    model: nn.Module    # what the method, checkpoints and diagnostics see
+    wrapped: nn.Module  # what forward passes go through: the model itself, or its DDP / FSDP2 form
+    optimizers: list[torch.optim.Optimizer]
+    schedulers: list
+    sharded: bool
+    amp: torch.dtype | None
+    state: TrainState = field(default_factory=TrainState)
+    logger: MetricsLogger | None = None
+    spectrum: tuple[str, torch.Tensor] | None = None  # the plotted layer's singular values at the start
+    last_eval: dict | None = None
+
+    def evaluate(self) -> dict:
+        config, runtime = self.config, self.runtime
+        return perplexity(self.wrapped, self.data.val, seq_len=config.data.seq_len, batch_size=config.batch_size,
+                          max_tokens=config.eval_tokens, device=runtime.device, autocast_dtype=self.amp,
+                          rank=runtime.rank, world_size=runtime.world_size)
+
+    def save(self) -> None:
+        model_state, optimizer_states = parallel.training_state(self.model, self.optimizers, self.sharded)
+        if self.runtime.is_main:
+            payload = {"model": model_state, "optimizers": optimizer_states,
+                       "schedulers": [s.state_dict() for s in self.schedulers], "state": self.state.state_dict(),
+                       "method": self.method.state_dict()}
+            ckpt.save_checkpoint(self.run_dir, self.state.step, payload, self.config.keep_checkpoints)
+        parallel.barrier(self.runtime)
+
+    @property
+    def tokens_per_step(self) -> int:
+        config = self.config
+        return config.batch_size * config.grad_accum * self.runtime.world_size * config.data.seq_len
+
+    def due(self, every: int) -> bool:
+        """Whether the step just taken is one of every `every` steps, or the last."""
+        return self.state.step % every == 0 or self.state.step == self.config.steps
+
+
+def _train(config: TrainConfig, runtime: parallel.Runtime, resuming: bool, run_dir: Path) -> dict:
+    run = _setup(config, runtime, resuming, run_dir)
+    if resuming and run.state.step >= config.steps:  # going on would only rewrite its summary and report with less
+        if runtime.is_main:
+            print(f"{run_dir} already finished ({run.state.step} of {config.steps} steps): nothing to do, nothing changed")
+        return {"already_finished": True, "step": run.state.step, "run_dir": str(run_dir), "rank": runtime.rank}
+    _start(run)
+    return _steps(run) or _finish(run)
+
+
+def _setup(config: TrainConfig, runtime: parallel.Runtime, resuming: bool, run_dir: Path) -> Run:
+    """Data, model, optimizers and schedulers, restored from the last checkpoint when resuming."""
     torch.manual_seed(config.seed)
     data = load_data(config, runtime, run_dir if resuming else None)
     method = make_method(config)
-    sharded = distributed.is_sharded(runtime, config.parallel)
+    sharded = parallel.is_sharded(runtime, config.parallel)
     if sharded and not method.supports_fsdp:
         raise ConfigError(f"method {config.method!r} does not run under FSDP (parallel='fsdp'); use parallel='ddp'")
     model = accelerate(method.prepare(load_model(config, data.vocab_size)).to(runtime.device), config)
-    state = TrainState()
-    wrapped = distributed.wrap_model(model, runtime, config.parallel)  # FSDP2 swaps in sharded parameters: wrap first
+    wrapped = parallel.parallelize(model, runtime, config.parallel)  # FSDP2 swaps in sharded parameters: before the optimizers
     optimizers = method.optimizers(model)
-    schedulers = build_schedulers(optimizers, config)
+    run = Run(config, runtime, run_dir, resuming, data, method, model, wrapped, optimizers,
+              build_schedulers(optimizers, config), sharded, autocast_dtype(config, runtime.device))
     if resuming:
         saved = ckpt.load_checkpoint(run_dir, map_location="cpu" if sharded else runtime.device)
-        distributed.load_training_state(model, optimizers, saved["model"], saved["optimizers"], sharded)
-        for scheduler, s in zip(schedulers, saved["schedulers"], strict=True):
+        parallel.load_training_state(model, optimizers, saved["model"], saved["optimizers"], sharded)
+        for scheduler, s in zip(run.schedulers, saved["schedulers"], strict=True):
             scheduler.load_state_dict(s)
-        state.load_state_dict(saved["state"])
+        run.state.load_state_dict(saved["state"])
         method.load_state_dict(saved["method"])
         ckpt.set_rng_state(saved["rng"])
-        if state.step >= config.steps:  # going on would only rewrite its summary and report with less
-            if runtime.is_main:
-                print(f"{run_dir} already finished ({state.step} of {config.steps} steps): nothing to do, nothing changed")
-            return {"already_finished": True, "step": state.step, "run_dir": str(run_dir), "rank": runtime.rank}
     elif runtime.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.json")
         data.tokenizer.save_pretrained(run_dir / "tokenizer")
         files.write_text(run_dir / "data.json", json.dumps(data.record(), indent=2) + "\n")
-    amp = autocast_dtype(config, runtime.device)
-    counts = trainable_counts(model, method)
-    logger = MetricsLogger(run_dir, enabled=runtime.is_main, resume_step=state.step if resuming else None, config=config)
-    tokens_per_step = config.batch_size * config.grad_accum * runtime.world_size * config.data.seq_len
-    spectrum = spectrum_layer(model)
-    if runtime.is_main and not resuming and spectrum is not None:
-        (run_dir / "spectrum_initial.json").write_text(json.dumps({"layer": spectrum[0], "initial": spectrum[1].tolist()}))
+    return run
 
-    def evaluate():
-        return perplexity(wrapped, data.val, seq_len=config.data.seq_len, batch_size=config.batch_size,
-                          max_tokens=config.eval_tokens, device=runtime.device, autocast_dtype=amp,
-                          rank=runtime.rank, world_size=runtime.world_size)
 
-    def save():
-        model_state, optimizer_states = distributed.training_state(model, optimizers, sharded)
-        if runtime.is_main:
-            payload = {"model": model_state, "optimizers": optimizer_states,
-                       "schedulers": [s.state_dict() for s in schedulers], "state": state.state_dict(),
-                       "method": method.state_dict()}
-            ckpt.save_checkpoint(run_dir, state.step, payload, config.keep_checkpoints)
-        distributed.barrier(runtime)
+def _start(run: Run) -> None:
+    """Before the first step: metrics, the initial spectrum and (finetuning) the base model's perplexity."""
+    config, runtime, run_dir = run.config, run.runtime, run.run_dir
+    run.logger = MetricsLogger(run_dir, enabled=runtime.is_main, resume_step=run.state.step if run.resuming else None,
+                               config=config)
+    run.spectrum = spectrum_layer(run.model)  # on every rank: gathering a sharded layer is collective
+    if runtime.is_main and not run.resuming and run.spectrum is not None:
+        (run_dir / "spectrum_initial.json").write_text(json.dumps({"layer": run.spectrum[0], "initial": run.spectrum[1].tolist()}))
+    if config.finetuning and not run.resuming:
+        before = run.evaluate()
+        run.state.initial_val_ppl = before["val_ppl"]
+        run.logger.log({"step": 0, "tokens": 0, **before})
 
-    if config.finetuning and not resuming:
-        before = evaluate()
-        state.initial_val_ppl = before["val_ppl"]
-        logger.log({"step": 0, "tokens": 0, **before})
-    progress = _progress(config, runtime, state.step)
-    last_eval = None
-    window_start, window_tokens = time.perf_counter(), 0
+
+class _Throughput:
+    """Tokens per second over the steps since the last logged one, evaluation and diagnostics left out."""
+
+    def __init__(self) -> None:
+        self.start, self.tokens = time.perf_counter(), 0
+
+    def rate(self) -> float:
+        return self.tokens / (time.perf_counter() - self.start)
+
+    def restart(self) -> None:
+        self.start, self.tokens = time.perf_counter(), 0
+
+    @contextlib.contextmanager
+    def paused(self):
+        began = time.perf_counter()
+        yield
+        self.start += time.perf_counter() - began
+
+
+def _steps(run: Run) -> dict | None:
+    """The step loop; returns the summary of a run that a signal stopped (after a checkpoint), else None."""
+    config, state = run.config, run.state
+    progress = _progress(config, run.runtime, state.step)
+    throughput = _Throughput()
     with StopSignal() as stop:
         while state.step < config.steps:
-            model.train()
-            factor = lr_factor(state.step, config)
-            lr = config.optim.lr * factor
-            try:
-                loss, grad_norm = train_step(method, wrapped, model, optimizers, data, config, state, runtime, amp, sharded)
-            except TrainingError as error:
-                good = ckpt.list_checkpoints(run_dir)
-                kept = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
-                raise TrainingError(f"{error}; stopping ({kept}). Try a lower learning rate or a tighter optim.grad_clip.") from None
-            for scheduler in schedulers:
-                scheduler.step()
-            state.step += 1
-            state.tokens += tokens_per_step
-            window_tokens += tokens_per_step
-            record = {"step": state.step, "tokens": state.tokens, "loss": loss, "lr": lr, "grad_norm": grad_norm}
-            if config.method.startswith("poet"):  # the rotations' lr, the one that drives POET
-                record["lr_poet"] = config.optim.lr_poet * factor
-            logged = state.step % config.log_every == 0 or state.step == config.steps
+            record = _step(run)
+            throughput.tokens += run.tokens_per_step
+            logged = run.due(config.log_every)
             if logged:
-                elapsed = time.perf_counter() - window_start
-                record.update(tokens_per_s=window_tokens / elapsed, peak_mem_mb=peak_memory_mb(runtime.device))
-                if state.step % config.diagnostics_every == 0 or state.step == config.steps:
-                    record.update(method.diagnostics(model, optimizers, spectrum=True))
-                logger.log(record)
-                window_start, window_tokens = time.perf_counter(), 0
-            if method.after_step(state.step, model, optimizers):  # after the diagnostics, which would see fresh identities
+                record.update(tokens_per_s=throughput.rate(), peak_mem_mb=peak_memory_mb(run.runtime.device))
+                if run.due(config.diagnostics_every):
+                    record.update(run.method.diagnostics(run.model, run.optimizers, spectrum=True))
+                run.logger.log(record)
+                throughput.restart()
+            if run.method.after_step(state.step, run.model, run.optimizers):  # after the diagnostics, which would see fresh identities
                 state.last_merge_step = state.step
-            if state.step % config.eval_every == 0 or state.step == config.steps:
-                eval_start = time.perf_counter()
-                last_eval = evaluate()
-                logger.log({"step": state.step, "tokens": state.tokens, **last_eval})
-                window_start += time.perf_counter() - eval_start  # keep evaluation out of tokens/s
+            if run.due(config.eval_every):
+                with throughput.paused():
+                    run.last_eval = run.evaluate()
+                run.logger.log({"step": state.step, "tokens": state.tokens, **run.last_eval})
             if progress is not None:
-                progress.step(record, last_eval, logged)
-            if state.step % config.checkpoint_every == 0 or state.step == config.steps:
-                save()
-            received = distributed.agreed_signal(stop.received, runtime)
+                progress.step(record, run.last_eval, logged)
+            saved = run.due(config.checkpoint_every)
+            if saved:
+                run.save()
+            received = parallel.agreed_signal(stop.received, run.runtime)
             if received is not None:
-                if state.step % config.checkpoint_every != 0 and state.step != config.steps:
-                    save()
-                if progress is not None:
-                    progress.close()
-                logger.close()
-                if runtime.is_main:
-                    print(f"\n{signal.Signals(received).name} received: checkpoint at step {state.step} written to "
-                          f"{ckpt.checkpoint_dir(run_dir)}.\nResume with: poetlm train --resume {run_dir}", file=sys.stderr)
-                return {"interrupted": True, "signal": received, "step": state.step, "run_dir": str(run_dir),
-                        "rank": runtime.rank}
+                if not saved:
+                    run.save()
+                _close(progress, run.logger)
+                return _interrupted(run, received)
+    _close(progress, run.logger)
+    return None
+
+
+def _step(run: Run) -> dict:
+    """One optimizer step and its schedule; returns the step's metrics record."""
+    config, state = run.config, run.state
+    run.model.train()
+    factor = lr_factor(state.step, config)
+    try:
+        loss, grad_norm = train_step(run.method, run.wrapped, run.model, run.optimizers, run.data, config, state,
+                                     run.runtime, run.amp, run.sharded)
+    except TrainingError as error:
+        good = ckpt.list_checkpoints(run.run_dir)
+        kept = f"the last good checkpoint is {good[-1]}" if good else "no checkpoint was written yet"
+        raise TrainingError(f"{error}; stopping ({kept}). Try a lower learning rate or a tighter optim.grad_clip.") from None
+    for scheduler in run.schedulers:
+        scheduler.step()
+    state.step += 1
+    state.tokens += run.tokens_per_step
+    return {"step": state.step, "tokens": state.tokens, "loss": loss, **run.method.learning_rates(factor), "grad_norm": grad_norm}
+
+
+def _close(progress, logger: MetricsLogger) -> None:
     if progress is not None:
         progress.close()
     logger.close()
-    summary = {"method": config.method, **counts, "final_val_ppl": last_eval["val_ppl"] if last_eval else None,
-               "final_val_loss": last_eval["val_loss"] if last_eval else None, "initial_val_ppl": state.initial_val_ppl,
-               "tokens_per_s": logger.median("tokens_per_s"), "peak_mem_mb": peak_memory_mb(runtime.device),
-               "total_tokens": state.tokens, "steps": state.step, "world_size": runtime.world_size,
-               "replica_divergence": distributed.replica_divergence(model, runtime), "run_dir": str(run_dir),
-               "rank": runtime.rank,
+
+
+def _interrupted(run: Run, received: int) -> dict:
+    if run.runtime.is_main:
+        print(f"\n{signal.Signals(received).name} received: checkpoint at step {run.state.step} written to "
+              f"{ckpt.checkpoint_dir(run.run_dir)}.\nResume with: poetlm train --resume {run.run_dir}", file=sys.stderr)
+    return {"interrupted": True, "signal": received, "step": run.state.step, "run_dir": str(run.run_dir), "rank": run.runtime.rank}
+
+
+def _finish(run: Run) -> dict:
+    """After the last step: the summary, the spectrum, the method's own files (an adapter), final/ and the report."""
+    config, runtime, model, method, run_dir, last = run.config, run.runtime, run.model, run.method, run.run_dir, run.last_eval
+    summary = {"method": config.method, **trainable_counts(model, method),
+               "final_val_ppl": last["val_ppl"] if last else None, "final_val_loss": last["val_loss"] if last else None,
+               "initial_val_ppl": run.state.initial_val_ppl, "tokens_per_s": run.logger.median("tokens_per_s"),
+               "peak_mem_mb": peak_memory_mb(runtime.device), "total_tokens": run.state.tokens, "steps": run.state.step,
+               "world_size": runtime.world_size, "replica_divergence": parallel.replica_divergence(model, runtime),
+               "run_dir": str(run_dir), "rank": runtime.rank,
                # The method's core promise: every rotated weight keeps its singular values (None: not a POET run).
-               "spectrum_drift": method.diagnostics(model, optimizers, spectrum=True).get("spectrum_drift")}
+               "spectrum_drift": method.diagnostics(model, run.optimizers, spectrum=True).get("spectrum_drift")}
     final_spectrum = spectrum_layer(model)  # on every rank: gathering a sharded layer is collective
-    if runtime.is_main:
-        if spectrum is not None:
-            initial = json.loads((run_dir / "spectrum_initial.json").read_text())
-            files.write_text(run_dir / "spectrum.json", json.dumps({**initial, "final": final_spectrum[1].tolist()}))
-        method.finish(model, run_dir)
-    with full_parameters(model):  # likewise the whole model; final/ is its last use (LoRA merges in place)
+    if runtime.is_main and run.spectrum is not None:
+        initial = json.loads((run_dir / "spectrum_initial.json").read_text())
+        files.write_text(run_dir / "spectrum.json", json.dumps({**initial, "final": final_spectrum[1].tolist()}))
+    # Likewise the whole model, for its last uses: the method's files and final/ (LoRA merges in place).
+    with parallel.full_parameters(model):
         if runtime.is_main:
-            write_final(method, model, data.tokenizer, run_dir)
+            method.finish(model, run_dir)
+            write_final(method, model, run.data.tokenizer, run_dir)
     if runtime.is_main:
         files.write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         write_report([run_dir], run_dir)
     return summary
-
-
 def write_final(method: Method, model: nn.Module, tokenizer, run_dir: Path) -> None:
     """run_dir/final/: the trained model and its tokenizer as a Hugging Face directory, for
     `AutoModelForCausalLM.from_pretrained` without poetlm. Written under another name and renamed into
@@ -369,7 +443,7 @@ def write_final(method: Method, model: nn.Module, tokenizer, run_dir: Path) -> N
     tmp.rename(final)
 
 
-def _progress(config: TrainConfig, runtime: distributed.Runtime, start: int, stream=None):
+def _progress(config: TrainConfig, runtime: parallel.Runtime, start: int, stream=None):
     """A bar on a terminal, one plain line per log interval elsewhere (stream: default stderr, as tqdm's)."""
     if not (config.progress and runtime.is_main):
         return None

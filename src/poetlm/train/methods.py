@@ -22,12 +22,11 @@ from ..model import merge, param_groups, poetize, rotated_weights, rotation_para
 from ..optim import POET
 from ..primitives import block_layout
 from ..serialization import save_pretrained
-from ..sharding import full_parameters
-from . import distributed
+from . import parallel
 from .config import TrainConfig
 from .models import ModelError, block_linears
 
-LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LLAMA_BLOCK_LINEARS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _hidden_matrices(model: nn.Module) -> set[int]:
@@ -49,7 +48,12 @@ def poet_config(config: TrainConfig) -> POETConfig:
 
 
 class Method:
-    """What differs between methods: the model they train, their optimizers and what follows a step."""
+    """What differs between methods: the model they train, their optimizers and what follows a step.
+
+    The loop (`train/loop.py`) calls these in order: prepare, optimizers; per step step_context (around the
+    micro-batches), after_backward, clip_threshold, learning_rates, after_step, diagnostics on diagnostic steps;
+    state_dict / load_state_dict with checkpoints; finish and save_final at the end.
+    """
 
     name = ""
     supports_fsdp = True
@@ -69,11 +73,15 @@ class Method:
         """Wraps the micro-batches of one optimizer step."""
         return contextlib.nullcontext()
 
-    def after_backward(self, model: nn.Module, runtime: distributed.Runtime, sharded: bool) -> None:
+    def after_backward(self, model: nn.Module, runtime: parallel.Runtime, sharded: bool) -> None:
         """After the last micro-batch, before clipping."""
 
     def clip_threshold(self, step: int, last_merge_step: int | None) -> float:
         return self.config.optim.grad_clip
+
+    def learning_rates(self, factor: float) -> dict[str, float]:
+        """What a step's metrics show as its learning rates, at schedule factor `factor`."""
+        return {"lr": self.config.optim.lr * factor}
 
     def after_step(self, step: int, model: nn.Module, optimizers) -> bool:
         """After optimizer step `step` (1-based); True if it merged (for the clip ramp)."""
@@ -137,16 +145,16 @@ class LoRA(Method):
     def prepare(self, model):
         from peft import LoraConfig, get_peft_model
 
-        config = self.config
+        finetune = self.config.finetune
         names = {name.rpartition(".")[2] for name, _ in model.named_modules()}
         # The paper's LoRA baseline adapts all seven block linears of LLaMA; other architectures get peft's defaults.
-        targets = config.poet.target_modules or (LORA_TARGETS if set(LORA_TARGETS) <= names else None)
+        targets = finetune.lora_targets or (LLAMA_BLOCK_LINEARS if set(LLAMA_BLOCK_LINEARS) <= names else None)
         try:
-            model = get_peft_model(model, LoraConfig(r=config.finetune.lora_rank, lora_alpha=config.finetune.lora_alpha,
+            model = get_peft_model(model, LoraConfig(r=finetune.lora_rank, lora_alpha=finetune.lora_alpha,
                                                      target_modules=targets, lora_dropout=0.0))
         except ValueError as error:
-            raise ModelError(f"LoRA cannot wrap this model ({error}); set poet.target_modules to its linear layer names") from None
-        _freeze_base(model, config, {id(p) for name, p in model.named_parameters() if "lora_" in name})
+            raise ModelError(f"LoRA cannot wrap this model ({error}); set finetune.lora_targets to its linear layer names") from None
+        _freeze_base(model, self.config, {id(p) for name, p in model.named_parameters() if "lora_" in name})
         return model
 
     def save_final(self, model, directory):
@@ -180,6 +188,9 @@ class POETFold(Method):
 
     def diagnostics(self, model, optimizers, spectrum):
         return {"spectrum_drift": optimizers[0].spectrum_drift()} if spectrum else {}
+
+    def learning_rates(self, factor):
+        return {**super().learning_rates(factor), "lr_poet": self.config.optim.lr_poet * factor}  # the lr that drives POET
 
     def block_linear_params(self, model):
         """The rotation parameters one step trains: b(b−1)/2 per block and side, as the layer form counts them."""
@@ -232,7 +243,7 @@ class POETPaper(Method):
 
     def after_backward(self, model, runtime, sharded):
         if not sharded:
-            distributed.all_reduce_rotation_grads(model, runtime)
+            parallel.all_reduce_rotation_grads(model, runtime)
 
     def clip_threshold(self, step, last_merge_step):
         """The global clip, tightened to 0.1× right after a merge and ramped back to 1× (paper §5)."""
@@ -242,17 +253,19 @@ class POETPaper(Method):
             return opt.grad_clip
         return opt.grad_clip * (0.1 + 0.9 * since / opt.merge_clip_steps)
 
+    def learning_rates(self, factor):
+        return {**super().learning_rates(factor), "lr_poet": self.config.optim.lr_poet * factor}  # the lr that drives POET
+
     def after_step(self, step, model, optimizers):
         if step % self.config.poet.merge_every != 0 or step >= self.config.steps:
             return False
         if self.config.finetuning:
             self.history.record(model)
-        merge(model, optimizers[0])
+        merge(model, optimizers[0], gather=parallel.full_parameters)
         return True
 
     def diagnostics(self, model, optimizers, spectrum):
-        with full_parameters(model):
-            diag = model_diagnostics(model, spectrum=spectrum)
+        diag = model_diagnostics(model, spectrum=spectrum, gather=parallel.full_parameters)
         keys = ["q_norm", "orth_err", "probe_cos"] + (["spectrum_drift"] if spectrum else [])
         return {key: diag[key + "_max" if key == "spectrum_drift" else key] for key in keys}
 

@@ -1,4 +1,9 @@
-"""torchrun set-up: process group, device, and wrapping the model for DDP or FSDP2.
+"""Parallelism for the training app, in one place: torchrun set-up, parallelizing a model (DDP or FSDP2)
+in the style of torchtitan's `parallelize_*`, the collectives the loop needs, and `full_parameters`.
+
+The library (layers, merges, diagnostics, adapters) knows nothing of this. Its whole-matrix operations
+take whole tensors; under FSDP2 the app runs them inside `full_parameters`, one layer at a time
+(`poetlm.merge(..., gather=full_parameters)`).
 
 POET detail: the training loop builds each effective weight once per optimizer step and carries its
 gradient into the rotation parameters in one extra backward pass after the micro-batches (see
@@ -8,6 +13,7 @@ the rotation parameters and `all_reduce_rotation_grads` averages them (one flat 
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import inspect
 import os
@@ -16,8 +22,10 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
 
 from ..model import rotation_parameters
+from .acceleration import decoder_blocks
 from .config import ConfigError
 
 
@@ -91,7 +99,18 @@ def barrier(runtime: Runtime) -> None:
         dist.barrier()
 
 
-def wrap_model(model: nn.Module, runtime: Runtime, parallel: str) -> nn.Module:
+def from_main(value, runtime: Runtime):
+    """Rank 0's `value` (any picklable object) on every rank."""
+    if not runtime.distributed:
+        return value
+    shared = [value]
+    dist.broadcast_object_list(shared, src=0)
+    return shared[0]
+
+
+def parallelize(model: nn.Module, runtime: Runtime, parallel: str) -> nn.Module:
+    """The model as the forward passes see it: as is (one process), under DDP, or FSDP2-sharded in place
+    (one unit per decoder block; its parameters become DTensors, so build optimizers after this)."""
     if not runtime.distributed:
         return model
     if parallel == "fsdp":
@@ -99,15 +118,15 @@ def wrap_model(model: nn.Module, runtime: Runtime, parallel: str) -> nn.Module:
         from torch.distributed.fsdp import fully_shard
 
         mesh = init_device_mesh(runtime.device.type, (runtime.world_size,))
-        blocks = [m for name, m in model.named_modules() if name.endswith("layers") and isinstance(m, nn.ModuleList)]
-        for block in (b for layers in blocks for b in layers):  # one FSDP unit per decoder block
+        for block in decoder_blocks(model):  # one FSDP unit per decoder block
             fully_shard(block, mesh=mesh)
         return fully_shard(model, mesh=mesh)
     rotation_ids = {id(p) for p in rotation_parameters(model)}
     ignored = [name for name, p in model.named_parameters() if id(p) in rotation_ids]
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
-    # Buffers (W0, coordinates) are identical on every rank by construction: no per-step broadcast.
+    # Buffers (coordinates, merge counts, probes) and the frozen W0 are identical on every rank by
+    # construction: no per-step broadcast.
     ddp = nn.parallel.DistributedDataParallel
     no_broadcast = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp.__init__).parameters
                     else {"broadcast_buffers": False})
@@ -145,7 +164,7 @@ def replica_divergence(model: nn.Module, runtime: Runtime) -> float | None:
     """
     if not runtime.distributed:
         return 0.0
-    if any(type(t).__name__ == "DTensor" for t in model.state_dict().values()):
+    if any(isinstance(t, DTensor) for t in model.state_dict().values()):
         return None
     sums = torch.stack([t.detach().double().sum() for t in model.state_dict().values() if t.is_floating_point()])
     sums = sums.to(runtime.device)
@@ -183,3 +202,26 @@ def load_training_state(model: nn.Module, optimizers, model_state: dict, optimiz
     set_model_state_dict(model, model_state, options=options)
     for optimizer, state in zip(optimizers, optimizer_states):
         set_optimizer_state_dict(model, optimizer, state, options=options)
+
+
+@contextlib.contextmanager
+def full_parameters(module: nn.Module):
+    """Within the block, every FSDP2-sharded parameter of `module` is whole; on exit each rank's shard of
+    the (possibly changed) whole value is written back. A merge needs whole matrices (R and P mix every row
+    and column of W0); every rank computes the same result from the same inputs, so nothing else is
+    communicated. Entering is collective on a sharded module; without sharding it changes nothing.
+    """
+    swapped = []
+    for owner in module.modules():
+        for name, param in list(owner._parameters.items()):
+            if isinstance(param, DTensor):
+                owner._parameters[name] = nn.Parameter(param.full_tensor(), requires_grad=param.requires_grad)
+                swapped.append((owner, name, param))
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for owner, name, sharded in swapped:
+                full = owner._parameters[name].detach()
+                sharded.copy_(distribute_tensor(full, sharded.device_mesh, sharded.placements))
+                owner._parameters[name] = sharded

@@ -1,0 +1,99 @@
+"""The library knows nothing of FSDP/DDP; the training app's parallel module hands it whole layers."""
+
+import ast
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import poetlm
+from poetlm.train.parallel import full_parameters
+
+SRC = Path(__file__).parents[1] / "src" / "poetlm"
+
+
+def poetlm_imports(path: Path) -> set[str]:
+    """The top-level poetlm modules (e.g. "layer", "train") that the file at `path` imports."""
+    package = list(path.relative_to(SRC).parts[:-1])
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level:
+            target = package[:len(package) - node.level + 1] + (node.module.split(".") if node.module else [])
+            found |= {target[0]} if target else {alias.name for alias in node.names}
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else [node.module]
+            found |= {name.split(".")[1] for name in names if name.startswith("poetlm.")}
+    return found
+
+
+def torch_distributed_imports(path: Path) -> list[str]:
+    names = []
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and not node.level:
+            names.append(node.module)
+    return [name for name in names if name.startswith("torch.distributed")]
+
+
+def test_modules_import_only_the_ones_above_them_in_the_design_notes():
+    listing = (SRC.parents[1] / "docs" / "design.md").read_text().split("## Layering")[1].split("```")[1]
+    order = [line.split()[0].rstrip("/").removesuffix(".py") for line in listing.splitlines() if line and not line[0].isspace()]
+    modules = {p.name.removesuffix(".py") for p in SRC.iterdir() if p.suffix == ".py" or (p / "__init__.py").is_file()}
+    assert sorted(order) == sorted(modules - {"__init__", "__main__"})  # the list names every module
+    for rank, name in enumerate(order):
+        files = [SRC / f"{name}.py"] if (SRC / f"{name}.py").is_file() else sorted((SRC / name).rglob("*.py"))
+        for path in files:
+            later = poetlm_imports(path) - {name} - set(order[:rank])
+            assert not later, f"{path.relative_to(SRC)} imports {sorted(later)}, listed below it in docs/design.md"
+            if name not in ("train", "cli"):  # the library: no processes, no sharding
+                assert not torch_distributed_imports(path), f"{path.relative_to(SRC)} imports torch.distributed"
+
+
+@pytest.fixture
+def process_group(tmp_path):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def test_sharded_layers_are_refused_whole_matrix_work_and_merge_layer_by_layer_through_gather(process_group):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = poetlm.poetize(nn.Sequential(nn.Linear(12, 20), nn.Linear(20, 12)), poetlm.POETConfig(block_size=4))
+    with torch.no_grad():
+        for p in poetlm.rotation_parameters(model):
+            p.normal_(std=0.1)
+    reference = copy.deepcopy(model)
+    mesh = init_device_mesh("cpu", (1,))
+    for layer in model:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    assert all(hasattr(p, "full_tensor") for p in model.parameters())
+
+    with pytest.raises(ValueError, match="holds a shard of the layer.*gather="):
+        poetlm.merge(model)
+    with pytest.raises(ValueError, match="holds a shard"):
+        poetlm.model_diagnostics(model)
+    assert all(int(layer.merge_count) == 0 for layer in model)  # refused before anything changed
+
+    gathered = []
+
+    def gather(layer):  # records how much is whole at once
+        gathered.append(layer)
+        return full_parameters(layer)
+
+    poetlm.merge(model, gather=gather)
+    poetlm.merge(reference)
+    assert gathered == list(model)  # one layer at a time
+    for layer, expected in zip(model, reference):
+        assert int(layer.merge_count) == 1
+        torch.testing.assert_close(layer.weight0.full_tensor(), expected.weight0, rtol=0, atol=0)
+        assert hasattr(layer.weight0, "full_tensor")  # written back as shards
+    diagnostics = poetlm.model_diagnostics(model, spectrum=True, gather=full_parameters)
+    assert diagnostics == pytest.approx(poetlm.model_diagnostics(reference, spectrum=True))
+    assert "weight" not in {key.rpartition(".")[2] for key in model.state_dict()}  # no rank holds a dense weight
