@@ -107,7 +107,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--extend", type=int, default=2,
                         help="when a method's best lr is at an end of its grid, add the next lr beyond it (grid "
                              "spacing), up to this many times per method (default 2; 0 = the grid as given)")
-    parser.add_argument("--methods", nargs="+", choices=list(ALL_METHODS), help="default: the four methods, or the ablation")
+    parser.add_argument("--methods", nargs="+", choices=list(ALL_METHODS), help="default: poet, poet-paper, adamw, muon (or the ablation rows)")
     parser.add_argument("--ablation", action="store_true", help="run the ablation rows (first corpus, first seed) instead")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1],
                         help="the first seed runs the lr sweep, all of them run the best lr (default: 0 1)")
