@@ -42,6 +42,8 @@ from poetlm.train.parallel import Runtime
 METHODS = {
     "adamw": ("AdamW", ["method=adamw"]),
     "muon": ("Muon", ["method=muon"]),
+    "poet": ("POET", ["method=poet"]),
+    "paper": ("POET-paper", ["method='poet-paper'"]),
     "poet-b64": ("POET bs b=64", ["method=poet", "poet.variant='bs'", "poet.block_size=64"]),
     "poet-b256": ("POET bs b=256", ["method=poet", "poet.variant='bs'", "poet.block_size=256"]),
     "poet-fs": ("POET fs β=½", ["method=poet", "poet.variant='fs'", "poet.fraction=0.5"]),
