@@ -28,7 +28,8 @@ class POETConfig:
     parameterization: "cayley_neumann" (the paper's CNP), "cayley" (exact, linear solve) or "exp".
     neumann_terms: k, the number of Neumann terms of CNP. Default 4: CNP_k = Cayley·(I − Q^{k+1}), and for
         odd k the real factor I − Q^{k+1} scales singular values by 1 ± ‖Q‖^{k+1} at every merge (k=3 is the
-        paper's setting and drifts); for even k that factor is normal with moduli √(1 + θ^{2k+2}) ≈ 1.
+        paper's setting and drifts); for even k that factor is normal with moduli √(1 + θ^{2k+2}) ≈ 1 while
+        ‖Q‖₂ < 1. Beyond it (large steps between merges) use parameterization="cayley", which is exact.
     merge_every: optimizer steps between merge-then-reinitialize (used by the training app).
     init: how W0 is drawn; "keep" keeps the wrapped weight (finetuning).
     init_scale: multiplies the drawn W0. POET never changes singular values, so their scale is a
