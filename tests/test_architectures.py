@@ -123,15 +123,6 @@ TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=
         "checkpoint_every=4", "poet.block_size=8", "poet.merge_every=2", "progress=false", "steps=4"]
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    from poetlm.train.data import read_documents
-
-    path = tmp_path_factory.mktemp("corpus") / "plays.txt"
-    path.write_text("\n\n".join(read_documents("shakespeare", max_documents=200)))
-    return path
-
-
 @pytest.mark.parametrize("source,method,expected", [
     ("qwen2-dir", "poet", "Qwen2ForCausalLM"),       # a directory holding config.json
     ("mistral-file", "poet-paper", "MistralForCausalLM"),  # a config.json file

@@ -17,7 +17,6 @@ from poetlm.cli import main
 from poetlm.train import loop, metrics
 from poetlm.train.config import TrainConfig, resolve_config, save_config
 from poetlm.train.config_text import config_keys, describe_config, field_descriptions, to_toml
-from poetlm.train.data import read_documents
 from poetlm.train.methods import make_method
 from poetlm.train.models import build_model
 from poetlm.train.parallel import Runtime
@@ -129,13 +128,6 @@ def test_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere():
     assert "\r" in outputs[True] and "4/4" in outputs[True] and "val_ppl=99.00" in outputs[True]
     assert loop._progress(resolve_config("tiny", ["progress=false"]), runtime, 0, stream=Stream(False)) is None
     assert loop._progress(config, Runtime(1, 2, 1, torch.device("cpu")), 0, stream=Stream(False)) is None
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "plays.txt"
-    path.write_text("\n\n".join(read_documents("shakespeare", max_documents=200)))
-    return path
 
 
 @pytest.fixture

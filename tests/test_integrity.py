@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from poetlm.train import checkpoint as ckpt
+from poetlm.train import files
 from poetlm.train.metrics import MetricsLogger
 
 
@@ -43,7 +44,7 @@ def test_a_planted_pickle_is_refused_without_running_its_code(tmp_path):
     path.parent.mkdir()
     torch.save({"model": _RunsCode(marker)}, path)
     # Whoever planted it can also plant a matching checksum: refusing must not depend on it.
-    ckpt.checksum_path(path).write_text(f"{ckpt._sha256(path)}  {path.name}\n")
+    ckpt.checksum_path(path).write_text(f"{files.sha256_file(path)}  {path.name}\n")
     with pytest.raises(ckpt.CheckpointError, match="refuses to unpickle"):
         ckpt.load_checkpoint(tmp_path)
     assert not marker.exists()

@@ -14,19 +14,11 @@ import poetlm
 from poetlm.cli import main
 from poetlm.train import loop
 from poetlm.train.config import ConfigError, resolve_config
-from poetlm.train.data import read_documents
 from poetlm.train.runs import load_run_model
 
 TINY = ["model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=2", "model.num_heads=2",
         "data.seq_len=32", "data.vocab_size=300", "batch_size=4", "eval_tokens=512", "log_every=1",
         "diagnostics_every=1", "poet.block_size=8", "poet.merge_every=2", "progress=false", "optim.warmup_steps=0"]
-
-
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
-    path = tmp_path_factory.mktemp("corpus") / "plays.txt"
-    path.write_text("\n\n".join(read_documents("shakespeare", max_documents=400)))
-    return path
 
 
 @pytest.fixture

@@ -81,14 +81,6 @@ class _HashingWriter:
         self.file.flush()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def save_checkpoint(run_dir: Path, step: int, payload: dict, keep: int) -> Path:
     """Write step_XXXXXXXX.pt and its checksum durably, then drop all but the newest `keep` and stale temp files.
 
@@ -117,7 +109,7 @@ def _verify(path: Path) -> None:
     except (OSError, IndexError, UnicodeDecodeError):
         raise CheckpointError(f"{path.name} has no readable checksum file {checksum_path(path).name} "
                               "(not written by this poetlm version, or its write was cut short)") from None
-    if _sha256(path) != expected:
+    if files.sha256_file(path) != expected:
         raise CheckpointError(f"{path.name} does not match its checksum: the file is damaged")
 
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 import torch
 
+from .files import sha256_file
 from .hub import honor_offline_env
 
 if TYPE_CHECKING:
@@ -425,14 +426,6 @@ def _key(**parts) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _memmap(path: Path, dtype: str, n: int) -> np.ndarray:
     if n == 0:  # mmap refuses empty files
         return np.zeros(0, dtype=dtype)
@@ -451,7 +444,7 @@ def _check_cache(cache_dir: Path, tokenizer_hash: str) -> str | None:
             expected = int(meta[f"n_{split}"]) * dtype.itemsize
             if path.stat().st_size != expected:
                 return f"{path.name} has {path.stat().st_size} bytes, expected {expected}"
-            if _sha256_file(path) != meta[f"sha256_{split}"]:
+            if sha256_file(path) != meta[f"sha256_{split}"]:
                 return f"{path.name} checksum mismatch"
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{type(e).__name__}: {e}"
