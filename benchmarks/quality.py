@@ -51,21 +51,21 @@ class Method:
 
 
 METHODS = {
-    "poet": Method("poet", "POET (default)", "optim.lr_poet", (0.02, 0.04, 0.08), ("method='poet'",)),
-    "poet-paper": Method("poet-paper", "POET-paper", "optim.lr_poet", (3e-3, 1e-2, 2e-2), ("method='poet-paper'",)),
-    "adamw": Method("adamw", "AdamW", "optim.lr_hidden", (1e-3, 3e-3, 1e-2), ("method='adamw'",)),
-    "muon": Method("muon", "Muon", "optim.lr_muon", (3e-3, 1e-2, 3e-2), ("method='muon'",)),
+    "poet": Method("poet", "POET (default)", "optim.lr_poet", (0.01, 0.02, 0.04), ("method='poet'",)),
+    "poet-paper": Method("poet-paper", "POET-paper", "optim.lr_poet", (2e-3, 4e-3, 1e-2), ("method='poet-paper'",)),
+    "adamw": Method("adamw", "AdamW", "optim.lr_hidden", (3e-4, 1e-3, 3e-3), ("method='adamw'",)),
+    "muon": Method("muon", "Muon", "optim.lr_muon", (1e-3, 3e-3, 1e-2), ("method='muon'",)),
 }
 # The ablation: the paper's POET, then one change at a time towards the default, each at one lr. Its first
 # and last rows are the "poet-paper" and "poet" runs of the sweep (pass their lrs with --lrs-poet-paper /
-# --lrs-poet); the rows between pin the paper's W0 scale and block size, so the last step to the default
-# ("poet") is the preset's W0 scale.
-PAPER_SHAPE = ("poet.init_scale=1.0", "poet.block_size=32")
+# --lrs-poet); the rows between pin the paper form's block size (b=32 at tiny), so the last step to the
+# default ("poet") is the preset's block size.
+PAPER_SHAPE = ("poet.block_size=32",)
 ABLATION = {
-    "abl-k4": Method("abl-k4", "+ CNP k=4 (spectrum-exact)", "optim.lr_poet", (1e-2,),
+    "abl-k4": Method("abl-k4", "+ CNP k=4 (spectrum-exact)", "optim.lr_poet", (4e-3,),
                      ("method='poet-paper'", "poet.neumann_terms=4")),
     "abl-cayley": Method("abl-cayley", "(side row) paper with the exact Cayley map instead of CNP", "optim.lr_poet",
-                         (1e-2,), ("method='poet-paper'", "poet.parameterization='cayley'")),
+                         (4e-3,), ("method='poet-paper'", "poet.parameterization='cayley'")),
     "abl-fold": Method("abl-fold", "+ fold every step, Adam moments kept in the Lie algebra (redraw every 50)",
                        "optim.lr_poet", (2e-2,), ("method='poet'", "rule.name='lie_adam'", "rule.alternate=false",
                                                   *PAPER_SHAPE)),

@@ -43,6 +43,7 @@ METHODS = {
     "adamw": ("AdamW", ["method=adamw"]),
     "muon": ("Muon", ["method=muon"]),
     "poet": ("POET", ["method=poet"]),
+    "poet-exact": ("POET, exact orthogonalization", ["method=poet", "rule.orthogonalize='exact'"]),
     "paper": ("POET-paper", ["method='poet-paper'"]),
     "poet-b64": ("POET bs b=64", ["method=poet", "poet.variant='bs'", "poet.block_size=64"]),
     "poet-b256": ("POET bs b=256", ["method=poet", "poet.variant='bs'", "poet.block_size=256"]),

@@ -10,8 +10,8 @@ the loss by ⟨H_k, 2Q_k X_k⟩, so
     ∂loss/∂Q_k = 2·(H_k X_kᵀ − X_k H_kᵀ)     (skew, b×b)
 
 which is exactly what autograd gives the layer form (`POETLinear`) at Q = 0. A `RotationRule` turns it
-into a direction, and the rotation built from it is folded into the weight in place, in the weight's
-precision from an fp64 block. Singular values change only by rounding. Coordinates (permutations or
+into a direction, and the rotation built from it is folded into the weight in place as X + (R − I)·X, in the weight's
+precision (see `rotation_increment`). Singular values change only by rounding. Coordinates (permutations or
 subsets) are redrawn every `rule.redraw_every` steps from seeded generators, as in the layer form.
 """
 
@@ -21,7 +21,7 @@ import torch
 from torch.nn import functional as F
 
 from .config import POETConfig
-from .orthogonal import generator_scale, orthogonal_map
+from .orthogonal import generator_scale, rotation_increment
 from .primitives import block_layout, draw_index, gather_blocks, seeded_generator, transport_blocks
 from .update_rules import RuleConfig, make_rule
 
@@ -71,7 +71,7 @@ class POET(torch.optim.Optimizer):
 
     params: the weights to train this way (the block linears' `weight`; no biases, norms or embeddings:
         train those with AdamW beside it), in float32 or float64. lr: the step size of the rule; for
-        "orthogonalized" the angle in radians each rotation plane turns per step (0.04 was best at `tiny`).
+        "orthogonalized" the angle in radians each rotation plane turns per step (0.02 was best at `tiny`).
     poet: block layout (variant, block_size, fraction), the orthogonal map and the seed of the coordinates.
     rule: the update rule (default: orthogonalized momentum, Nesterov, alternating sides).
     """
@@ -155,22 +155,24 @@ class POET(torch.optim.Optimizer):
             elif state["step"] % rule_cfg.redraw_every == 0:
                 self._redraw(key, param, state)
             active = SIDES if not rule_cfg.alternate else (SIDES[state["step"] % 2],)
-            directions = {}
+            directions, blocks = {}, {}
             for side in SIDES:  # every side's state sees every step's gradient, active or not
                 index, block, n_blocks = self._side(param, side, state)
                 if not n_blocks:
                     continue
-                grad = skew_gradient(side_blocks(param, side, index, block, n_blocks),
-                                     side_blocks(param.grad, side, index, block, n_blocks))
+                blocks[side] = side_blocks(param, side, index, block, n_blocks)
+                grad = skew_gradient(blocks[side], side_blocks(param.grad, side, index, block, n_blocks))
                 directions[side] = self.rule.direction(grad, state[side]["rule"], active=side in active)
             scale = -group["lr"] * generator_scale(cfg.parameterization)
-            for side in active:
+            for turn, side in enumerate(active):
                 if directions.get(side) is None:
                     continue
                 index, block, n_blocks = self._side(param, side, state)
-                rotation = orthogonal_map(scale * directions[side].double(), cfg.parameterization, cfg.neumann_terms)
-                x = side_blocks(param, side, index, block, n_blocks)  # after the other side moved, if it did
-                write_side_blocks(param, side, index, rotation.to(x.dtype) @ x)
+                # The second side sees the weight after the first side's rotation.
+                x = blocks[side] if turn == 0 else side_blocks(param, side, index, block, n_blocks)
+                increment = rotation_increment(scale * directions[side].to(x.dtype), cfg.parameterization,
+                                               cfg.neumann_terms)
+                write_side_blocks(param, side, index, torch.baddbmm(x, increment, x))  # R·X = X + (R − I)·X
             state["step"] += 1
         return loss
 
@@ -249,7 +251,7 @@ class Chained(torch.optim.Optimizer):
             optimizer.load_state_dict(state)
 
 
-def poet_optimizer(model: torch.nn.Module, lr_poet: float = 0.04, lr: float = 3e-3, weight_decay: float = 0.0,
+def poet_optimizer(model: torch.nn.Module, lr_poet: float = 0.02, lr: float = 3e-3, weight_decay: float = 0.0,
                    poet: POETConfig | None = None, rule: RuleConfig | None = None, betas=(0.9, 0.999)) -> Chained:
     """POET for `model`'s block linears (redrawn as W0 unless poet.init == "keep"), AdamW for the rest.
 

@@ -45,30 +45,55 @@ def skew_from_packed(packed: torch.Tensor, block_sizes: list[int], b: int) -> to
     return upper - upper.transpose(-1, -2)
 
 
+def _eye(q: torch.Tensor) -> torch.Tensor:
+    return torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
+
+
+def cayley_neumann_increment(q: torch.Tensor, terms: int) -> torch.Tensor:
+    """CNP − I = 2(Q + Q² + … + Q^k) + Q^(k+1), computed without ever forming I + (something small)."""
+    two = 2 * _eye(q)
+    inner = two + q
+    for _ in range(terms - 1):  # Horner: 2I + Q(2I + … Q(2I + Q)) = 2I + 2Q + … + 2Q^(k−1) + Q^k
+        inner = two + q @ inner
+    return q @ inner
+
+
+def cayley_increment(q: torch.Tensor) -> torch.Tensor:
+    """(I + Q)(I − Q)⁻¹ − I = 2(I − Q)⁻¹Q: one linear solve."""
+    return 2 * torch.linalg.solve(_eye(q) - q, q)
+
+
+def rotation_increment(q: torch.Tensor, parameterization: str = "cayley_neumann", terms: int = 3) -> torch.Tensor:
+    """orthogonal_map(Q) − I, to the precision of its own (small) magnitude.
+
+    Folding a small rotation as X + (R − I)·X rounds only the product's contribution, so its orthogonality
+    error in a float32 fold is ~eps·‖R − I‖ per step instead of ~eps (what forming R = I + … in float32
+    and multiplying would cost), and no float64 matrix products are needed to keep spectra exact.
+    """
+    if parameterization == "cayley_neumann":
+        return cayley_neumann_increment(q, terms)
+    if parameterization == "cayley":
+        return cayley_increment(q)
+    if parameterization == "exp":  # matrix_exp forms I + …: compute it where that rounding is negligible
+        return (torch.linalg.matrix_exp(q.double()) - _eye(q.double())).to(q.dtype)
+    raise ValueError(f"parameterization {parameterization!r} is not one of {PARAMETERIZATIONS}")
+
+
 def cayley_neumann(q: torch.Tensor, terms: int) -> torch.Tensor:
     """CNP: (I + Q)(I + Q + … + Q^k), the Cayley transform with its inverse truncated after k terms."""
-    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
-    series = eye + q
-    for _ in range(terms - 1):  # Horner: S ← I + Q·S turns I + Q into I + Q + … + Q^k
-        series = eye + q @ series
-    return series + q @ series
+    return _eye(q) + cayley_neumann_increment(q, terms)
 
 
 def cayley(q: torch.Tensor) -> torch.Tensor:
     """Exact Cayley transform (I + Q)(I − Q)⁻¹; the two factors commute, so one linear solve suffices."""
-    eye = torch.eye(q.shape[-1], dtype=q.dtype, device=q.device)
-    return torch.linalg.solve(eye - q, eye + q)
+    return _eye(q) + cayley_increment(q)
 
 
 def orthogonal_map(q: torch.Tensor, parameterization: str = "cayley_neumann", terms: int = 3) -> torch.Tensor:
     """Skew (..., b, b) -> (near-)orthogonal (..., b, b). Q = 0 gives I for every map."""
-    if parameterization == "cayley_neumann":
-        return cayley_neumann(q, terms)
-    if parameterization == "cayley":
-        return cayley(q)
     if parameterization == "exp":
         return torch.linalg.matrix_exp(q)
-    raise ValueError(f"parameterization {parameterization!r} is not one of {PARAMETERIZATIONS}")
+    return _eye(q) + rotation_increment(q, parameterization, terms)
 
 
 def generator_scale(parameterization: str) -> float:
@@ -79,16 +104,20 @@ def generator_scale(parameterization: str) -> float:
     return 1.0 if parameterization == "exp" else 0.5
 
 
-def orthogonalize_skew(a: torch.Tensor, method: str = "exact", eps: float = 1e-7) -> torch.Tensor:
+def orthogonalize_skew(a: torch.Tensor, method: str = "exact", eps: float | None = None) -> torch.Tensor:
     """Skew (..., b, b) -> the skew matrix with the same eigenplanes and every nonzero singular value 1.
 
     For a skew A, AᵀA = −A² commutes with A, so the polar factor A·(AᵀA)^(−1/2) is skew again. "exact"
-    computes it by an eigendecomposition of AᵀA in fp64 (directions with a singular value below
-    eps·σ_max, e.g. the kernel of an odd-sized block, stay zero); "newton_schulz" runs Muon's quintic
-    iteration, an odd polynomial in A (so the result is skew too) whose singular values land in ≈[0.7, 1.2].
+    computes it by an eigendecomposition of AᵀA in A's precision (at least float32; the direction's
+    precision does not touch the spectrum, the orthogonal map does). Directions with a singular value
+    below eps·σ_max stay zero (the kernel of an odd-sized block, and in float32 what eigh cannot resolve:
+    eps defaults to 1e-3 there, 1e-7 in float64). "newton_schulz" runs Muon's quintic iteration, an odd
+    polynomial in A (so the result is skew too) whose singular values land in ≈[0.7, 1.2].
     """
     if method == "exact":
-        wide = a.double()
+        wide = a.to(torch.promote_types(a.dtype, torch.float32))
+        if eps is None:
+            eps = 1e-7 if wide.dtype == torch.float64 else 1e-3
         gram = wide.transpose(-1, -2) @ wide
         values, vectors = torch.linalg.eigh(gram)
         floor = eps**2 * values.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(wide.dtype).tiny)

@@ -27,7 +27,8 @@ class RuleConfig:
     redraw_every: steps between redraws of the coordinates (permutations / subsets).
     transport: at a redraw, keep the momentum of every plane whose two coordinates share a block before
         and after (False: start the momentum from zero). lie_adam always restarts its moments.
-    orthogonalize: "exact" (eigendecomposition, fp64) or "newton_schulz" (Muon's 5 quintic steps).
+    orthogonalize: "newton_schulz" (Muon's 5 quintic steps: matrix products only, fast on GPUs and CPUs)
+        or "exact" (eigendecomposition). At tiny, 1000 steps, they reached the same val ppl (54.0 vs 54.3).
     """
 
     name: str = "orthogonalized"
@@ -38,7 +39,7 @@ class RuleConfig:
     alternate: bool = True
     redraw_every: int = 50
     transport: bool = True
-    orthogonalize: str = "exact"
+    orthogonalize: str = "newton_schulz"
 
     def __post_init__(self) -> None:
         checks = [
