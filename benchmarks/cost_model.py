@@ -28,7 +28,7 @@ FSDP_WORLD = 8
 PRESETS = ["tiny", "small", "llama-60m", "llama-130m", "llama-350m", "llama-1b", "llama-3b"]
 NEUMANN_TERMS = 3        # poet-paper's k (the paper's recipe)
 FOLD_NEUMANN_TERMS = 4   # poet's k (POETConfig's default)
-ORTHOGONALIZE_MACS = 12  # per b³ and block side: Gram, fp64 eigh (~9 b³), two products (the default rule)
+ORTHOGONALIZE_MACS = 15  # per b³ and active block: Muon's 5 quintic Newton–Schulz steps of 3 products (the default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,8 +229,8 @@ def step_flops(shape: Shape, method: Method, checkpointing: bool, world: int = 1
     extra = 0
     if method.kind == "poet":
         # Skew gradients of both sides (one weight-sized product each) and the rotation of the active
-        # side; per block, the rule's orthogonalization (both sides) and the orthogonal map (active side).
-        extra = 3 * c.rotate_macs + ORTHOGONALIZE_MACS * c.cube + (FOLD_NEUMANN_TERMS + 1) * c.cube // 2
+        # side; per block of the active side, the rule's orthogonalization and the map's k products.
+        extra = 3 * c.rotate_macs + (ORTHOGONALIZE_MACS + FOLD_NEUMANN_TERMS) * c.cube // 2
     elif method.kind == "paper":
         # A build rotates both sides (2 rotations) and runs CNP's k block products per side; its backward
         # costs 1× for W0's side (W0 is frozen), 2× for the other, and 2k per side for CNP. A cached step

@@ -31,6 +31,8 @@ from torch import nn
 from common import (DTYPES, announce, default_device, interleaved_times, markdown_table, median,
                     paired_ratio, peak_memory_bytes, synchronizer)
 from poetlm import merge, poet_layers
+from poetlm.optim import POET
+from poetlm.primitives import block_layout
 from poetlm.train.acceleration import accelerate, decoder_blocks
 from poetlm.train.config import TrainConfig, resolve_config
 from poetlm.train.data import TokenData
@@ -59,6 +61,8 @@ CPU_MICRO_BATCH = {"tiny": 16, "llama-60m": 1}
 ADAMW_MACS_PER_PARAM = 5   # lerp, addcmul, decay, sqrt/div, addcdiv: ~10 flops per element
 CLIP_MACS_PER_PARAM = 2    # the global norm and the rescale
 MUON_NS_STEPS = 5          # torch.optim.Muon's default Newton–Schulz iterations
+FOLD_NS_PRODUCTS = 15      # POET's Newton–Schulz: 5 quintic steps of 3 b×b products each
+FOLD_EXACT_PRODUCTS = 12   # POET's exact orthogonalization: Gram, eigh (~9 b³), two products
 # The training options step.py can switch per contender: (key suffix, label suffix, config key).
 OPTIONS = [("+ckpt", " +ckpt", "activation_checkpointing"), ("+compile", " +compile", "compile")]
 
@@ -240,13 +244,33 @@ def muon_macs(c: Contender) -> int:
     return total
 
 
+def fold_macs(c: Contender) -> int:
+    """The POET optimizer (fold form): every step both sides' skew gradients (one b-wide product of the
+    weight each); on the active side (alternating) the fold's product, and per block the orthogonalization
+    and the map's k products."""
+    fold = next((opt for opt in c.optimizers if isinstance(opt, POET)), None)
+    if fold is None:
+        return 0
+    cfg = fold.poet
+    orthogonalize = FOLD_NS_PRODUCTS if fold.rule_config.orthogonalize == "newton_schulz" else FOLD_EXACT_PRODUCTS
+    total = 0
+    for group in fold.param_groups:
+        for p in group["params"]:
+            for dim, other in ((p.shape[0], p.shape[1]), (p.shape[1], p.shape[0])):
+                _, sizes = block_layout(cfg.variant, dim, cfg.block_size, cfg.fraction)
+                rotate = other * sum(size * size for size in sizes)
+                per_block = (orthogonalize + cfg.neumann_terms) * sum(size ** 3 for size in sizes)
+                total += rotate + (rotate + per_block) // (2 if fold.rule_config.alternate else 1)
+    return total
+
+
 def step_macs(c: Contender, tokens: int) -> int:
     trainable = sum(p.numel() for p in c.model.parameters() if p.requires_grad)
     macs = 3 * model_macs_per_token(c.model, c.config) * tokens + CLIP_MACS_PER_PARAM * trainable
-    # Muon's own matrices get Newton–Schulz instead of Adam moments; everything else AdamW's update.
-    muon_params = sum(p.numel() for opt in c.optimizers if isinstance(opt, torch.optim.Muon)
-                      for g in opt.param_groups for p in g["params"])
-    macs += ADAMW_MACS_PER_PARAM * (trainable - muon_params) + muon_macs(c)
+    # Muon's and POET's matrices get their own update instead of Adam moments; everything else AdamW's.
+    own = sum(p.numel() for opt in c.optimizers if isinstance(opt, (torch.optim.Muon, POET))
+              for g in opt.param_groups for p in g["params"])
+    macs += ADAMW_MACS_PER_PARAM * (trainable - own) + muon_macs(c) + fold_macs(c)
     if c.is_poet:
         macs += poet_build_macs(c.model)
     if c.config.activation_checkpointing:  # every block's forward runs again in backward

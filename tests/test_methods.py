@@ -53,7 +53,7 @@ def test_poet_paper_is_the_papers_recipe_unless_k_is_given():
 def test_optimizers_per_method():
     _, model, (adamw,) = build("poet-paper")
     names = {g["name"]: g for g in adamw.param_groups}
-    assert names["poet"]["lr"] == 1e-2 and names["poet"]["weight_decay"] == 0  # the tiny preset's [methods.poet-paper]
+    assert names["poet"]["lr"] == 4e-3 and names["poet"]["weight_decay"] == 0  # the tiny preset's [methods.poet-paper]
     _, model, (rotations, rest) = build("poet", "optim.lr_poet=0.02")
     assert isinstance(rotations, POET) and rotations.param_groups[0]["lr"] == 0.02
     rotated = {id(p) for p in rotations.param_groups[0]["params"]}

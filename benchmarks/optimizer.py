@@ -1,0 +1,73 @@
+"""Time one optimizer step on a preset's block weights alone: POET (fold form) against AdamW.
+
+    python benchmarks/optimizer.py                                  # llama-60m, b=64 and 256, both orthogonalizations
+    python benchmarks/optimizer.py --preset tiny --blocks 32 128 384 --orthogonalize newton_schulz
+
+The weights are the preset's q/k/v/o/gate/up/down matrices (random, with random gradients); no model,
+no data: what is left is the optimizer's own work per step, the part of a POET step that does not
+shrink with more tokens per step. Median of --repeats steps after one untimed step, one torch thread.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from common import describe_machine, markdown_table
+from poetlm import POETConfig, RuleConfig
+from poetlm.optim import POET
+from poetlm.train.config import resolve_config
+
+
+def block_weights(preset: str, seed: int = 0) -> list[torch.nn.Parameter]:
+    model = resolve_config(preset).model
+    d, f = model.hidden_size, model.intermediate_size
+    shapes = [(d, d)] * 4 + [(f, d)] * 2 + [(d, f)]
+    generator = torch.Generator().manual_seed(seed)
+    weights = []
+    for _ in range(model.num_layers):
+        for out, inp in shapes:
+            weight = torch.nn.Parameter(torch.randn(out, inp, generator=generator) / inp**0.5)
+            weight.grad = torch.randn(out, inp, generator=generator) * 1e-3
+            weights.append(weight)
+    return weights
+
+
+def median_step(optimizer: torch.optim.Optimizer, repeats: int) -> float:
+    optimizer.step()  # states are created on the first step
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        optimizer.step()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="llama-60m")
+    parser.add_argument("--blocks", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--orthogonalize", nargs="+", default=["newton_schulz", "exact"], choices=["newton_schulz", "exact"])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(describe_machine("cpu"))
+    rows = []
+    adamw = median_step(torch.optim.AdamW(block_weights(args.preset), lr=1e-3), args.repeats)
+    rows.append(["AdamW", f"{adamw:.3f}", "1.00"])
+    for block in args.blocks:
+        for method in args.orthogonalize:
+            poet = POET(block_weights(args.preset), lr=0.02, poet=POETConfig(block_size=block),
+                        rule=RuleConfig(orthogonalize=method))
+            seconds = median_step(poet, args.repeats)
+            rows.append([f"POET b={block}, {method}", f"{seconds:.3f}", f"{seconds / adamw:.2f}"])
+    print(f"#### {args.preset}: one optimizer step over the block weights\n")
+    print(markdown_table(["optimizer", "s/step", "× AdamW"], rows))
+
+
+if __name__ == "__main__":
+    main()
