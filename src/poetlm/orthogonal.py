@@ -1,7 +1,8 @@
 """Orthogonal maps from skew-symmetric matrices, batched over blocks, and skew orthogonalization.
 
-Every rotation block in poetlm is produced by `orthogonal_map`; forward passes, merges, per-step folds,
-export and diagnostics all go through it, on every device, so there is exactly one Neumann polynomial.
+Every rotation block in poetlm is produced by `orthogonal_map` = I + `rotation_increment`; forward passes,
+merges, export and diagnostics go through the first, per-step folds through the second (R − I to its own
+precision), on every device, so there is exactly one Neumann polynomial.
 """
 
 from __future__ import annotations
