@@ -17,19 +17,17 @@ import time
 import torch
 
 from common import describe_machine, markdown_table
+from cost_model import preset_shape
 from poetlm import POETConfig, RuleConfig
 from poetlm.optim import POET
-from poetlm.train.config import resolve_config
 
 
 def block_weights(preset: str, seed: int = 0) -> list[torch.nn.Parameter]:
-    model = resolve_config(preset).model
-    d, f = model.hidden_size, model.intermediate_size
-    shapes = [(d, d)] * 4 + [(f, d)] * 2 + [(d, f)]
+    shape = preset_shape(preset)
     generator = torch.Generator().manual_seed(seed)
     weights = []
-    for _ in range(model.num_layers):
-        for out, inp in shapes:
+    for _ in range(shape.layers):
+        for out, inp in shape.linears():
             weight = torch.nn.Parameter(torch.randn(out, inp, generator=generator) / inp**0.5)
             weight.grad = torch.randn(out, inp, generator=generator) * 1e-3
             weights.append(weight)

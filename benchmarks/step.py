@@ -30,6 +30,7 @@ from torch import nn
 
 from common import (DTYPES, announce, default_device, interleaved_times, markdown_table, median,
                     paired_ratio, peak_memory_bytes, synchronizer)
+from cost_model import ORTHOGONALIZE_MACS
 from poetlm import merge, poet_layers
 from poetlm.optim import POET
 from poetlm.primitives import block_layout
@@ -61,7 +62,6 @@ CPU_MICRO_BATCH = {"tiny": 16, "llama-60m": 1}
 ADAMW_MACS_PER_PARAM = 5   # lerp, addcmul, decay, sqrt/div, addcdiv: ~10 flops per element
 CLIP_MACS_PER_PARAM = 2    # the global norm and the rescale
 MUON_NS_STEPS = 5          # torch.optim.Muon's default Newton–Schulz iterations
-FOLD_NS_PRODUCTS = 15      # POET's Newton–Schulz: 5 quintic steps of 3 b×b products each
 FOLD_EXACT_PRODUCTS = 12   # POET's exact orthogonalization: Gram, eigh (~9 b³), two products
 # The training options step.py can switch per contender: (key suffix, label suffix, config key).
 OPTIONS = [("+ckpt", " +ckpt", "activation_checkpointing"), ("+compile", " +compile", "compile")]
@@ -252,7 +252,7 @@ def fold_macs(c: Contender) -> int:
     if fold is None:
         return 0
     cfg = fold.poet
-    orthogonalize = FOLD_NS_PRODUCTS if fold.rule_config.orthogonalize == "newton_schulz" else FOLD_EXACT_PRODUCTS
+    orthogonalize = ORTHOGONALIZE_MACS if fold.rule_config.orthogonalize == "newton_schulz" else FOLD_EXACT_PRODUCTS
     total = 0
     for group in fold.param_groups:
         for p in group["params"]:
