@@ -28,7 +28,13 @@ FSDP_WORLD = 8
 PRESETS = ["tiny", "small", "llama-60m", "llama-130m", "llama-350m", "llama-1b", "llama-3b"]
 NEUMANN_TERMS = 3        # poet-paper's k (the paper's recipe)
 FOLD_NEUMANN_TERMS = 4   # poet's k (POETConfig's default)
-ORTHOGONALIZE_MACS = 15  # per b³ and active block: Muon's 5 quintic Newton–Schulz steps of 3 products (the default)
+
+
+def cnp_products(terms: int) -> int:
+    """b×b products of one Cayley–Neumann map with k terms (orthogonal.cayley_neumann_increment)."""
+    return terms - 1 if terms in (3, 4) else terms
+
+ORTHOGONALIZE_MACS = 12  # per b³ and active block: 4 quintic Newton–Schulz steps of 3 products (the default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,7 +236,7 @@ def step_flops(shape: Shape, method: Method, checkpointing: bool, world: int = 1
     if method.kind == "poet":
         # Skew gradients of both sides (one weight-sized product each) and the rotation of the active
         # side; per block of the active side, the rule's orthogonalization and the map's k products.
-        extra = 3 * c.rotate_macs + (ORTHOGONALIZE_MACS + FOLD_NEUMANN_TERMS) * c.cube // 2
+        extra = 3 * c.rotate_macs + (ORTHOGONALIZE_MACS + cnp_products(FOLD_NEUMANN_TERMS)) * c.cube // 2
     elif method.kind == "paper":
         # A build rotates both sides (2 rotations) and runs CNP's k block products per side; its backward
         # costs 1× for W0's side (W0 is frozen), 2× for the other, and 2k per side for CNP. A cached step
@@ -239,7 +245,7 @@ def step_flops(shape: Shape, method: Method, checkpointing: bool, world: int = 1
         cached = world == 1
         forwards = 2 if cached else 1 + checkpointing
         builds = 1 if cached else shape.accum
-        extra = builds * ((2 * forwards + 3) * c.rotate_macs + (forwards + 2) * NEUMANN_TERMS * c.cube)
+        extra = builds * ((2 * forwards + 3) * c.rotate_macs + (forwards + 2) * cnp_products(NEUMANN_TERMS) * c.cube)
     return 2.0 * macs, 2.0 * extra
 
 

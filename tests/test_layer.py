@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from poetlm import POETConfig, POETLinear
+from poetlm.primitives import permute
 from reference import dense_rotation, dense_weight
 
 SHAPES = [(12, 20), (10, 7), (16, 16)]  # (in, out): b=4 divides some, not others with b=6
@@ -136,3 +137,16 @@ def test_auto_mode_picks_the_cheaper_path():
     assert not layer.uses_input_centric(4096)
     layer.config = dataclasses.replace(layer.config, forward_mode="input")
     assert layer.uses_input_centric(4096)
+
+
+@pytest.mark.parametrize("dim", [0, -1])
+def test_permutation_gather_matches_index_select_forward_and_backward(dim):
+    index = torch.randperm(11, generator=torch.Generator().manual_seed(0))
+    x = torch.randn(11, 5, 11, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(11, 5, 11, dtype=torch.float64)
+    ours = permute(x, index, torch.argsort(index), dim)
+    reference = x.index_select(dim, index)
+    torch.testing.assert_close(ours, reference, atol=0, rtol=0)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, upstream)[0], torch.autograd.grad(reference, x, upstream)[0],
+                               atol=0, rtol=0)
+    assert torch.autograd.gradcheck(lambda t: permute(t, index, torch.argsort(index), dim), (x,))

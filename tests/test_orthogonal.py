@@ -43,24 +43,24 @@ def test_exp_map_is_matrix_exponential_and_zero_gives_identity():
         assert torch.equal(orthogonal_map(zero, name), torch.eye(4, dtype=torch.float64).expand(3, 4, 4))
 
 
-@pytest.mark.parametrize("name", ["cayley_neumann", "cayley", "exp"])
-def test_rotation_increment_is_the_map_minus_identity_to_its_own_precision(name):
+@pytest.mark.parametrize("name, terms", [("cayley_neumann", 3), ("cayley_neumann", 4), ("cayley", 4), ("exp", 4)])
+def test_rotation_increment_is_the_map_minus_identity_to_its_own_precision(name, terms):
     q64 = torch.stack([random_skew(16, 3e-3, seed=s) for s in range(3)])
-    reference = exact_cayley_or_map(q64, name) - torch.eye(16, dtype=torch.float64)
-    torch.testing.assert_close(rotation_increment(q64, name, 4), reference, rtol=0, atol=1e-15)
+    reference = exact_cayley_or_map(q64, name, terms) - torch.eye(16, dtype=torch.float64)
+    torch.testing.assert_close(rotation_increment(q64, name, terms), reference, rtol=0, atol=1e-15)
     # In float32 the increment (‖·‖ ~ 1e-2) keeps ~7 digits of itself; I + increment rounded to float32
     # (what a float32 map returns) keeps only ~7 digits of 1, i.e. ~5 of the increment.
-    error = (rotation_increment(q64.float(), name, 4).double() - reference).abs().max() / reference.abs().max()
-    formed = (orthogonal_map(q64.float(), name, 4).double() - torch.eye(16, dtype=torch.float64) - reference)
+    error = (rotation_increment(q64.float(), name, terms).double() - reference).abs().max() / reference.abs().max()
+    formed = (orthogonal_map(q64.float(), name, terms).double() - torch.eye(16, dtype=torch.float64) - reference)
     assert error < 1e-6 < formed.abs().max() / reference.abs().max()
 
 
-def exact_cayley_or_map(q: torch.Tensor, name: str) -> torch.Tensor:
+def exact_cayley_or_map(q: torch.Tensor, name: str, terms: int) -> torch.Tensor:
     if name == "exp":
         return torch.linalg.matrix_exp(q)
     if name == "cayley":
         return torch.stack([exact_cayley(block) for block in q])
-    return torch.stack([cnp_formula(block, 4) for block in q])
+    return torch.stack([cnp_formula(block, terms) for block in q])
 
 
 def test_packed_parameters_fill_strict_upper_triangles_with_padding_for_a_small_last_block():

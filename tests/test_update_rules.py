@@ -9,7 +9,7 @@ from torch import nn
 
 from poetlm import POETConfig, POETLinear, merge
 from poetlm.optim import POET, side_blocks, skew_gradient
-from poetlm.orthogonal import orthogonalize_skew
+from poetlm.orthogonal import orthogonalize_skew, unpack_skew
 from poetlm.primitives import block_layout, draw_index, seeded_generator, transport_blocks
 from poetlm.update_rules import RuleConfig
 
@@ -43,6 +43,23 @@ def test_newton_schulz_is_skew_and_near_the_polar_factor():
     cosine = (result * exact).sum((-1, -2)) / (result.norm(dim=(-1, -2)) * exact.norm(dim=(-1, -2)))
     assert cosine.min() > 0.95
 
+
+
+@pytest.mark.parametrize("spread", [1.0, 30.0, 1e4])
+def test_newton_schulz_starts_below_one_and_reaches_every_plane_a_spectrum_allows(spread):
+    """Flat, graded and spiky spectra of wide blocks (b = 256): no plane overshoots (a start above σ = 1
+    would blow up), and planes within 100× of the largest all land in [0.6, 1.25] (a Frobenius-normalized
+    start needs a fifth step for that: it reaches 0.37 in four)."""
+    b, planes = 256, 128
+    basis = torch.linalg.qr(torch.randn(3, b, b, generator=torch.Generator().manual_seed(1), dtype=torch.float64))[0]
+    sigma = torch.logspace(0, -math.log10(spread), planes, dtype=torch.float64)
+    canonical = torch.zeros(b, b, dtype=torch.float64)
+    canonical[torch.arange(0, b, 2), torch.arange(1, b, 2)] = sigma
+    a = (basis @ (canonical - canonical.T) @ basis.transpose(-1, -2)).float()
+    result = torch.linalg.svdvals(orthogonalize_skew(a, "newton_schulz").double())
+    assert result.max() < 1.25
+    reached = result[:, : 2 * int((sigma >= sigma[0] / 100).sum())]
+    assert reached.min() > 0.6
 
 def dense_block_embedding(blocks, index, dim):
     """The dim×dim matrix holding each block at its coordinates (loops, from the definition)."""
@@ -165,6 +182,36 @@ def test_many_steps_keep_the_spectrum_while_the_weight_moves(rule, variant):
     torch.testing.assert_close(torch.linalg.svdvals(weight.detach()), torch.linalg.svdvals(start), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("rule", [RuleConfig(redraw_every=3), RuleConfig(name="lie_adam", redraw_every=3)])
+def test_weights_stepped_as_one_batch_match_each_stepped_alone(rule):
+    """Same-shaped weights share one set of block products; the result must be each weight's own step."""
+    inputs, targets = regression(out=12, inp=10)
+    config = POETConfig(block_size=4)
+    starts = [torch.randn(12, 10, dtype=torch.float64) for _ in range(3)] + [torch.randn(12, 12, dtype=torch.float64)]
+
+    def loss(weights):
+        x = inputs.double()
+        hidden = sum(x @ w.T for w in weights[:3])
+        return ((torch.tanh(hidden) @ weights[3].T - targets.double()) ** 2).mean()
+
+    together = [nn.Parameter(w.clone()) for w in starts]
+    alone = [nn.Parameter(w.clone()) for w in starts]
+    named = lambda weights: [(f"layer{i}.weight", w) for i, w in enumerate(weights)]  # noqa: E731
+    batched = POET(named(together), lr=0.03, poet=config, rule=rule)
+    singles = [POET([pair], lr=0.03, poet=config, rule=rule) for pair in named(alone)]
+    for _ in range(7):  # two redraws, both alternation phases
+        for weights, optimizers in ((together, [batched]), (alone, singles)):
+            loss(weights).backward()
+            for optimizer in optimizers:
+                optimizer.step()
+                optimizer.zero_grad()
+    assert (together[0].detach() - starts[0]).norm() > 1e-3
+    for mine, reference in zip(together, alone):
+        torch.testing.assert_close(mine.detach(), reference.detach(), atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(batched.state[together[1]]["out"]["rule"], singles[1].state[alone[1]]["out"]["rule"],
+                               atol=1e-12, rtol=1e-12)
+
+
 def test_resuming_from_a_state_dict_continues_exactly():
     inputs, targets = regression(out=12, inp=10)
     rule = RuleConfig(redraw_every=3)
@@ -187,6 +234,35 @@ def test_resuming_from_a_state_dict_continues_exactly():
     optimizer.load_state_dict(saved)
     run(resumed, optimizer, 4)
     assert torch.equal(resumed, straight)
+
+
+def test_momentum_is_stored_packed_and_whole_block_checkpoints_still_resume():
+    inputs, targets = regression(out=12, inp=10)
+    rule, config = RuleConfig(redraw_every=3), POETConfig(block_size=4)
+
+    def run(weight, optimizer, steps):
+        for _ in range(steps):
+            ((inputs @ weight.T - targets) ** 2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    start = torch.randn(12, 10)
+    straight = nn.Parameter(start.clone())
+    run(straight, POET([straight], lr=0.03, poet=config, rule=rule), 8)
+    first = nn.Parameter(start.clone())
+    optimizer = POET([first], lr=0.03, poet=config, rule=rule)
+    run(first, optimizer, 4)
+    saved = copy.deepcopy(optimizer.state_dict())
+    momentum = saved["state"][0]["out"]["rule"]["momentum"]
+    assert momentum.shape == (3, 4 * 3 // 2)  # three 4×4 blocks, upper triangles only
+    for side in ("out", "in"):  # what an earlier version saved: whole skew blocks
+        state = saved["state"][0][side]["rule"]
+        state["momentum"] = unpack_skew(state.pop("momentum"), state.pop("block"))
+    resumed = nn.Parameter(first.detach().clone())
+    optimizer = POET([resumed], lr=0.03, poet=config, rule=rule)
+    optimizer.load_state_dict(saved)
+    run(resumed, optimizer, 4)
+    torch.testing.assert_close(resumed.detach(), straight.detach(), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("field, value", [("name", "sgd"), ("beta1", 1.0), ("redraw_every", 0), ("orthogonalize", "svd")])

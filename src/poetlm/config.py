@@ -69,7 +69,7 @@ class POETConfig:
         if self.parameterization not in PARAMETERIZATIONS:
             raise _invalid("parameterization", self.parameterization, f"choose one of {PARAMETERIZATIONS}")
         if isinstance(self.neumann_terms, bool) or not isinstance(self.neumann_terms, int) or self.neumann_terms < 1:
-            raise _invalid("neumann_terms", self.neumann_terms, "must be an integer >= 1 (k=0 does not converge; default 3)")
+            raise _invalid("neumann_terms", self.neumann_terms, "must be an integer >= 1 (k=0 does not converge; default 4)")
         if isinstance(self.merge_every, bool) or not isinstance(self.merge_every, int) or self.merge_every < 1:
             raise _invalid("merge_every", self.merge_every, "must be an integer >= 1 (optimizer steps; paper uses 200-400)")
         if isinstance(self.init_scale, bool) or not isinstance(self.init_scale, (int, float)) or not self.init_scale > 0:

@@ -195,7 +195,7 @@ class POETLinear(nn.Module):
         weight0 = self.weight0 if dtype is None else self.weight0.to(dtype)
         with torch.autocast(self.weight0.device.type, enabled=False):
             rows_rotated = self.rotation_in.rotate(weight0, blocks_in)  # each row w -> R·w, i.e. W0ᵀ·Rᵀ
-            return self.rotation_out.rotate(rows_rotated.t(), blocks_out, transpose=True).t()
+            return self.rotation_out.rotate(rows_rotated, blocks_out, transpose=True, dim=0)  # Pᵀ·(W0ᵀ·Rᵀ)
 
     @property
     def build_dtype(self) -> torch.dtype | None:

@@ -18,44 +18,104 @@ subsets) are redrawn every `rule.redraw_every` steps from seeded generators, as 
 from __future__ import annotations
 
 import torch
-from torch.nn import functional as F
 
 from .config import POETConfig
 from .orthogonal import generator_scale, rotation_increment
-from .primitives import block_layout, draw_index, gather_blocks, seeded_generator, transport_blocks
+from .primitives import block_layout, draw_index, seeded_generator, transport_blocks
 from .update_rules import RuleConfig, make_rule
 
 SIDES = ("out", "in")
 
 
-def side_blocks(weight: torch.Tensor, side: str, index: torch.Tensor, block: int, n_blocks: int) -> torch.Tensor:
+class Scratch:
+    """Weight-sized scratch tensors that every weight of one optimizer step reuses.
+
+    A fresh weight-sized tensor per gather costs page faults on CPU (large frees go back to the OS) and
+    allocator traffic on GPUs; the step keeps one per (role, shape) and drops them all when it ends.
+    """
+
+    def __init__(self) -> None:
+        self.tensors: dict[tuple, torch.Tensor] = {}
+
+    def get(self, role: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        key = (role, shape, like.dtype, like.device)
+        if key not in self.tensors:
+            self.tensors[key] = like.new_empty(shape)
+        return self.tensors[key]
+
+
+def side_blocks(tensor: torch.Tensor, side: str, index: torch.Tensor, block: int, n_blocks: int,
+                scratch: Scratch | None = None, role: str = "weight") -> torch.Tensor:
     """One side's rows (of W for "out", of Wᵀ for "in") at `index`, as (n_blocks, b, cols).
 
-    The input side gathers columns of the weight itself and returns a transposed view of them: gathering
-    rows of the strided Wᵀ was the single largest cost of a step.
+    A short last block is zero-padded. The input side gathers columns of the tensor itself and returns a
+    transposed view of them (batched products take those strides as they are): gathering rows of the
+    strided Wᵀ was the single largest cost of a step. With `scratch`, the gather lands in a reused tensor.
     """
+    scratch = scratch or Scratch()
+    count, width = len(index), n_blocks * block
     if side == "out":
-        return gather_blocks(weight, index, block, n_blocks)
-    columns = weight.index_select(1, index)
-    padding = n_blocks * block - len(index)
-    if padding:
-        columns = F.pad(columns, (0, padding))
-    return columns.view(weight.shape[0], n_blocks, block).permute(1, 2, 0)
+        rows = scratch.get(role, (width, tensor.shape[1]), tensor)
+        torch.index_select(tensor, 0, index, out=rows[:count])
+        if count < width:
+            rows[count:].zero_()
+        return rows.view(n_blocks, block, tensor.shape[1])
+    columns = scratch.get(role, (tensor.shape[0], width), tensor)
+    if count < width:  # gather some columns twice into the padding, then zero them: a strided `out=` is slow
+        index = torch.cat([index, index[: width - count]])
+    torch.index_select(tensor, 1, index, out=columns)
+    if count < width:
+        columns[:, count:].zero_()
+    return columns.view(tensor.shape[0], n_blocks, block).permute(1, 2, 0)
 
 
-def write_side_blocks(weight: torch.Tensor, side: str, index: torch.Tensor, blocks: torch.Tensor) -> None:
-    """The inverse of `side_blocks`: write (n_blocks, b, cols) back at `index` (padding dropped)."""
+def fold_side(weight: torch.Tensor, side: str, index: torch.Tensor, blocks: torch.Tensor, increment: torch.Tensor,
+              scratch: Scratch) -> None:
+    """weight ← R·X on one side, X = `side_blocks(weight, …)`: X + (R − I)·X, written back at `index`."""
+    count = len(index)
+    whole = count == (weight.shape[0] if side == "out" else weight.shape[1]) and weight.is_contiguous()
     if side == "out":
-        weight.index_copy_(0, index, blocks.flatten(0, 1)[: len(index)])
+        spare = scratch.get("spare", (blocks.shape[0] * blocks.shape[1], blocks.shape[2]), weight)  # the grad's
+        rotated = torch.baddbmm(blocks, increment, blocks, out=spare.view(blocks.shape))
+        rows = rotated.flatten(0, 1)[:count]
+        if whole:  # a gather by the inverse permutation into the weight beats a scatter by the permutation
+            torch.index_select(rows, 0, inverse_permutation(index), out=weight)
+        else:
+            weight.index_copy_(0, index, rows)
+        return
+    # Input side, in the layout of the gathered columns: Xᵀ + Xᵀ·(R − I)ᵀ, one (d_out, b) slab per block.
+    n_blocks, block, height = blocks.shape
+    slabs = blocks.transpose(1, 2)
+    columns = scratch.get("spare", (height, n_blocks * block), weight)  # the grad's gather, no longer needed
+    torch.baddbmm(slabs, slabs, increment.transpose(1, 2), out=columns.view(height, n_blocks, block).transpose(0, 1))
+    if whole:
+        torch.index_select(columns[:, :count], 1, inverse_permutation(index), out=weight)
     else:
-        weight.index_copy_(1, index, blocks.permute(2, 0, 1).reshape(weight.shape[0], -1)[:, : len(index)])
+        weight.index_copy_(1, index, columns[:, :count])
+
+
+def _chunks(members: list, block_elements: int) -> list[list]:
+    """Split a batch so that each chunk's blocks hold no more entries than one of its weights.
+
+    Many weights' (n, b, b) blocks at once save launches and per-op overhead where blocks are small; at
+    large b one weight's blocks are big products already, and a whole batch's rule and map temporaries
+    (several copies of the blocks) would cost memory instead.
+    """
+    per_chunk = max(1, members[0][0].numel() // max(1, block_elements))
+    return [members[i: i + per_chunk] for i in range(0, len(members), per_chunk)]
+
+
+def inverse_permutation(index: torch.Tensor) -> torch.Tensor:
+    inverse = torch.empty_like(index)
+    inverse[index] = torch.arange(len(index), device=index.device)
+    return inverse
 
 
 def skew_gradient(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """∂loss/∂Q_k = 2·(H_k X_kᵀ − X_k H_kᵀ) from a side's weight blocks X and gradient blocks H (module docstring)."""
     wide = torch.promote_types(x.dtype, torch.float32)
     product = h.to(wide) @ x.to(wide).transpose(-1, -2)
-    return 2 * (product - product.transpose(-1, -2))
+    return (product - product.transpose(-1, -2)).mul_(2)
 
 
 def _evaluate(closure):
@@ -145,36 +205,70 @@ class POET(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = _evaluate(closure)
-        cfg, rule_cfg = self.poet, self.rule_config
+        batches: dict[tuple, list] = {}
         for key, group, param in self._keys():
             if param.grad is None:
                 continue
             state = self.state[param]
             if not state:
                 self._init_state(key, param, state)
-            elif state["step"] % rule_cfg.redraw_every == 0:
+            elif state["step"] % self.rule_config.redraw_every == 0:
                 self._redraw(key, param, state)
-            active = SIDES if not rule_cfg.alternate else (SIDES[state["step"] % 2],)
-            directions, blocks = {}, {}
-            for side in SIDES:  # every side's state sees every step's gradient, active or not
-                index, block, n_blocks = self._side(param, side, state)
-                if not n_blocks:
-                    continue
-                blocks[side] = side_blocks(param, side, index, block, n_blocks)
-                grad = skew_gradient(blocks[side], side_blocks(param.grad, side, index, block, n_blocks))
-                directions[side] = self.rule.direction(grad, state[side]["rule"], active=side in active)
-            scale = -group["lr"] * generator_scale(cfg.parameterization)
-            for turn, side in enumerate(active):
-                if directions.get(side) is None:
-                    continue
-                index, block, n_blocks = self._side(param, side, state)
-                # The second side sees the weight after the first side's rotation.
-                x = blocks[side] if turn == 0 else side_blocks(param, side, index, block, n_blocks)
-                increment = rotation_increment(scale * directions[side].to(x.dtype), cfg.parameterization,
-                                               cfg.neumann_terms)
-                write_side_blocks(param, side, index, torch.baddbmm(x, increment, x))  # R·X = X + (R − I)·X
-            state["step"] += 1
+            # Weights with one shape, lr and step count turn as one batch of blocks (one set of products).
+            batch = (tuple(param.shape), param.dtype, param.device, group["lr"], state["step"])
+            batches.setdefault(batch, []).append((param, state))
+        scratch = Scratch()
+        for (*_, lr, step), members in batches.items():
+            for chunk in _chunks(members, self._side_block_elements(members[0][0])):
+                self._rotate(chunk, lr, step, scratch)
         return loss
+
+    def _side_block_elements(self, param: torch.Tensor) -> int:
+        """Entries of the larger side's (n, b, b) blocks of one weight."""
+        sizes = [self._layout(self._side_view(param, side).shape[0]) for side in SIDES]
+        return max(block * block * len(blocks) for block, blocks in sizes)
+
+    def _rotate(self, members: list[tuple[torch.Tensor, dict]], lr: float, step: int, scratch: Scratch) -> None:
+        cfg, rule_cfg = self.poet, self.rule_config
+        active = SIDES if not rule_cfg.alternate else (SIDES[step % 2],)
+        layouts, increments = {}, {}
+        for side in SIDES:  # every side's state sees every step's gradient, active or not
+            _, block, n_blocks = layouts[side] = self._side(members[0][0], side, members[0][1])
+            if not n_blocks:
+                continue
+            grads = []
+            for param, state in members:
+                index = state[side]["index"]
+                x = side_blocks(param, side, index, block, n_blocks, scratch, "weight")
+                grads.append(skew_gradient(x, side_blocks(param.grad, side, index, block, n_blocks, scratch, "spare")))
+            direction = self._direction(grads, [state[side]["rule"] for _, state in members], side in active)
+            if direction is not None:
+                scale = -lr * generator_scale(cfg.parameterization)
+                increment = rotation_increment(scale * direction.to(members[0][0].dtype), cfg.parameterization,
+                                               cfg.neumann_terms)
+                increments[side] = increment.split(n_blocks)
+        for side in active:  # in turn: the second side sees the weight after the first side's rotation
+            _, block, n_blocks = layouts[side]
+            for (param, state), increment in zip(members, increments.get(side, ())):
+                index = state[side]["index"]
+                x = side_blocks(param, side, index, block, n_blocks, scratch, "weight")
+                fold_side(param, side, index, x, increment, scratch)
+        for _, state in members:
+            state["step"] += 1
+
+    def _direction(self, grads: list[torch.Tensor], states: list[dict], active: bool) -> torch.Tensor | None:
+        """The rule's direction for several weights' blocks at once: their states joined, then split back."""
+        if len(grads) == 1:
+            return self.rule.direction(grads[0], states[0], active=active)
+        sizes = [len(grad) for grad in grads]
+        joined = {key: torch.cat([state[key] for state in states]) if torch.is_tensor(value) else value
+                  for key, value in states[0].items()}
+        direction = self.rule.direction(torch.cat(grads), joined, active=active)
+        for key, value in joined.items():
+            parts = value.split(sizes) if torch.is_tensor(value) else [value] * len(states)
+            for state, part in zip(states, parts):
+                state[key] = part
+        return direction
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)

@@ -46,13 +46,28 @@ def draw_index(variant: str, dim: int, count: int, generator: torch.Generator) -
     return permutation if variant == "bs" else permutation[:count]
 
 
-def gather_blocks(x: torch.Tensor, index: torch.Tensor, block: int, n_blocks: int) -> torch.Tensor:
-    """Rows `index` of x (dim, cols) grouped as (n_blocks, block, cols); a short last block is zero-padded."""
-    gathered = x.index_select(0, index)
-    padding = n_blocks * block - len(index)
-    if padding:
-        gathered = nn.functional.pad(gathered, (0, 0, 0, padding))
-    return gathered.view(n_blocks, block, x.shape[1])
+class _Permute(torch.autograd.Function):
+    """x permuted along `dim` by `index`, whose inverse is known.
+
+    index_select's backward is a zero fill plus a scatter-add; the transpose of a permutation is its
+    inverse, so here backward is one more gather.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, dim: int) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        ctx.dim = dim
+        return x.index_select(dim, index)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(ctx.dim, inverse), None, None, None
+
+
+def permute(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """x.index_select(dim, index) for a permutation `index` with inverse `inverse` (a gather in backward too)."""
+    return _Permute.apply(x, index, inverse, dim) if x.requires_grad else x.index_select(dim, index)
 
 
 def transport_blocks(blocks: torch.Tensor, old_index: torch.Tensor, new_index: torch.Tensor, dim: int) -> torch.Tensor:
@@ -105,12 +120,14 @@ class RotationSide(nn.Module):
     def reset(self) -> None:
         self.skew.zero_()
 
-    def _rotate_gathered(self, gathered: torch.Tensor, blocks: torch.Tensor, transpose: bool) -> torch.Tensor:
-        """Rotate (..., n_blocks·b) gathered coordinates block by block (padding rides along as zeros)."""
-        if transpose:
-            blocks = blocks.transpose(-1, -2)
+    def _rotate_gathered(self, gathered: torch.Tensor, blocks: torch.Tensor, transpose: bool, dim: int) -> torch.Tensor:
+        """Rotate gathered coordinates (n_blocks·b of them along `dim`, 0 or -1) block by block; padding
+        rides along as zeros. Along dim 0 of a matrix the blocks are one batched product, no layout copies."""
+        blocks = (blocks.transpose(-1, -2) if transpose else blocks).to(gathered.dtype)
+        if dim == 0:
+            return torch.bmm(blocks, gathered.view(self.n_blocks, self.block, -1)).flatten(0, 1)
         grouped = gathered.unflatten(-1, (self.n_blocks, self.block))
-        return torch.einsum("kij,...kj->...ki", blocks.to(gathered.dtype), grouped).flatten(-2)
+        return torch.einsum("kij,...kj->...ki", blocks, grouped).flatten(-2)
 
 
 class BlockStochastic(RotationSide):
@@ -127,14 +144,14 @@ class BlockStochastic(RotationSide):
         self.index.copy_(permutation)
         self.inverse.copy_(torch.argsort(permutation))
 
-    def rotate(self, x: torch.Tensor, blocks: torch.Tensor, transpose: bool = False) -> torch.Tensor:
-        """R·x (or Rᵀ·x) along the last dimension of x."""
-        gathered = x.index_select(-1, self.index)
+    def rotate(self, x: torch.Tensor, blocks: torch.Tensor, transpose: bool = False, dim: int = -1) -> torch.Tensor:
+        """R·x (or Rᵀ·x) along dimension `dim` of x: the last one, or 0 of a matrix (its columns)."""
+        gathered = permute(x, self.index, self.inverse, dim)
         padding = self.n_blocks * self.block - self.dim
         if padding:
-            gathered = nn.functional.pad(gathered, (0, padding))
-        rotated = self._rotate_gathered(gathered, blocks, transpose)[..., : self.dim]
-        return rotated.index_select(-1, self.inverse)
+            gathered = nn.functional.pad(gathered, (0, 0, 0, padding) if dim == 0 else (0, padding))
+        rotated = self._rotate_gathered(gathered, blocks, transpose, dim).narrow(dim, 0, self.dim)
+        return permute(rotated, self.inverse, self.index, dim)
 
 
 class FullyStochastic(RotationSide):
@@ -148,11 +165,11 @@ class FullyStochastic(RotationSide):
     def redraw(self, generator: torch.Generator) -> None:
         self.index.copy_(draw_index("fs", self.dim, len(self.index), generator))
 
-    def rotate(self, x: torch.Tensor, blocks: torch.Tensor, transpose: bool = False) -> torch.Tensor:
+    def rotate(self, x: torch.Tensor, blocks: torch.Tensor, transpose: bool = False, dim: int = -1) -> torch.Tensor:
         if not self.block_sizes:
             return x
-        rotated = self._rotate_gathered(x.index_select(-1, self.index), blocks, transpose)
-        return x.index_copy(-1, self.index, rotated)
+        rotated = self._rotate_gathered(x.index_select(dim, self.index), blocks, transpose, dim)
+        return x.index_copy(dim, self.index, rotated)
 
 
 def make_side(variant: str, dim: int, block_size: int, fraction: float) -> RotationSide:

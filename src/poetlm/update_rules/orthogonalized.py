@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..orthogonal import orthogonalize_skew
+from ..orthogonal import orthogonalize_skew, pack_skew, unpack_skew
 
 
 class Orthogonalized:
@@ -12,7 +12,8 @@ class Orthogonalized:
 
     orth gives D the eigenplanes of the momentum with all singular values 1 (Newton–Schulz: ≈ 1, within
     0.7–1.2), so a step Q = −lr·c·D turns each plane by ≈ lr radians: direction from the gradient history,
-    magnitude from the schedule alone.
+    magnitude from the schedule alone. The momentum is skew, so the state keeps its upper triangles only
+    (`pack_skew`): with whole-side blocks it would otherwise be as large as AdamW's two moments.
     """
 
     def __init__(self, config) -> None:
@@ -20,16 +21,22 @@ class Orthogonalized:
 
     def direction(self, grad: torch.Tensor, state: dict, active: bool = True) -> torch.Tensor | None:
         cfg = self.config
+        b = grad.shape[-1]
         if "momentum" not in state:
-            state["momentum"] = torch.zeros_like(grad)
-        momentum = state["momentum"].mul_(cfg.beta1).add_(grad)
+            state["momentum"], state["block"] = pack_skew(torch.zeros_like(grad)), b
+        elif state["momentum"].dim() == 3:  # saved by a version that kept whole blocks
+            state["momentum"], state["block"] = pack_skew(state["momentum"]), b
+        packed = state["momentum"].mul_(cfg.beta1).add_(pack_skew(grad))
         if not active:
             return None
+        momentum = unpack_skew(packed, b)
         ahead = grad.add(momentum, alpha=cfg.beta1) if cfg.nesterov else momentum
         return orthogonalize_skew(ahead, cfg.orthogonalize)
 
     def after_redraw(self, state: dict, transport) -> None:
         if self.config.transport and "momentum" in state:
-            state["momentum"] = transport(state["momentum"])
+            momentum = state["momentum"]
+            blocks = unpack_skew(momentum, state["block"]) if momentum.dim() == 2 else momentum
+            state["momentum"], state["block"] = pack_skew(transport(blocks)), blocks.shape[-1]
         else:
             state.clear()
