@@ -195,8 +195,9 @@ def model_bytes(shape: Shape, method: Method, gpu: bool, world: int, checkpointi
         weights, buffers, grads = 4 * total_params, 0, 4 * total_params
         if method.kind == "adamw":
             state = 8 * total_params
-        else:  # momentum per block and side, initial spectrum and coordinates per weight; AdamW on the rest
-            state = 4 * c.slots + 4 * c.spectrum + 8 * c.index + 8 * c.other
+        else:  # packed momentum (b(b−1)/2 per block and side), initial spectrum and coordinates per weight;
+            # AdamW on the rest
+            state = 2 * c.slots + 4 * c.spectrum + 8 * c.index + 8 * c.other
     weights, buffers, grads, state = (x // shard for x in (weights, buffers, grads, state))
     acts = activation_bytes(shape, c, bf16, checkpointing)
     cache = 0

@@ -17,6 +17,8 @@ subsets) are redrawn every `rule.redraw_every` steps from seeded generators, as 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .config import POETConfig
@@ -94,6 +96,9 @@ def fold_side(weight: torch.Tensor, side: str, index: torch.Tensor, blocks: torc
         weight.index_copy_(1, index, columns[:, :count])
 
 
+_cached_layout = functools.lru_cache(maxsize=None)(block_layout)  # called per weight and side every step
+
+
 def _chunks(members: list, block_elements: int) -> list[list]:
     """Split a batch so that each chunk's blocks hold no more entries than one of its weights.
 
@@ -155,7 +160,7 @@ class POET(torch.optim.Optimizer):
 
     def _layout(self, dim: int) -> tuple[int, list[int]]:
         cfg = self.poet
-        return block_layout(cfg.variant, dim, cfg.block_size, cfg.fraction)
+        return _cached_layout(cfg.variant, dim, cfg.block_size, cfg.fraction)
 
     def _side(self, param: torch.Tensor, side: str, state: dict) -> tuple[torch.Tensor, int, int]:
         """(the side's index, slot size b, number of blocks)."""
@@ -267,7 +272,10 @@ class POET(torch.optim.Optimizer):
         for key, value in joined.items():
             parts = value.split(sizes) if torch.is_tensor(value) else [value] * len(states)
             for state, part in zip(states, parts):
-                state[key] = part
+                if torch.is_tensor(state.get(key)) and state[key].shape == part.shape:
+                    state[key].copy_(part)  # in place: the joined tensor is a temporary, the state stays put
+                else:
+                    state[key] = part
         return direction
 
     def load_state_dict(self, state_dict: dict) -> None:

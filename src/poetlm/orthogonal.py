@@ -65,11 +65,12 @@ def cayley_neumann_increment(q: torch.Tensor, terms: int) -> torch.Tensor:
     """CNP − I = 2(Q + Q² + … + Q^k) + Q^(k+1), computed without ever forming I + (something small)."""
     two = 2 * _eye(q)
     if terms in (3, 4):  # split at Q² or Q³ (Paterson–Stockmeyer): one product fewer than Horner
+        shape, q = q.shape, q.reshape(-1, *q.shape[-2:])  # baddbmm fuses the sums into the products
         q2 = q @ q
-        tail = two + 2 * q + q2
-        if terms == 3:  # 2Q + Q²·(2I + 2Q + Q²)
-            return 2 * q + q2 @ tail
-        return 2 * (q + q2) + (q @ q2) @ tail  # 2Q + 2Q² + Q³·(2I + 2Q + Q²)
+        tail = torch.add(q2, q, alpha=2).add_(two)  # 2I + 2Q + Q²
+        if terms == 3:  # 2Q + Q²·tail
+            return torch.baddbmm(q, q2, tail, beta=2).view(shape)
+        return torch.baddbmm(q + q2, q @ q2, tail, beta=2).view(shape)  # 2Q + 2Q² + Q³·tail
     inner = two + q
     for _ in range(terms - 1):  # Horner: 2I + Q(2I + … Q(2I + Q)) = 2I + 2Q + … + 2Q^(k−1) + Q^k
         inner = two + q @ inner
@@ -159,14 +160,16 @@ def _newton_schulz(a: torch.Tensor) -> torch.Tensor:
     from the two products the first step needs anyway, and starts every plane up to b^⅜ closer to 1 —
     at b = 256, the reach of two more steps: 4 steps give what 5 Frobenius-started ones give.
     """
+    ratio = -4.7750 / 2.0315  # x ← 3.4445·x + 2.0315·(G² + ratio·G)·x, G = xxᵀ
     a = a / a.flatten(-2).norm(dim=-1).clamp_min(1e-12)[:, None, None]  # keeps (aaᵀ)² clear of overflow
     gram = a @ a.transpose(-1, -2)
     gram_squared = gram @ gram
     scale = gram_squared.flatten(-2).norm(dim=-1).clamp_min(1e-30).pow(0.25)[:, None, None]
-    x, gram, gram_squared = a / scale, gram / scale**2, gram_squared / scale**4
+    x = a / scale
+    poly = torch.addcmul(gram_squared / scale**4, gram, ratio / scale**2)
     for step in range(NEWTON_SCHULZ_STEPS):
         if step:
             gram = x @ x.transpose(-1, -2)
-            gram_squared = gram @ gram
-        x = torch.baddbmm(x, torch.add(gram_squared, gram, alpha=-4.7750 / 2.0315), x, beta=3.4445, alpha=2.0315)
+            poly = torch.baddbmm(gram, gram, gram, beta=ratio)
+        x = torch.baddbmm(x, poly, x, beta=3.4445, alpha=2.0315)
     return x
