@@ -4,7 +4,8 @@
 #      build) and merges, and steps of the POET optimizer, on CUDA against a CPU fp64 reference;
 #   2. step benchmark (benchmarks/step.py): AdamW, POET (fold form) and POET-paper (fp32 and bf16
 #      builds), bf16 autocast, llama-60m and llama-350m: step time, tokens/s, peak memory;
-#   3. the same compiled (torch.compile per decoder block) and not, and with activation checkpointing.
+#   3. the same compiled (torch.compile per decoder block) and not, and with activation checkpointing;
+#   and the fold form's optimizer step alone (benchmarks/optimizer.py) against AdamW's.
 # Run from the repository root:  bash benchmarks/gpu.sh
 # Environment: PYTHON (interpreter with a CUDA torch, default python3), GPU_METHODS, GPU_PRESETS,
 # GPU_REPEATS to change what step.py runs.
@@ -69,6 +70,10 @@ step() {
   echo
 }
 if can_bench "$PY"; then
+  echo "## The fold form's optimizer alone (benchmarks/optimizer.py): POET b=64 / 256 against AdamW, fp32"
+  echo
+  timeout 60 "$PY" benchmarks/optimizer.py --device cuda --preset llama-350m --repeats 5 || bench_status=$?
+  echo
   echo "## Step benchmark (bf16 autocast): fold form, layer form with fp32 and bf16 builds, AdamW"
   echo
   step 200 --presets ${GPU_PRESETS:-llama-60m llama-350m} \

@@ -2,10 +2,12 @@
 
     python benchmarks/optimizer.py                                  # llama-60m, b=64 and 256, both orthogonalizations
     python benchmarks/optimizer.py --preset tiny --blocks 32 128 384 --orthogonalize newton_schulz
+    python benchmarks/optimizer.py --device cuda --preset llama-350m
 
 The weights are the preset's q/k/v/o/gate/up/down matrices (random, with random gradients); no model,
 no data: what is left is the optimizer's own work per step, the part of a POET step that does not
-shrink with more tokens per step. Median of --repeats steps after one untimed step, one torch thread.
+shrink with more tokens per step. Median of --repeats steps after one untimed step (one torch thread on
+CPU; CUDA synchronized around each step).
 """
 
 from __future__ import annotations
@@ -16,30 +18,32 @@ import time
 
 import torch
 
-from common import describe_machine, markdown_table
+from common import describe_machine, markdown_table, synchronizer
 from cost_model import preset_shape
 from poetlm import POETConfig, RuleConfig
 from poetlm.optim import POET
 
 
-def block_weights(preset: str, seed: int = 0) -> list[torch.nn.Parameter]:
+def block_weights(preset: str, seed: int = 0, device: str = "cpu") -> list[torch.nn.Parameter]:
     shape = preset_shape(preset)
     generator = torch.Generator().manual_seed(seed)
     weights = []
     for _ in range(shape.layers):
         for out, inp in shape.linears():
-            weight = torch.nn.Parameter(torch.randn(out, inp, generator=generator) / inp**0.5)
-            weight.grad = torch.randn(out, inp, generator=generator) * 1e-3
+            weight = torch.nn.Parameter((torch.randn(out, inp, generator=generator) / inp**0.5).to(device))
+            weight.grad = (torch.randn(out, inp, generator=generator) * 1e-3).to(device)
             weights.append(weight)
     return weights
 
 
-def median_step(optimizer: torch.optim.Optimizer, repeats: int) -> float:
+def median_step(optimizer: torch.optim.Optimizer, repeats: int, sync) -> float:
     optimizer.step()  # states are created on the first step
     times = []
     for _ in range(repeats):
+        sync()
         start = time.perf_counter()
         optimizer.step()
+        sync()
         times.append(time.perf_counter() - start)
     return statistics.median(times)
 
@@ -50,18 +54,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--blocks", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--orthogonalize", nargs="+", default=["newton_schulz", "exact"], choices=["newton_schulz", "exact"])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    print(describe_machine("cpu"))
+    print(describe_machine(args.device))
+    sync = synchronizer(args.device)
     rows = []
-    adamw = median_step(torch.optim.AdamW(block_weights(args.preset), lr=1e-3), args.repeats)
+    adamw = median_step(torch.optim.AdamW(block_weights(args.preset, device=args.device), lr=1e-3), args.repeats, sync)
     rows.append(["AdamW", f"{adamw:.3f}", "1.00"])
     for block in args.blocks:
         for method in args.orthogonalize:
-            poet = POET(block_weights(args.preset), lr=0.02, poet=POETConfig(block_size=block),
+            poet = POET(block_weights(args.preset, device=args.device), lr=0.02, poet=POETConfig(block_size=block),
                         rule=RuleConfig(orthogonalize=method))
-            seconds = median_step(poet, args.repeats)
+            seconds = median_step(poet, args.repeats, sync)
             rows.append([f"POET b={block}, {method}", f"{seconds:.3f}", f"{seconds / adamw:.2f}"])
     print(f"#### {args.preset}: one optimizer step over the block weights\n")
     print(markdown_table(["optimizer", "s/step", "× AdamW"], rows))
