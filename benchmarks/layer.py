@@ -3,6 +3,7 @@
     python benchmarks/layer.py                      # CUDA if available, else the quick CPU run
     python benchmarks/layer.py --device cpu --full  # every shape and token count on CPU (slow)
     python benchmarks/layer.py --hidden 2048 --tokens 16384 --dtype bf16
+    python benchmarks/layer.py --device cpu --threads 1 --compile   # every POET layer torch.compile'd
 
 One call = forward, then backward with a fixed upstream gradient; the input requires grad (a layer
 inside a network) and every gradient is freed before the call, so gradient buffers are allocated
@@ -44,6 +45,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, help="untimed rounds before timing (default: 3, quick: 1)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--ffn-down", action="store_true", help="also time the FFN→hidden shape")
+    parser.add_argument("--compile", action="store_true", help="torch.compile every POET layer (the warmup round "
+                        "compiles; nn.Linear stays eager, as a compiled model's single GEMMs would be)")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="hidden 512 768, 2048 tokens, 5 repeats (CPU default)")
     mode.add_argument("--full", action="store_true", help="no quick defaults, even on CPU")
@@ -98,7 +101,7 @@ def bench_shape(n_in: int, n_out: int, tokens: int, args: argparse.Namespace) ->
             layer = POETLinear(n_in, n_out, bias=False, config=dataclasses.replace(config, forward_mode=path),
                                name=f"bench.{n_in}x{n_out}", device=device, dtype=dtype)
             layers[name, path] = layer
-            steps[name, path] = make_step(layer, x, grad_out)
+            steps[name, path] = make_step(torch.compile(layer) if args.compile else layer, x, grad_out)
         # The layer's own cost model decides "auto"; a meta-device copy answers without allocating.
         auto = POETLinear(n_in, n_out, bias=False, config=dataclasses.replace(config, forward_mode="auto"), device="meta")
         auto_input[name] = auto.uses_input_centric(tokens)
