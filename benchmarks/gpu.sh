@@ -2,8 +2,9 @@
 # POET on one CUDA GPU, in under 8 minutes, tables to stdout:
 #   1. correctness (benchmarks/gpu_check.py): POETLinear forward/backward (fp32, bf16 autocast, bf16
 #      build) and merges, and steps of the POET optimizer, on CUDA against a CPU fp64 reference;
-#   2. step benchmark (benchmarks/step.py): AdamW, POET (fold form) and POET-paper (fp32 and bf16
-#      builds), bf16 autocast, llama-60m and llama-350m: step time, tokens/s, peak memory;
+#   2. step benchmark (benchmarks/step.py): AdamW, POET (fold form, fp32 and bf16 directions) and
+#      POET-paper (fp32 and bf16 builds), bf16 autocast, llama-60m and llama-350m: step time, tokens/s,
+#      peak memory;
 #   3. the same compiled (torch.compile per decoder block) and not, and with activation checkpointing;
 #   and the fold form's optimizer step alone (benchmarks/optimizer.py) against AdamW's.
 # Run from the repository root:  bash benchmarks/gpu.sh
@@ -72,12 +73,13 @@ step() {
 if can_bench "$PY"; then
   echo "## The fold form's optimizer alone (benchmarks/optimizer.py): POET b=64 / 256 against AdamW, fp32"
   echo
-  timeout 60 "$PY" benchmarks/optimizer.py --device cuda --preset llama-350m --repeats 5 || bench_status=$?
+  timeout 60 "$PY" benchmarks/optimizer.py --device cuda --preset llama-350m --repeats 5 --direction-dtypes fp32 bf16 \
+    || bench_status=$?
   echo
   echo "## Step benchmark (bf16 autocast): fold form, layer form with fp32 and bf16 builds, AdamW"
   echo
   step 200 --presets ${GPU_PRESETS:-llama-60m llama-350m} \
-    --methods ${GPU_METHODS:-adamw poet-b256 paper-b64 paper-b256 paper-b256-bf16} \
+    --methods ${GPU_METHODS:-adamw poet-b256 poet-b256-bf16 paper-b64 paper-b256 paper-b256-bf16} \
     --accum 1 4 --repeats "${GPU_REPEATS:-10}" --warmup 2 --profile
   echo "## torch.compile (each decoder block, inductor) vs eager, side by side"
   echo

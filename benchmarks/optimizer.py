@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", default="llama-60m")
     parser.add_argument("--blocks", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--orthogonalize", nargs="+", default=["newton_schulz", "exact"], choices=["newton_schulz", "exact"])
+    parser.add_argument("--direction-dtypes", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                        help="rule.direction_dtype values to time (bf16 is for GPUs)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -65,10 +67,12 @@ def main(argv: list[str] | None = None) -> None:
     rows.append(["AdamW", f"{adamw:.3f}", "1.00"])
     for block in args.blocks:
         for method in args.orthogonalize:
-            poet = POET(block_weights(args.preset, device=args.device), lr=0.02, poet=POETConfig(block_size=block),
-                        rule=RuleConfig(orthogonalize=method))
-            seconds = median_step(poet, args.repeats, sync)
-            rows.append([f"POET b={block}, {method}", f"{seconds:.3f}", f"{seconds / adamw:.2f}"])
+            for dtype in args.direction_dtypes if method == "newton_schulz" else ["fp32"]:
+                poet = POET(block_weights(args.preset, device=args.device), lr=0.02, poet=POETConfig(block_size=block),
+                            rule=RuleConfig(orthogonalize=method, direction_dtype=dtype))
+                seconds = median_step(poet, args.repeats, sync)
+                label = f"POET b={block}, {method}" + (f" ({dtype})" if len(args.direction_dtypes) > 1 else "")
+                rows.append([label, f"{seconds:.3f}", f"{seconds / adamw:.2f}"])
     print(f"#### {args.preset}: one optimizer step over the block weights\n")
     print(markdown_table(["optimizer", "s/step", "× AdamW"], rows))
 

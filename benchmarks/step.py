@@ -54,6 +54,8 @@ METHODS = {
     "paper-b64": ("POET-paper bs b=64", ["method='poet-paper'", "poet.variant='bs'", "poet.block_size=64"]),
     "paper-b256": ("POET-paper bs b=256", ["method='poet-paper'", "poet.variant='bs'", "poet.block_size=256"]),
     "paper-fs": ("POET-paper fs β=½", ["method='poet-paper'", "poet.variant='fs'", "poet.fraction=0.5"]),
+    "poet-b256-bf16": ("POET bs b=256 bf16 direction",
+                       ["method=poet", "poet.variant='bs'", "poet.block_size=256", "rule.direction_dtype='bf16'"]),
     "paper-b256-bf16": ("POET-paper bs b=256 bf16 build",
                         ["method='poet-paper'", "poet.variant='bs'", "poet.block_size=256", "poet.build_dtype='bf16'"]),
 }

@@ -11,7 +11,7 @@ from poetlm import POETConfig, POETLinear, merge
 from poetlm.optim import POET, side_blocks, skew_gradient
 from poetlm.orthogonal import orthogonalize_skew, unpack_skew
 from poetlm.primitives import block_layout, draw_index, seeded_generator, transport_blocks
-from poetlm.update_rules import RuleConfig
+from poetlm.update_rules import RuleConfig, make_rule
 
 
 def random_skew(*shape, dtype=torch.float64, seed=0):
@@ -70,6 +70,15 @@ def dense_block_embedding(blocks, index, dim):
             if p // block == q // block:
                 dense[index[p], index[q]] = blocks[p // block, p % block, q % block]
     return dense
+
+
+def test_a_bf16_direction_is_skew_and_the_fp32_direction_to_bf16_precision():
+    grad = random_skew(6, 64, 64, dtype=torch.float32)
+    fp32 = make_rule(RuleConfig()).direction(grad, {})
+    bf16 = make_rule(RuleConfig(direction_dtype="bf16")).direction(grad, {})
+    assert bf16.dtype == torch.float32 and torch.equal(bf16, -bf16.transpose(-1, -2))
+    cosine = (bf16 * fp32).sum((-1, -2)) / (bf16.norm(dim=(-1, -2)) * fp32.norm(dim=(-1, -2)))
+    assert cosine.min() > 0.99 and (bf16 - fp32).abs().max() > 1e-4  # it did run in bf16
 
 
 @pytest.mark.parametrize("variant, side", [("bs", "out"), ("bs", "in"), ("fs", "out"), ("fs", "in")])
@@ -166,7 +175,8 @@ def test_an_orthogonalized_step_turns_every_plane_by_the_same_angle(orthogonaliz
         assert torch.all(angles > 2 * math.atan(0.65 * lr / 2)) and torch.all(angles < 2 * math.atan(1.25 * lr / 2))
 
 
-@pytest.mark.parametrize("rule", [RuleConfig(), RuleConfig(name="lie_adam"), RuleConfig(orthogonalize="newton_schulz", alternate=False)])
+@pytest.mark.parametrize("rule", [RuleConfig(), RuleConfig(name="lie_adam"), RuleConfig(orthogonalize="newton_schulz", alternate=False),
+                                  RuleConfig(direction_dtype="bf16")])
 @pytest.mark.parametrize("variant", ["bs", "fs"])
 def test_many_steps_keep_the_spectrum_while_the_weight_moves(rule, variant):
     inputs, targets = regression(out=24, inp=20)
@@ -265,7 +275,8 @@ def test_momentum_is_stored_packed_and_whole_block_checkpoints_still_resume():
     torch.testing.assert_close(resumed.detach(), straight.detach(), atol=1e-6, rtol=0)
 
 
-@pytest.mark.parametrize("field, value", [("name", "sgd"), ("beta1", 1.0), ("redraw_every", 0), ("orthogonalize", "svd")])
+@pytest.mark.parametrize("field, value", [("name", "sgd"), ("beta1", 1.0), ("redraw_every", 0), ("orthogonalize", "svd"),
+                                          ("direction_dtype", "fp16")])
 def test_rule_config_rejects_bad_values_by_name(field, value):
     with pytest.raises(ValueError, match=f"RuleConfig.{field}="):
         RuleConfig(**{field: value})

@@ -8,7 +8,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from ..config import ORTHOGONALIZERS
+from ..config import BUILD_DTYPES, ORTHOGONALIZERS
 
 RULES = ("orthogonalized", "lie_adam")
 
@@ -30,6 +30,10 @@ class RuleConfig:
         and after (False: start the momentum from zero). lie_adam always restarts its moments.
     orthogonalize: "newton_schulz" (Muon's quintic, 4 steps: matrix products only, fast on GPUs and CPUs)
         or "exact" (eigendecomposition). At tiny, 1000 steps, they reached the same val ppl (54.0 vs 54.3).
+    direction_dtype: precision of the Newton–Schulz products, "fp32" or "bf16" (tensor-core speed on
+        GPUs; CPUs without bf16 units emulate it slowly). Only the direction is computed there: it is made
+        skew again in fp32, and the map and the fold stay in the weight's precision, so the spectrum is
+        kept either way.
     """
 
     name: str = "orthogonalized"
@@ -41,6 +45,7 @@ class RuleConfig:
     redraw_every: int = 50
     transport: bool = True
     orthogonalize: str = "newton_schulz"
+    direction_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         checks = [
@@ -50,6 +55,7 @@ class RuleConfig:
             ("eps", self.eps > 0, "must be > 0"),
             ("redraw_every", isinstance(self.redraw_every, int) and self.redraw_every >= 1, "must be an integer >= 1"),
             ("orthogonalize", self.orthogonalize in ORTHOGONALIZERS, f"choose one of {ORTHOGONALIZERS}"),
+            ("direction_dtype", self.direction_dtype in BUILD_DTYPES, f"choose one of {BUILD_DTYPES}"),
         ]
         for key, ok, allowed in checks:
             if not ok:

@@ -31,6 +31,9 @@ class Orthogonalized:
             return None
         momentum = unpack_skew(packed, b)
         ahead = grad.add(momentum, alpha=cfg.beta1) if cfg.nesterov else momentum
+        if cfg.direction_dtype == "bf16" and cfg.orthogonalize == "newton_schulz":
+            direction = orthogonalize_skew(ahead.bfloat16(), cfg.orthogonalize).to(ahead.dtype)
+            return 0.5 * (direction - direction.transpose(-1, -2))  # bf16 rounding leaves it only nearly skew
         return orthogonalize_skew(ahead, cfg.orthogonalize)
 
     def after_redraw(self, state: dict, transport) -> None:
