@@ -26,11 +26,11 @@ class Orthogonalized:
             state["momentum"], state["block"] = pack_skew(torch.zeros_like(grad)), b
         elif state["momentum"].dim() == 3:  # saved by a version that kept whole blocks
             state["momentum"], state["block"] = pack_skew(state["momentum"]), b
-        packed = state["momentum"].mul_(cfg.beta1).add_(pack_skew(grad))
+        packed_grad = pack_skew(grad)
+        packed = state["momentum"].mul_(cfg.beta1).add_(packed_grad)
         if not active:
             return None
-        momentum = unpack_skew(packed, b)
-        ahead = grad.add(momentum, alpha=cfg.beta1) if cfg.nesterov else momentum
+        ahead = unpack_skew(packed_grad.add(packed, alpha=cfg.beta1) if cfg.nesterov else packed, b)
         if cfg.direction_dtype == "bf16" and cfg.orthogonalize == "newton_schulz":
             direction = orthogonalize_skew(ahead.bfloat16(), cfg.orthogonalize).to(ahead.dtype)
             return 0.5 * (direction - direction.transpose(-1, -2))  # bf16 rounding leaves it only nearly skew
