@@ -41,4 +41,5 @@ if accelerator.is_main_process:
               "world_size": accelerator.num_processes, "rotation_state": sum(p in optimizer.state for p in poetlm.rotation_parameters(model))}
     with open(sys.argv[1], "w") as f:
         json.dump(result, f)
+accelerator.wait_for_everyone()  # rank 0 wrote the file: tear the process group down together, not mid-write
 accelerator.end_training()
