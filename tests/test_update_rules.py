@@ -222,31 +222,8 @@ def test_weights_stepped_as_one_batch_match_each_stepped_alone(rule):
                                atol=1e-12, rtol=1e-12)
 
 
-def test_resuming_from_a_state_dict_continues_exactly():
-    inputs, targets = regression(out=12, inp=10)
-    rule = RuleConfig(redraw_every=3)
-
-    def run(weight, optimizer, steps):
-        for _ in range(steps):
-            ((inputs @ weight.T - targets) ** 2).mean().backward()
-            optimizer.step()
-            optimizer.zero_grad()
-
-    start = torch.randn(12, 10)
-    straight = nn.Parameter(start.clone())
-    run(straight, POET([straight], lr=0.03, poet=POETConfig(block_size=4), rule=rule), 8)
-    first = nn.Parameter(start.clone())
-    optimizer = POET([first], lr=0.03, poet=POETConfig(block_size=4), rule=rule)
-    run(first, optimizer, 4)
-    saved = optimizer.state_dict()
-    resumed = nn.Parameter(first.detach().clone())
-    optimizer = POET([resumed], lr=0.03, poet=POETConfig(block_size=4), rule=rule)
-    optimizer.load_state_dict(saved)
-    run(resumed, optimizer, 4)
-    assert torch.equal(resumed, straight)
-
-
-def test_momentum_is_stored_packed_and_whole_block_checkpoints_still_resume():
+def straight_and_resumed(edit_saved=lambda saved: None):
+    """8 steps in one go, and 4 + 4 across a state_dict (edited by `edit_saved`) with a redraw in each half."""
     inputs, targets = regression(out=12, inp=10)
     rule, config = RuleConfig(redraw_every=3), POETConfig(block_size=4)
 
@@ -263,15 +240,27 @@ def test_momentum_is_stored_packed_and_whole_block_checkpoints_still_resume():
     optimizer = POET([first], lr=0.03, poet=config, rule=rule)
     run(first, optimizer, 4)
     saved = copy.deepcopy(optimizer.state_dict())
-    momentum = saved["state"][0]["out"]["rule"]["momentum"]
-    assert momentum.shape == (3, 4 * 3 // 2)  # three 4×4 blocks, upper triangles only
-    for side in ("out", "in"):  # what an earlier version saved: whole skew blocks
-        state = saved["state"][0][side]["rule"]
-        state["momentum"] = unpack_skew(state.pop("momentum"), state.pop("block"))
+    edit_saved(saved)
     resumed = nn.Parameter(first.detach().clone())
     optimizer = POET([resumed], lr=0.03, poet=config, rule=rule)
     optimizer.load_state_dict(saved)
     run(resumed, optimizer, 4)
+    return straight, resumed
+
+
+def test_resuming_from_a_state_dict_continues_exactly():
+    straight, resumed = straight_and_resumed()
+    assert torch.equal(resumed, straight)
+
+
+def test_momentum_is_stored_packed_and_whole_block_checkpoints_still_resume():
+    def unpack_like_an_earlier_version(saved):
+        assert saved["state"][0]["out"]["rule"]["momentum"].shape == (3, 4 * 3 // 2)  # 3 blocks 4×4, upper triangles
+        for side in ("out", "in"):  # what an earlier version saved: whole skew blocks
+            state = saved["state"][0][side]["rule"]
+            state["momentum"] = unpack_skew(state["momentum"])
+
+    straight, resumed = straight_and_resumed(unpack_like_an_earlier_version)
     torch.testing.assert_close(resumed.detach(), straight.detach(), atol=1e-6, rtol=0)
 
 

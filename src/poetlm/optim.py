@@ -81,7 +81,7 @@ def fold_side(weight: torch.Tensor, side: str, index: torch.Tensor, blocks: torc
         rotated = torch.baddbmm(blocks, increment, blocks, out=spare.view(blocks.shape))
         rows = rotated.flatten(0, 1)[:count]
         if whole:  # a gather by the inverse permutation into the weight beats a scatter by the permutation
-            torch.index_select(rows, 0, inverse_permutation(index), out=weight)
+            torch.index_select(rows, 0, torch.argsort(index), out=weight)
         else:
             weight.index_copy_(0, index, rows)
         return
@@ -91,7 +91,7 @@ def fold_side(weight: torch.Tensor, side: str, index: torch.Tensor, blocks: torc
     columns = scratch.get("spare", (height, n_blocks * block), weight)  # the grad's gather, no longer needed
     torch.baddbmm(slabs, slabs, increment.transpose(1, 2), out=columns.view(height, n_blocks, block).transpose(0, 1))
     if whole:
-        torch.index_select(columns[:, :count], 1, inverse_permutation(index), out=weight)
+        torch.index_select(columns[:, :count], 1, torch.argsort(index), out=weight)
     else:
         weight.index_copy_(1, index, columns[:, :count])
 
@@ -108,12 +108,6 @@ def _chunks(members: list, block_elements: int) -> list[list]:
     """
     per_chunk = max(1, members[0][0].numel() // max(1, block_elements))
     return [members[i: i + per_chunk] for i in range(0, len(members), per_chunk)]
-
-
-def inverse_permutation(index: torch.Tensor) -> torch.Tensor:
-    inverse = torch.empty_like(index)
-    inverse[index] = torch.arange(len(index), device=index.device)
-    return inverse
 
 
 def skew_gradient(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:

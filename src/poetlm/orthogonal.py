@@ -8,6 +8,7 @@ precision), on every device, so there is exactly one Neumann polynomial.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -52,8 +53,9 @@ def pack_skew(blocks: torch.Tensor) -> torch.Tensor:
     return blocks[:, rows, cols]
 
 
-def unpack_skew(packed: torch.Tensor, b: int) -> torch.Tensor:
-    """The inverse of `pack_skew`."""
+def unpack_skew(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of `pack_skew` (b follows from the width b(b−1)/2)."""
+    b = (1 + math.isqrt(1 + 8 * packed.shape[-1])) // 2
     return skew_from_packed(packed.reshape(-1), [b] * len(packed), b)
 
 

@@ -21,16 +21,15 @@ class Orthogonalized:
 
     def direction(self, grad: torch.Tensor, state: dict, active: bool = True) -> torch.Tensor | None:
         cfg = self.config
-        b = grad.shape[-1]
         if "momentum" not in state:
-            state["momentum"], state["block"] = pack_skew(torch.zeros_like(grad)), b
+            state["momentum"] = pack_skew(torch.zeros_like(grad))
         elif state["momentum"].dim() == 3:  # saved by a version that kept whole blocks
-            state["momentum"], state["block"] = pack_skew(state["momentum"]), b
+            state["momentum"] = pack_skew(state["momentum"])
         packed_grad = pack_skew(grad)
         packed = state["momentum"].mul_(cfg.beta1).add_(packed_grad)
         if not active:
             return None
-        ahead = unpack_skew(packed_grad.add(packed, alpha=cfg.beta1) if cfg.nesterov else packed, b)
+        ahead = unpack_skew(packed_grad.add(packed, alpha=cfg.beta1) if cfg.nesterov else packed)
         if cfg.direction_dtype == "bf16" and cfg.orthogonalize == "newton_schulz":
             direction = orthogonalize_skew(ahead.bfloat16(), cfg.orthogonalize).to(ahead.dtype)
             return 0.5 * (direction - direction.transpose(-1, -2))  # bf16 rounding leaves it only nearly skew
@@ -39,7 +38,6 @@ class Orthogonalized:
     def after_redraw(self, state: dict, transport) -> None:
         if self.config.transport and "momentum" in state:
             momentum = state["momentum"]
-            blocks = unpack_skew(momentum, state["block"]) if momentum.dim() == 2 else momentum
-            state["momentum"], state["block"] = pack_skew(transport(blocks)), blocks.shape[-1]
+            state["momentum"] = pack_skew(transport(unpack_skew(momentum) if momentum.dim() == 2 else momentum))
         else:
             state.clear()
