@@ -3,6 +3,7 @@
     python benchmarks/optimizer.py                                  # llama-60m, b=64 and 256, both orthogonalizations
     python benchmarks/optimizer.py --preset tiny --blocks 32 128 384 --orthogonalize newton_schulz
     python benchmarks/optimizer.py --device cuda --preset llama-350m
+    python benchmarks/optimizer.py --blocks 64 --orthogonalize newton_schulz --profile   # where a step's time goes
 
 The weights are the preset's q/k/v/o/gate/up/down matrices (random, with random gradients); no model,
 no data: what is left is the optimizer's own work per step, the part of a POET step that does not
@@ -48,6 +49,16 @@ def median_step(optimizer: torch.optim.Optimizer, repeats: int, sync) -> float:
     return statistics.median(times)
 
 
+def top_ops(optimizer: torch.optim.Optimizer, sync, rows: int = 12) -> str:
+    from torch.profiler import profile
+
+    with profile() as prof:
+        for _ in range(2):
+            optimizer.step()
+        sync()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="llama-60m")
@@ -58,6 +69,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    parser.add_argument("--profile", action="store_true", help="also list the top ops of two steps per POET row")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     print(describe_machine(args.device))
@@ -69,8 +81,11 @@ def main(argv: list[str] | None = None) -> None:
         for method in args.orthogonalize:
             for dtype in args.direction_dtypes if method == "newton_schulz" else ["fp32"]:
                 poet = POET(block_weights(args.preset, device=args.device), lr=0.02, poet=POETConfig(block_size=block),
-                            rule=RuleConfig(orthogonalize=method, direction_dtype=dtype))
+                            # only a non-default direction_dtype is passed, so older src/ (the docs' "before") runs
+                            rule=RuleConfig(orthogonalize=method, **({} if dtype == "fp32" else {"direction_dtype": dtype})))
                 seconds = median_step(poet, args.repeats, sync)
+                if args.profile:
+                    print(f"POET b={block}, {method} ({dtype}):\n{top_ops(poet, sync)}\n")
                 label = f"POET b={block}, {method}" + (f" ({dtype})" if len(args.direction_dtypes) > 1 else "")
                 rows.append([label, f"{seconds:.3f}", f"{seconds / adamw:.2f}"])
     print(f"#### {args.preset}: one optimizer step over the block weights\n")

@@ -49,7 +49,7 @@ def test_newton_schulz_is_skew_and_near_the_polar_factor():
 def test_newton_schulz_starts_below_one_and_reaches_every_plane_a_spectrum_allows(spread):
     """Flat, graded and spiky spectra of wide blocks (b = 256): no plane overshoots (a start above σ = 1
     would blow up), and planes within 100× of the largest all land in [0.6, 1.25] (a Frobenius-normalized
-    start needs a fifth step for that: it reaches 0.37 in four)."""
+    start needs a fifth step for that)."""
     b, planes = 256, 128
     basis = torch.linalg.qr(torch.randn(3, b, b, generator=torch.Generator().manual_seed(1), dtype=torch.float64))[0]
     sigma = torch.logspace(0, -math.log10(spread), planes, dtype=torch.float64)

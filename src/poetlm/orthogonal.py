@@ -160,8 +160,8 @@ def _newton_schulz(a: torch.Tensor) -> torch.Tensor:
     The start must have σ_max ≤ 1. Muon divides by the Frobenius norm, which overshoots σ_max by up to √b
     on a flat spectrum; s = ‖(aaᵀ)²‖_F^¼ (the Schatten-8 norm, ≥ σ_max and at most b^⅛·σ_max) comes free
     from the two products the first step needs anyway, and starts every plane up to b^⅜ closer to 1 (8× at
-    b = 256 on a flat spectrum, worth ~1.7 steps of the quintic's 3.44× per step); measured, 4 steps from
-    it agree with the polar factor as well as 5 Frobenius-started ones.
+    b = 256 on a flat spectrum, worth ~1.7 steps of the quintic's 3.44× per step). The tests pin what 4
+    steps from it reach (tests/test_update_rules.py).
     """
     ratio = -4.7750 / 2.0315  # x ← 3.4445·x + 2.0315·(G² + ratio·G)·x, G = xxᵀ
     a = a / a.flatten(-2).norm(dim=-1).clamp_min(1e-12)[:, None, None]  # keeps (aaᵀ)² clear of overflow

@@ -23,8 +23,8 @@ class RuleConfig:
     beta2, eps: Adam's second moment (lie_adam only).
     nesterov: orthogonalize g + β·m instead of m (orthogonalized only).
     alternate: rotate only the output side on even steps and only the input side on odd steps; both
-        sides' momenta are updated every step (a side that sees only the steps it turns trained to val ppl
-        62.2 instead of 54.1 at tiny, 1000 steps).
+        sides' momenta are updated every step (one that saw only the steps it turns trained far worse:
+        docs/benchmarks.md, "The fold form's optimizer").
     redraw_every: steps between redraws of the coordinates (permutations / subsets).
     transport: at a redraw, keep the momentum of every plane whose two coordinates share a block before
         and after (False: start the momentum from zero). lie_adam always restarts its moments.
