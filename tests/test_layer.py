@@ -150,3 +150,17 @@ def test_permutation_gather_matches_index_select_forward_and_backward(dim):
     torch.testing.assert_close(torch.autograd.grad(ours, x, upstream)[0], torch.autograd.grad(reference, x, upstream)[0],
                                atol=0, rtol=0)
     assert torch.autograd.gradcheck(lambda t: permute(t, index, torch.argsort(index), dim), (x,))
+
+
+@pytest.mark.parametrize("variant", ["bs", "fs"])
+def test_input_path_takes_the_dtype_of_an_autocast_block_product(variant, monkeypatch):
+    # CUDA autocast runs the block products in bf16 while x stays fp32 (CPU autocast does not, so the
+    # product's downcast is imitated): the fs side once failed there, mixing dtypes in index_copy.
+    layer = make_layer(variant, 12, 20, dtype=torch.float32, forward_mode="input")
+    x = torch.randn(3, 12)
+    reference = layer(x)
+    for side in (layer.rotation_in, layer.rotation_out):
+        product = side._rotate_gathered
+        monkeypatch.setattr(side, "_rotate_gathered", lambda *args, product=product: product(*args).bfloat16())
+    out = layer(x)
+    torch.testing.assert_close(out.float(), reference, rtol=3e-2, atol=3e-2)

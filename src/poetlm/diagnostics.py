@@ -22,6 +22,7 @@ from torch import nn
 
 from .layer import POETLinear
 from .model import poet_layers
+from .orthogonal import singular_values
 from .primitives import RotationSide
 
 
@@ -35,7 +36,7 @@ def _orthogonality_error(side: RotationSide, blocks: torch.Tensor) -> float:
 
 
 def svd_entropy(weight: torch.Tensor) -> float:
-    return _entropy(torch.linalg.svdvals(weight.float()))
+    return _entropy(singular_values(weight))
 
 
 def _entropy(sigma: torch.Tensor) -> float:
@@ -58,8 +59,8 @@ def layer_diagnostics(layer: POETLinear, spectrum: bool = False) -> dict[str, fl
     }
     if spectrum:
         layer.record_initial_spectrum()
-        sigma = torch.linalg.svdvals(layer.effective_weight((blocks_in, blocks_out)).float())
-        initial = layer.initial_spectrum.float()
+        sigma = singular_values(layer.effective_weight((blocks_in, blocks_out)))
+        initial = layer.initial_spectrum.float().cpu()
         result["spectrum_drift"] = float((sigma - initial).abs().max() / initial.max())
         result["svd_entropy"] = _entropy(sigma)
     return result

@@ -19,6 +19,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from .config import POETConfig
+from .orthogonal import singular_values
 from .primitives import RotationSide, make_side, seeded_generator
 
 
@@ -230,7 +231,7 @@ class POETLinear(nn.Module):
     @torch.no_grad()
     def record_initial_spectrum(self) -> None:
         if torch.isnan(self.initial_spectrum).any() and int(self.merge_count) == 0:
-            self.initial_spectrum.copy_(torch.linalg.svdvals(self.weight0.float()).to(self.initial_spectrum.dtype))
+            self.initial_spectrum.copy_(singular_values(self.weight0))
 
     def require_whole(self, operation: str) -> None:
         """Refuse a whole-matrix operation on a sharded layer, where it would compute on one shard only."""

@@ -22,7 +22,7 @@ import functools
 import torch
 
 from .config import POETConfig
-from .orthogonal import generator_scale, rotation_increment
+from .orthogonal import generator_scale, rotation_increment, singular_values
 from .primitives import block_layout, draw_index, seeded_generator, transport_blocks
 from .update_rules import RuleConfig, make_rule
 
@@ -187,7 +187,7 @@ class POET(torch.optim.Optimizer):
     def _init_state(self, key: int, param: torch.Tensor, state: dict) -> None:
         state["step"] = 0
         state["draws"] = 0
-        state["initial_spectrum"] = torch.linalg.svdvals(param.detach().float())
+        state["initial_spectrum"] = singular_values(param)
         for side in SIDES:
             dim = self._side_view(param, side).shape[0]
             state[side] = {"index": self._draw(key, side, dim, 0, param.device), "rule": {}}
@@ -285,8 +285,8 @@ class POET(torch.optim.Optimizer):
         for _, _, param in self._keys():
             state = self.state.get(param)
             if state:
-                initial = state["initial_spectrum"]
-                sigma = torch.linalg.svdvals(param.detach().float())
+                initial = state["initial_spectrum"].cpu()  # a loaded state sits on the parameter's device
+                sigma = singular_values(param)
                 drifts.append(float((sigma - initial).abs().max() / initial.max()))
         return max(drifts)
 

@@ -176,3 +176,13 @@ def _newton_schulz(a: torch.Tensor) -> torch.Tensor:
             poly = torch.baddbmm(gram, gram, gram, beta=ratio)
         x = torch.baddbmm(x, poly, x, beta=3.4445, alpha=2.0315)
     return x
+
+
+def singular_values(weight: torch.Tensor) -> torch.Tensor:
+    """σ(W), descending, in fp32 on the CPU: the spectrum that POET keeps and drift metrics compare.
+
+    On the CPU because LAPACK's fp32 SVD resolves σ to ~1e-6·σ_max, while CUDA's read a 3–4e-5 drift
+    (H200, `benchmarks/gpu_check.py`) on weights whose change matched fp64 to 2e-6: a noise floor above
+    the drift the metric exists to show.
+    """
+    return torch.linalg.svdvals(weight.detach().float().cpu())

@@ -169,7 +169,9 @@ class FullyStochastic(RotationSide):
         if not self.block_sizes:
             return x
         rotated = self._rotate_gathered(x.index_select(dim, self.index), blocks, transpose, dim)
-        return x.index_copy(dim, self.index, rotated)
+        # Under CUDA autocast the block product comes back in bf16 while x is fp32: the result takes
+        # the product's dtype, as the block-stochastic side's does.
+        return x.to(rotated.dtype).index_copy(dim, self.index, rotated)
 
 
 def make_side(variant: str, dim: int, block_size: int, fraction: float) -> RotationSide:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..orthogonal import singular_values
 from . import checkpoint as ckpt
 from . import files, parallel
 from .acceleration import accelerate
@@ -83,7 +84,7 @@ def spectrum_layer(model: nn.Module) -> tuple[str, torch.Tensor] | None:
     name, module = linears[-1]
     with parallel.full_parameters(module):
         weight = module.effective_weight() if hasattr(module, "effective_weight") else module.weight
-        return name, torch.linalg.svdvals(weight.detach().float().cpu())
+        return name, singular_values(weight)
 
 
 def trainable_counts(model: nn.Module, method: Method) -> dict[str, int]:
