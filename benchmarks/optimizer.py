@@ -4,11 +4,13 @@
     python benchmarks/optimizer.py --preset tiny --blocks 32 128 384 --orthogonalize newton_schulz
     python benchmarks/optimizer.py --device cuda --preset llama-350m
     python benchmarks/optimizer.py --blocks 64 --orthogonalize newton_schulz --profile   # where a step's time goes
+    python benchmarks/optimizer.py --orthogonalize newton_schulz --chunks gpu   # the ops a GPU's step dispatches
 
 The weights are the preset's q/k/v/o/gate/up/down matrices (random, with random gradients); no model,
 no data: what is left is the optimizer's own work per step, the part of a POET step that does not
 shrink with more tokens per step. Median of --repeats steps after one untimed step (one torch thread on
-CPU; CUDA synchronized around each step).
+CPU; CUDA synchronized around each step). "ops/step" counts the torch ops the step dispatches itself
+(views included): where kernel launches bound a step, as on GPUs at these sizes, that is its cost.
 """
 
 from __future__ import annotations
@@ -49,6 +51,15 @@ def median_step(optimizer: torch.optim.Optimizer, repeats: int, sync) -> float:
     return statistics.median(times)
 
 
+def dispatched_ops(optimizer: torch.optim.Optimizer) -> int:
+    """Torch ops called directly by one step (not the ops those call in turn)."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        optimizer.step()
+    return sum(1 for event in prof.events() if event.cpu_parent is not None and event.cpu_parent.name.startswith("Optimizer.step"))
+
+
 def top_ops(optimizer: torch.optim.Optimizer, sync, rows: int = 12) -> str:
     from torch.profiler import profile
 
@@ -70,13 +81,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--profile", action="store_true", help="also list the top ops of two steps per POET row")
+    parser.add_argument("--chunks", choices=["device", "gpu"], default="device",
+                        help="gpu: batch weights as on a GPU (poetlm.optim.CHUNK_ENTRIES), whatever the device")
     args = parser.parse_args(argv)
+    if args.chunks == "gpu":
+        import poetlm.optim
+
+        if not hasattr(poetlm.optim, "CHUNK_ENTRIES"):
+            parser.error("--chunks gpu: this poetlm has no device-dependent chunking (poetlm.optim.CHUNK_ENTRIES)")
+        poetlm.optim.CHUNK_ENTRIES = {}
     torch.set_num_threads(args.threads)
     print(describe_machine(args.device))
     sync = synchronizer(args.device)
     rows = []
-    adamw = median_step(torch.optim.AdamW(block_weights(args.preset, device=args.device), lr=1e-3), args.repeats, sync)
-    rows.append(["AdamW", f"{adamw:.3f}", "1.00"])
+    reference = torch.optim.AdamW(block_weights(args.preset, device=args.device), lr=1e-3)
+    adamw = median_step(reference, args.repeats, sync)
+    rows.append(["AdamW", f"{adamw:.3f}", "1.00", dispatched_ops(reference)])
     for block in args.blocks:
         for method in args.orthogonalize:
             for dtype in args.direction_dtypes if method == "newton_schulz" else ["fp32"]:
@@ -87,9 +107,10 @@ def main(argv: list[str] | None = None) -> None:
                 if args.profile:
                     print(f"POET b={block}, {method} ({dtype}):\n{top_ops(poet, sync)}\n")
                 label = f"POET b={block}, {method}" + (f" ({dtype})" if len(args.direction_dtypes) > 1 else "")
-                rows.append([label, f"{seconds:.3f}", f"{seconds / adamw:.2f}"])
-    print(f"#### {args.preset}: one optimizer step over the block weights\n")
-    print(markdown_table(["optimizer", "s/step", "× AdamW"], rows))
+                rows.append([label, f"{seconds:.3f}", f"{seconds / adamw:.2f}", dispatched_ops(poet)])
+    chunks = ", batched as on a GPU" if args.chunks == "gpu" else ""
+    print(f"#### {args.preset}: one optimizer step over the block weights{chunks}\n")
+    print(markdown_table(["optimizer", "s/step", "× AdamW", "ops/step"], rows))
 
 
 if __name__ == "__main__":

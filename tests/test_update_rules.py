@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from poetlm import POETConfig, POETLinear, merge
+from poetlm import optim
 from poetlm.optim import POET, side_blocks, skew_gradient
 from poetlm.orthogonal import orthogonalize_skew, unpack_skew
 from poetlm.primitives import block_layout, draw_index, seeded_generator, transport_blocks
@@ -193,11 +194,17 @@ def test_many_steps_keep_the_spectrum_while_the_weight_moves(rule, variant):
 
 
 @pytest.mark.parametrize("rule", [RuleConfig(redraw_every=3), RuleConfig(name="lie_adam", redraw_every=3)])
-def test_weights_stepped_as_one_batch_match_each_stepped_alone(rule):
-    """Same-shaped weights share one set of block products; the result must be each weight's own step."""
+@pytest.mark.parametrize("chunking", ["cpu", "gpu"])
+def test_weights_stepped_as_one_batch_match_each_stepped_alone(rule, chunking, monkeypatch):
+    """Same-shaped weights share one set of block products; the result must be each weight's own step,
+    in the CPU's chunks (here 2 + 1 of the three 12×10 weights) and in a GPU's (all three at once)."""
+    if chunking == "gpu":
+        monkeypatch.setattr(optim, "CHUNK_ENTRIES", {})  # this CPU takes the policy of a device type it does not list
     inputs, targets = regression(out=12, inp=10)
     config = POETConfig(block_size=4)
     starts = [torch.randn(12, 10, dtype=torch.float64) for _ in range(3)] + [torch.randn(12, 12, dtype=torch.float64)]
+    members = [(torch.empty(12, 10), None)] * 3
+    assert [len(chunk) for chunk in optim._chunks(members, 48)] == ([2, 1] if chunking == "cpu" else [3])
 
     def loss(weights):
         x = inputs.double()

@@ -47,12 +47,13 @@ class Scratch:
 
 
 def side_blocks(tensor: torch.Tensor, side: str, index: torch.Tensor, block: int, n_blocks: int,
-                scratch: Scratch | None = None, role: str = "weight") -> torch.Tensor:
+                scratch: Scratch | None = None, role: str = "weight", padded: torch.Tensor | None = None) -> torch.Tensor:
     """One side's rows (of W for "out", of Wᵀ for "in") at `index`, as (n_blocks, b, cols).
 
     A short last block is zero-padded. The input side gathers columns of the tensor itself and returns a
     transposed view of them (batched products take those strides as they are): gathering rows of the
-    strided Wᵀ was the single largest cost of a step. With `scratch`, the gather lands in a reused tensor.
+    strided Wᵀ was the single largest cost of a step. With `scratch`, the gather lands in a reused tensor;
+    `padded` is `padded_index(index, n_blocks * block)`, if the caller keeps one.
     """
     scratch = scratch or Scratch()
     count, width = len(index), n_blocks * block
@@ -63,25 +64,32 @@ def side_blocks(tensor: torch.Tensor, side: str, index: torch.Tensor, block: int
             rows[count:].zero_()
         return rows.view(n_blocks, block, tensor.shape[1])
     columns = scratch.get(role, (tensor.shape[0], width), tensor)
-    if count < width:  # gather some columns twice into the padding, then zero them: a strided `out=` is slow
-        index = torch.cat([index, index[: width - count]])
-    torch.index_select(tensor, 1, index, out=columns)
+    torch.index_select(tensor, 1, padded_index(index, width) if padded is None else padded, out=columns)
     if count < width:
         columns[:, count:].zero_()
     return columns.view(tensor.shape[0], n_blocks, block).permute(1, 2, 0)
 
 
+def padded_index(index: torch.Tensor, width: int) -> torch.Tensor:
+    """`index` filled up to `width` with repeats of its first entries: the input side gathers some
+    columns twice into its padding, then zeroes them (a strided `out=` is slow)."""
+    return index if len(index) >= width else torch.cat([index, index[: width - len(index)]])
+
+
 def fold_side(weight: torch.Tensor, side: str, index: torch.Tensor, blocks: torch.Tensor, increment: torch.Tensor,
-              scratch: Scratch) -> None:
-    """weight ← R·X on one side, X = `side_blocks(weight, …)`: X + (R − I)·X, written back at `index`."""
+              scratch: Scratch, inverse: torch.Tensor | None = None) -> None:
+    """weight ← R·X on one side, X = `side_blocks(weight, …)`: X + (R − I)·X, written back at `index`
+    (`inverse` = argsort(index), if the caller keeps one)."""
     count = len(index)
     whole = count == (weight.shape[0] if side == "out" else weight.shape[1]) and weight.is_contiguous()
+    if whole and inverse is None:
+        inverse = torch.argsort(index)
     if side == "out":
         spare = scratch.get("spare", (blocks.shape[0] * blocks.shape[1], blocks.shape[2]), weight)  # the grad's
         rotated = torch.baddbmm(blocks, increment, blocks, out=spare.view(blocks.shape))
         rows = rotated.flatten(0, 1)[:count]
         if whole:  # a gather by the inverse permutation into the weight beats a scatter by the permutation
-            torch.index_select(rows, 0, torch.argsort(index), out=weight)
+            torch.index_select(rows, 0, inverse, out=weight)
         else:
             weight.index_copy_(0, index, rows)
         return
@@ -91,7 +99,7 @@ def fold_side(weight: torch.Tensor, side: str, index: torch.Tensor, blocks: torc
     columns = scratch.get("spare", (height, n_blocks * block), weight)  # the grad's gather, no longer needed
     torch.baddbmm(slabs, slabs, increment.transpose(1, 2), out=columns.view(height, n_blocks, block).transpose(0, 1))
     if whole:
-        torch.index_select(columns[:, :count], 1, torch.argsort(index), out=weight)
+        torch.index_select(columns[:, :count], 1, inverse, out=weight)
     else:
         weight.index_copy_(1, index, columns[:, :count])
 
@@ -99,21 +107,35 @@ def fold_side(weight: torch.Tensor, side: str, index: torch.Tensor, blocks: torc
 _cached_layout = functools.lru_cache(maxsize=None)(block_layout)  # called per weight and side every step
 
 
+# Entries a chunk's blocks may hold whatever one weight holds, by device type. On a GPU the fold form's
+# step is bound by kernel launches (H200, llama-60m: 48 ms of optimizer for ~1 ms of flops, ~4200 ops per
+# step), so a shape's weights go as one batch up to 2²⁵ entries per copy of the blocks (128 MB in fp32;
+# the rule and map hold a few such copies). On CPU the products are the cost and bigger batches only add
+# temporaries (measured: batching helped small blocks only).
+CHUNK_ENTRIES = {"cpu": 0}
+GPU_CHUNK_ENTRIES = 2**25
+
+
 def _chunks(members: list, block_elements: int) -> list[list]:
-    """Split a batch so that each chunk's blocks hold no more entries than one of its weights.
+    """Split a batch so that each chunk's blocks hold no more entries than one of its weights (or, off the
+    CPU, than CHUNK_ENTRIES allows).
 
     Many weights' (n, b, b) blocks at once save launches and per-op overhead where blocks are small; at
     large b one weight's blocks are big products already, and a whole batch's rule and map temporaries
     (several copies of the blocks) would cost memory instead.
     """
-    per_chunk = max(1, members[0][0].numel() // max(1, block_elements))
+    weight = members[0][0]
+    allowed = max(weight.numel(), CHUNK_ENTRIES.get(weight.device.type, GPU_CHUNK_ENTRIES))
+    per_chunk = max(1, allowed // max(1, block_elements))
     return [members[i: i + per_chunk] for i in range(0, len(members), per_chunk)]
 
 
 def skew_gradient(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
     """∂loss/∂Q_k = 2·(H_k X_kᵀ − X_k H_kᵀ) from a side's weight blocks X and gradient blocks H (module docstring)."""
-    wide = torch.promote_types(x.dtype, torch.float32)
-    product = h.to(wide) @ x.to(wide).transpose(-1, -2)
+    if x.dtype != h.dtype or x.dtype not in (torch.float32, torch.float64):  # a no-op cast is a dispatch too
+        wide = torch.promote_types(x.dtype, torch.float32)
+        x, h = x.to(wide), h.to(wide)
+    product = h @ x.transpose(-1, -2)
     return (product - product.transpose(-1, -2)).mul_(2)
 
 
@@ -142,6 +164,7 @@ class POET(torch.optim.Optimizer):
         self.poet = poet or POETConfig()
         self.rule_config = rule or RuleConfig()
         self.rule = make_rule(self.rule_config)
+        self._derived: dict[tuple[int, str], tuple] = {}  # see _index_forms
         for group in self.param_groups:
             for param in group["params"]:
                 if param.dim() != 2:
@@ -160,6 +183,16 @@ class POET(torch.optim.Optimizer):
         """(the side's index, slot size b, number of blocks)."""
         block, sizes = self._layout(self._side_view(param, side).shape[0])
         return state[side]["index"], block, len(sizes)
+
+    def _index_forms(self, param: torch.Tensor, side: str, index: torch.Tensor, width: int) -> tuple:
+        """(padded index, inverse permutation or None) of a side's current index, derived once per draw:
+        every kernel a step saves counts where steps are launch-bound (GPUs)."""
+        key = (id(param), side)
+        cached = self._derived.get(key)
+        if cached is None or cached[0] is not index:
+            whole = len(index) == self._side_view(param, side).shape[0]
+            cached = self._derived[key] = (index, padded_index(index, width), torch.argsort(index) if whole else None)
+        return cached[1:]
 
     def _draw(self, key: int, side: str, dim: int, draws: int, device) -> torch.Tensor:
         _, sizes = self._layout(dim)
@@ -238,8 +271,9 @@ class POET(torch.optim.Optimizer):
             grads = []
             for param, state in members:
                 index = state[side]["index"]
-                x = side_blocks(param, side, index, block, n_blocks, scratch, "weight")
-                grads.append(skew_gradient(x, side_blocks(param.grad, side, index, block, n_blocks, scratch, "spare")))
+                padded, _ = self._index_forms(param, side, index, n_blocks * block)
+                x = side_blocks(param, side, index, block, n_blocks, scratch, "weight", padded)
+                grads.append(skew_gradient(x, side_blocks(param.grad, side, index, block, n_blocks, scratch, "spare", padded)))
             direction = self._direction(grads, [state[side]["rule"] for _, state in members], side in active)
             if direction is not None:
                 scale = -lr * generator_scale(cfg.parameterization)
@@ -250,8 +284,9 @@ class POET(torch.optim.Optimizer):
             _, block, n_blocks = layouts[side]
             for (param, state), increment in zip(members, increments.get(side, ())):
                 index = state[side]["index"]
-                x = side_blocks(param, side, index, block, n_blocks, scratch, "weight")
-                fold_side(param, side, index, x, increment, scratch)
+                padded, inverse = self._index_forms(param, side, index, n_blocks * block)
+                x = side_blocks(param, side, index, block, n_blocks, scratch, "weight", padded)
+                fold_side(param, side, index, x, increment, scratch, inverse)
         for _, state in members:
             state["step"] += 1
 
