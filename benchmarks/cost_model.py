@@ -195,9 +195,10 @@ def model_bytes(shape: Shape, method: Method, gpu: bool, world: int, checkpointi
         weights, buffers, grads = 4 * total_params, 0, 4 * total_params
         if method.kind == "adamw":
             state = 8 * total_params
-        else:  # packed momentum (b(b−1)/2 per block and side), initial spectrum and coordinates per weight;
-            # AdamW on the rest
-            state = 2 * c.slots + 4 * c.spectrum + 8 * c.index + 8 * c.other
+        else:  # packed momentum (b(b−1)/2 per block and side), initial spectrum and coordinates per weight,
+            # whole on every rank under FSDP (each rank rotates whole weights); AdamW on the rest, sharded
+            rotation_state = 2 * c.slots + 4 * c.spectrum + 8 * c.index
+            state = rotation_state * shard + 8 * c.other
     weights, buffers, grads, state = (x // shard for x in (weights, buffers, grads, state))
     acts = activation_bytes(shape, c, bf16, checkpointing)
     cache = 0
@@ -210,8 +211,10 @@ def model_bytes(shape: Shape, method: Method, gpu: bool, world: int, checkpointi
     fsdp = 12 * c.block_layer if world > 1 else 0  # the current and the prefetched block gathered, one block's grads
     if method.kind == "poet":
         # The POET optimizer steps first, one weight at a time (its gathered rows, gradient rows and their
-        # block product), then drops the block gradients; AdamW then updates the rest.
-        optimizer = max(grads + 8 * c.largest_layer + 4 * c.slots // (7 * shape.layers),
+        # block product; under FSDP also the whole weight and gradient), then drops the block gradients;
+        # AdamW then updates the rest.
+        gathered = 8 * c.largest_layer if world > 1 else 0
+        optimizer = max(grads + gathered + 8 * c.largest_layer + 4 * c.slots // (7 * shape.layers),
                         4 * c.other // shard + adam_transient(shape, c, method, gpu) // shard)
     else:
         optimizer = grads + adam_transient(shape, c, method, gpu) // shard
@@ -264,7 +267,8 @@ def shapes() -> list[Shape]:
 
 def gpu_tables() -> str:
     lines = [f"GPU: bf16 autocast, fp32 master weights, {GPU_BYTES / GIB:.1f} GiB per GPU, fits = peak ≤ {USABLE:.0%} of it; "
-             f"FSDP2 over {FSDP_WORLD} GPUs shards weights, gradients and optimizer state, not activations.\n"]
+             f"FSDP2 over {FSDP_WORLD} GPUs shards weights, gradients and optimizer state (the fold form's rotation "
+             "state excepted: every rank rotates whole weights and keeps it whole), not activations.\n"]
     headers = ["shape (micro-batch)", "method", "weights GiB", "grads GiB", "opt state GiB", "step cache GiB",
                "act GiB", "act +ckpt GiB", "1 GPU peak", "+ckpt", f"FSDP{FSDP_WORLD} peak/GPU", "+ckpt",
                "fits 1 GPU (+ckpt)", f"fits FSDP{FSDP_WORLD} (+ckpt)"]
@@ -273,16 +277,12 @@ def gpu_tables() -> str:
         for method in METHODS:
             one, one_ac = (model_bytes(shape, method, True, 1, ac) for ac in (False, True))
             fsdp, fsdp_ac = (model_bytes(shape, method, True, FSDP_WORLD, ac) for ac in (False, True))
-            sharded_ok = method.kind != "poet"  # the POET optimizer rotates whole weights: no FSDP yet
             body.append([f"{shape.name} ({shape.batch}×{shape.seq})", method.label, gib(one["weights"]), gib(one["grads"]),
                          gib(one["state"]), gib(one["cache"]), gib(one["activations"]), gib(one_ac["activations"]),
                          gib(one["peak"]), gib(one_ac["peak"]),
-                         gib(fsdp["peak"]) + ("" if sharded_ok else "*"), gib(fsdp_ac["peak"]) + ("" if sharded_ok else "*"),
-                         f"{fits(one['peak'])} ({fits(one_ac['peak'])})",
-                         f"{fits(fsdp['peak'])} ({fits(fsdp_ac['peak'])})" if sharded_ok else "n/a*"])
-    lines.append(markdown_table(headers, body, align="ll" + "r" * 10 + "cc"))
-    lines.append("\n\\* the fold form (`poet`) does not run under FSDP here (the optimizer rotates whole weights); "
-                 "the number is what sharding its weights, gradients and state would give.\n")
+                         gib(fsdp["peak"]), gib(fsdp_ac["peak"]), f"{fits(one['peak'])} ({fits(one_ac['peak'])})",
+                         f"{fits(fsdp['peak'])} ({fits(fsdp_ac['peak'])})"])
+    lines.append(markdown_table(headers, body, align="ll" + "r" * 10 + "cc") + "\n")
     headers = ["shape", "tokens/step", "method", "model TFLOP/step", "+ckpt", "POET extra TFLOP", "extra %",
                "FSDP extra %"]
     body = []
@@ -293,7 +293,7 @@ def gpu_tables() -> str:
             _, extra_fsdp = step_flops(shape, method, False, FSDP_WORLD)
             body.append([shape.name, shape.batch * shape.seq * shape.accum, method.label, f"{flops / 1e12:.1f}",
                          f"{flops_ac / 1e12:.1f}", f"{extra / 1e12:.3f}", f"{100 * extra / flops:.2f}",
-                         f"{100 * extra_fsdp / flops:.2f}" if method.kind != "poet" else "n/a"])
+                         f"{100 * extra_fsdp / flops:.2f}"])  # the fold form: every rank rotates every weight
     lines.append(markdown_table(headers, body, align="lrlrrrrr"))
     return "\n".join(lines)
 

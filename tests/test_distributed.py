@@ -55,12 +55,15 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, me
     assert stdout.count("final validation perplexity") == 1  # only rank 0 reports
 
 
-def test_fsdp2_matches_one_process_and_its_checkpoint_loads_unsharded(tmp_path, capsys):
+@pytest.mark.parametrize("method", ["poet-paper", "poet"])
+def test_fsdp2_matches_one_process_and_its_checkpoint_loads_unsharded(tmp_path, capsys, method):
     (tmp_path / "plays.txt").write_text("\n\n".join(read_documents("shakespeare", max_documents=300)))
-    one_losses, one, _ = run(tmp_path, "one", 1, "grad_accum=2", "method='poet-paper'")
-    fsdp_losses, fsdp, _ = run(tmp_path, "fsdp", 2, "grad_accum=1", "parallel='fsdp'", "method='poet-paper'")
+    one_losses, one, _ = run(tmp_path, "one", 1, "grad_accum=2", f"method={method!r}")
+    fsdp_losses, fsdp, _ = run(tmp_path, "fsdp", 2, "grad_accum=1", "parallel='fsdp'", f"method={method!r}")
     assert fsdp_losses == pytest.approx(one_losses, rel=1e-4)
     assert fsdp["final_val_ppl"] == pytest.approx(one["final_val_ppl"], rel=1e-4)
+    if method == "poet":  # the optimizer rotated whole weights and kept the shards' spectra
+        assert fsdp["spectrum_drift"] < 1e-5
     # Checkpoints hold full (gathered) tensors: a single process evaluates the sharded run's model.
     assert main(["eval", str(tmp_path / "runs" / "fsdp")]) == 0
     ppl = float(capsys.readouterr().out.split("perplexity:")[1].split()[0])

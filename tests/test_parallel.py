@@ -97,3 +97,50 @@ def test_sharded_layers_are_refused_whole_matrix_work_and_merge_layer_by_layer_t
     diagnostics = poetlm.model_diagnostics(model, spectrum=True, gather=full_parameters)
     assert diagnostics == pytest.approx(poetlm.model_diagnostics(reference, spectrum=True))
     assert "weight" not in {key.rpartition(".")[2] for key in model.state_dict()}  # no rank holds a dense weight
+
+
+def test_poet_optimizer_rotates_sharded_weights_as_whole_ones_and_resumes_from_a_gathered_state(process_group):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from poetlm.optim import POET
+    from poetlm.train.parallel import load_training_state, training_state, whole_tensor
+
+    torch.manual_seed(0)
+    start = nn.Sequential(nn.Linear(12, 20, bias=False), nn.Linear(20, 12, bias=False)).double()
+    inputs = torch.randn(16, 12, dtype=torch.float64)
+    config = poetlm.POETConfig(block_size=4)
+    mesh = init_device_mesh("cpu", (1,))
+
+    def sharded_copy():
+        model = copy.deepcopy(start)
+        for layer in model:
+            fully_shard(layer, mesh=mesh)
+        return model, POET(list(model.named_parameters()), lr=0.05, poet=config, rule=poetlm.RuleConfig(redraw_every=3),
+                           gather=whole_tensor)
+
+    def steps(model, optimizer, count):
+        for _ in range(count):
+            model(inputs).pow(2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    whole = copy.deepcopy(start)
+    whole_optimizer = POET(list(whole.named_parameters()), lr=0.05, poet=config, rule=poetlm.RuleConfig(redraw_every=3))
+    sharded, sharded_optimizer = sharded_copy()
+    assert all(hasattr(p, "full_tensor") for p in sharded.parameters())
+    sharded(inputs).sum().backward()
+    with pytest.raises(ValueError, match="holds a shard.*gather="):
+        POET(list(sharded.named_parameters()), poet=config).step()
+    sharded_optimizer.zero_grad()
+    steps(whole, whole_optimizer, 4)
+    steps(sharded, sharded_optimizer, 4)
+    model_state, optimizer_states = training_state(sharded, [sharded_optimizer], sharded=True)
+    resumed, resumed_optimizer = sharded_copy()
+    load_training_state(resumed, [resumed_optimizer], model_state, optimizer_states, sharded=True)
+    steps(whole, whole_optimizer, 4)  # across a redraw
+    steps(resumed, resumed_optimizer, 4)
+    assert (whole[0].weight - start[0].weight).norm() > 1e-2
+    for ours, reference in zip(resumed, whole):
+        torch.testing.assert_close(ours.weight.full_tensor(), reference.weight.detach(), rtol=0, atol=1e-12)
+    assert resumed_optimizer.spectrum_drift() == pytest.approx(whole_optimizer.spectrum_drift(), abs=1e-9)

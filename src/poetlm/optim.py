@@ -17,11 +17,14 @@ subsets) are redrawn every `rule.redraw_every` steps from seeded generators, as 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+from typing import Callable
 
 import torch
 
 from .config import POETConfig
+from .layer import is_shard
 from .orthogonal import generator_scale, rotation_increment, singular_values
 from .primitives import block_layout, draw_index, seeded_generator, transport_blocks
 from .update_rules import RuleConfig, make_rule
@@ -116,15 +119,17 @@ CHUNK_ENTRIES = {"cpu": 0}
 GPU_CHUNK_ENTRIES = 2**25
 
 
-def _chunks(members: list, block_elements: int) -> list[list]:
-    """Split a batch so that each chunk's blocks hold no more entries than one of its weights (or, off the
-    CPU, than CHUNK_ENTRIES allows).
+def _chunks(members: list, weight: torch.Tensor, block_elements: int) -> list[list]:
+    """Split a batch of weights shaped like `weight` so that each chunk's blocks hold no more entries than
+    one weight (or, off the CPU, than CHUNK_ENTRIES allows).
 
     Many weights' (n, b, b) blocks at once save launches and per-op overhead where blocks are small; at
     large b one weight's blocks are big products already, and a whole batch's rule and map temporaries
-    (several copies of the blocks) would cost memory instead.
+    (several copies of the blocks) would cost memory instead. Sharded weights go one at a time: each is
+    gathered whole for its step, and FSDP's memory saving must not come back in the optimizer.
     """
-    weight = members[0][0]
+    if is_shard(weight):
+        return [[member] for member in members]
     allowed = max(weight.numel(), CHUNK_ENTRIES.get(weight.device.type, GPU_CHUNK_ENTRIES))
     per_chunk = max(1, allowed // max(1, block_elements))
     return [members[i: i + per_chunk] for i in range(0, len(members), per_chunk)]
@@ -155,12 +160,17 @@ class POET(torch.optim.Optimizer):
         "orthogonalized" the angle in radians each rotation plane turns per step (0.02 was best at `tiny`).
     poet: block layout (variant, block_size, fraction), the orthogonal map and the seed of the coordinates.
     rule: the update rule (default: orthogonalized momentum, Nesterov, alternating sides).
+    gather: for sharded weights (FSDP2): `gather(tensor)` is a context manager within which the tensor is
+        whole and on whose exit each rank's shard takes the whole value (`poetlm.train.parallel.whole_tensor`).
+        Each weight is gathered by itself for its step and rotated alike on every rank.
     """
 
-    def __init__(self, params, lr: float = 0.02, poet: POETConfig | None = None, rule: RuleConfig | None = None) -> None:
+    def __init__(self, params, lr: float = 0.02, poet: POETConfig | None = None, rule: RuleConfig | None = None,
+                 gather: Callable[[torch.Tensor], contextlib.AbstractContextManager] | None = None) -> None:
         if not lr > 0:
             raise ValueError(f"POET lr={lr!r} is invalid: must be > 0")
         super().__init__(params, {"lr": lr})
+        self.gather = gather
         self.poet = poet or POETConfig()
         self.rule_config = rule or RuleConfig()
         self.rule = make_rule(self.rule_config)
@@ -184,14 +194,15 @@ class POET(torch.optim.Optimizer):
         block, sizes = self._layout(self._side_view(param, side).shape[0])
         return state[side]["index"], block, len(sizes)
 
-    def _index_forms(self, param: torch.Tensor, side: str, index: torch.Tensor, width: int) -> tuple:
+    def _index_forms(self, state: dict, side: str, weight: torch.Tensor, width: int) -> tuple:
         """(padded index, inverse permutation or None) of a side's current index, derived once per draw:
-        every kernel a step saves counts where steps are launch-bound (GPUs)."""
-        key = (id(param), side)
+        every kernel a step saves counts where steps are launch-bound (GPUs). Kept apart from the state so
+        that checkpoints do not carry them; a new index (a redraw, a loaded state) is a new entry."""
+        key, index = (id(state), side), state[side]["index"]
         cached = self._derived.get(key)
         if cached is None or cached[0] is not index:
-            whole = len(index) == self._side_view(param, side).shape[0]
-            cached = self._derived[key] = (index, padded_index(index, width), torch.argsort(index) if whole else None)
+            permutation = len(index) == self._side_view(weight, side).shape[0]
+            cached = self._derived[key] = (index, padded_index(index, width), torch.argsort(index) if permutation else None)
         return cached[1:]
 
     def _draw(self, key: int, side: str, dim: int, draws: int, device) -> torch.Tensor:
@@ -239,42 +250,56 @@ class POET(torch.optim.Optimizer):
         loss = _evaluate(closure)
         batches: dict[tuple, list] = {}
         for key, group, param in self._keys():
-            if param.grad is None:
-                continue
-            state = self.state[param]
-            if not state:
-                self._init_state(key, param, state)
-            elif state["step"] % self.rule_config.redraw_every == 0:
-                self._redraw(key, param, state)
-            # Weights with one shape, lr and step count turn as one batch of blocks (one set of products).
-            batch = (tuple(param.shape), param.dtype, param.device, group["lr"], state["step"])
-            batches.setdefault(batch, []).append((param, state))
+            if param.grad is not None:
+                # Weights with one shape, lr and step count turn as one batch of blocks (one set of products).
+                batch = (tuple(param.shape), param.dtype, param.device, group["lr"], self.state[param].get("step", 0))
+                batches.setdefault(batch, []).append((key, param))
         scratch = Scratch()
-        for (*_, lr, step), members in batches.items():
-            for chunk in _chunks(members, self._side_block_elements(members[0][0])):
-                self._rotate(chunk, lr, step, scratch)
+        for (*_, lr, step), params in batches.items():
+            example = params[0][1]
+            for chunk in _chunks(params, example, self._side_block_elements(example)):
+                with contextlib.ExitStack() as whole:  # sharded weights: rotated whole, shards written back on exit
+                    members = [self._member(key, param, whole) for key, param in chunk]
+                    self._rotate(members, lr, step, scratch)
         return loss
+
+    def _whole(self, tensor: torch.Tensor, stack: contextlib.ExitStack) -> torch.Tensor:
+        if not is_shard(tensor):
+            return tensor
+        if self.gather is None:
+            raise ValueError("POET rotates whole weights, but this process holds a shard of one (FSDP2): pass "
+                             "gather= (e.g. POET(..., gather=poetlm.train.parallel.whole_tensor))")
+        return stack.enter_context(self.gather(tensor))
+
+    def _member(self, key, param: torch.Tensor, stack: contextlib.ExitStack) -> tuple[torch.Tensor, torch.Tensor, dict]:
+        """(whole weight, whole gradient, state) of a parameter, its coordinates drawn or redrawn if due."""
+        weight, state = self._whole(param, stack), self.state[param]
+        if not state:
+            self._init_state(key, weight, state)
+        elif state["step"] % self.rule_config.redraw_every == 0:
+            self._redraw(key, weight, state)
+        return weight, self._whole(param.grad, stack), state
 
     def _side_block_elements(self, param: torch.Tensor) -> int:
         """Entries of the larger side's (n, b, b) blocks of one weight."""
         sizes = [self._layout(self._side_view(param, side).shape[0]) for side in SIDES]
         return max(block * block * len(blocks) for block, blocks in sizes)
 
-    def _rotate(self, members: list[tuple[torch.Tensor, dict]], lr: float, step: int, scratch: Scratch) -> None:
+    def _rotate(self, members: list[tuple[torch.Tensor, torch.Tensor, dict]], lr: float, step: int, scratch: Scratch) -> None:
         cfg, rule_cfg = self.poet, self.rule_config
         active = SIDES if not rule_cfg.alternate else (SIDES[step % 2],)
         layouts, increments = {}, {}
         for side in SIDES:  # every side's state sees every step's gradient, active or not
-            _, block, n_blocks = layouts[side] = self._side(members[0][0], side, members[0][1])
+            _, block, n_blocks = layouts[side] = self._side(members[0][0], side, members[0][2])
             if not n_blocks:
                 continue
             grads = []
-            for param, state in members:
+            for weight, grad, state in members:
                 index = state[side]["index"]
-                padded, _ = self._index_forms(param, side, index, n_blocks * block)
-                x = side_blocks(param, side, index, block, n_blocks, scratch, "weight", padded)
-                grads.append(skew_gradient(x, side_blocks(param.grad, side, index, block, n_blocks, scratch, "spare", padded)))
-            direction = self._direction(grads, [state[side]["rule"] for _, state in members], side in active)
+                padded, _ = self._index_forms(state, side, weight, n_blocks * block)
+                x = side_blocks(weight, side, index, block, n_blocks, scratch, "weight", padded)
+                grads.append(skew_gradient(x, side_blocks(grad, side, index, block, n_blocks, scratch, "spare", padded)))
+            direction = self._direction(grads, [state[side]["rule"] for _, _, state in members], side in active)
             if direction is not None:
                 scale = -lr * generator_scale(cfg.parameterization)
                 increment = rotation_increment(scale * direction.to(members[0][0].dtype), cfg.parameterization,
@@ -282,12 +307,12 @@ class POET(torch.optim.Optimizer):
                 increments[side] = increment.split(n_blocks)
         for side in active:  # in turn: the second side sees the weight after the first side's rotation
             _, block, n_blocks = layouts[side]
-            for (param, state), increment in zip(members, increments.get(side, ())):
+            for (weight, _, state), increment in zip(members, increments.get(side, ())):
                 index = state[side]["index"]
-                padded, inverse = self._index_forms(param, side, index, n_blocks * block)
-                x = side_blocks(param, side, index, block, n_blocks, scratch, "weight", padded)
-                fold_side(param, side, index, x, increment, scratch, inverse)
-        for _, state in members:
+                padded, inverse = self._index_forms(state, side, weight, n_blocks * block)
+                x = side_blocks(weight, side, index, block, n_blocks, scratch, "weight", padded)
+                fold_side(weight, side, index, x, increment, scratch, inverse)
+        for _, _, state in members:
             state["step"] += 1
 
     def _direction(self, grads: list[torch.Tensor], states: list[dict], active: bool) -> torch.Tensor | None:
@@ -315,13 +340,15 @@ class POET(torch.optim.Optimizer):
 
     @torch.no_grad()
     def spectrum_drift(self) -> float:
-        """max over parameters of max_i |σ_i(W) − σ_i(W at its first step)| / σ_max(W at its first step)."""
+        """max over parameters of max_i |σ_i(W) − σ_i(W at its first step)| / σ_max(W at its first step).
+        Collective for sharded weights: every rank calls it."""
         drifts = [0.0]
         for _, _, param in self._keys():
             state = self.state.get(param)
             if state:
                 initial = state["initial_spectrum"].cpu()  # a loaded state sits on the parameter's device
-                sigma = singular_values(param)
+                with contextlib.ExitStack() as whole:
+                    sigma = singular_values(self._whole(param, whole))
                 drifts.append(float((sigma - initial).abs().max() / initial.max()))
         return max(drifts)
 

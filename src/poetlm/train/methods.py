@@ -166,8 +166,6 @@ class POETFold(Method):
 
     name = "poet"
 
-    supports_fsdp = False  # the optimizer rotates full weights
-
     def prepare(self, model):
         try:
             self.named_weights = rotated_weights(model, poet_config(self.config))
@@ -180,9 +178,14 @@ class POETFold(Method):
 
     def optimizers(self, model):
         cfg = self.config
+        # FSDP2 swaps in sharded parameters after prepare(): the weights by name, as the model holds them now.
+        current = dict(model.named_parameters())
+        self.named_weights = [(name, current.get(name, weight)) for name, weight in self.named_weights]
+        self.weights = [weight for _, weight in self.named_weights]
         ids = {id(w) for w in self.weights}
         groups = param_groups(model, lr_base=cfg.optim.lr, lr_poet=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-        rotations = POET(self.named_weights, lr=cfg.optim.lr_poet, poet=poet_config(cfg), rule=cfg.rule)
+        rotations = POET(self.named_weights, lr=cfg.optim.lr_poet, poet=poet_config(cfg), rule=cfg.rule,
+                         gather=parallel.whole_tensor)
         rest = _split_groups(groups, ids)
         return [rotations] + ([torch.optim.AdamW(rest, betas=(cfg.optim.beta1, cfg.optim.beta2))] if rest else [])
 

@@ -205,6 +205,29 @@ def load_training_state(model: nn.Module, optimizers, model_state: dict, optimiz
 
 
 @contextlib.contextmanager
+def whole_tensor(tensor: torch.Tensor):
+    """Within the block, the whole value of a sharded (DTensor) tensor; on exit each rank's shard takes the
+    (possibly changed) whole value, computed alike on every rank. Other tensors pass through unchanged.
+    Entering is collective on a sharded tensor."""
+    if not isinstance(tensor, DTensor):
+        yield tensor
+        return
+    whole = tensor.full_tensor()
+    yield whole
+    _write_shard(tensor, whole)
+
+
+@torch.no_grad()
+def _write_shard(sharded: DTensor, whole: torch.Tensor) -> None:
+    """Each rank's shard of `sharded` ← its part of `whole`, a value every rank holds alike."""
+    try:  # each rank keeps its own part, nothing is sent
+        shard = distribute_tensor(whole, sharded.device_mesh, sharded.placements, src_data_rank=None)
+    except TypeError:  # torch < 2.7 has no src_data_rank: rank 0's copy is scattered
+        shard = distribute_tensor(whole, sharded.device_mesh, sharded.placements)
+    sharded.copy_(shard)
+
+
+@contextlib.contextmanager
 def full_parameters(module: nn.Module):
     """Within the block, every FSDP2-sharded parameter of `module` is whole; on exit each rank's shard of
     the (possibly changed) whole value is written back. A merge needs whole matrices (R and P mix every row
@@ -220,8 +243,6 @@ def full_parameters(module: nn.Module):
     try:
         yield
     finally:
-        with torch.no_grad():
-            for owner, name, sharded in swapped:
-                full = owner._parameters[name].detach()
-                sharded.copy_(distribute_tensor(full, sharded.device_mesh, sharded.placements))
-                owner._parameters[name] = sharded
+        for owner, name, sharded in swapped:
+            _write_shard(sharded, owner._parameters[name].detach())
+            owner._parameters[name] = sharded
