@@ -78,6 +78,24 @@ def test_fsdp2_matches_one_process_and_its_checkpoint_loads_unsharded(tmp_path, 
         torch.testing.assert_close(final(ids).logits, load_run_model(tmp_path / "runs" / "fsdp")[0](ids).logits, rtol=1e-5, atol=1e-5)
 
 
+def test_fsdp2_fold_form_resumes_exactly_from_its_gathered_checkpoint(tmp_path):
+    """Two ranks of the default POET under FSDP2: drop the last checkpoint, resume from the middle one, and
+    the run ends bit for bit where it ended before (the POET optimizer's whole-tensor state round-trips)."""
+    (tmp_path / "plays.txt").write_text("\n\n".join(read_documents("shakespeare", max_documents=300)))
+    losses, summary, _ = run(tmp_path, "fsdp", 2, "grad_accum=1", "parallel='fsdp'", "keep_checkpoints=2")
+    run_dir = tmp_path / "runs" / "fsdp"
+    first = {name: tensor.clone() for name, tensor in load_run_model(run_dir)[0].state_dict().items()}
+    (run_dir / "checkpoints" / "step_00000006.pt").unlink()
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "poetlm", "train", "--resume", str(run_dir)],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    resumed = json.loads((run_dir / "summary.json").read_text())
+    assert resumed["final_val_ppl"] == summary["final_val_ppl"] and resumed["steps"] == 6
+    for name, tensor in load_run_model(run_dir)[0].state_dict().items():
+        assert torch.equal(tensor, first[name]), name
+
+
 def test_fsdp2_finetune_writes_an_adapter_that_rebuilds_the_run_on_its_base(tmp_path):
     """The merge history is gathered from the shards on every rank, the adapter written from the whole model."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
