@@ -163,14 +163,19 @@ class POET(torch.optim.Optimizer):
     gather: for sharded weights (FSDP2): `gather(tensor)` is a context manager within which the tensor is
         whole and on whose exit each rank's shard takes the whole value (`poetlm.train.parallel.whole_tensor`).
         Each weight is gathered by itself for its step and rotated alike on every rank.
+    split: for data-parallel replicas (DDP), an object with `rank`, `world` and `broadcast([(tensor, src),
+        …])` (`poetlm.train.parallel.RankSplit`). Every process still updates every momentum (all hold the
+        same averaged gradient), but each chunk of weights is orthogonalized, mapped and folded by one
+        process, round-robin, and broadcast to the others: the rotation work per process shrinks with the
+        number of processes instead of being repeated on each.
     """
 
     def __init__(self, params, lr: float = 0.02, poet: POETConfig | None = None, rule: RuleConfig | None = None,
-                 gather: Callable[[torch.Tensor], contextlib.AbstractContextManager] | None = None) -> None:
+                 gather: Callable[[torch.Tensor], contextlib.AbstractContextManager] | None = None, split=None) -> None:
         if not lr > 0:
             raise ValueError(f"POET lr={lr!r} is invalid: must be > 0")
         super().__init__(params, {"lr": lr})
-        self.gather = gather
+        self.gather, self.split = gather, split
         self.poet = poet or POETConfig()
         self.rule_config = rule or RuleConfig()
         self.rule = make_rule(self.rule_config)
@@ -254,13 +259,18 @@ class POET(torch.optim.Optimizer):
                 # Weights with one shape, lr and step count turn as one batch of blocks (one set of products).
                 batch = (tuple(param.shape), param.dtype, param.device, group["lr"], self.state[param].get("step", 0))
                 batches.setdefault(batch, []).append((key, param))
-        scratch = Scratch()
+        scratch, folded_by, count = Scratch(), [], 0
         for (*_, lr, step), params in batches.items():
             example = params[0][1]
             for chunk in _chunks(params, example, self._side_block_elements(example)):
+                owner = count % self.split.world if self.split else None
+                count += 1
                 with contextlib.ExitStack() as whole:  # sharded weights: rotated whole, shards written back on exit
                     members = [self._member(key, param, whole) for key, param in chunk]
-                    self._rotate(members, lr, step, scratch)
+                    self._rotate(members, lr, step, scratch, fold=owner is None or owner == self.split.rank)
+                folded_by += [(param, owner) for _, param in chunk]
+        if self.split:
+            self.split.broadcast(folded_by)
         return loss
 
     def _whole(self, tensor: torch.Tensor, stack: contextlib.ExitStack) -> torch.Tensor:
@@ -285,9 +295,11 @@ class POET(torch.optim.Optimizer):
         sizes = [self._layout(self._side_view(param, side).shape[0]) for side in SIDES]
         return max(block * block * len(blocks) for block, blocks in sizes)
 
-    def _rotate(self, members: list[tuple[torch.Tensor, torch.Tensor, dict]], lr: float, step: int, scratch: Scratch) -> None:
+    def _rotate(self, members: list[tuple[torch.Tensor, torch.Tensor, dict]], lr: float, step: int, scratch: Scratch,
+                fold: bool = True) -> None:
+        """One step of a chunk of same-shaped weights; without `fold`, the momenta only (another process folds)."""
         cfg, rule_cfg = self.poet, self.rule_config
-        active = SIDES if not rule_cfg.alternate else (SIDES[step % 2],)
+        active = () if not fold else SIDES if not rule_cfg.alternate else (SIDES[step % 2],)
         layouts, increments = {}, {}
         for side in SIDES:  # every side's state sees every step's gradient, active or not
             _, block, n_blocks = layouts[side] = self._side(members[0][0], side, members[0][2])

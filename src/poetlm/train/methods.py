@@ -185,7 +185,7 @@ class POETFold(Method):
         ids = {id(w) for w in self.weights}
         groups = param_groups(model, lr_base=cfg.optim.lr, lr_poet=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         rotations = POET(self.named_weights, lr=cfg.optim.lr_poet, poet=poet_config(cfg), rule=cfg.rule,
-                         gather=parallel.whole_tensor)
+                         gather=parallel.whole_tensor, split=parallel.rank_split(model))
         rest = _split_groups(groups, ids)
         return [rotations] + ([torch.optim.AdamW(rest, betas=(cfg.optim.beta1, cfg.optim.beta2))] if rest else [])
 

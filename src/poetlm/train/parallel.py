@@ -204,6 +204,27 @@ def load_training_state(model: nn.Module, optimizers, model_state: dict, optimiz
         set_optimizer_state_dict(model, optimizer, state, options=options)
 
 
+class RankSplit:
+    """The POET optimizer's rotations spread over the processes of a data-parallel job (`POET(split=)`):
+    each process folds its share of the weights, then every weight is broadcast from the one that folded it."""
+
+    def __init__(self) -> None:
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+
+    def broadcast(self, sources: list[tuple[torch.Tensor, int]]) -> None:
+        works = [dist.broadcast(tensor.data, src, async_op=True) for tensor, src in sources]
+        for work in works:
+            work.wait()
+
+
+def rank_split(model: nn.Module) -> RankSplit | None:
+    """A RankSplit for a data-parallel (replicated) model in a multi-process job, else None (one process,
+    or FSDP2, where every rank rotates the weights it gathers whole)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    return None if any(isinstance(p, DTensor) for p in model.parameters()) else RankSplit()
+
+
 @contextlib.contextmanager
 def whole_tensor(tensor: torch.Tensor):
     """Within the block, the whole value of a sharded (DTensor) tensor; on exit each rank's shard takes the
