@@ -153,6 +153,16 @@ def _cpu_peak_bytes(fn: Callable[[], object]) -> int | None:
     return peak
 
 
+def batch_as_on_gpu() -> None:
+    """Make poetlm batch rotation blocks as it does on a GPU, whatever the device: the op counts of a GPU's
+    step, taken on this CPU (`poetlm.primitives.CHUNK_ENTRIES`)."""
+    import poetlm.primitives
+
+    if not hasattr(poetlm.primitives, "CHUNK_ENTRIES"):
+        sys.exit("--chunks gpu: this poetlm has no device-dependent batching (poetlm.primitives.CHUNK_ENTRIES)")
+    poetlm.primitives.CHUNK_ENTRIES = {}
+
+
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]], align: str | None = None) -> str:
     """A GitHub markdown table; `align` has one of 'l'/'r'/'c' per column (default: first left, rest right)."""
     align = align or "l" + "r" * (len(headers) - 1)

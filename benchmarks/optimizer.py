@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from common import describe_machine, markdown_table, synchronizer
+from common import batch_as_on_gpu, describe_machine, markdown_table, synchronizer
 from cost_model import preset_shape
 from poetlm import POETConfig, RuleConfig
 from poetlm.optim import POET
@@ -82,14 +82,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--profile", action="store_true", help="also list the top ops of two steps per POET row")
     parser.add_argument("--chunks", choices=["device", "gpu"], default="device",
-                        help="gpu: batch weights as on a GPU (poetlm.optim.CHUNK_ENTRIES), whatever the device")
+                        help="gpu: batch weights as on a GPU (poetlm.primitives.CHUNK_ENTRIES), whatever the device")
     args = parser.parse_args(argv)
     if args.chunks == "gpu":
-        import poetlm.optim
-
-        if not hasattr(poetlm.optim, "CHUNK_ENTRIES"):
-            parser.error("--chunks gpu: this poetlm has no device-dependent chunking (poetlm.optim.CHUNK_ENTRIES)")
-        poetlm.optim.CHUNK_ENTRIES = {}
+        batch_as_on_gpu()
     torch.set_num_threads(args.threads)
     print(describe_machine(args.device))
     sync = synchronizer(args.device)

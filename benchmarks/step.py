@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common import (DTYPES, announce, default_device, interleaved_times, markdown_table, median,
+from common import (DTYPES, announce, batch_as_on_gpu, default_device, interleaved_times, markdown_table, median,
                     paired_ratio, peak_memory_bytes, synchronizer)
 from cost_model import ORTHOGONALIZE_MACS, cnp_products
 from poetlm import merge, poet_layers
@@ -89,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", nargs="?", const="on", default="off", choices=["off", "on", "both"],
                         help="torch.compile each decoder block (config compile=true); both: every method compiled and "
                         "not, timed side by side")
+    parser.add_argument("--chunks", choices=["device", "gpu"], default="device",
+                        help="gpu: batch rotation blocks as on a GPU whatever the device (with --profile: a GPU's op counts)")
     parser.add_argument("--activation-checkpointing", nargs="?", const="on", default="off", choices=["off", "on", "both"],
                         help="recompute each decoder block in backward (config activation_checkpointing=true); both: "
                         "every method with and without")
@@ -410,7 +412,10 @@ def top_ops(c: Contender, accum: int, data: TokenData, runtime: Runtime, limit: 
     events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr), reverse=True)
     total = sum(getattr(e, attr) for e in events) or 1
     rows = [[e.key[:60], e.count, f"{getattr(e, attr) / 1e3:.1f}", f"{100 * getattr(e, attr) / total:.1f}"] for e in events[:limit]]
-    return markdown_table(["op", "calls", "self ms", "% of step"], rows)
+    # Outermost torch ops, views included: where launches bound a step (GPUs), its count is its cost.
+    dispatched = sum(1 for e in prof.events() if e.name.startswith("aten::")
+                     and not (e.cpu_parent is not None and e.cpu_parent.name.startswith("aten::")))
+    return markdown_table(["op", "calls", "self ms", "% of step"], rows) + f"\n\nops dispatched in the step: {dispatched}"
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -581,6 +586,8 @@ def targets(results: list[dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.chunks == "gpu":
+        batch_as_on_gpu()
     announce("step.py", argv, args.device, args.threads)
     print(f"device {args.device}, dtype {args.dtype}, accum {args.accum}, {args.repeats} timed rounds after "
           f"{args.warmup} warmup round(s), methods {args.methods}\n", flush=True)

@@ -6,7 +6,8 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import poetlm
-from poetlm import POETConfig, POETLinear
+from poetlm import POETConfig, POETLinear, primitives
+from poetlm import model as model_module
 
 
 def llama(hidden=32, ffn=48, layers=2, vocab=64, heads=4):
@@ -145,9 +146,16 @@ def test_param_groups():
     assert total == len([p for p in model.parameters() if p.requires_grad])
 
 
-def test_step_weight_cache_gives_the_same_gradients_as_per_micro_batch_backward():
+@pytest.mark.parametrize("batching", ["cpu", "gpu"])
+def test_step_weight_cache_gives_the_same_gradients_as_per_micro_batch_backward(batching, monkeypatch):
+    """Layers' maps run in batches: on CPU as many layers as one weight's entries hold, on a GPU all of them here."""
+    if batching == "gpu":
+        monkeypatch.setattr(primitives, "CHUNK_ENTRIES", {})  # this CPU takes the policy of an unlisted device
     model = poetlm.poetize(llama(), POETConfig(block_size=8))
     randomize_rotations(model)
+    layers = [layer for _, layer in poetlm.poet_layers(model)]
+    chunks = len(model_module._layer_chunks(layers))
+    assert chunks > 1 if batching == "cpu" else chunks == 1
     batches = [torch.randint(0, 64, (2, 10)) for _ in range(3)]
 
     def grads(cached):

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from poetlm import POETConfig, POETLinear, merge
-from poetlm import optim
+from poetlm import optim, primitives
 from poetlm.optim import POET, side_blocks, skew_gradient
 from poetlm.orthogonal import orthogonalize_skew, unpack_skew
 from poetlm.primitives import block_layout, draw_index, seeded_generator, transport_blocks
@@ -199,7 +199,7 @@ def test_weights_stepped_as_one_batch_match_each_stepped_alone(rule, chunking, m
     """Same-shaped weights share one set of block products; the result must be each weight's own step,
     in the CPU's chunks (here 2 + 1 of the three 12×10 weights) and in a GPU's (all three at once)."""
     if chunking == "gpu":
-        monkeypatch.setattr(optim, "CHUNK_ENTRIES", {})  # this CPU takes the policy of a device type it does not list
+        monkeypatch.setattr(primitives, "CHUNK_ENTRIES", {})  # this CPU takes the policy of a device type it does not list
     inputs, targets = regression(out=12, inp=10)
     config = POETConfig(block_size=4)
     starts = [torch.randn(12, 10, dtype=torch.float64) for _ in range(3)] + [torch.randn(12, 12, dtype=torch.float64)]

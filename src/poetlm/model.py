@@ -15,6 +15,8 @@ from torch import nn
 
 from .config import POETConfig
 from .layer import POETLinear, draw_weight, is_conv1d, wrap_module
+from .orthogonal import orthogonal_map
+from .primitives import batch_entries
 from .update_rules import MergeRule, ResetState
 
 
@@ -275,18 +277,66 @@ def step_weight_cache(model: nn.Module):
     layers = [layer for _, layer in poet_layers(model)]
     try:
         with torch.no_grad():
-            for layer in layers:
-                trainable = any(p.requires_grad for p in layer.rotation_parameters())
-                # Held in W0's precision whatever the build's: micro-batch gradients accumulate into it.
-                weight = layer.effective_weight(dtype=layer.build_dtype).to(layer.weight0.dtype)
-                layer.step_weight = weight.requires_grad_(trainable)
+            for chunk in _layer_chunks(layers):
+                for layer, blocks in zip(chunk, _rotation_blocks(chunk)):
+                    trainable = any(p.requires_grad for p in layer.rotation_parameters())
+                    # Held in W0's precision whatever the build's: micro-batch gradients accumulate into it.
+                    weight = layer.effective_weight(blocks, dtype=layer.build_dtype).to(layer.weight0.dtype)
+                    layer.step_weight = weight.requires_grad_(trainable)
         yield
-        for layer in layers:
-            grad = layer.step_weight.grad
-            layer.step_weight = None  # free the leaf and its gradient before the next layer's build
-            if grad is not None:
-                weight = layer.effective_weight(dtype=layer.build_dtype)
+        for chunk in _layer_chunks(layers):
+            grads = [layer.step_weight.grad for layer in chunk]
+            if all(grad is None for grad in grads):
+                continue
+            mapped, upstream = [], []
+            for layer, blocks, grad in zip(chunk, _rotation_blocks(chunk), grads):  # one map, graph kept
+                layer.step_weight = None  # free the leaf and its gradient before the next layer's build
+                if grad is None:
+                    continue
+                # Each layer's rotations back-propagated by themselves into detached blocks, then the
+                # chunk's map once from all of them.
+                leaves = tuple(b.detach().requires_grad_(b.requires_grad) for b in blocks)
+                weight = layer.effective_weight(leaves, dtype=layer.build_dtype)
                 weight.backward(grad.to(weight.dtype))
+                for block, leaf in zip(blocks, leaves):
+                    if leaf.grad is not None:
+                        mapped.append(block)
+                        upstream.append(leaf.grad)
+            if mapped:
+                torch.autograd.backward(mapped, upstream)
     finally:
         for layer in layers:
             layer.step_weight = None
+
+
+def _layer_chunks(layers: list[POETLinear]) -> list[list[POETLinear]]:
+    """Consecutive layers whose rotation blocks fit one batch (`primitives.batch_entries`): one layer each
+    on CPU, many on a GPU, where the maps of separate layers would be launches more than work."""
+    chunks: list[list[POETLinear]] = []
+    entries = 0
+    for layer in layers:
+        size = sum(side.n_blocks * side.block**2 for side in (layer.rotation_in, layer.rotation_out))
+        if not chunks or entries + size > batch_entries(layer.weight0):
+            chunks.append([])
+            entries = 0
+        chunks[-1].append(layer)
+        entries += size
+    return chunks
+
+
+def _rotation_blocks(layers: list[POETLinear]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Each layer's (input-side, output-side) rotation blocks, as `POETLinear.rotation_blocks()` gives them,
+    with one map per slot size and map settings over all the layers' sides (fp32, autocast off)."""
+    sides = [(layer, side) for layer in layers for side in (layer.rotation_in, layer.rotation_out)]
+    groups: dict[tuple, list[int]] = {}
+    for i, (layer, side) in enumerate(sides):
+        cfg = layer.config
+        groups.setdefault((side.block, cfg.parameterization, cfg.neumann_terms, side.skew.dtype, side.skew.device), []).append(i)
+    blocks: list[torch.Tensor | None] = [None] * len(sides)
+    for (_, parameterization, terms, _, device), members in groups.items():
+        with torch.autocast(device.type, enabled=False):
+            q = torch.cat([sides[i][1].skew_blocks() for i in members])
+            mapped = orthogonal_map(q, parameterization, terms).split([sides[i][1].n_blocks for i in members])
+        for i, block in zip(members, mapped):
+            blocks[i] = block
+    return list(zip(blocks[0::2], blocks[1::2]))

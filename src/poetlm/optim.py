@@ -26,7 +26,7 @@ import torch
 from .config import POETConfig
 from .layer import is_shard
 from .orthogonal import generator_scale, rotation_increment, singular_values
-from .primitives import block_layout, draw_index, seeded_generator, transport_blocks
+from .primitives import batch_entries, block_layout, draw_index, seeded_generator, transport_blocks
 from .update_rules import RuleConfig, make_rule
 
 SIDES = ("out", "in")
@@ -110,18 +110,9 @@ def fold_side(weight: torch.Tensor, side: str, index: torch.Tensor, blocks: torc
 _cached_layout = functools.lru_cache(maxsize=None)(block_layout)  # called per weight and side every step
 
 
-# Entries a chunk's blocks may hold whatever one weight holds, by device type. On a GPU the fold form's
-# step is bound by kernel launches (H200, llama-60m: 48 ms of optimizer for ~1 ms of flops, ~4200 ops per
-# step), so a shape's weights go as one batch up to 2²⁵ entries per copy of the blocks (128 MB in fp32;
-# the rule and map hold a few such copies). On CPU the products are the cost and bigger batches only add
-# temporaries (measured: batching helped small blocks only).
-CHUNK_ENTRIES = {"cpu": 0}
-GPU_CHUNK_ENTRIES = 2**25
-
-
 def _chunks(members: list, weight: torch.Tensor, block_elements: int) -> list[list]:
     """Split a batch of weights shaped like `weight` so that each chunk's blocks hold no more entries than
-    one weight (or, off the CPU, than CHUNK_ENTRIES allows).
+    `primitives.batch_entries` allows (one weight's on CPU).
 
     Many weights' (n, b, b) blocks at once save launches and per-op overhead where blocks are small; at
     large b one weight's blocks are big products already, and a whole batch's rule and map temporaries
@@ -130,8 +121,7 @@ def _chunks(members: list, weight: torch.Tensor, block_elements: int) -> list[li
     """
     if is_shard(weight):
         return [[member] for member in members]
-    allowed = max(weight.numel(), CHUNK_ENTRIES.get(weight.device.type, GPU_CHUNK_ENTRIES))
-    per_chunk = max(1, allowed // max(1, block_elements))
+    per_chunk = max(1, batch_entries(weight) // max(1, block_elements))
     return [members[i: i + per_chunk] for i in range(0, len(members), per_chunk)]
 
 

@@ -26,6 +26,21 @@ def seeded_generator(*key) -> torch.Generator:
     return generator
 
 
+# Entries one batch of rotation blocks may hold beyond one weight's, by device type. On a GPU POET's
+# rotation work is bound by kernel launches (H200, llama-60m: the fold form's optimizer took 48 ms for
+# ~1 ms of flops, the layer form's rotation backward 213 ms), so blocks of many weights go through one set
+# of products, up to 2²⁵ entries per copy of the blocks (128 MB in fp32; the rule and map hold a few such
+# copies). On CPU the products are the cost and bigger batches only add temporaries (measured: batching
+# helped small blocks only).
+CHUNK_ENTRIES = {"cpu": 0}
+GPU_CHUNK_ENTRIES = 2**25
+
+
+def batch_entries(weight: torch.Tensor) -> int:
+    """How many block entries one batch of rotation products may hold, for weights like `weight`."""
+    return max(weight.numel(), CHUNK_ENTRIES.get(weight.device.type, GPU_CHUNK_ENTRIES))
+
+
 def block_layout(variant: str, dim: int, block_size: int, fraction: float) -> tuple[int, list[int]]:
     """(slot size b, the sizes of the blocks) of one side of a `dim`-wide weight.
 
