@@ -412,11 +412,13 @@ class Chained(torch.optim.Optimizer):
 
 
 def poet_optimizer(model: torch.nn.Module, lr_poet: float = 0.02, lr: float = 3e-3, weight_decay: float = 0.0,
-                   poet: POETConfig | None = None, rule: RuleConfig | None = None, betas=(0.9, 0.999)) -> Chained:
+                   poet: POETConfig | None = None, rule: RuleConfig | None = None, betas=(0.9, 0.999),
+                   split=None) -> Chained:
     """POET for `model`'s block linears (redrawn as W0 unless poet.init == "keep"), AdamW for the rest.
 
     The one-call form of the default method: plain nn.Linear layers stay in the model, so any training
     loop (Trainer, accelerate, a hand-written one) can use POET by swapping its optimizer for this one.
+    `split`: as for `POET`, to spread the rotations over the processes of a data-parallel job.
     """
     from .model import param_groups, rotated_weights
 
@@ -426,7 +428,7 @@ def poet_optimizer(model: torch.nn.Module, lr_poet: float = 0.02, lr: float = 3e
     groups = [{**g, "params": [p for p in g["params"] if id(p) not in rotated]}
               for g in param_groups(model, lr_base=lr, lr_poet=lr, weight_decay=weight_decay)]
     rest = [g for g in groups if g["params"]]
-    optimizers = [POET(named, lr=lr_poet, poet=poet, rule=rule)]
+    optimizers = [POET(named, lr=lr_poet, poet=poet, rule=rule, split=split)]
     if rest:
         optimizers.append(torch.optim.AdamW(rest, betas=betas))
     return Chained(optimizers)
