@@ -153,14 +153,20 @@ def _cpu_peak_bytes(fn: Callable[[], object]) -> int | None:
     return peak
 
 
-def batch_as_on_gpu() -> None:
-    """Make poetlm batch rotation blocks as it does on a GPU, whatever the device: the op counts of a GPU's
-    step, taken on this CPU (`poetlm.primitives.CHUNK_ENTRIES`)."""
+CHUNKS_HELP = ("how poetlm batches rotation blocks: as it does on this device, as on a GPU (on a CPU: a GPU "
+               "step's op counts), or as on a CPU (on a GPU: what the batching saves)")
+
+
+def batch_rotations_as(chunks: str) -> None:
+    """--chunks: batch rotation blocks as on `chunks` ("gpu", "cpu") whatever the device, or as the device
+    does ("device"); see `poetlm.primitives.CHUNK_ENTRIES`."""
+    if chunks == "device":
+        return
     import poetlm.primitives
 
     if not hasattr(poetlm.primitives, "CHUNK_ENTRIES"):
-        sys.exit("--chunks gpu: this poetlm has no device-dependent batching (poetlm.primitives.CHUNK_ENTRIES)")
-    poetlm.primitives.CHUNK_ENTRIES = {}
+        sys.exit(f"--chunks {chunks}: this poetlm has no device-dependent batching (poetlm.primitives.CHUNK_ENTRIES)")
+    poetlm.primitives.CHUNK_ENTRIES = {} if chunks == "gpu" else {"cpu": 0, "cuda": 0}
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]], align: str | None = None) -> str:

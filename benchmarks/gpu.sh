@@ -76,6 +76,11 @@ if can_bench "$PY"; then
   timeout 60 "$PY" benchmarks/optimizer.py --device cuda --preset llama-60m --threads 8 --repeats 5 --direction-dtypes fp32 bf16 \
     || bench_status=$?
   echo
+  echo "The same, batched as on a CPU (one weight per batch at b=256): what the GPU's batching saves"
+  echo
+  timeout 40 "$PY" benchmarks/optimizer.py --device cuda --preset llama-60m --threads 8 --repeats 5 --orthogonalize newton_schulz \
+    --chunks cpu || bench_status=$?
+  echo
   echo "## Step benchmark (bf16 autocast): fold form, layer form with fp32 and bf16 builds, AdamW"
   echo
   # The first H200 run gave one 200 s cap to both presets with every contender profiled: llama-60m

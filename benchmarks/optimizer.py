@@ -21,7 +21,7 @@ import time
 
 import torch
 
-from common import batch_as_on_gpu, describe_machine, markdown_table, synchronizer
+from common import CHUNKS_HELP, batch_rotations_as, describe_machine, markdown_table, synchronizer
 from cost_model import preset_shape
 from poetlm import POETConfig, RuleConfig
 from poetlm.optim import POET
@@ -81,11 +81,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--profile", action="store_true", help="also list the top ops of two steps per POET row")
-    parser.add_argument("--chunks", choices=["device", "gpu"], default="device",
-                        help="gpu: batch weights as on a GPU (poetlm.primitives.CHUNK_ENTRIES), whatever the device")
+    parser.add_argument("--chunks", choices=["device", "gpu", "cpu"], default="device", help=CHUNKS_HELP)
     args = parser.parse_args(argv)
-    if args.chunks == "gpu":
-        batch_as_on_gpu()
+    batch_rotations_as(args.chunks)
     torch.set_num_threads(args.threads)
     print(describe_machine(args.device))
     sync = synchronizer(args.device)
@@ -104,7 +102,7 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"POET b={block}, {method} ({dtype}):\n{top_ops(poet, sync)}\n")
                 label = f"POET b={block}, {method}" + (f" ({dtype})" if len(args.direction_dtypes) > 1 else "")
                 rows.append([label, f"{seconds:.3f}", f"{seconds / adamw:.2f}", dispatched_ops(poet)])
-    chunks = ", batched as on a GPU" if args.chunks == "gpu" else ""
+    chunks = f", batched as on a {args.chunks.upper()}" if args.chunks != "device" else ""
     print(f"#### {args.preset}: one optimizer step over the block weights{chunks}\n")
     print(markdown_table(["optimizer", "s/step", "× AdamW", "ops/step"], rows))
 

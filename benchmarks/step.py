@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common import (DTYPES, announce, batch_as_on_gpu, default_device, interleaved_times, markdown_table, median,
+from common import (CHUNKS_HELP, DTYPES, announce, batch_rotations_as, default_device, interleaved_times, markdown_table, median,
                     paired_ratio, peak_memory_bytes, synchronizer)
 from cost_model import ORTHOGONALIZE_MACS, cnp_products
 from poetlm import merge, poet_layers
@@ -89,8 +89,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", nargs="?", const="on", default="off", choices=["off", "on", "both"],
                         help="torch.compile each decoder block (config compile=true); both: every method compiled and "
                         "not, timed side by side")
-    parser.add_argument("--chunks", choices=["device", "gpu"], default="device",
-                        help="gpu: batch rotation blocks as on a GPU whatever the device (with --profile: a GPU's op counts)")
+    parser.add_argument("--chunks", choices=["device", "gpu", "cpu"], default="device", help=CHUNKS_HELP)
     parser.add_argument("--activation-checkpointing", nargs="?", const="on", default="off", choices=["off", "on", "both"],
                         help="recompute each decoder block in backward (config activation_checkpointing=true); both: "
                         "every method with and without")
@@ -586,8 +585,7 @@ def targets(results: list[dict]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    if args.chunks == "gpu":
-        batch_as_on_gpu()
+    batch_rotations_as(args.chunks)
     announce("step.py", argv, args.device, args.threads)
     print(f"device {args.device}, dtype {args.dtype}, accum {args.accum}, {args.repeats} timed rounds after "
           f"{args.warmup} warmup round(s), methods {args.methods}\n", flush=True)
