@@ -40,7 +40,8 @@ def block_weights(preset: str, seed: int = 0, device: str = "cpu") -> list[torch
 
 
 def median_step(optimizer: torch.optim.Optimizer, repeats: int, sync) -> float:
-    optimizer.step()  # states are created on the first step
+    for _ in range(2):  # states are created on the first step; compiled math traces both alternating sides
+        optimizer.step()
     times = []
     for _ in range(repeats):
         sync()
@@ -82,6 +83,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--profile", action="store_true", help="also list the top ops of two steps per POET row")
     parser.add_argument("--chunks", choices=["device", "gpu", "cpu"], default="device", help=CHUNKS_HELP)
+    parser.add_argument("--compile", metavar="BACKEND", help="also time Newton–Schulz rows with POET(compile=BACKEND), "
+                        "e.g. inductor: the block math compiled (compile time not counted)")
     args = parser.parse_args(argv)
     batch_rotations_as(args.chunks)
     torch.set_num_threads(args.threads)
@@ -94,14 +97,17 @@ def main(argv: list[str] | None = None) -> None:
     for block in args.blocks:
         for method in args.orthogonalize:
             for dtype in args.direction_dtypes if method == "newton_schulz" else ["fp32"]:
-                poet = POET(block_weights(args.preset, device=args.device), lr=0.02, poet=POETConfig(block_size=block),
-                            # only a non-default direction_dtype is passed, so older src/ (the docs' "before") runs
-                            rule=RuleConfig(orthogonalize=method, **({} if dtype == "fp32" else {"direction_dtype": dtype})))
-                seconds = median_step(poet, args.repeats, sync)
-                if args.profile:
-                    print(f"POET b={block}, {method} ({dtype}):\n{top_ops(poet, sync)}\n")
-                label = f"POET b={block}, {method}" + (f" ({dtype})" if len(args.direction_dtypes) > 1 else "")
-                rows.append([label, f"{seconds:.3f}", f"{seconds / adamw:.2f}", dispatched_ops(poet)])
+                for backend in [None] + ([args.compile] if args.compile and method == "newton_schulz" else []):
+                    # Only non-default options are passed, so older src/ (the docs' "before") runs.
+                    poet = POET(block_weights(args.preset, device=args.device), lr=0.02, poet=POETConfig(block_size=block),
+                                rule=RuleConfig(orthogonalize=method, **({} if dtype == "fp32" else {"direction_dtype": dtype})),
+                                **({"compile": backend} if backend else {}))
+                    seconds = median_step(poet, args.repeats, sync)
+                    label = (f"POET b={block}, {method}" + (f" ({dtype})" if len(args.direction_dtypes) > 1 else "")
+                             + (f", compiled ({backend})" if backend else ""))
+                    if args.profile:
+                        print(f"{label}:\n{top_ops(poet, sync)}\n")
+                    rows.append([label, f"{seconds:.3f}", f"{seconds / adamw:.2f}", dispatched_ops(poet)])
     chunks = f", batched as on a {args.chunks.upper()}" if args.chunks != "device" else ""
     print(f"#### {args.preset}: one optimizer step over the block weights{chunks}\n")
     print(markdown_table(["optimizer", "s/step", "× AdamW", "ops/step"], rows))

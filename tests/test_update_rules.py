@@ -322,3 +322,27 @@ def test_poet_optimizer_for_a_whole_model_schedules_checkpoints_and_resumes_as_o
     train(resumed, optimizer2, scheduler2, 3)
     for (name, a), b in zip(model.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_compiled_block_math_matches_eager_and_does_not_recompile_for_lrs_or_redraws():
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    inputs, targets = regression(out=12, inp=10)
+    start = torch.randn(12, 10)
+    config, rule = POETConfig(block_size=4), RuleConfig(redraw_every=3)
+    eager, compiled = nn.Parameter(start.clone()), nn.Parameter(start.clone())
+    optimizers = [POET([eager], lr=0.03, poet=config, rule=rule), POET([compiled], lr=0.03, poet=config, rule=rule, compile="aot_eager")]
+    for step in range(8):  # two redraws, both alternation phases, a new lr every step
+        for weight, optimizer in zip((eager, compiled), optimizers):
+            optimizer.param_groups[0]["lr"] = 0.03 / (1 + step)
+            ((inputs @ weight.T - targets) ** 2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        if step == 1:
+            graphs = counters["stats"]["unique_graphs"]
+            assert graphs >= 2  # the orthogonalization and the map, traced
+    assert counters["stats"]["unique_graphs"] == graphs
+    torch.testing.assert_close(compiled.detach(), eager.detach(), rtol=1e-5, atol=1e-6)
+    assert (eager.detach() - start).norm() > 1e-2

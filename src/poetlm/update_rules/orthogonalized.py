@@ -18,6 +18,7 @@ class Orthogonalized:
 
     def __init__(self, config) -> None:
         self.config = config
+        self.orthogonalize = orthogonalize_skew  # POET(compile=) swaps in a compiled one
 
     def direction(self, grad: torch.Tensor, state: dict, active: bool = True) -> torch.Tensor | None:
         cfg = self.config
@@ -31,9 +32,9 @@ class Orthogonalized:
             return None
         ahead = unpack_skew(packed_grad.add(packed, alpha=cfg.beta1) if cfg.nesterov else packed)
         if cfg.direction_dtype == "bf16" and cfg.orthogonalize == "newton_schulz":
-            direction = orthogonalize_skew(ahead.bfloat16(), cfg.orthogonalize).to(ahead.dtype)
+            direction = self.orthogonalize(ahead.bfloat16(), cfg.orthogonalize).to(ahead.dtype)
             return 0.5 * (direction - direction.transpose(-1, -2))  # bf16 rounding leaves it only nearly skew
-        return orthogonalize_skew(ahead, cfg.orthogonalize)
+        return self.orthogonalize(ahead, cfg.orthogonalize)
 
     def after_redraw(self, state: dict, transport) -> None:
         if self.config.transport and "momentum" in state:
