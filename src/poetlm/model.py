@@ -310,8 +310,9 @@ def step_weight_cache(model: nn.Module):
 
 
 def _layer_chunks(layers: list[POETLinear]) -> list[list[POETLinear]]:
-    """Consecutive layers whose rotation blocks fit one batch (`primitives.batch_entries`): one layer each
-    on CPU, many on a GPU, where the maps of separate layers would be launches more than work."""
+    """Consecutive layers whose rotation blocks fit one batch (`primitives.batch_entries`): on CPU as many
+    as one weight's entries hold (one layer at large b), on a GPU many more, where the maps of separate
+    layers would be launches more than work."""
     chunks: list[list[POETLinear]] = []
     entries = 0
     for layer in layers:
