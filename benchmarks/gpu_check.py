@@ -85,29 +85,36 @@ def layer_rows(device: torch.device, shape: tuple[int, int], tokens: tuple[int, 
 
 
 def optimizer_rows(device: torch.device, shape: tuple[int, int], steps: int = 3) -> tuple[list, bool]:
-    """`poetlm.optim.POET` steps on `device` in fp32 against the same steps in fp64 on CPU (same gradients)."""
+    """`poetlm.optim.POET` steps on `device` in fp32 against the same steps in fp64 on CPU (same gradients).
+    The "4 weights" row steps four same-shaped weights together: off the CPU they form one batch."""
     in_features, out_features = shape
     rows, failed = [], False
     gen = torch.Generator().manual_seed(2)
-    start = torch.randn(out_features, in_features, generator=gen, dtype=torch.float64) / in_features ** 0.5
-    grads = [torch.randn(out_features, in_features, generator=gen, dtype=torch.float64) for _ in range(steps)]
-    cases = [(name, kwargs, RuleConfig(), STEP_TOL) for name, kwargs in CONFIGS.items()]
+    starts = [torch.randn(out_features, in_features, generator=gen, dtype=torch.float64) / in_features ** 0.5 for _ in range(4)]
+    grads = [[torch.randn(out_features, in_features, generator=gen, dtype=torch.float64) for _ in starts] for _ in range(steps)]
+    cases = [(name, kwargs, RuleConfig(), STEP_TOL, 1) for name, kwargs in CONFIGS.items()]
+    cases.append(("bs b=64, 4 weights", CONFIGS["bs b=64"], RuleConfig(), STEP_TOL, 4))
     cases.append(("bs b=256, bf16 direction (ΔW ≤ 3e-2)", CONFIGS["bs b=256"], RuleConfig(direction_dtype="bf16"),
-                  BF16_DIRECTION_TOL))
-    for name, kwargs, rule, tolerance in cases:
+                  BF16_DIRECTION_TOL, 1))
+    for name, kwargs, rule, tolerance, count in cases:
         config = POETConfig(**kwargs)
-        weights = {}
+        moved = {}
         for key, dev, dtype in (("ref", torch.device("cpu"), torch.float64), ("device", device, torch.float32)):
-            weight = torch.nn.Parameter(start.to(device=dev, dtype=dtype, copy=True))
-            optimizer = POET([weight], lr=0.02, poet=config, rule=RuleConfig() if key == "ref" else rule)
-            for grad in grads:
-                weight.grad = grad.to(device=dev, dtype=dtype)
+            weights = [torch.nn.Parameter(start.to(device=dev, dtype=dtype, copy=True)) for start in starts[:count]]
+            optimizer = POET([(f"w{i}.weight", w) for i, w in enumerate(weights)], lr=0.02, poet=config,
+                             rule=RuleConfig() if key == "ref" else rule)
+            for step_grads in grads:
+                for weight, grad in zip(weights, step_grads):
+                    weight.grad = grad.to(device=dev, dtype=dtype)
                 optimizer.step()
-            weights[key] = weight.detach().double().cpu()
-        # Drift measured in fp64 of the device's weight: an fp32 SVD on the GPU has a noise floor of its own.
-        sigma0, sigma = torch.linalg.svdvals(start), torch.linalg.svdvals(weights["device"])
-        errors = {"ΔW fp32": rel(weights["device"] - start, weights["ref"] - start),
-                  "drift fp32": float((sigma - sigma0).abs().max() / sigma0.max())}
+            moved[key] = [weight.detach().double().cpu() for weight in weights]
+        # Drift measured in fp64 of the device's weights: an fp32 SVD on the GPU has a noise floor of its own.
+        deltas, drifts = [], []
+        for start, ours, reference in zip(starts, moved["device"], moved["ref"]):
+            sigma0, sigma = torch.linalg.svdvals(start), torch.linalg.svdvals(ours)
+            deltas.append(rel(ours - start, reference - start))
+            drifts.append(float((sigma - sigma0).abs().max() / sigma0.max()))
+        errors = {"ΔW fp32": max(deltas), "drift fp32": max(drifts)}
         ok = all(errors[k] <= tolerance[k] for k in tolerance)
         failed |= not ok
         rows.append([name] + [f"{errors[k]:.1e}" for k in STEP_TOL] + ["ok" if ok else "FAIL"])
