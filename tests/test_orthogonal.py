@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from poetlm.orthogonal import cayley, cayley_neumann, orthogonal_map, rotation_increment, skew_from_packed
+from poetlm.orthogonal import cayley, cayley_neumann, gram_singular_values, orthogonal_map, rotation_increment, skew_from_packed
 from reference import cnp_formula, exact_cayley, skew_from_triangle_loop
 
 
@@ -73,3 +73,18 @@ def test_packed_parameters_fill_strict_upper_triangles_with_padding_for_a_small_
     assert torch.all(q[2, 3, :] == 0) and torch.all(q[2, :, 3] == 0)
     blocks = orthogonal_map(q, "cayley_neumann", 3)
     assert blocks[2, 3, 3] == 1 and torch.all(blocks[2, 3, :3] == 0)
+
+
+@pytest.mark.parametrize("shape", [(64, 160), (160, 64), (96, 96)])
+def test_gram_singular_values_match_an_fp64_svd_even_for_tiny_singular_values(shape):
+    # What a GPU weight's spectrum is measured with (singular_values off the CPU): a Gaussian matrix with
+    # a spread spectrum, and one exact zero singular value (σ near 0 is where a Gram matrix loses digits).
+    generator = torch.Generator().manual_seed(0)
+    u, _, vh = torch.linalg.svd(torch.randn(*shape, generator=generator, dtype=torch.float64), full_matrices=False)
+    sigma = torch.logspace(0, -6, min(shape), dtype=torch.float64)
+    sigma[-1] = 0
+    weight = (u * sigma) @ vh
+    ours = gram_singular_values(weight.float())
+    assert ours.shape == sigma.shape and bool((ours[:-1] >= ours[1:]).all())
+    assert (ours - sigma).abs().max() <= 3e-8 * sigma.max()
+    assert (torch.linalg.svdvals(weight.float()).double() - sigma).abs().max() > (ours - sigma).abs().max()  # finer than fp32's SVD

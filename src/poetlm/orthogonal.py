@@ -179,10 +179,24 @@ def _newton_schulz(a: torch.Tensor) -> torch.Tensor:
 
 
 def singular_values(weight: torch.Tensor) -> torch.Tensor:
-    """σ(W), descending, in fp32 on the CPU: the spectrum that POET keeps and drift metrics compare.
+    """σ(W), descending, as an fp32 CPU tensor: the spectrum that POET keeps and drift metrics compare.
 
-    On the CPU because LAPACK's fp32 SVD resolves σ to ~1e-6·σ_max, while CUDA's read a 3–4e-5 drift
-    (H200, `benchmarks/gpu_check.py`) on weights whose change matched fp64 to 2e-6: a noise floor above
-    the drift the metric exists to show.
+    A CPU weight goes through LAPACK's fp32 SVD, which resolves σ to ~1e-6·σ_max. CUDA's fp32 SVD does
+    not: it read a 3–4e-5 drift (H200, `benchmarks/gpu_check.py`) on weights whose change matched fp64
+    to 2e-6, a noise floor above the drift the metric exists to show; and copying every weight to the
+    CPU would make a large model's diagnostics take minutes. So a weight elsewhere stays where it is,
+    in fp64 (`gram_singular_values`).
     """
-    return torch.linalg.svdvals(weight.detach().float().cpu())
+    weight = weight.detach()
+    if weight.device.type == "cpu":
+        return torch.linalg.svdvals(weight.float())
+    return gram_singular_values(weight).float().cpu()
+
+
+def gram_singular_values(weight: torch.Tensor) -> torch.Tensor:
+    """σ(W) as the square roots of the eigenvalues of its smaller fp64 Gram matrix: one product and a
+    symmetric eigensolver, both much faster than an SVD on a GPU. Each σ² is off by ≲ 1e-15·σ_max², so σ
+    by ≲ 3e-8·σ_max even for σ near 0: far below an fp32 SVD's resolution."""
+    wide = weight.double()
+    gram = wide.T @ wide if wide.shape[0] >= wide.shape[1] else wide @ wide.T
+    return torch.linalg.eigvalsh(gram).flip(-1).clamp_min(0).sqrt()
