@@ -204,6 +204,7 @@ def test_weights_stepped_as_one_batch_match_each_stepped_alone(rule, chunking, m
     config = POETConfig(block_size=4)
     starts = [torch.randn(12, 10, dtype=torch.float64) for _ in range(3)] + [torch.randn(12, 12, dtype=torch.float64)]
     assert [len(chunk) for chunk in optim._chunks([None] * 3, torch.empty(12, 10), 48)] == ([2, 1] if chunking == "cpu" else [3])
+    assert [len(chunk) for chunk in optim._chunks([None] * 3, torch.empty(12, 10), 48, spread=3)] == [1, 1, 1]  # one per process
 
     def loss(weights):
         x = inputs.double()

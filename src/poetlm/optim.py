@@ -110,9 +110,10 @@ def fold_side(weight: torch.Tensor, side: str, index: torch.Tensor, blocks: torc
 _cached_layout = functools.lru_cache(maxsize=None)(block_layout)  # called per weight and side every step
 
 
-def _chunks(members: list, weight: torch.Tensor, block_elements: int) -> list[list]:
+def _chunks(members: list, weight: torch.Tensor, block_elements: int, spread: int = 1) -> list[list]:
     """Split a batch of weights shaped like `weight` so that each chunk's blocks hold no more entries than
-    `primitives.batch_entries` allows (one weight's on CPU).
+    `primitives.batch_entries` allows (one weight's on CPU), and into at least `spread` chunks where there
+    are that many weights (processes that split the work take a chunk each).
 
     Many weights' (n, b, b) blocks at once save launches and per-op overhead where blocks are small; at
     large b one weight's blocks are big products already, and a whole batch's rule and map temporaries
@@ -121,7 +122,7 @@ def _chunks(members: list, weight: torch.Tensor, block_elements: int) -> list[li
     """
     if is_shard(weight):
         return [[member] for member in members]
-    per_chunk = max(1, batch_entries(weight) // max(1, block_elements))
+    per_chunk = max(1, min(batch_entries(weight) // max(1, block_elements), -(-len(members) // spread)))
     return [members[i: i + per_chunk] for i in range(0, len(members), per_chunk)]
 
 
@@ -261,7 +262,8 @@ class POET(torch.optim.Optimizer):
         scratch, folded_by, count = Scratch(), [], 0
         for (*_, lr, step), params in batches.items():
             example = params[0][1]
-            for chunk in _chunks(params, example, self._side_block_elements(example)):
+            spread = self.split.world if self.split else 1
+            for chunk in _chunks(params, example, self._side_block_elements(example), spread):
                 owner = count % self.split.world if self.split else None
                 count += 1
                 with contextlib.ExitStack() as whole:  # sharded weights: rotated whole, shards written back on exit
