@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--profile", action="store_true", help="also list the top ops of two steps per POET row")
     parser.add_argument("--chunks", choices=["device", "gpu", "cpu"], default="device", help=CHUNKS_HELP)
-    parser.add_argument("--compile", metavar="BACKEND", help="also time Newton–Schulz rows with POET(compile=BACKEND), "
+    parser.add_argument("--compile", metavar="BACKEND", help="also time the fp32 Newton–Schulz rows with POET(compile=BACKEND), "
                         "e.g. inductor: the block math compiled (compile time not counted)")
     args = parser.parse_args(argv)
     batch_rotations_as(args.chunks)
@@ -97,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     for block in args.blocks:
         for method in args.orthogonalize:
             for dtype in args.direction_dtypes if method == "newton_schulz" else ["fp32"]:
-                for backend in [None] + ([args.compile] if args.compile and method == "newton_schulz" else []):
+                compiled = args.compile and method == "newton_schulz" and dtype == "fp32"  # each compile takes a while
+                for backend in [None] + ([args.compile] if compiled else []):
                     # Only non-default options are passed, so older src/ (the docs' "before") runs.
                     poet = POET(block_weights(args.preset, device=args.device), lr=0.02, poet=POETConfig(block_size=block),
                                 rule=RuleConfig(orthogonalize=method, **({} if dtype == "fp32" else {"direction_dtype": dtype})),
@@ -108,6 +110,7 @@ def main(argv: list[str] | None = None) -> None:
                     if args.profile:
                         print(f"{label}:\n{top_ops(poet, sync)}\n")
                     rows.append([label, f"{seconds:.3f}", f"{seconds / adamw:.2f}", dispatched_ops(poet)])
+                    print(f"  done {label}: {seconds:.3f} s", file=sys.stderr, flush=True)  # kept if a time limit cuts the run
     chunks = f", batched as on a {args.chunks.upper()}" if args.chunks != "device" else ""
     print(f"#### {args.preset}: one optimizer step over the block weights{chunks}\n")
     print(markdown_table(["optimizer", "s/step", "× AdamW", "ops/step"], rows))
