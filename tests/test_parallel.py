@@ -129,6 +129,8 @@ def test_poet_optimizer_rotates_sharded_weights_as_whole_ones_and_resumes_from_a
     whole_optimizer = POET(list(whole.named_parameters()), lr=0.05, poet=config, rule=poetlm.RuleConfig(redraw_every=3))
     sharded, sharded_optimizer = sharded_copy()
     assert all(hasattr(p, "full_tensor") for p in sharded.parameters())
+    # One rank: its shard is the whole weight, so this checks the gathered state and its resume; the write
+    # back to real shards is checked by the two-process run in test_distributed.py.
     sharded(inputs).sum().backward()
     with pytest.raises(ValueError, match="holds a shard.*gather="):
         POET(list(sharded.named_parameters()), poet=config).step()

@@ -33,7 +33,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from .config import POETConfig
-from .layer import POETLinear, is_conv1d, is_shard
+from .layer import POETLinear, is_conv1d, whole_value
 from .model import merge, poet_layers, poetize
 
 FORMAT = "poetlm-adapter"
@@ -46,15 +46,10 @@ class AdapterError(ValueError):
     """An adapter file that cannot be read, or that does not fit the base model it is applied to."""
 
 
-def _whole(tensor: torch.Tensor) -> torch.Tensor:
-    # A sharded (FSDP2) rotation is gathered: a collective, which every rank joins, as a training loop calls
-    # MergeHistory.record on every rank before every merge.
-    return tensor.full_tensor() if is_shard(tensor) else tensor
-
-
 def _rotations(model: nn.Module) -> dict[str, torch.Tensor]:
     # Kept in the parameters' own (master, fp32) dtype: any rounding here would change the replayed W0.
-    return {f"{name}.{side}": _whole(layer.get_parameter(side).detach()).to("cpu", copy=True)
+    # Sharded (FSDP2) rotations are gathered, a collective: a training loop records on every rank.
+    return {f"{name}.{side}": whole_value(layer.get_parameter(side).detach()).to("cpu", copy=True)
             for name, layer in poet_layers(model) for side in _SIDES}
 
 

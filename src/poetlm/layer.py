@@ -32,6 +32,12 @@ def is_shard(tensor: torch.Tensor) -> bool:
     return hasattr(tensor, "full_tensor")
 
 
+def whole_value(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole value of a sharded tensor, to read (gathering is a collective every rank joins); any
+    other tensor as it is. Writing a changed value back to the shards is the training app's business."""
+    return tensor.full_tensor() if is_shard(tensor) else tensor
+
+
 def init_weight(init: str, out_features: int, in_features: int, generator: torch.Generator) -> torch.Tensor:
     """A fresh (out, in) fp32 weight drawn by one of the paper's W0 schemes."""
     gaussian = torch.randn(out_features, in_features, generator=generator)

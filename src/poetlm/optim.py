@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 
 from .config import POETConfig
-from .layer import is_shard
+from .layer import is_shard, whole_value
 from .orthogonal import generator_scale, rotation_increment, singular_values
 from .primitives import batch_entries, block_layout, draw_index, seeded_generator, transport_blocks
 from .update_rules import RuleConfig, make_rule
@@ -153,7 +153,8 @@ class POET(torch.optim.Optimizer):
     rule: the update rule (default: orthogonalized momentum, Nesterov, alternating sides).
     gather: for sharded weights (FSDP2): `gather(tensor)` is a context manager within which the tensor is
         whole and on whose exit each rank's shard takes the whole value (`poetlm.train.parallel.whole_tensor`).
-        Each weight is gathered by itself for its step and rotated alike on every rank.
+        Each weight is gathered by itself for its step and rotated alike on every rank; gradients and
+        spectra are only read, so they are gathered without it.
     split: for data-parallel replicas (DDP), an object with `rank`, `world` and `broadcast([(tensor, src),
         …])` (`poetlm.train.parallel.RankSplit`). Every process still updates every momentum (all hold the
         same averaged gradient), but each chunk of weights is orthogonalized, mapped and folded by one
@@ -289,7 +290,7 @@ class POET(torch.optim.Optimizer):
             self._init_state(key, weight, state)
         elif state["step"] % self.rule_config.redraw_every == 0:
             self._redraw(key, weight, state)
-        return weight, self._whole(param.grad, stack), state
+        return weight, whole_value(param.grad), state  # read only: nothing to write back
 
     def _side_block_elements(self, param: torch.Tensor) -> int:
         """Entries of the larger side's (n, b, b) blocks of one weight."""
@@ -360,8 +361,7 @@ class POET(torch.optim.Optimizer):
             state = self.state.get(param)
             if state:
                 initial = state["initial_spectrum"].cpu()  # a loaded state sits on the parameter's device
-                with contextlib.ExitStack() as whole:
-                    sigma = singular_values(self._whole(param, whole))
+                sigma = singular_values(whole_value(param))
                 drifts.append(float((sigma - initial).abs().max() / initial.max()))
         return max(drifts)
 
