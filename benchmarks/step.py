@@ -33,6 +33,7 @@ from common import (CHUNKS_HELP, DTYPES, announce, batch_rotations_as, default_d
 from cost_model import ORTHOGONALIZE_MACS, cnp_products
 from poetlm import merge, poet_layers
 from poetlm.optim import POET
+from poetlm.orthogonal import choose_orthogonalizer
 from poetlm.primitives import block_layout
 from poetlm.train.acceleration import accelerate, decoder_blocks
 from poetlm.train.config import TrainConfig, resolve_config
@@ -255,14 +256,17 @@ def fold_macs(c: Contender) -> int:
     if fold is None:
         return 0
     cfg, rule = fold.poet, fold.rule_config
-    orthogonalize = ORTHOGONALIZE_MACS if rule.orthogonalize == "newton_schulz" else FOLD_EXACT_PRODUCTS
     total = 0
     for group in fold.param_groups:
         for p in group["params"]:
             for dim, other in ((p.shape[0], p.shape[1]), (p.shape[1], p.shape[0])):
-                _, sizes = block_layout(cfg.variant, dim, cfg.block_size, cfg.fraction)
+                block, sizes = block_layout(cfg.variant, dim, cfg.block_size, cfg.fraction)
                 rotate = other * sum(size * size for size in sizes)
-                per_block = (orthogonalize + cnp_products(cfg.neumann_terms)) * sum(size ** 3 for size in sizes)
+                if choose_orthogonalizer(rule.orthogonalize, block, p.device) == "newton_schulz":
+                    products = ORTHOGONALIZE_MACS + cnp_products(cfg.neumann_terms)
+                else:  # exact directions: the map's closed form is one product
+                    products = FOLD_EXACT_PRODUCTS + 1
+                per_block = products * sum(size ** 3 for size in sizes)
                 total += rotate + (rotate + per_block) // (2 if rule.alternate else 1)
     return total
 

@@ -27,6 +27,7 @@ from poetlm.train.data import (
     read_documents,
     sample_offsets,
     split_documents,
+    PASSAGE_CHARS,
     train_tokenizer,
     val_windows,
 )
@@ -245,6 +246,16 @@ def test_split_edge_cases():
     assert split_documents(["a", "b"], 0.999, 0) in ((["a"], ["b"]), (["b"], ["a"]))
     with pytest.raises(DataError, match="at least 2"):
         split_documents(["only"], 0.1, 0)
+
+
+def test_a_corpus_that_is_one_document_is_split_as_passages_at_line_ends():
+    lines = [f"verse {i}: " + " ".join(WORDS) for i in range(3000)]  # ~100 characters a line, no blank lines
+    train, val = split_documents(["\n".join(lines)], 0.1, seed=0)
+    assert len(val) >= 1 and len(train) > 5 * len(val)
+    passages = [p.split("\n") for p in train + val]
+    assert sorted(line for p in passages for line in p) == sorted(lines)  # cut at line ends, nothing lost
+    assert all(len("\n".join(p)) < PASSAGE_CHARS + 200 for p in passages)
+    assert (train, val) == split_documents(["\n".join(lines)], 0.1, seed=0)
     with pytest.raises(DataError, match="val_fraction"):
         split_documents(["a", "b"], 1.5, 0)
 

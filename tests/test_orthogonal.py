@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from poetlm.orthogonal import cayley, cayley_neumann, gram_singular_values, orthogonal_map, rotation_increment, skew_from_packed
+from poetlm.orthogonal import (cayley, cayley_neumann, choose_orthogonalizer, gram_singular_values, isometry_increment, orthogonal_map,
+                               orthogonalize_skew, rotation_increment, skew_from_packed)
 from reference import cnp_formula, exact_cayley, skew_from_triangle_loop
 
 
@@ -61,6 +62,31 @@ def exact_cayley_or_map(q: torch.Tensor, name: str, terms: int) -> torch.Tensor:
     if name == "cayley":
         return torch.stack([exact_cayley(block) for block in q])
     return torch.stack([cnp_formula(block, terms) for block in q])
+
+
+@pytest.mark.parametrize("name, terms", [("cayley_neumann", 3), ("cayley_neumann", 4), ("cayley", 4), ("exp", 4)])
+@pytest.mark.parametrize("size", [6, 7])  # an odd block has a kernel, where the rotation must stay I
+def test_the_closed_form_map_of_an_exact_direction_is_the_map_itself(name, terms, size):
+    directions = orthogonalize_skew(torch.stack([random_skew(size, 1.0, seed=s) for s in range(3)]), "exact")
+    for scale in (-0.01, 0.4):
+        reference = exact_cayley_or_map(scale * directions, name, terms) - torch.eye(size, dtype=torch.float64)
+        closed = isometry_increment(directions, scale, name, terms)
+        torch.testing.assert_close(closed, reference, rtol=0, atol=1e-13)
+    # In float32 the rotation it gives is as orthogonal as the general map's (both ~1e-7)
+    eye = torch.eye(size)
+    rotation = eye + isometry_increment(directions.float(), -0.01, name, terms)
+    general = eye + rotation_increment(-0.01 * directions.float(), name, terms)
+    assert (rotation.mT @ rotation - eye).abs().max() <= 2 * (general.mT @ general - eye).abs().max() + 1e-7
+
+
+def test_auto_orthogonalizes_exactly_only_for_large_blocks_on_a_cpu():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert choose_orthogonalizer("auto", 256, cpu) == choose_orthogonalizer("auto", 384, cpu) == "exact"
+    assert choose_orthogonalizer("auto", 64, cpu) == choose_orthogonalizer("auto", 256, cuda) == "newton_schulz"
+    assert choose_orthogonalizer("newton_schulz", 512, cpu) == "newton_schulz"
+    assert choose_orthogonalizer("exact", 8, cuda) == "exact"
+    a = torch.stack([random_skew(200, 1.0, seed=s) for s in range(2)])
+    assert torch.equal(orthogonalize_skew(a, "auto"), orthogonalize_skew(a, "exact"))
 
 
 def test_packed_parameters_fill_strict_upper_triangles_with_padding_for_a_small_last_block():

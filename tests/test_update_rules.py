@@ -176,8 +176,28 @@ def test_an_orthogonalized_step_turns_every_plane_by_the_same_angle(orthogonaliz
         assert torch.all(angles > 2 * math.atan(0.65 * lr / 2)) and torch.all(angles < 2 * math.atan(1.25 * lr / 2))
 
 
+@pytest.mark.parametrize("block", [4, 5])
+def test_exact_directions_fold_the_same_rotation_through_the_closed_form_map(block, monkeypatch):
+    """The optimizer maps exact directions by `isometry_increment`; the general map must give the same steps."""
+    inputs, targets = (t.double() for t in regression(out=10, inp=9))
+    start = torch.randn(10, 9, dtype=torch.float64)
+    weights = []
+    for closed_form in (True, False):
+        weight = nn.Parameter(start.clone())
+        optimizer = POET([weight], lr=0.05, poet=POETConfig(block_size=block), rule=RuleConfig(orthogonalize="exact"))
+        if not closed_form:
+            monkeypatch.setattr(optimizer.rule, "isometric", lambda direction: False)
+        for _ in range(6):
+            ((inputs @ weight.T - targets) ** 2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        weights.append(weight.detach())
+    assert (weights[0] - start).norm() > 1e-2
+    torch.testing.assert_close(weights[0], weights[1], atol=1e-13, rtol=0)
+
+
 @pytest.mark.parametrize("rule", [RuleConfig(), RuleConfig(name="lie_adam"), RuleConfig(orthogonalize="newton_schulz", alternate=False),
-                                  RuleConfig(direction_dtype="bf16")])
+                                  RuleConfig(direction_dtype="bf16"), RuleConfig(orthogonalize="exact")])
 @pytest.mark.parametrize("variant", ["bs", "fs"])
 def test_many_steps_keep_the_spectrum_while_the_weight_moves(rule, variant):
     inputs, targets = regression(out=24, inp=20)

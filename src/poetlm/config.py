@@ -9,7 +9,7 @@ VARIANTS = ("bs", "fs")
 PARAMETERIZATIONS = ("cayley_neumann", "cayley", "exp")
 INITS = ("normalized_gaussian", "standard", "xavier", "uniform_spectrum", "keep")
 FORWARD_MODES = ("auto", "weight", "input")
-ORTHOGONALIZERS = ("exact", "newton_schulz")
+ORTHOGONALIZERS = ("auto", "exact", "newton_schulz")
 BUILD_DTYPES = ("fp32", "bf16")
 
 

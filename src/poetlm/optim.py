@@ -25,7 +25,7 @@ import torch
 
 from .config import POETConfig
 from .layer import is_shard, whole_value
-from .orthogonal import generator_scale, rotation_increment, singular_values
+from .orthogonal import generator_scale, isometry_increment, rotation_increment, singular_values
 from .primitives import batch_entries, block_layout, draw_index, seeded_generator, transport_blocks
 from .update_rules import RuleConfig, make_rule
 
@@ -315,9 +315,11 @@ class POET(torch.optim.Optimizer):
                 grads.append(skew_gradient(x, side_blocks(grad, side, index, block, n_blocks, scratch, "spare", padded)))
             direction = self._direction(grads, [state[side]["rule"] for _, _, state in members], side in active)
             if direction is not None:
-                scale = -lr * generator_scale(cfg.parameterization)
-                increment = self._increment(scale * direction.to(members[0][0].dtype), cfg.parameterization,
-                                            cfg.neumann_terms)
+                scale, direction = -lr * generator_scale(cfg.parameterization), direction.to(members[0][0].dtype)
+                if getattr(self.rule, "isometric", lambda _: False)(direction):
+                    increment = isometry_increment(direction, scale, cfg.parameterization, cfg.neumann_terms)
+                else:
+                    increment = self._increment(scale * direction, cfg.parameterization, cfg.neumann_terms)
                 increments[side] = increment.split(n_blocks)
         for side in active:  # in turn: the second side sees the weight after the first side's rotation
             _, block, n_blocks = layouts[side]

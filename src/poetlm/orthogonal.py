@@ -100,6 +100,23 @@ def rotation_increment(q: torch.Tensor, parameterization: str = "cayley_neumann"
     raise ValueError(f"parameterization {parameterization!r} is not one of {PARAMETERIZATIONS}")
 
 
+def isometry_increment(d: torch.Tensor, scale: float, parameterization: str = "cayley_neumann",
+                       terms: int = 3) -> torch.Tensor:
+    """orthogonal_map(scale·D) − I for a skew partial isometry D (D³ = −D: every singular value 0 or 1, as
+    `orthogonalize_skew(…, "exact")` returns), as α·D + β·D²: one product instead of the map's three.
+
+    Every map is a power series (or rational function) of Q whose powers of D cycle through ±D and ±D², so
+    the map of D is fixed by two scalars, and these are the map's own on the 2×2 plane generator J (J² = −I,
+    the same cycle): map(scale·J) − I = α·J − β·I. Same map, same truncation, to rounding; where D is only
+    nearly a partial isometry (Newton–Schulz) this would not hold, so it is for exact directions only.
+    """
+    plane = rotation_increment(torch.tensor([[0.0, scale], [-scale, 0.0]], dtype=torch.float64),
+                               parameterization, terms)
+    alpha, beta = float(plane[0, 1]), -float(plane[0, 0])
+    flat = d.reshape(-1, *d.shape[-2:])
+    return torch.baddbmm(flat, flat, flat, beta=alpha, alpha=beta).view(d.shape)
+
+
 def cayley_neumann(q: torch.Tensor, terms: int) -> torch.Tensor:
     """CNP: (I + Q)(I + Q + … + Q^k), the Cayley transform with its inverse truncated after k terms."""
     return _eye(q) + cayley_neumann_increment(q, terms)
@@ -125,6 +142,22 @@ def generator_scale(parameterization: str) -> float:
     return 1.0 if parameterization == "exp" else 0.5
 
 
+EXACT_ON_CPU_FROM = 192  # block size from which "auto" orthogonalizes exactly on a CPU (docs/benchmarks.md)
+
+
+def choose_orthogonalizer(method: str, block: int, device: torch.device) -> str:
+    """"auto" → the faster of the two for (n, block, block) blocks on `device`; any other method as it is.
+
+    On a CPU, LAPACK's eigendecomposition plus three products beats Newton–Schulz's twelve from b ≈ 128
+    (one core: b = 256 0.66 s vs 0.74 s for 160 blocks), and its directions are exact partial isometries,
+    so the map then takes one product instead of three (`isometry_increment`). On GPUs batched `eigh` is
+    10–20× slower than Newton–Schulz (H200, docs/benchmarks.md "GPU"), so they keep the products.
+    """
+    if method != "auto":
+        return method
+    return "exact" if device.type == "cpu" and block >= EXACT_ON_CPU_FROM else "newton_schulz"
+
+
 def orthogonalize_skew(a: torch.Tensor, method: str = "exact", eps: float | None = None) -> torch.Tensor:
     """Skew (..., b, b) -> the skew matrix with the same eigenplanes and every nonzero singular value 1.
 
@@ -134,8 +167,9 @@ def orthogonalize_skew(a: torch.Tensor, method: str = "exact", eps: float | None
     below eps·σ_max stay zero (the kernel of an odd-sized block, and in float32 what eigh cannot resolve:
     eps defaults to 1e-3 there, 1e-7 in float64). "newton_schulz" runs Muon's quintic iteration (4 steps
     from a tighter start, see `_newton_schulz`), an odd polynomial in A (so the result is skew too) whose
-    singular values land in ≈[0.7, 1.2].
+    singular values land in ≈[0.7, 1.2]. "auto": see `choose_orthogonalizer`.
     """
+    method = choose_orthogonalizer(method, a.shape[-1], a.device)
     if method == "exact":
         wide = a.to(torch.promote_types(a.dtype, torch.float32))
         if eps is None:

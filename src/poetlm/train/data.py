@@ -277,22 +277,42 @@ def _iter_hf(spec: str) -> Iterator[str]:
 # Splitting
 
 
+def _passages(text: str) -> list[str]:
+    """`text` cut after the first line end past every PASSAGE_CHARS characters."""
+    passages, start = [], 0
+    while start < len(text):
+        end = text.find("\n", start + PASSAGE_CHARS)
+        end = len(text) if end < 0 else end + 1
+        if text[start:end].strip():
+            passages.append(text[start:end].strip())
+        start = end
+    return passages
+
+
 def _unit_hash(seed: int, index: int) -> float:
     digest = hashlib.sha256(f"{seed}:{index}".encode()).digest()
     return int.from_bytes(digest[:8], "big") / 2.0**64
+
+
+PASSAGE_CHARS = 20_000  # a corpus that is one document is split as passages of about this size
 
 
 def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Split whole documents into (train, val), deterministically from ``seed``.
 
     Membership depends only on (seed, index), so it is stable across runs and machines.
-    Both splits get at least one document.
+    Both splits get at least one document. A corpus that is a single document (a book, or a text with
+    one sentence or verse per line and no blank lines) is first cut at line ends into passages of about
+    ``PASSAGE_CHARS`` characters, which are split instead.
     """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if len(docs) == 1:
+        docs = _passages(docs[0])
     if len(docs) < 2:
         raise DataError(
-            f"the corpus has {len(docs)} document(s), but a train/validation split needs at least 2; "
+            f"the corpus is one document of {len(docs[0]) if docs else 0} characters that has no two passages "
+            f"of ~{PASSAGE_CHARS} characters, but a train/validation split needs at least 2 documents; "
             "separate documents in a .txt file with blank lines, or use a larger corpus"
         )
     scores = [_unit_hash(seed, i) for i in range(len(docs))]

@@ -28,8 +28,10 @@ class RuleConfig:
     redraw_every: steps between redraws of the coordinates (permutations / subsets).
     transport: at a redraw, keep the momentum of every plane whose two coordinates share a block before
         and after (False: start the momentum from zero). lie_adam always restarts its moments.
-    orthogonalize: "newton_schulz" (Muon's quintic, 4 steps: matrix products only, fast on GPUs and CPUs)
-        or "exact" (eigendecomposition). At tiny, 1000 steps, they reached the same val ppl (54.0 vs 54.3).
+    orthogonalize: "newton_schulz" (Muon's quintic, 4 steps: matrix products only, fast on GPUs), "exact"
+        (eigendecomposition; its directions let the map take one product instead of three) or "auto" (exact
+        on CPUs from b = 192, where it is the faster, else Newton–Schulz: `orthogonal.choose_orthogonalizer`).
+        At tiny, 1000 steps, exact and Newton–Schulz reached the same val ppl (54.0 vs 54.3).
     direction_dtype: precision of the Newton–Schulz products, "fp32" or "bf16" (tensor-core speed on
         GPUs; CPUs without bf16 units emulate it slowly). Only the direction is computed there: it is made
         skew again in fp32, and the map and the fold stay in the weight's precision, so the spectrum is
@@ -44,7 +46,7 @@ class RuleConfig:
     alternate: bool = True
     redraw_every: int = 50
     transport: bool = True
-    orthogonalize: str = "newton_schulz"
+    orthogonalize: str = "auto"
     direction_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
