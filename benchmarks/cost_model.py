@@ -34,7 +34,7 @@ def cnp_products(terms: int) -> int:
     """b×b products of one Cayley–Neumann map with k terms (orthogonal.cayley_neumann_increment)."""
     return terms - 1 if terms in (3, 4) else terms
 
-ORTHOGONALIZE_MACS = 12  # per b³ and active block: 4 quintic Newton–Schulz steps of 3 products (the default)
+ORTHOGONALIZE_MACS = 12  # per b³ and active block: 4 quintic Newton–Schulz steps of 3 products (the default on GPUs)
 
 
 @dataclasses.dataclass(frozen=True)

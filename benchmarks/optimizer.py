@@ -11,6 +11,8 @@ no data: what is left is the optimizer's own work per step, the part of a POET s
 shrink with more tokens per step. Median of --repeats steps after one untimed step (one torch thread on
 CPU; CUDA synchronized around each step). "ops/step" counts the torch ops the step dispatches itself
 (views included): where kernel launches bound a step, as on GPUs at these sizes, that is its cost.
+"exact" rows map their directions in closed form (`orthogonal.isometry_increment`, one product);
+"auto", POET's default, is exact from b = 192 on a CPU and Newton–Schulz elsewhere.
 """
 
 from __future__ import annotations
@@ -76,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="llama-60m")
     parser.add_argument("--blocks", type=int, nargs="+", default=[64, 256])
-    parser.add_argument("--orthogonalize", nargs="+", default=["newton_schulz", "exact"], choices=["newton_schulz", "exact"])
+    parser.add_argument("--orthogonalize", nargs="+", default=["newton_schulz", "exact"], choices=["newton_schulz", "exact", "auto"])
     parser.add_argument("--direction-dtypes", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
                         help="rule.direction_dtype values to time (bf16 is for GPUs)")
     parser.add_argument("--repeats", type=int, default=3)

@@ -298,6 +298,14 @@ def test_rule_config_rejects_bad_values_by_name(field, value):
         RuleConfig(**{field: value})
 
 
+def test_a_non_finite_gradient_is_named_not_blamed_on_the_eigensolver():
+    weight = nn.Parameter(torch.randn(8, 8))
+    optimizer = POET([weight], rule=RuleConfig(orthogonalize="exact"))
+    weight.grad = torch.full((8, 8), float("nan"))
+    with pytest.raises(ValueError, match="non-finite gradient"):
+        optimizer.step()
+
+
 def test_poet_optimizer_refuses_vectors_and_low_precision_weights():
     with pytest.raises(ValueError, match="rotates matrices"):
         POET([nn.Parameter(torch.zeros(4))])

@@ -175,7 +175,13 @@ def orthogonalize_skew(a: torch.Tensor, method: str = "exact", eps: float | None
         if eps is None:
             eps = 1e-7 if wide.dtype == torch.float64 else 1e-3
         gram = wide.transpose(-1, -2) @ wide
-        values, vectors = torch.linalg.eigh(gram)
+        try:
+            values, vectors = torch.linalg.eigh(gram)
+        except torch.linalg.LinAlgError as error:  # LAPACK's message blames conditioning, whatever the cause
+            if not torch.isfinite(a).all():
+                raise ValueError("cannot orthogonalize skew matrices that hold NaN or inf: a non-finite gradient "
+                                 "reached POET (check the loss; poetlm's training loop stops at such a step)") from error
+            raise
         floor = eps**2 * values.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(wide.dtype).tiny)
         inv_sqrt = torch.where(values > floor, values.clamp_min(floor).rsqrt(), torch.zeros_like(values))
         polar = wide @ (vectors * inv_sqrt.unsqueeze(-2)) @ vectors.transpose(-1, -2)
