@@ -375,3 +375,19 @@ def test_compiled_block_math_matches_eager_and_does_not_recompile_for_lrs_or_red
     assert counters["stats"]["unique_graphs"] == graphs
     torch.testing.assert_close(compiled.detach(), eager.detach(), rtol=1e-5, atol=1e-6)
     assert (eager.detach() - start).norm() > 1e-2
+
+
+def test_adamw_takes_foreach_on_cpu_only_where_it_holds_fewer_temporaries():
+    embedding, head = nn.Parameter(torch.zeros(1000, 8)), nn.Parameter(torch.zeros(8, 1000))
+    norms = [nn.Parameter(torch.zeros(8)) for _ in range(4)]
+    blocks = [nn.Parameter(torch.zeros(40, 40)) for _ in range(10)]
+    beside_poet = optim.adamw([{"params": [embedding, head]}, {"params": norms, "weight_decay": 0.0}])
+    assert beside_poet.param_groups[0]["foreach"] is True  # the group: 2 of its largest, the loop holds 3
+    everything = optim.adamw([{"params": [embedding, head, *blocks]}])
+    assert everything.param_groups[0]["foreach"] is False  # foreach would hold a copy of all of it
+    elsewhere = optim.adamw([{"params": [nn.Parameter(torch.zeros(8, 8, device="meta"))]}])
+    assert elsewhere.param_groups[0]["foreach"] is None  # off the CPU torch chooses (foreach on GPUs)
+    for parameter in (embedding, head, *norms):  # and either form takes AdamW's step
+        parameter.grad = torch.ones_like(parameter)
+    beside_poet.step()
+    torch.testing.assert_close(embedding.detach(), torch.full_like(embedding, -1e-3))

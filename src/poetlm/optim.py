@@ -424,6 +424,25 @@ class Chained(torch.optim.Optimizer):
             optimizer.load_state_dict(state)
 
 
+def adamw(groups: list[dict], betas=(0.9, 0.999)) -> torch.optim.AdamW:
+    """torch's AdamW over `groups`, in the form of its step that holds fewer temporaries (every poetlm method's
+    AdamW, and the one beside POET in `poet_optimizer`).
+
+    On CPUs torch loops over the parameters, and the loop still references one parameter's √v̂ while it
+    makes the next one's: up to three times the largest parameter. Its foreach form (the default on GPUs)
+    makes every √v̂ of a group at once: the group's size. So a CPU run takes foreach where no group is
+    larger than three of its largest parameter (the embedding and head that POET and Muon leave to AdamW:
+    2 where the loop holds 3, and faster), and keeps the loop for a single group of every weight
+    (AdamW's own; foreach would hold a copy of the model).
+    """
+    params = [p for group in groups for p in group["params"]]
+    foreach = None
+    if params and all(p.device.type == "cpu" for p in params):
+        largest = max(p.numel() for p in params)
+        foreach = max(sum(p.numel() for p in group["params"]) for group in groups) <= 3 * largest
+    return torch.optim.AdamW(groups, betas=betas, foreach=foreach)
+
+
 def poet_optimizer(model: torch.nn.Module, lr_poet: float = 0.02, lr: float = 3e-3, weight_decay: float = 0.0,
                    poet: POETConfig | None = None, rule: RuleConfig | None = None, betas=(0.9, 0.999),
                    split=None) -> Chained:
@@ -443,5 +462,5 @@ def poet_optimizer(model: torch.nn.Module, lr_poet: float = 0.02, lr: float = 3e
     rest = [g for g in groups if g["params"]]
     optimizers = [POET(named, lr=lr_poet, poet=poet, rule=rule, split=split)]
     if rest:
-        optimizers.append(torch.optim.AdamW(rest, betas=betas))
+        optimizers.append(adamw(rest, betas=betas))
     return Chained(optimizers)

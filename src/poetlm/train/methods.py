@@ -19,7 +19,7 @@ from ..adapter import MergeHistory, base_fingerprint, save_adapter
 from ..config import POETConfig
 from ..diagnostics import model_diagnostics
 from ..model import merge, param_groups, poetize, rotated_weights, rotation_parameters, step_weight_cache
-from ..optim import POET
+from ..optim import POET, adamw
 from ..primitives import block_layout
 from ..serialization import save_pretrained
 from . import parallel
@@ -67,7 +67,7 @@ class Method:
     def optimizers(self, model: nn.Module) -> list[torch.optim.Optimizer]:
         opt = self.config.optim
         groups = param_groups(model, lr_base=opt.lr, lr_poet=opt.lr, weight_decay=opt.weight_decay)
-        return [torch.optim.AdamW(groups, betas=(opt.beta1, opt.beta2))]
+        return [adamw(groups, betas=(opt.beta1, opt.beta2))]
 
     def step_context(self, model: nn.Module, sharded: bool):
         """Wraps the micro-batches of one optimizer step."""
@@ -123,7 +123,7 @@ class AdamW(Method):
         hidden = _hidden_matrices(model)
         hidden_group = {"name": "hidden", "params": [p for p in model.parameters() if id(p) in hidden],
                         "lr": opt.lr_hidden, "weight_decay": opt.weight_decay}
-        return [torch.optim.AdamW([hidden_group, *_split_groups(groups, hidden)], betas=(opt.beta1, opt.beta2))]
+        return [adamw([hidden_group, *_split_groups(groups, hidden)], betas=(opt.beta1, opt.beta2))]
 
 
 class Muon(Method):
@@ -136,7 +136,7 @@ class Muon(Method):
         # "match_rms_adamw" scales Muon's update to AdamW's RMS, so one learning-rate range serves both.
         muon = torch.optim.Muon([p for p in model.parameters() if id(p) in hidden], lr=opt.lr_muon or opt.lr,
                                 weight_decay=opt.weight_decay, adjust_lr_fn="match_rms_adamw")
-        return [muon, torch.optim.AdamW(_split_groups(groups, hidden), betas=(opt.beta1, opt.beta2))]
+        return [muon, adamw(_split_groups(groups, hidden), betas=(opt.beta1, opt.beta2))]
 
 
 class LoRA(Method):
@@ -187,7 +187,7 @@ class POETFold(Method):
         rotations = POET(self.named_weights, lr=cfg.optim.lr_poet, poet=poet_config(cfg), rule=cfg.rule,
                          gather=parallel.whole_tensor, split=parallel.rank_split(model))
         rest = _split_groups(groups, ids)
-        return [rotations] + ([torch.optim.AdamW(rest, betas=(cfg.optim.beta1, cfg.optim.beta2))] if rest else [])
+        return [rotations] + ([adamw(rest, betas=(cfg.optim.beta1, cfg.optim.beta2))] if rest else [])
 
     def diagnostics(self, model, optimizers, spectrum):
         return {"spectrum_drift": optimizers[0].spectrum_drift()} if spectrum else {}
@@ -238,7 +238,7 @@ class POETPaper(Method):
     def optimizers(self, model):
         opt = self.config.optim
         groups = param_groups(model, lr_base=opt.lr, lr_poet=opt.lr_poet, weight_decay=opt.weight_decay)
-        return [torch.optim.AdamW(groups, betas=(opt.beta1, opt.beta2))]
+        return [adamw(groups, betas=(opt.beta1, opt.beta2))]
 
     def step_context(self, model, sharded):
         # FSDP2 gathers parameters only inside each block's forward, so sharded runs rebuild weights per micro-batch.
