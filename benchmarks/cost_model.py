@@ -163,8 +163,9 @@ def activation_bytes(shape: Shape, c: Counts, bf16: bool, checkpointing: bool) -
 def adam_transient(shape: Shape, c: Counts, method: Method, gpu: bool) -> int:
     """Temporaries of torch's AdamW step over the parameters it holds (decayed matrices in one group).
 
-    GPU (foreach, torch's CUDA default): √v of a whole group at once. CPU (one tensor at a time): √v and
-    √v/c of the current tensor while the previous tensor's denominator is still referenced.
+    foreach (torch's CUDA default; on CPU `poetlm.optim.adamw` takes it where no group is larger than three
+    of its largest parameter): √v of a whole group at once. Otherwise (one tensor at a time): √v and √v/c
+    of the current tensor while the previous tensor's denominator is still referenced.
     """
     if method.kind == "adamw":  # embedding, every block matrix, head: one group, in model order
         order = [shape.vocab * shape.hidden] + [o * i for o, i in shape.linears()] + ([] if shape.tied else [c.head])
@@ -172,7 +173,7 @@ def adam_transient(shape: Shape, c: Counts, method: Method, gpu: bool) -> int:
     else:  # the rotations (poet-paper) are their own group; the decayed group is the embedding and head
         order = [shape.vocab * shape.hidden] + ([] if shape.tied else [c.head])
         group = max(c.rotation, shape.vocab * shape.hidden + c.head)
-    if gpu:
+    if gpu or group <= 3 * max(order):
         return 4 * group
     return 4 * max(2 * order[0], *(prev + 2 * cur for prev, cur in zip(order, order[1:])))
 

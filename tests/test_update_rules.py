@@ -213,15 +213,18 @@ def test_many_steps_keep_the_spectrum_while_the_weight_moves(rule, variant):
     torch.testing.assert_close(torch.linalg.svdvals(weight.detach()), torch.linalg.svdvals(start), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("rule", [RuleConfig(redraw_every=3), RuleConfig(name="lie_adam", redraw_every=3)])
+@pytest.mark.parametrize("rule, variant", [(RuleConfig(redraw_every=3), "bs"), (RuleConfig(name="lie_adam", redraw_every=3), "bs"),
+                                           (RuleConfig(redraw_every=3, alternate=False), "fs")])
 @pytest.mark.parametrize("chunking", ["cpu", "gpu"])
-def test_weights_stepped_as_one_batch_match_each_stepped_alone(rule, chunking, monkeypatch):
+def test_weights_stepped_as_one_batch_match_each_stepped_alone(rule, variant, chunking, monkeypatch):
     """Same-shaped weights share one set of block products; the result must be each weight's own step,
-    in the CPU's chunks (here 2 + 1 of the three 12×10 weights) and in a GPU's (all three at once)."""
+    in the CPU's chunks (here 2 + 1 of the three 12×10 weights) and in a GPU's (all three at once, stacked:
+    one gather, product and write-back for the chunk; with padded blocks, subsets, both sides in turn)."""
     if chunking == "gpu":
         monkeypatch.setattr(primitives, "CHUNK_ENTRIES", {})  # this CPU takes the policy of a device type it does not list
+    assert primitives.stacks(torch.empty(1)) == (chunking == "gpu")
     inputs, targets = regression(out=12, inp=10)
-    config = POETConfig(block_size=4)
+    config = POETConfig(variant=variant, block_size=4, fraction=0.5)
     starts = [torch.randn(12, 10, dtype=torch.float64) for _ in range(3)] + [torch.randn(12, 12, dtype=torch.float64)]
     assert [len(chunk) for chunk in optim._chunks([None] * 3, torch.empty(12, 10), 48)] == ([2, 1] if chunking == "cpu" else [3])
     assert [len(chunk) for chunk in optim._chunks([None] * 3, torch.empty(12, 10), 48, spread=3)] == [1, 1, 1]  # one per process

@@ -26,7 +26,7 @@ import torch
 from .config import POETConfig
 from .layer import is_shard, whole_value
 from .orthogonal import generator_scale, isometry_increment, rotation_increment, singular_values
-from .primitives import batch_entries, block_layout, draw_index, seeded_generator, transport_blocks
+from .primitives import batch_entries, block_layout, draw_index, seeded_generator, stacks, transport_blocks
 from .update_rules import RuleConfig, make_rule
 
 SIDES = ("out", "in")
@@ -118,12 +118,20 @@ def _chunks(members: list, weight: torch.Tensor, block_elements: int, spread: in
     Many weights' (n, b, b) blocks at once save launches and per-op overhead where blocks are small; at
     large b one weight's blocks are big products already, and a whole batch's rule and map temporaries
     (several copies of the blocks) would cost memory instead. Sharded weights go one at a time: each is
-    gathered whole for its step, and FSDP's memory saving must not come back in the optimizer.
+    gathered whole for its step, and FSDP's memory saving must not come back in the optimizer. Where a
+    chunk's weights are stacked (`primitives.stacks`), each stacked copy of them is held to the same bound.
     """
     if is_shard(weight):
         return [[member] for member in members]
-    per_chunk = max(1, min(batch_entries(weight) // max(1, block_elements), -(-len(members) // spread)))
+    entries = max(block_elements, weight.numel() if stacks(weight) else 0, 1)
+    per_chunk = max(1, min(batch_entries(weight) // entries, -(-len(members) // spread)))
     return [members[i: i + per_chunk] for i in range(0, len(members), per_chunk)]
+
+
+def stack_rows(tensors: list[torch.Tensor], side: str) -> torch.Tensor:
+    """Same-shaped tensors' rows seen from `side` (W's for "out", Wᵀ's for "in"), one tensor's after
+    another's: (n·dim, other), contiguous."""
+    return torch.stack(tensors if side == "out" else [tensor.t() for tensor in tensors]).flatten(0, 1)
 
 
 def skew_gradient(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -133,6 +141,21 @@ def skew_gradient(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         x, h = x.to(wide), h.to(wide)
     product = h @ x.transpose(-1, -2)
     return (product - product.transpose(-1, -2)).mul_(2)
+
+
+def _join(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """torch.cat(tensors), or, when they are the consecutive parts of one tensor, that tensor itself."""
+    base = tensors[0]._base
+    if base is not None and base.is_contiguous():
+        expected = base.storage_offset()
+        for tensor in tensors:
+            if tensor._base is not base or not tensor.is_contiguous() or tensor.storage_offset() != expected:
+                break
+            expected += tensor.numel()
+        else:
+            if expected - base.storage_offset() == base.numel():
+                return base
+    return torch.cat(tensors)
 
 
 def _evaluate(closure):
@@ -299,31 +322,47 @@ class POET(torch.optim.Optimizer):
 
     def _rotate(self, members: list[tuple[torch.Tensor, torch.Tensor, dict]], lr: float, step: int, scratch: Scratch,
                 fold: bool = True) -> None:
-        """One step of a chunk of same-shaped weights; without `fold`, the momenta only (another process folds)."""
+        """One step of a chunk of same-shaped weights; without `fold`, the momenta only (another process folds).
+
+        Where steps are launch-bound (`primitives.stacks`: GPUs), a chunk's weights and gradients are
+        stacked so that each gather, product and write-back is one op for the whole chunk; elsewhere each
+        weight is gathered into reused scratch, one at a time.
+        """
         cfg, rule_cfg = self.poet, self.rule_config
         active = () if not fold else SIDES if not rule_cfg.alternate else (SIDES[step % 2],)
+        stacked = len(members) > 1 and stacks(members[0][0])
         layouts, increments = {}, {}
         for side in SIDES:  # every side's state sees every step's gradient, active or not
             _, block, n_blocks = layouts[side] = self._side(members[0][0], side, members[0][2])
             if not n_blocks:
                 continue
-            grads = []
-            for weight, grad, state in members:
-                index = state[side]["index"]
-                padded, _ = self._index_forms(state, side, weight, n_blocks * block)
-                x = side_blocks(weight, side, index, block, n_blocks, scratch, "weight", padded)
-                grads.append(skew_gradient(x, side_blocks(grad, side, index, block, n_blocks, scratch, "spare", padded)))
-            direction = self._direction(grads, [state[side]["rule"] for _, _, state in members], side in active)
+            if stacked:
+                grads = skew_gradient(*(self._stacked_blocks([member[i] for member in members], members, side)
+                                        for i in (0, 1)))
+            else:
+                parts = []
+                for weight, grad, state in members:
+                    index = state[side]["index"]
+                    padded, _ = self._index_forms(state, side, weight, n_blocks * block)
+                    x = side_blocks(weight, side, index, block, n_blocks, scratch, "weight", padded)
+                    parts.append(skew_gradient(x, side_blocks(grad, side, index, block, n_blocks, scratch, "spare", padded)))
+                grads = torch.cat(parts) if len(parts) > 1 else parts[0]
+            states = [state[side]["rule"] for _, _, state in members]
+            direction = self._direction(grads, n_blocks, states, side in active)
             if direction is not None:
                 scale, direction = -lr * generator_scale(cfg.parameterization), direction.to(members[0][0].dtype)
                 if getattr(self.rule, "isometric", lambda _: False)(direction):
-                    increment = isometry_increment(direction, scale, cfg.parameterization, cfg.neumann_terms)
+                    increments[side] = isometry_increment(direction, scale, cfg.parameterization, cfg.neumann_terms)
                 else:
-                    increment = self._increment(scale * direction, cfg.parameterization, cfg.neumann_terms)
-                increments[side] = increment.split(n_blocks)
+                    increments[side] = self._increment(scale * direction, cfg.parameterization, cfg.neumann_terms)
         for side in active:  # in turn: the second side sees the weight after the first side's rotation
+            if side not in increments:
+                continue
             _, block, n_blocks = layouts[side]
-            for (weight, _, state), increment in zip(members, increments.get(side, ())):
+            if stacked:
+                self._fold_stacked(members, side, increments[side])
+                continue
+            for (weight, _, state), increment in zip(members, increments[side].split(n_blocks)):
                 index = state[side]["index"]
                 padded, inverse = self._index_forms(state, side, weight, n_blocks * block)
                 x = side_blocks(weight, side, index, block, n_blocks, scratch, "weight", padded)
@@ -331,21 +370,71 @@ class POET(torch.optim.Optimizer):
         for _, _, state in members:
             state["step"] += 1
 
-    def _direction(self, grads: list[torch.Tensor], states: list[dict], active: bool) -> torch.Tensor | None:
-        """The rule's direction for several weights' blocks at once: their states joined, then split back."""
-        if len(grads) == 1:
-            return self.rule.direction(grads[0], states[0], active=active)
-        sizes = [len(grad) for grad in grads]
-        joined = {key: torch.cat([state[key] for state in states]) if torch.is_tensor(value) else value
+    def _stack_forms(self, members: list, side: str) -> tuple:
+        """A chunk's stacked rows (`stack_rows`) seen as one: (gather index into its blocks, their padding
+        rows, and either the inverse gather for a permutation or (targets, sources) for a subset), derived
+        once per draw like `_index_forms`."""
+        states = [state for _, _, state in members]
+        indices = tuple(state[side]["index"] for state in states)
+        key = (tuple(id(state) for state in states), side)
+        cached = self._derived.get(key)
+        if cached is None or any(old is not new for old, new in zip(cached[0], indices)):
+            dim = self._side_view(members[0][0], side).shape[0]
+            block, sizes = self._layout(dim)
+            width, count, device = block * len(sizes), len(indices[0]), indices[0].device
+            spans = [(i * dim, i * width) for i in range(len(indices))]  # where member i's rows start: stacked, gathered
+            gather = torch.cat([padded_index(index, width) + start for index, (start, _) in zip(indices, spans)])
+            padding = torch.cat([torch.arange(count, width, device=device) + at for _, at in spans])
+            if count == dim:
+                write = torch.cat([torch.argsort(index) + at for index, (_, at) in zip(indices, spans)])
+            else:
+                write = (torch.cat([index + start for index, (start, _) in zip(indices, spans)]),
+                         torch.cat([torch.arange(count, device=device) + at for _, at in spans]))
+            cached = self._derived[key] = (indices, gather, padding, write)
+        return cached[1:]
+
+    def _stacked_blocks(self, tensors: list[torch.Tensor], members: list, side: str) -> torch.Tensor:
+        """The chunk's `side_blocks`, all weights' blocks in one (n·n_blocks, b, cols) tensor."""
+        gather, padding, _ = self._stack_forms(members, side)
+        rows = stack_rows(tensors, side).index_select(0, gather)
+        if len(padding):
+            rows.index_fill_(0, padding, 0)
+        return rows.view(-1, self._layout(self._side_view(tensors[0], side).shape[0])[0], rows.shape[-1])
+
+    def _fold_stacked(self, members: list, side: str, increment: torch.Tensor) -> None:
+        """`fold_side` for a whole stacked chunk: one product, one write-back gather, one copy into the weights."""
+        weights = [weight for weight, _, _ in members]
+        _, _, write = self._stack_forms(members, side)
+        blocks = self._stacked_blocks(weights, members, side)
+        rotated = torch.baddbmm(blocks, increment, blocks).flatten(0, 1)
+        if isinstance(write, tuple):  # a subset of the rows turns: the others stay as they are
+            rows = stack_rows(weights, side)
+            rows.index_copy_(0, write[0], rotated.index_select(0, write[1]))
+        else:
+            rows = rotated.index_select(0, write)
+        rows = rows.view(len(weights), -1, rows.shape[-1]).unbind(0)
+        torch._foreach_copy_(weights, rows if side == "out" else [row.t() for row in rows])
+
+    def _direction(self, grads: torch.Tensor, n_blocks: int, states: list[dict], active: bool) -> torch.Tensor | None:
+        """The rule's direction for several weights' blocks at once (`grads`: n_blocks of each, in turn).
+
+        Their states are joined for the rule and each state keeps its part of the joined tensors as a view,
+        so from the next step on the join is the tensor they already share: no concatenation and no copy
+        back per weight (after a redraw replaced them, one concatenation joins them again).
+        """
+        if len(states) == 1:
+            return self.rule.direction(grads, states[0], active=active)
+        joined = {key: _join([state[key] for state in states]) if torch.is_tensor(value) else value
                   for key, value in states[0].items()}
-        direction = self.rule.direction(torch.cat(grads), joined, active=active)
+        direction = self.rule.direction(grads, joined, active=active)
         for key, value in joined.items():
-            parts = value.split(sizes) if torch.is_tensor(value) else [value] * len(states)
-            for state, part in zip(states, parts):
-                if torch.is_tensor(state.get(key)) and state[key].shape == part.shape:
-                    state[key].copy_(part)  # in place: the joined tensor is a temporary, the state stays put
-                else:
-                    state[key] = part
+            if torch.is_tensor(value):
+                if not all(torch.is_tensor(state.get(key)) and state[key]._base is value for state in states):
+                    for state, part in zip(states, value.split(n_blocks)):
+                        state[key] = part
+            else:
+                for state in states:
+                    state[key] = value
         return direction
 
     def load_state_dict(self, state_dict: dict) -> None:

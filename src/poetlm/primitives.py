@@ -41,6 +41,12 @@ def batch_entries(weight: torch.Tensor) -> int:
     return max(weight.numel(), CHUNK_ENTRIES.get(weight.device.type, GPU_CHUNK_ENTRIES))
 
 
+def stacks(weight: torch.Tensor) -> bool:
+    """Whether weights like `weight` are also stacked whole for their batch (devices with a GPU's batching,
+    where one op per weight costs a launch; on CPU the stack would be a copy of each weight for nothing)."""
+    return weight.device.type not in CHUNK_ENTRIES
+
+
 def block_layout(variant: str, dim: int, block_size: int, fraction: float) -> tuple[int, list[int]]:
     """(slot size b, the sizes of the blocks) of one side of a `dim`-wide weight.
 
