@@ -148,10 +148,11 @@ EXACT_ON_CPU_FROM = 192  # block size from which "auto" orthogonalizes exactly o
 def choose_orthogonalizer(method: str, block: int, device: torch.device) -> str:
     """"auto" → the faster of the two for (n, block, block) blocks on `device`; any other method as it is.
 
-    On a CPU, LAPACK's eigendecomposition plus three products beats Newton–Schulz's twelve from b ≈ 128
-    (one core: b = 256 0.66 s vs 0.74 s for 160 blocks), and its directions are exact partial isometries,
-    so the map then takes one product instead of three (`isometry_increment`). On GPUs batched `eigh` is
-    10–20× slower than Newton–Schulz (H200, docs/benchmarks.md "GPU"), so they keep the products.
+    On a CPU, LAPACK's eigendecomposition plus three products beats Newton–Schulz's twelve at b = 256 and
+    loses at b = 64 (llama-60m's optimizer, one core: 0.93 vs 0.99 s and 0.32 vs 0.28 s, docs/benchmarks.md),
+    and its directions are exact partial isometries, so the map then takes one product instead of three
+    (`isometry_increment`). On GPUs batched `eigh` is 10–20× slower than Newton–Schulz (H200, "GPU" there),
+    so they keep the products.
     """
     if method != "auto":
         return method
