@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from common import markdown_table
-from poetlm.primitives import block_layout
+from poetlm.primitives import GPU_CHUNK_ENTRIES, block_layout
 from poetlm.train.config import resolve_config
 
 GIB = 2**30
@@ -110,6 +110,7 @@ class Counts:
     spectrum: int     # Σ min(out, in): initial singular values kept for the drift diagnostic
     probe: int        # poet-paper: probe, probe_rotated (Σ in) per layer
     rotate_macs: int  # rotating one side of every block linear (out·in·b for bs), averaged over the two sides
+    stacked: int      # entries of one stacked chunk of same-shaped weights on a GPU (poet's optimizer)
 
 
 def counts(shape: Shape, method: Method) -> Counts:
@@ -131,8 +132,11 @@ def counts(shape: Shape, method: Method) -> Counts:
     per_layer = max(o * i for o, i in shape.linears())
     layer_total = sum(o * i for o, i in shape.linears())
     n = shape.layers
+    shapes = [(o, i) for o, i in shape.linears()]
+    # poetlm.optim stacks a shape's weights in chunks of at most GPU_CHUNK_ENTRIES entries (one weight if larger)
+    stacked = max(max(o * i, min(GPU_CHUNK_ENTRIES // (o * i), n * shapes.count((o, i))) * o * i) for o, i in shapes)
     return Counts(n * block, other, head, per_layer, layer_total, n * rotation, n * slots, n * cube,
-                  n * index, n * spectrum, n * probe, n * macs // 2)
+                  n * index, n * spectrum, n * probe, n * macs // 2, stacked)
 
 
 def activation_bytes(shape: Shape, c: Counts, bf16: bool, checkpointing: bool) -> dict[str, int]:
@@ -215,7 +219,9 @@ def model_bytes(shape: Shape, method: Method, gpu: bool, world: int, checkpointi
         # block product; under FSDP also the whole weight and gradient), then drops the block gradients;
         # AdamW then updates the rest.
         gathered = 8 * c.largest_layer if world > 1 else 0
-        optimizer = max(grads + gathered + 8 * c.largest_layer + 4 * c.slots // (7 * shape.layers),
+        # On one GPU a chunk goes stacked: its weights, their gathered rows and the rotated rows at once.
+        rows = 12 * c.stacked if gpu and world == 1 else 8 * c.largest_layer
+        optimizer = max(grads + gathered + rows + 4 * c.slots // (7 * shape.layers),
                         4 * c.other // shard + adam_transient(shape, c, method, gpu) // shard)
     else:
         optimizer = grads + adam_transient(shape, c, method, gpu) // shard
