@@ -171,7 +171,9 @@ class BlockStochastic(RotationSide):
         padding = self.n_blocks * self.block - self.dim
         if padding:
             gathered = nn.functional.pad(gathered, (0, 0, 0, padding) if dim == 0 else (0, padding))
-        rotated = self._rotate_gathered(gathered, blocks, transpose, dim).narrow(dim, 0, self.dim)
+        rotated = self._rotate_gathered(gathered, blocks, transpose, dim)
+        if padding:  # a slice's backward is a zero fill and a copy of the whole tensor: only where needed
+            rotated = rotated.narrow(dim, 0, self.dim)
         return permute(rotated, self.inverse, self.index, dim)
 
 
