@@ -1,6 +1,7 @@
 """Update rules and the fold-every-step optimizer against dense references."""
 
 import copy
+import io
 import math
 
 import pytest
@@ -252,35 +253,50 @@ def test_weights_stepped_as_one_batch_match_each_stepped_alone(rule, variant, ch
                                atol=1e-12, rtol=1e-12)
 
 
-def straight_and_resumed(edit_saved=lambda saved: None):
-    """8 steps in one go, and 4 + 4 across a state_dict (edited by `edit_saved`) with a redraw in each half."""
+def straight_and_resumed(edit_saved=lambda saved: None, count: int = 1):
+    """8 steps in one go, and 4 + 4 across a state_dict saved to bytes and loaded (edited by `edit_saved`),
+    with a redraw in each half; `count` same-shaped weights step as one batch (their rule states joined)."""
     inputs, targets = regression(out=12, inp=10)
     rule, config = RuleConfig(redraw_every=3), POETConfig(block_size=4)
 
-    def run(weight, optimizer, steps):
+    def run(weights, optimizer, steps):
         for _ in range(steps):
-            ((inputs @ weight.T - targets) ** 2).mean().backward()
+            sum(((inputs @ weight.T - targets) ** 2).mean() for weight in weights).backward()
             optimizer.step()
             optimizer.zero_grad()
 
-    start = torch.randn(12, 10)
-    straight = nn.Parameter(start.clone())
-    run(straight, POET([straight], lr=0.03, poet=config, rule=rule), 8)
-    first = nn.Parameter(start.clone())
-    optimizer = POET([first], lr=0.03, poet=config, rule=rule)
+    starts = [torch.randn(12, 10) for _ in range(count)]
+    named = lambda weights: [(f"layer{i}.weight", w) for i, w in enumerate(weights)]  # noqa: E731
+    straight = [nn.Parameter(start.clone()) for start in starts]
+    run(straight, POET(named(straight), lr=0.03, poet=config, rule=rule), 8)
+    first = [nn.Parameter(start.clone()) for start in starts]
+    optimizer = POET(named(first), lr=0.03, poet=config, rule=rule)
     run(first, optimizer, 4)
-    saved = copy.deepcopy(optimizer.state_dict())
+    buffer = io.BytesIO()
+    torch.save(optimizer.state_dict(), buffer)
+    saved = torch.load(io.BytesIO(buffer.getvalue()))
     edit_saved(saved)
-    resumed = nn.Parameter(first.detach().clone())
-    optimizer = POET([resumed], lr=0.03, poet=config, rule=rule)
+    resumed = [nn.Parameter(weight.detach().clone()) for weight in first]
+    optimizer = POET(named(resumed), lr=0.03, poet=config, rule=rule)
     optimizer.load_state_dict(saved)
     run(resumed, optimizer, 4)
-    return straight, resumed
+    return (straight[0], resumed[0]) if count == 1 else (straight, resumed)
 
 
 def test_resuming_from_a_state_dict_continues_exactly():
     straight, resumed = straight_and_resumed()
     assert torch.equal(resumed, straight)
+
+
+@pytest.mark.parametrize("chunking", ["cpu", "gpu"])
+def test_weights_batched_together_resume_exactly(chunking, monkeypatch):
+    """Batched weights keep their rule states as views of one joined tensor; saved and loaded, they
+    continue bit for bit (CPU chunks: 2 + 1 weights; a GPU's: one stacked chunk of 3)."""
+    if chunking == "gpu":
+        monkeypatch.setattr(primitives, "CHUNK_ENTRIES", {})
+    straight, resumed = straight_and_resumed(count=3)
+    for mine, reference in zip(resumed, straight):
+        assert torch.equal(mine, reference)
 
 
 def test_momentum_is_stored_packed_and_whole_block_checkpoints_still_resume():
