@@ -521,8 +521,8 @@ def adamw(groups: list[dict], betas=(0.9, 0.999)) -> torch.optim.AdamW:
     makes the next one's: up to three times the largest parameter. Its foreach form (the default on GPUs)
     makes every √v̂ of a group at once: the group's size. So a CPU run takes foreach where no group is
     larger than three of its largest parameter (the embedding and head that POET and Muon leave to AdamW:
-    2 where the loop holds 3, and faster), and keeps the loop for a single group of every weight
-    (AdamW's own; foreach would hold a copy of the model).
+    2 where the loop holds 3), and keeps the loop for a single group of every weight (AdamW's own;
+    foreach would hold a copy of the model).
     """
     params = [p for group in groups for p in group["params"]]
     foreach = None
