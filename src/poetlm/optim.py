@@ -203,7 +203,7 @@ class POET(torch.optim.Optimizer):
             self._increment = torch.compile(rotation_increment, backend=compile)
             if hasattr(self.rule, "orthogonalize"):
                 self.rule.orthogonalize = torch.compile(self.rule.orthogonalize, backend=compile)
-        self._derived: dict[tuple[int, str], tuple] = {}  # see _index_forms
+        self._derived: dict[tuple, tuple] = {}  # see _index_forms and _stack_forms
         for group in self.param_groups:
             for param in group["params"]:
                 if param.dim() != 2:
@@ -331,14 +331,16 @@ class POET(torch.optim.Optimizer):
         cfg, rule_cfg = self.poet, self.rule_config
         active = () if not fold else SIDES if not rule_cfg.alternate else (SIDES[step % 2],)
         stacked = len(members) > 1 and stacks(members[0][0])
-        layouts, increments = {}, {}
+        layouts, increments, gathered = {}, {}, {}
         for side in SIDES:  # every side's state sees every step's gradient, active or not
             _, block, n_blocks = layouts[side] = self._side(members[0][0], side, members[0][2])
             if not n_blocks:
                 continue
             if stacked:
-                grads = skew_gradient(*(self._stacked_blocks([member[i] for member in members], members, side)
-                                        for i in (0, 1)))
+                x = self._stacked_blocks([weight for weight, _, _ in members], members, side)
+                grads = skew_gradient(x, self._stacked_blocks([grad for _, grad, _ in members], members, side))
+                if active[:1] == (side,):  # the first side to fold sees these weights still unchanged
+                    gathered[side] = x
             else:
                 parts = []
                 for weight, grad, state in members:
@@ -360,7 +362,7 @@ class POET(torch.optim.Optimizer):
                 continue
             _, block, n_blocks = layouts[side]
             if stacked:
-                self._fold_stacked(members, side, increments[side])
+                self._fold_stacked(members, side, increments[side], gathered.pop(side, None))
                 continue
             for (weight, _, state), increment in zip(members, increments[side].split(n_blocks)):
                 index = state[side]["index"]
@@ -372,8 +374,8 @@ class POET(torch.optim.Optimizer):
 
     def _stack_forms(self, members: list, side: str) -> tuple:
         """A chunk's stacked rows (`stack_rows`) seen as one: (gather index into its blocks, their padding
-        rows, and either the inverse gather for a permutation or (targets, sources) for a subset), derived
-        once per draw like `_index_forms`."""
+        rows, and either the inverse gather for a permutation or (targets, sources) for a subset), joined
+        from each member's `_index_forms` once per draw."""
         states = [state for _, _, state in members]
         indices = tuple(state[side]["index"] for state in states)
         key = (tuple(id(state) for state in states), side)
@@ -382,11 +384,12 @@ class POET(torch.optim.Optimizer):
             dim = self._side_view(members[0][0], side).shape[0]
             block, sizes = self._layout(dim)
             width, count, device = block * len(sizes), len(indices[0]), indices[0].device
-            spans = [(i * dim, i * width) for i in range(len(indices))]  # where member i's rows start: stacked, gathered
-            gather = torch.cat([padded_index(index, width) + start for index, (start, _) in zip(indices, spans)])
+            forms = [self._index_forms(state, side, weight, width) for weight, _, state in members]
+            spans = [(i * dim, i * width) for i in range(len(members))]  # where member i's rows start: stacked, gathered
+            gather = torch.cat([padded + start for (padded, _), (start, _) in zip(forms, spans)])
             padding = torch.cat([torch.arange(count, width, device=device) + at for _, at in spans])
-            if count == dim:
-                write = torch.cat([torch.argsort(index) + at for index, (_, at) in zip(indices, spans)])
+            if forms[0][1] is not None:  # permutations
+                write = torch.cat([inverse + at for (_, inverse), (_, at) in zip(forms, spans)])
             else:
                 write = (torch.cat([index + start for index, (start, _) in zip(indices, spans)]),
                          torch.cat([torch.arange(count, device=device) + at for _, at in spans]))
@@ -401,11 +404,13 @@ class POET(torch.optim.Optimizer):
             rows.index_fill_(0, padding, 0)
         return rows.view(-1, self._layout(self._side_view(tensors[0], side).shape[0])[0], rows.shape[-1])
 
-    def _fold_stacked(self, members: list, side: str, increment: torch.Tensor) -> None:
-        """`fold_side` for a whole stacked chunk: one product, one write-back gather, one copy into the weights."""
+    def _fold_stacked(self, members: list, side: str, increment: torch.Tensor, blocks: torch.Tensor | None) -> None:
+        """`fold_side` for a whole stacked chunk: one product, one write-back gather, one copy into the weights
+        (`blocks`: the chunk's `_stacked_blocks` if the caller still holds them for the current weights)."""
         weights = [weight for weight, _, _ in members]
         _, _, write = self._stack_forms(members, side)
-        blocks = self._stacked_blocks(weights, members, side)
+        if blocks is None:
+            blocks = self._stacked_blocks(weights, members, side)
         rotated = torch.baddbmm(blocks, increment, blocks).flatten(0, 1)
         if isinstance(write, tuple):  # a subset of the rows turns: the others stay as they are
             rows = stack_rows(weights, side)

@@ -53,8 +53,8 @@ def skew_from_packed(packed: torch.Tensor, block_sizes: list[int], b: int) -> to
     have size b except possibly the last (the remainder of a dimension that b does not divide); it sits
     in the top-left corner of its b×b slot, and the padding rows/columns of Q stay zero, so its rotation
     is the identity there and all blocks can still be mapped in one batched call. One gather from
-    [0, packed, −packed] lays the blocks out (2–3× faster than filling triangles and subtracting the
-    transpose, backward included).
+    [0, packed, −packed] lays the blocks out (instead of a zero fill, two triangle writes and a
+    transposed subtraction), and its backward is one scatter.
     """
     layout = _cached(_skew_layout, tuple(block_sizes), b, packed.device)
     source = torch.cat([packed.new_zeros(1), packed, -packed])
