@@ -128,13 +128,18 @@ def optimizer_rows(device: torch.device, shape: tuple[int, int], steps: int = 3)
     return rows, failed
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--small", action="store_true", help="96→160 layers and 2×32 tokens instead of 512→1280 and 4×256")
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available (use --device cpu --small to run the checks here)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     device = torch.device(args.device)
     shape, tokens = ((96, 160), (2, 32)) if args.small else ((512, 1280), (4, 256))
     torch.manual_seed(0)

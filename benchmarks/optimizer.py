@@ -74,7 +74,7 @@ def top_ops(optimizer: torch.optim.Optimizer, sync, rows: int = 12) -> str:
     return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows)
 
 
-def main(argv: list[str] | None = None) -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="llama-60m")
     parser.add_argument("--blocks", type=int, nargs="+", default=[64, 256])
@@ -88,7 +88,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--chunks", choices=["device", "gpu", "cpu"], default="device", help=CHUNKS_HELP)
     parser.add_argument("--compile", metavar="BACKEND", help="also time the fp32 Newton–Schulz rows with POET(compile=BACKEND), "
                         "e.g. inductor: the block math compiled (compile time not counted)")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     batch_rotations_as(args.chunks)
     torch.set_num_threads(args.threads)
     print(describe_machine(args.device))

@@ -1,0 +1,93 @@
+"""The benchmark scripts still run: each at its smallest on this CPU, and every command of gpu.sh parses.
+
+A GPU is lent rarely and for minutes (docs/benchmarks.md, "GPU"): a script that broke since its last run,
+or a flag that gpu.sh passes and a script no longer takes, would spend the whole loan on a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def run_script(name: str, *args: str, timeout: int = 300) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    done = subprocess.run([sys.executable, str(BENCHMARKS / name), *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+    assert done.returncode == 0, f"{name} {' '.join(args)} exited {done.returncode}:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    return done.stdout
+
+
+def gpu_sh_commands(tmp_path: pathlib.Path) -> list[list[str]]:
+    """What gpu.sh would run, recorded by an interpreter stub that answers its CUDA and import probes yes."""
+    log, stub = tmp_path / "calls.tsv", tmp_path / "python"
+    stub.write_text('#!/bin/sh\n[ "$1" = "-c" ] && exit 0\nfor arg in "$@"; do printf "%s\\t" "$arg"; done >> "$LOG"\n'
+                    'echo >> "$LOG"\n')
+    stub.chmod(0o755)
+    done = subprocess.run(["bash", str(BENCHMARKS / "gpu.sh")], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHON": str(stub), "LOG": str(log)})
+    assert done.returncode == 0, done.stderr
+    return [line.rstrip("\t").split("\t") for line in log.read_text().splitlines()]
+
+
+def test_every_command_of_gpu_sh_is_one_its_script_takes(tmp_path, monkeypatch):
+    commands = gpu_sh_commands(tmp_path)
+    scripts = [pathlib.Path(command[0]).name for command in commands]
+    assert {"gpu_check.py", "optimizer.py", "step.py"} <= set(scripts)
+    assert scripts.count("step.py") >= 4  # fold and layer forms, llama-350m, compile, checkpointing
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    for script, (_, *args) in zip(scripts, commands):
+        args = ["cpu" if arg == "cuda" and flag == "--device" else arg for flag, arg in zip([""] + args, args)]
+        module = importlib.import_module(script.removesuffix(".py"))
+        try:
+            parsed = module.parse_args(args)
+        except SystemExit:
+            pytest.fail(f"gpu.sh runs {script} {' '.join(args)}, which {script} does not take (its error above)")
+        assert parsed.device == "cpu", (script, args)
+
+
+def test_parse_check_catches_a_flag_a_script_does_not_take(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    step = importlib.import_module("step")
+    with pytest.raises(SystemExit):
+        step.parse_args(["--device", "cpu", "--no-such-flag"])
+
+
+@pytest.mark.slow
+def test_gpu_check_passes_on_cpu_at_small_sizes():
+    out = run_script("gpu_check.py", "--device", "cpu", "--small")
+    verdicts = [line.rstrip(" |").rsplit("|", 1)[1].strip() for line in out.splitlines() if line.startswith("| ")]
+    assert verdicts.count("ok") == 12 and "FAIL" not in verdicts, out  # 6 layer rows, 6 optimizer rows
+
+
+@pytest.mark.slow
+def test_optimizer_benchmark_times_every_orthogonalization():
+    out = run_script("optimizer.py", "--preset", "tiny", "--blocks", "64", "--orthogonalize", "newton_schulz", "exact",
+                     "auto", "--repeats", "1", "--chunks", "gpu")
+    for label in ("| AdamW", "POET b=64, newton_schulz", "POET b=64, exact", "POET b=64, auto"):
+        assert label in out, out
+
+
+@pytest.mark.slow
+def test_step_benchmark_measures_and_profiles_each_form():
+    out = run_script("step.py", "--presets", "tiny", "--methods", "adamw", "poet", "paper", "--accum", "1", "2",
+                     "--repeats", "1", "--warmup", "0", "--merges", "1", "--micro-batch", "2", "--seq-len", "32",
+                     "--profile", "--activation-checkpointing", "both")
+    for text in ("AdamW", "POET (preset)", "POET-paper", "optimizer step", "ops dispatched in the step", "× AdamW"):
+        assert text in out, out
+
+
+@pytest.mark.slow
+def test_layer_benchmark_and_cost_model_run():
+    out = run_script("layer.py", "--device", "cpu", "--hidden", "512", "--tokens", "32", "--repeats", "1", "--warmup", "0")
+    assert "nn.Linear" in out and "auto picked the measured-faster path in" in out, out
+    out = run_script("cost_model.py")
+    assert "llama-3b" in out and "8B" in out, out
