@@ -164,3 +164,28 @@ def test_input_path_takes_the_dtype_of_an_autocast_block_product(variant, monkey
         monkeypatch.setattr(side, "_rotate_gathered", lambda *args, product=product: product(*args).bfloat16())
     out = layer(x)
     torch.testing.assert_close(out.float(), reference, rtol=3e-2, atol=3e-2)
+
+
+def test_inputs_and_shapes_poet_cannot_take_are_refused():
+    layer = POETLinear(8, 4, config=POETConfig(block_size=4), name="l")
+    with pytest.raises(TypeError, match="floating-point inputs, got torch.int64"):
+        layer(torch.arange(8).repeat(2, 1))
+    with pytest.raises(ValueError, match="nothing POET can rotate.*raise fraction"):
+        POETLinear(6, 6, config=POETConfig(variant="fs", fraction=0.1), name="small")
+    with pytest.raises(ValueError, match="nothing POET can rotate"):
+        POETLinear(1, 1, config=POETConfig(block_size=4), name="scalar")
+    assert POETLinear(5, 1, config=POETConfig(block_size=4), name="column").rotation_in.skew.numel() > 0
+
+
+@pytest.mark.parametrize("variant", ["bs", "fs"])
+def test_a_state_dict_whose_coordinates_are_corrupt_is_refused(variant):
+    layer = POETLinear(8, 12, config=POETConfig(variant=variant, block_size=4), name="l")
+    state = layer.state_dict()
+    state["rotation_out.index"] = torch.zeros_like(state["rotation_out.index"])
+    with pytest.raises(RuntimeError, match="rotation_out.index: a coordinate appears twice"):
+        POETLinear(8, 12, config=POETConfig(variant=variant, block_size=4), name="l").load_state_dict(state)
+    if variant == "bs":  # a permutation whose stored inverse does not belong to it
+        state = layer.state_dict()
+        state["rotation_in.index"] = torch.arange(8).flip(0)
+        with pytest.raises(RuntimeError, match="inverse is not the inverse permutation"):
+            POETLinear(8, 12, config=POETConfig(block_size=4), name="l").load_state_dict(state)

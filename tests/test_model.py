@@ -191,3 +191,49 @@ def test_diagnostics():
     poetlm.merge(model)
     merged = poetlm.model_diagnostics(model)
     assert merged["probe_cos"] == pytest.approx(moved["probe_cos"], abs=1e-5)
+
+
+def test_poetize_a_bare_linear_returns_the_poet_layer():
+    layer = poetlm.poetize(nn.Linear(8, 6), POETConfig(block_size=4))
+    assert isinstance(layer, POETLinear) and set(dict(layer.named_children())) == {"rotation_in", "rotation_out"}
+    dense = poetlm.export_dense(layer)
+    assert type(dense) is nn.Linear
+    x = torch.randn(3, 8)
+    torch.testing.assert_close(dense(x), layer(x))
+
+
+def test_a_module_used_twice_stays_one_shared_poet_layer():
+    shared = nn.Linear(8, 8)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    poetlm.poetize(model, POETConfig(block_size=4))
+    assert isinstance(model[0], POETLinear) and model[0] is model[2]
+    assert len(list(poetlm.poet_layers(model))) == 1
+
+
+def test_distinct_layers_sharing_one_weight_are_refused_and_rotated_once_by_the_optimizer():
+    def model():
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 8))
+        net[2].weight = net[0].weight
+        return net
+
+    with pytest.raises(ValueError, match="share one weight.*exclude_modules=\\['2'\\]"):
+        poetlm.poetize(model(), POETConfig(block_size=4))
+    net = model()
+    named = poetlm.rotated_weights(net, POETConfig(block_size=4))
+    assert [name for name, _ in named] == ["0.weight"]
+    before = torch.linalg.svdvals(net[0].weight.detach())
+    opt = poetlm.POET(named, lr=0.05, poet=POETConfig(block_size=4))
+    net(torch.randn(5, 8)).square().sum().backward()
+    opt.step()
+    assert opt.state[net[0].weight]["step"] == 1
+    torch.testing.assert_close(torch.linalg.svdvals(net[0].weight.detach()), before)
+
+
+def test_poetize_settings_errors_name_the_fix():
+    with pytest.raises(TypeError, match="POETConfig\\(\\*\\*settings\\)"):
+        poetlm.poetize(llama(), {"block_size": 8})
+    with pytest.raises(ValueError, match="not a valid regular expression"):
+        POETConfig(target_modules="(")
+    with pytest.raises(ValueError, match="exclude_modules=\\['0'\\]"):
+        poetlm.poetize(nn.Sequential(nn.Linear(8, 8)), POETConfig(block_size=4, exclude_modules=["0"]))

@@ -135,3 +135,22 @@ def test_errors_name_the_problem_and_the_fix(tmp_path):
     (tmp_path / CONFIG_NAME).write_text(json.dumps(info))
     with pytest.raises(LoadError, match="corrupt"):
         poetlm.from_pretrained(tmp_path)
+
+
+def test_a_state_that_does_not_fit_its_layer_is_a_load_error(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    poetlm.save_pretrained(trained(llama()), tmp_path)
+    info = json.loads((tmp_path / CONFIG_NAME).read_text())
+    changed = json.loads(json.dumps(info))
+    changed["configs"][0]["block_size"] = 16  # other block shapes than the saved skew parameters
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(changed))
+    with pytest.raises(LoadError, match="does not fit"):
+        poetlm.from_pretrained(tmp_path)
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(info))
+    state = load_file(tmp_path / STATE_NAME)
+    key = next(k for k in state if k.endswith("rotation_in.index"))
+    state[key] = torch.zeros_like(state[key])  # loads without a size error, would give wrong outputs
+    save_file(state, tmp_path / STATE_NAME)
+    with pytest.raises(LoadError, match="a coordinate appears twice"):
+        poetlm.from_pretrained(tmp_path)

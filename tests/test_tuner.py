@@ -138,5 +138,31 @@ def test_trainer_on_a_tied_gpt2_records_merges_and_saves_checkpoints(tmp_path):
     loaded = POETModel.from_pretrained(gpt2(), tmp_path / "adapter")
     torch.testing.assert_close(logits(loaded), logits(model.eval()), rtol=0, atol=1e-6)
     fresh = get_poet_model(gpt2(), POETConfig(block_size=8, merge_every=2))
-    fresh.load_state_dict(model.state_dict())  # strict: the dropped alias comes back
+    fresh.load_state_dict(model.state_dict())  # strict: the dropped alias comes back, and the merge history
     torch.testing.assert_close(logits(fresh), logits(model), rtol=0, atol=1e-6)
+    assert len(fresh.history) == 2
+    fresh.save_adapter(tmp_path / "adapter-of-the-loaded-state")
+    loaded = POETModel.from_pretrained(gpt2(), tmp_path / "adapter-of-the-loaded-state")
+    torch.testing.assert_close(logits(loaded), logits(model), rtol=0, atol=1e-6)
+
+    # Trainer's resume reloads the model's state dict alone: the merge at step 2 must come back with it.
+    resumed = get_poet_model(gpt2(), POETConfig(block_size=8, merge_every=2))
+    args.output_dir = str(tmp_path / "resumed")
+    trainer = Trainer(model=resumed, args=args, train_dataset=Tokens(), callbacks=[POETCallback()],
+                      optimizers=(trainer_optimizer(resumed, args, lr_poet=1e-2), None))
+    trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert len(resumed.history) == 2
+    torch.testing.assert_close(logits(resumed.eval()), logits(model), rtol=0, atol=1e-5)
+
+
+def test_trainable_patterns_are_checked_before_the_model_is_touched(base_dir):
+    model = base(base_dir)
+    for trainable, message in [(["layers.0.mlp"], "the weight of a layer POET wraps"), (["nrom"], "matches no parameter"),
+                               (["("], "not a regular expression")]:
+        with pytest.raises(ValueError, match=message):
+            get_poet_model(model, POETConfig(block_size=8), trainable=trainable)
+    assert not list(poetlm.poet_layers(model))  # refused before poetize changed anything
+    one = get_poet_model(model, POETConfig(block_size=8), trainable="norm")  # one pattern, not the letters n, o, r, m
+    assert {n for n, p in one.named_parameters() if p.requires_grad and "rotation_" not in n} == {
+        n for n, _ in one.named_parameters() if "norm" in n}
+    assert not any(layer.weight0.requires_grad for _, layer in poetlm.poet_layers(one))

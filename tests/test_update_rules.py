@@ -330,6 +330,27 @@ def test_poet_optimizer_refuses_vectors_and_low_precision_weights():
         POET([nn.Parameter(torch.zeros(4))])
     with pytest.raises(ValueError, match="keep the weights in float32"):
         POET([nn.Parameter(torch.zeros(4, 4, dtype=torch.bfloat16))])
+    with pytest.raises(ValueError, match="real matrices"):
+        POET([nn.Parameter(torch.zeros(4, 4, dtype=torch.complex64))])
+    with pytest.raises(ValueError, match="nothing POET can rotate"):  # training would silently do nothing
+        POET([nn.Parameter(torch.zeros(6, 6))], poet=POETConfig(variant="fs", fraction=0.1))
+    with pytest.raises(ValueError, match="nothing POET can rotate"):
+        POET([nn.Parameter(torch.zeros(1, 1))])
+    with pytest.raises(TypeError, match="RuleConfig\\(\\*\\*settings\\)"):
+        POET([nn.Parameter(torch.zeros(4, 4))], rule={"name": "lie_adam"})
+
+
+def test_poet_optimizer_refuses_a_state_whose_coordinates_are_corrupt():
+    weight = nn.Parameter(torch.randn(8, 6))
+    optimizer = POET([weight], poet=POETConfig(block_size=4))
+    weight.grad = torch.randn(8, 6)
+    optimizer.step()
+    state = optimizer.state_dict()
+    state["state"][0]["in"]["index"] = torch.tensor([0, 1, 2, 3, 4, 4])
+    with pytest.raises(ValueError, match="in side's coordinates of a \\(8, 6\\) weight: a coordinate appears twice"):
+        POET([weight], poet=POETConfig(block_size=4)).load_state_dict(state)
+    state["state"][0]["in"]["index"] = torch.arange(6)
+    POET([weight], poet=POETConfig(block_size=4)).load_state_dict(state)  # a valid permutation loads
 
 
 def test_poet_optimizer_for_a_whole_model_schedules_checkpoints_and_resumes_as_one():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 
 VARIANTS = ("bs", "fs")
@@ -11,6 +12,14 @@ INITS = ("normalized_gaussian", "standard", "xavier", "uniform_spectrum", "keep"
 FORWARD_MODES = ("auto", "weight", "input")
 ORTHOGONALIZERS = ("auto", "exact", "newton_schulz")
 BUILD_DTYPES = ("fp32", "bf16")
+
+
+def checked(value, kind: type):
+    """`value` if it is a `kind` (a settings dataclass such as POETConfig), else a TypeError saying how to make one."""
+    if not isinstance(value, kind):
+        raise TypeError(f"expected a poetlm.{kind.__name__}, got {type(value).__name__} "
+                        f"(from a dict: {kind.__name__}(**settings))")
+    return value
 
 
 def _invalid(name: str, value, allowed: str) -> ValueError:
@@ -83,7 +92,12 @@ class POETConfig:
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise _invalid("seed", self.seed, "must be an integer")
         targets = self.target_modules
-        if targets is not None and not isinstance(targets, str):
+        if isinstance(targets, str):
+            try:
+                re.compile(targets)
+            except re.error as error:
+                raise _invalid("target_modules", targets, f"not a valid regular expression ({error})") from None
+        elif targets is not None:
             if not isinstance(targets, (list, tuple)) or not targets or not all(isinstance(t, str) and t for t in targets):
                 raise _invalid("target_modules", targets, "use None (all linears but the head), a non-empty list of module names, or a regex string")
             object.__setattr__(self, "target_modules", list(targets))  # frozen: normalized once, here

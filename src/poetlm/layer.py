@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from .config import POETConfig
 from .orthogonal import singular_values
-from .primitives import RotationSide, make_side, seeded_generator
+from .primitives import RotationSide, make_side, require_rotations, seeded_generator
 
 
 def is_shard(tensor: torch.Tensor) -> bool:
@@ -75,6 +75,7 @@ class POETLinear(nn.Module):
             weight = draw_weight(config, out_features, in_features, name)
         elif weight.shape != (out_features, in_features):
             raise ValueError(f"POETLinear {name!r}: weight of shape {tuple(weight.shape)} does not fit ({out_features}, {in_features})")
+        require_rotations(config.variant, (out_features, in_features), config.block_size, config.fraction, f"layer {name!r}")
         # A frozen parameter rather than a buffer so that FSDP2 shards it like any other weight.
         self.weight0 = nn.Parameter(weight.detach().to(device=device, dtype=master).clone(memory_format=torch.contiguous_format),
                                     requires_grad=False)
@@ -221,6 +222,9 @@ class POETLinear(nn.Module):
         if x.shape[-1] != self.in_features:  # the input-centric path would fail deep inside a gather instead
             raise ValueError(f"POETLinear {self.name!r} takes inputs whose last dimension is in_features={self.in_features}, "
                              f"got shape {tuple(x.shape)}")
+        if not x.is_floating_point():  # the weight would be cast to the input's dtype: integer zeros, no error
+            raise TypeError(f"POETLinear {self.name!r} takes floating-point inputs, got {x.dtype} (token ids go through "
+                            "an embedding first; cast other inputs with .float())")
         if self.step_weight is not None:
             return F.linear(x, self.step_weight.to(x.dtype), self._bias_like(x))
         if not self.uses_input_centric(x.numel() // self.in_features):

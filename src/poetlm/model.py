@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .config import POETConfig
+from .config import POETConfig, checked
 from .layer import POETLinear, draw_weight, is_conv1d, wrap_module
 from .orthogonal import orthogonal_map
 from .primitives import batch_entries
@@ -78,12 +78,35 @@ def poetize(model: nn.Module, config: POETConfig | None = None, *, strict: bool 
         raise ValueError(f"the model is already poetized ({len(wrapped)} POETLinear layers, e.g. {wrapped[0]!r}); poetize a "
                          "model once, and to change its POET settings poetize a fresh copy of the original model")
     targets = target_linears(model, config)
+    _refuse_shared_weights(targets)
     _check_coverage(model, config, strict)
     for name, module in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, wrap_module(module, config, name))
+        model = replace_module(model, name, wrap_module(module, config, name))
     return model
+
+
+def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
+    """Put `new` wherever the module called `name` sits (a module registered under several names stays one
+    shared module); returns the model, or `new` itself when `name` is empty (the model itself is replaced)."""
+    if not name:
+        return new
+    old = model.get_submodule(name)
+    for module in list(model.modules()):  # each parent once, whatever names it is reached by
+        for child_name, child in list(module._modules.items()):  # named_children() yields a module once per parent
+            if child is old:
+                setattr(module, child_name, new)
+    return model
+
+
+def _refuse_shared_weights(targets: list[tuple[str, nn.Module]]) -> None:
+    """POET layers own their W0: two wrapped modules sharing one weight would silently stop sharing it."""
+    owners: dict[int, str] = {}
+    for name, module in targets:
+        other = owners.setdefault(id(module.weight), name)
+        if other != name:
+            raise ValueError(f"layers {other!r} and {name!r} share one weight, which POET layers would untie (each its "
+                             f"own W0 and rotations): exclude one of them (exclude_modules=[{name!r}]), or train the "
+                             "model with the POET optimizer (poetlm.optim.poet_optimizer), which rotates a shared weight once")
 
 
 def _check_coverage(model: nn.Module, config: POETConfig, strict: bool) -> None:
@@ -101,13 +124,15 @@ def _check_coverage(model: nn.Module, config: POETConfig, strict: bool) -> None:
 
 def target_linears(model: nn.Module, config: POETConfig) -> list[tuple[str, nn.Module]]:
     """The nn.Linear / Conv1D layers POET trains under `config` (target_modules / exclude_modules, never the head)."""
+    checked(config, POETConfig)
     heads = _output_head_names(model)
     targets = [(name, module) for name, module in model.named_modules()
                if _linear_like(module) and _is_target(name, config, heads)]
     if not targets:
         linears = [name for name, m in model.named_modules() if _linear_like(m)]
         hint = f"its nn.Linear / Conv1D layers are {linears[:8]}" if linears else "it has no nn.Linear or Conv1D layers"
-        raise ValueError(f"POET found no layer to wrap with target_modules={config.target_modules!r}: {hint}")
+        excluded = f" and exclude_modules={config.exclude_modules!r}" if config.exclude_modules else ""
+        raise ValueError(f"POET found no layer to wrap with target_modules={config.target_modules!r}{excluded}: {hint}")
     return targets
 
 
@@ -122,7 +147,11 @@ def rotated_weights(model: nn.Module, config: POETConfig | None = None) -> list[
     weights = []
     targets = target_linears(model, config)
     _check_coverage(model, config, strict=False)
+    seen = set()
     for name, linear in targets:
+        if id(linear.weight) in seen:  # a weight shared by several layers turns once, by their summed gradient
+            continue
+        seen.add(id(linear.weight))
         if config.init != "keep":
             if is_conv1d(linear):  # weight stored as (in, out)
                 linear.weight.copy_(draw_weight(config, *reversed(linear.weight.shape), name).t())
@@ -174,8 +203,7 @@ def export_dense(model: nn.Module) -> nn.Module:
 def unpoetize(model: nn.Module) -> nn.Module:
     """Replace every POET layer of `model` in place by the plain module it computes; returns the model."""
     for name, layer in list(poet_layers(model)):
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer.to_dense())
+        model = replace_module(model, name, layer.to_dense())
     return model
 
 

@@ -23,10 +23,10 @@ from typing import Callable
 
 import torch
 
-from .config import POETConfig
+from .config import POETConfig, checked
 from .layer import is_shard, whole_value
 from .orthogonal import generator_scale, isometry_increment, rotation_increment, singular_values
-from .primitives import batch_entries, block_layout, draw_index, seeded_generator, stacks, transport_blocks
+from .primitives import batch_entries, block_layout, draw_index, index_problem, require_rotations, seeded_generator, stacks, transport_blocks
 from .update_rules import RuleConfig, make_rule
 
 SIDES = ("out", "in")
@@ -195,8 +195,8 @@ class POET(torch.optim.Optimizer):
             raise ValueError(f"POET lr={lr!r} is invalid: must be > 0")
         super().__init__(params, {"lr": lr})
         self.gather, self.split = gather, split
-        self.poet = poet or POETConfig()
-        self.rule_config = rule or RuleConfig()
+        self.poet = checked(poet or POETConfig(), POETConfig)
+        self.rule_config = checked(rule or RuleConfig(), RuleConfig)
         self.rule = make_rule(self.rule_config)
         self._increment = rotation_increment
         if compile:
@@ -209,6 +209,10 @@ class POET(torch.optim.Optimizer):
                 if param.dim() != 2:
                     raise ValueError(f"POET rotates matrices; got a parameter of shape {tuple(param.shape)} "
                                      "(train biases, norms and embeddings with AdamW)")
+                if param.is_complex():
+                    raise ValueError(f"POET rotates real matrices; got a {param.dtype} parameter of shape {tuple(param.shape)}")
+                require_rotations(self.poet.variant, tuple(param.shape), self.poet.block_size, self.poet.fraction,
+                                  "a parameter")
                 if param.dtype not in (torch.float32, torch.float64):
                     raise ValueError(f"POET folds a rotation into each weight every step, so a {param.dtype} weight "
                                      "would lose its spectrum to rounding step after step: keep the weights in "
@@ -444,9 +448,14 @@ class POET(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         super().load_state_dict(state_dict)
-        for state in self.state.values():  # torch casts every state tensor to the parameter's dtype
+        for param, state in self.state.items():
             for side in SIDES:
-                state[side]["index"] = state[side]["index"].long()
+                index = state[side]["index"] = state[side]["index"].long()  # torch casts state to the parameter's dtype
+                dim = self._side_view(param, side).shape[0]
+                problem = index_problem(self.poet.variant, index, dim, sum(self._layout(dim)[1]))
+                if problem:
+                    raise ValueError(f"POET.load_state_dict: the {side} side's coordinates of a {tuple(param.shape)} weight: "
+                                     f"{problem}; the state is corrupt or was saved with other POET settings")
 
     @torch.no_grad()
     def spectrum_drift(self) -> float:

@@ -61,10 +61,37 @@ def block_layout(variant: str, dim: int, block_size: int, fraction: float) -> tu
     return (size, [size]) if size >= 2 else (1, [])
 
 
+def require_rotations(variant: str, shape: tuple[int, int], block_size: int, fraction: float, what: str) -> None:
+    """Refuse a weight that neither side can rotate (a 1×1 weight, or β·dim < 2 on both sides for "fs"):
+    POET could never change it, and training would silently do nothing."""
+    if any(max(block_layout(variant, dim, block_size, fraction)[1], default=0) >= 2 for dim in shape):
+        return
+    fix = "raise fraction (each side rotates ⌊fraction·dim⌋ coordinates, at least 2) or use variant='bs'" if variant == "fs" else ""
+    raise ValueError(f"{what} of shape {tuple(shape)} has nothing POET can rotate with variant={variant!r}"
+                     f"{f', fraction={fraction}' if variant == 'fs' else ''}: it would never change; "
+                     f"{fix + ', or ' if fix else ''}leave it out of POET (exclude_modules, or train it with AdamW)")
+
+
 def draw_index(variant: str, dim: int, count: int, generator: torch.Generator) -> torch.Tensor:
     """The coordinates a side rotates, in block order: a permutation ("bs") or a random subset ("fs")."""
     permutation = torch.randperm(dim, generator=generator)
     return permutation if variant == "bs" else permutation[:count]
+
+
+def index_problem(variant: str, index: torch.Tensor, dim: int, count: int) -> str | None:
+    """Why `index` cannot be a side's coordinates (a permutation of range(dim) for "bs", `count` distinct
+    coordinates below dim for "fs"), or None. Loaded states are checked: a corrupt one would give wrong
+    outputs and no error."""
+    if index.is_meta:
+        return None
+    if index.dim() != 1 or len(index) != count or index.is_floating_point():
+        return f"expected {count} integer coordinates, got a {index.dtype} tensor of shape {tuple(index.shape)}"
+    ordered = index.sort().values
+    if len(index) and (ordered[0] < 0 or ordered[-1] >= dim):
+        return f"coordinates outside 0..{dim - 1}"
+    if len(index) > 1 and bool((ordered[1:] == ordered[:-1]).any()):
+        return "a coordinate appears twice" + (" (not a permutation)" if variant == "bs" else "")
+    return None
 
 
 class _Permute(torch.autograd.Function):
@@ -165,6 +192,15 @@ class BlockStochastic(RotationSide):
         self.index.copy_(permutation)
         self.inverse.copy_(torch.argsort(permutation))
 
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        problem = index_problem("bs", self.index, self.dim, self.dim)
+        identity = torch.arange(self.dim, device=self.index.device)
+        if problem is None and not self.index.is_meta and not torch.equal(self.index[self.inverse], identity):
+            problem = "inverse is not the inverse permutation of index"
+        if problem:
+            args[-1].append(f"{prefix}index: {problem}; the saved state is corrupt or belongs to another model")
+
     def rotate(self, x: torch.Tensor, blocks: torch.Tensor, transpose: bool = False, dim: int = -1) -> torch.Tensor:
         """R·x (or Rᵀ·x) along dimension `dim` of x: the last one, or 0 of a matrix (its columns)."""
         gathered = permute(x, self.index, self.inverse, dim)
@@ -187,6 +223,12 @@ class FullyStochastic(RotationSide):
     @torch.no_grad()
     def redraw(self, generator: torch.Generator) -> None:
         self.index.copy_(draw_index("fs", self.dim, len(self.index), generator))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        problem = index_problem("fs", self.index, self.dim, len(self.index))
+        if problem:
+            args[-1].append(f"{prefix}index: {problem}; the saved state is corrupt or belongs to another model")
 
     def rotate(self, x: torch.Tensor, blocks: torch.Tensor, transpose: bool = False, dim: int = -1) -> torch.Tensor:
         if not self.block_sizes:

@@ -26,7 +26,7 @@ from torch import nn
 
 from .config import POETConfig
 from .layer import POETConv1D, POETLinear, wrap_module
-from .model import poet_layers
+from .model import poet_layers, replace_module
 from .tuner import POETModel
 
 CONFIG_NAME = "poetlm_config.json"
@@ -153,12 +153,15 @@ def from_pretrained(directory, **kwargs) -> nn.Module:
         local = {key[len(prefix):]: t for key, t in state.items() if key.startswith(prefix)}
         if layer.bias is not None:
             local["bias"] = layer.bias
-        missing, unexpected = layer.load_state_dict(local, strict=False)
+        try:
+            missing, unexpected = layer.load_state_dict(local, strict=False)
+        except RuntimeError as error:  # shapes that do not fit, coordinates that are not a permutation
+            raise LoadError(f"{directory}: the saved state of layer {name!r} does not fit it ({error}); save the model "
+                            "again with poetlm.save_pretrained") from None
         if missing or unexpected or (layer.in_features, layer.out_features) != (entry["in_features"], entry["out_features"]):
             raise LoadError(f"{directory}: the saved state of layer {name!r} does not fit it (missing {missing}, "
                             f"unexpected {unexpected}); save the model again with poetlm.save_pretrained")
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        model = replace_module(model, name, layer)
     trainable = set(info["trainable"])
     for name, param in model.named_parameters():
         param.requires_grad_(name in trainable)

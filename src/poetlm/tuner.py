@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .adapter import VERSION, AdapterError, MergeHistory, base_fingerprint, load_adapter, read_adapter_info, save_adapter
-from .config import POETConfig
+from .config import POETConfig, checked
 from .layer import is_conv1d
 from .model import merge, poet_layers, poetize, rotation_parameters, target_linears, unpoetize
 
@@ -31,7 +31,7 @@ CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 
 
-def get_poet_model(base_model: nn.Module, config: POETConfig | None = None, trainable: list[str] | tuple = (),
+def get_poet_model(base_model: nn.Module, config: POETConfig | None = None, trainable: list[str] | tuple | str = (),
                    keep_base_weights: bool = False) -> "POETModel":
     """Wrap a pretrained model for POET finetuning (in place); see POETModel."""
     return POETModel(base_model, config, trainable, keep_base_weights)
@@ -64,6 +64,52 @@ def _originals(base_model: nn.Module, config: POETConfig, trainable: list[str], 
 
 def _matches_any(name: str, patterns: list[str]) -> bool:
     return any(re.search(pattern, name) for pattern in patterns)
+
+
+def _trainable_patterns(base_model: nn.Module, config: POETConfig, trainable) -> list[str]:
+    """`trainable` as a list of regular expressions, each matching some parameter and none of the weights
+    POET wraps (they become the fixed W0: training one would change the spectrum POET keeps)."""
+    patterns = [trainable] if isinstance(trainable, str) else list(trainable)
+    names = [name for name, _ in base_model.named_parameters()]
+    wrapped = {f"{name}.weight" for name, _ in target_linears(base_model, config)}
+    for pattern in patterns:
+        try:
+            matched = [name for name in names if re.search(pattern, name)]
+        except (re.error, TypeError) as error:
+            raise ValueError(f"trainable={patterns!r}: {pattern!r} is not a regular expression ({error})") from None
+        if not matched:
+            raise ValueError(f"trainable={patterns!r}: {pattern!r} matches no parameter of the model (its names look "
+                             f"like {names[:4]})")
+        fixed = [name for name in matched if name in wrapped]
+        if fixed:
+            raise ValueError(f"trainable={patterns!r}: {pattern!r} matches {fixed[0]!r}, the weight of a layer POET wraps, "
+                             "which becomes its fixed W0 (POET trains it through the rotations only): narrow the pattern, "
+                             "e.g. to norms or biases ('norm', 'bias$')")
+    return patterns
+
+
+HISTORY = "poet_merge_history."
+
+
+def _save_history(module, state_dict, prefix, local_metadata) -> None:
+    # Checkpoints of the model alone (Trainer's, model.state_dict()) must carry what earlier merges folded in:
+    # a resumed run's adapter replays them. Flat tensors, so safetensors can store them.
+    records = module.history.records
+    state_dict[prefix + HISTORY + "count"] = torch.tensor(len(records))
+    for index, record in enumerate(records):
+        for key, tensor in record.items():
+            state_dict[f"{prefix}{HISTORY}{index}.{key}"] = tensor
+
+
+def _load_history(module, state_dict, prefix, *args) -> None:
+    count = state_dict.pop(prefix + HISTORY + "count", None)
+    if count is None:  # a state dict without a history (a partial one, or a plain base model's) leaves it as is
+        return
+    records = [{} for _ in range(int(count))]
+    for key in [key for key in state_dict if key.startswith(prefix + HISTORY)]:
+        index, _, name = key[len(prefix + HISTORY):].partition(".")
+        records[int(index)][name] = state_dict.pop(key)
+    module.history.load_state_dict({"records": records})
 
 
 def _tied_names(module: nn.Module) -> dict[str, str]:
@@ -106,9 +152,10 @@ class POETModel(nn.Module):
     def __init__(self, base_model: nn.Module, config: POETConfig | None = None, trainable: list[str] | tuple = (),
                  keep_base_weights: bool = False) -> None:
         super().__init__()
-        config = dataclasses.replace(config or POETConfig(), init="keep")
-        originals = _originals(base_model, config, list(trainable), keep_base_weights)
-        poetize(base_model, config)
+        config = dataclasses.replace(checked(config or POETConfig(), POETConfig), init="keep")
+        trainable = _trainable_patterns(base_model, config, trainable)
+        originals = _originals(base_model, config, trainable, keep_base_weights)
+        base_model = poetize(base_model, config)
         self._setup(base_model, config, trainable, originals, MergeHistory(), base_fingerprint(base_model))
 
     def _setup(self, base_model, config, trainable, originals, history, fingerprint) -> None:
@@ -123,6 +170,8 @@ class POETModel(nn.Module):
             param.requires_grad_(id(param) in rotations or _matches_any(name, self.trainable))
         self.register_state_dict_post_hook(_drop_tied)
         self.register_load_state_dict_pre_hook(_restore_tied)
+        self.register_state_dict_post_hook(_save_history)
+        self.register_load_state_dict_pre_hook(_load_history)
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, directory, keep_base_weights: bool = False) -> "POETModel":
