@@ -198,6 +198,12 @@ class POET(torch.optim.Optimizer):
         self.poet = checked(poet or POETConfig(), POETConfig)
         self.rule_config = checked(rule or RuleConfig(), RuleConfig)
         self.rule = make_rule(self.rule_config)
+        # A truncated Cayley–Neumann series is orthogonal only while ‖Q‖₂ ≪ 1. Orthogonalized directions have
+        # ‖D‖₂ ≤ 1.2, so Q = lr·D stays there; a rule without that bound (lie_adam: every entry of D near ±1,
+        # ‖D‖₂ up to ~√b) would fold a non-orthogonal R into the weight every step, and its spectrum would
+        # drift. Such rules fold by the exact Cayley transform, which the series approximates.
+        bounded = getattr(self.rule, "bounded", False) or self.poet.parameterization != "cayley_neumann"
+        self._map = self.poet.parameterization if bounded else "cayley"
         self._increment = rotation_increment
         if compile:
             self._increment = torch.compile(rotation_increment, backend=compile)
@@ -360,7 +366,7 @@ class POET(torch.optim.Optimizer):
                 if getattr(self.rule, "isometric", lambda _: False)(direction):
                     increments[side] = isometry_increment(direction, scale, cfg.parameterization, cfg.neumann_terms)
                 else:
-                    increments[side] = self._increment(scale * direction, cfg.parameterization, cfg.neumann_terms)
+                    increments[side] = self._increment(scale * direction, self._map, cfg.neumann_terms)
         for side in active:  # in turn: the second side sees the weight after the first side's rotation
             if side not in increments:
                 continue

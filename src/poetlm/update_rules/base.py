@@ -18,7 +18,8 @@ class RuleConfig:
     """How `poetlm.optim.POET` turns skew gradients into rotations (the step size is the optimizer's lr).
 
     name: "orthogonalized" (momentum, then every eigenplane turned by the same angle lr) or "lie_adam"
-        (Adam's moments of the skew gradient; lr scales m̂/√v̂ as in Adam).
+        (Adam's moments of the skew gradient; lr scales m̂/√v̂ as in Adam; its steps have no spectral bound, so
+        they are folded by the exact Cayley transform whatever POETConfig.parameterization says).
     beta1: momentum (both rules).
     beta2, eps: Adam's second moment (lie_adam only).
     nesterov: orthogonalize g + β·m instead of m (orthogonalized only).

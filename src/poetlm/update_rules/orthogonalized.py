@@ -16,6 +16,8 @@ class Orthogonalized:
     (`pack_skew`): with whole-side blocks it would otherwise be as large as AdamW's two moments.
     """
 
+    bounded = True  # ‖D‖₂ ≤ 1.2: the map of lr·D may be a truncated series (see POET)
+
     def __init__(self, config) -> None:
         self.config = config
         self.orthogonalize = orthogonalize_skew  # POET(compile=) swaps in a compiled one
