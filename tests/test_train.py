@@ -233,7 +233,43 @@ def test_data_and_resume_errors(tiny, tmp_path, capsys):
     assert main(["train", "--resume", str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path), "steps=5"]) == 2
-    assert "drop the overrides" in capsys.readouterr().err
+    assert "drop steps=5 " in capsys.readouterr().err
+    # The shortcut flags are overrides too: a resumed run must not silently ignore them.
+    assert main(["train", "--resume", str(tmp_path), "--steps", "100", "--data", "shakespeare", "--method", "adamw"]) == 2
+    assert "drop --method --data --steps " in capsys.readouterr().err
+
+
+def test_a_validation_set_too_small_is_refused_before_the_first_step(tiny, tmp_path, capsys):
+    assert main(["train", *tiny("eval_tokens=10", "name='small-eval'")]) == 1
+    err = capsys.readouterr().err
+    assert "validation token budget 10 is smaller than seq_len=32" in err and "eval_tokens" in err
+    assert not (tmp_path / "runs" / "small-eval").exists()  # removed: it never trained a step
+
+
+def test_cli_arguments_out_of_range_are_usage_errors(capsys):
+    for argv in (["generate", "run", "--max-new-tokens", "0"], ["generate", "run", "--top-k", "-3"],
+                 ["generate", "run", "--temperature", "-1"], ["eval", "run", "--batch-size", "0"],
+                 ["eval", "run", "--tokens", "0"], ["eval", "run", "--tokens", "many"]):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 2
+        assert "argument --" in capsys.readouterr().err
+
+
+def test_run_names_stay_under_out_dir_and_learning_rates_are_finite():
+    with pytest.raises(ConfigError, match="name='../../etc' is invalid: must be a plain directory name"):
+        resolve_config("tiny", ["name='../../etc'"])
+    with pytest.raises(ConfigError, match="optim.lr=inf is invalid: must be a finite number"):
+        resolve_config("tiny", ["optim.lr=inf"])
+
+
+def test_relative_data_and_model_paths_are_kept_absolute(tmp_path, monkeypatch):
+    from poetlm.cli import build_parser
+
+    (tmp_path / "text.txt").write_text("some text")
+    monkeypatch.chdir(tmp_path)
+    args = build_parser().parse_args(["train", "--data", "text.txt", "--tokenizer", "sotu"])
+    assert args.data == str(tmp_path / "text.txt") and args.tokenizer == "sotu"  # a name that is no path stays a name
 
 
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tiny, capsys):

@@ -27,6 +27,19 @@ def _path_or_name(value: str) -> str:
     return str(Path(value).expanduser().resolve()) if Path(value).expanduser().exists() else value
 
 
+def _at_least(low: int | float, kind=int):
+    """An argparse type: a number of `kind` that is at least `low`."""
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if not value >= low:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"{text} is below {low}: use a value of at least {low}")
+        return value
+    return parse
+
+
 def _train_parser(sub) -> None:
     p = sub.add_parser("train", help="pretrain a causal LM (LLaMA, or any HF architecture via --model-config) with POET, AdamW or Muon",
                        description="Train from a preset or TOML config; any config field can be overridden as section.key=value. "
@@ -36,8 +49,9 @@ def _train_parser(sub) -> None:
                    help=f"preset name ({', '.join(preset_names())}) or path to a TOML file (default: tiny)")
     p.add_argument("--method", choices=["poet", "poet-paper", "adamw", "muon"],
                    help="poet (default: rotations folded every step), poet-paper (the paper's recipe), adamw, muon")
-    p.add_argument("--data", help="bundled corpus (sotu, shakespeare), local .txt/.jsonl/.parquet file or directory, or hf:NAME[:CONFIG]")
-    p.add_argument("--tokenizer", help="HF tokenizer directory (default: train a byte-level BPE on the training split)")
+    p.add_argument("--data", type=_path_or_name,
+                   help="bundled corpus (sotu, shakespeare), local .txt/.jsonl/.parquet file or directory, or hf:NAME[:CONFIG]")
+    p.add_argument("--tokenizer", type=_path_or_name, help="HF tokenizer directory (default: train a byte-level BPE on the training split)")
     p.add_argument("--model-config", type=_path_or_name, metavar="PATH_OR_NAME",
                    help="architecture from any HF causal-LM config: a config.json or its directory, a model type "
                         "(qwen2, mistral, gpt2, ...) or a hub id; the preset's model sizes apply (default: LLaMA)")
@@ -68,8 +82,10 @@ def _cmd_train(args) -> int:
     from .train.loop import train
 
     if args.resume:
-        if args.overrides:
-            raise ConfigError(f"--resume continues a run with the config saved in it; drop the overrides {args.overrides} "
+        flags = [f"--{flag.replace('_', '-')}" for flag in TRAIN_SHORTCUTS if getattr(args, flag, None) is not None]
+        if args.overrides or flags or args.no_progress:
+            dropped = " ".join([*flags, *(["--no-progress"] if args.no_progress else []), *map(str, args.overrides)])
+            raise ConfigError(f"--resume continues a run with the config saved in it; drop {dropped} "
                               "(or start a new run with them)")
         if args.print_config:
             return _print_config(load_config(Path(args.resume) / "config.json"))
@@ -102,8 +118,10 @@ def _finetune_parser(sub) -> None:
                                    "trains the rotations, reports perplexity before and after, and writes a run directory "
                                    "with the finetuned model in final/ (poet-paper also writes a replayable adapter.safetensors).")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr_poet=1e-3 finetune.train_norms=true")
-    p.add_argument("--model", required=True, help="local model directory (save_pretrained / poetlm export) or a hub id (needs network)")
-    p.add_argument("--data", required=True, help="bundled corpus, local .txt/.jsonl/.parquet file or directory, or hf:NAME[:CONFIG]")
+    p.add_argument("--model", required=True, type=_path_or_name,
+                   help="local model directory (save_pretrained / poetlm export) or a hub id (needs network)")
+    p.add_argument("--data", required=True, type=_path_or_name,
+                   help="bundled corpus, local .txt/.jsonl/.parquet file or directory, or hf:NAME[:CONFIG]")
     p.add_argument("--config", "--preset", dest="config", default="finetune", help="preset or TOML file (default: finetune)")
     p.add_argument("--method", choices=["poet", "poet-paper", "lora", "adamw", "muon"], default=None,
                    help="poet (default), poet-paper (reparameterized; writes a replayable adapter), lora (peft), "
@@ -234,9 +252,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="validation perplexity of a run or an exported model")
     p.add_argument("path", help="run directory or model directory")
     p.add_argument("--data", help="evaluate on this data instead of the run's own validation split")
-    p.add_argument("--tokens", type=int, default=None, help="predicted tokens to score (default: the run's eval_tokens, or the whole validation split)")
+    p.add_argument("--tokens", type=_at_least(1), default=None,
+                   help="predicted tokens to score (default: the run's eval_tokens, or the whole validation split)")
     p.add_argument("--seq-len", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=_at_least(1), default=8)
     p.add_argument("--device", default="cpu")
     p = sub.add_parser("export", help="merge a POET run into a plain HF model directory")
     p.add_argument("run_dir")
@@ -245,9 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample text from a run or an exported model")
     p.add_argument("path")
     p.add_argument("--prompt", default="")
-    p.add_argument("--max-new-tokens", type=int, default=60)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=50)
+    p.add_argument("--max-new-tokens", type=_at_least(1), default=60)
+    p.add_argument("--temperature", type=_at_least(0.0, float), default=0.8, help="0: greedy decoding")
+    p.add_argument("--top-k", type=_at_least(0), default=50, help="sample among the k likeliest tokens (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p = sub.add_parser("report", help="markdown + PNG comparison of runs")

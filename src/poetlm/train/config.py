@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
 import types
 import typing
@@ -127,6 +128,8 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         checks = [
+            ("name", self.name in ("", Path(self.name).name) and self.name not in (".", ".."),
+             "must be a plain directory name (no path separators); choose where runs go with out_dir"),
             ("method", self.method in METHODS, f"choose one of {METHODS}"),
             ("method", self.method != "lora" or self.finetune.base_model is not None, "lora needs finetune.base_model (poetlm finetune --model ...)"),
             ("finetune.lora_rank", self.finetune.lora_rank >= 1, "must be >= 1"),
@@ -156,10 +159,12 @@ class TrainConfig:
             ("data.vocab_size", self.data.vocab_size >= 260, "must be >= 260 (256 bytes + special tokens)"),
             ("data.seq_len", self.data.seq_len >= 2, "must be >= 2"),
             ("data.val_fraction", 0 < self.data.val_fraction < 1, "must be between 0 and 1"),
-            ("optim.lr", self.optim.lr > 0, "must be > 0"),
-            ("optim.lr_poet", self.optim.lr_poet > 0, "must be > 0"),
-            ("optim.lr_hidden", self.optim.lr_hidden is None or self.optim.lr_hidden > 0, "must be > 0 (or null = optim.lr)"),
-            ("optim.lr_muon", self.optim.lr_muon is None or self.optim.lr_muon > 0, "must be > 0 (or null = optim.lr)"),
+            ("optim.lr", _positive_finite(self.optim.lr), "must be a finite number > 0"),
+            ("optim.lr_poet", _positive_finite(self.optim.lr_poet), "must be a finite number > 0"),
+            ("optim.lr_hidden", self.optim.lr_hidden is None or _positive_finite(self.optim.lr_hidden),
+             "must be a finite number > 0 (or null = optim.lr)"),
+            ("optim.lr_muon", self.optim.lr_muon is None or _positive_finite(self.optim.lr_muon),
+             "must be a finite number > 0 (or null = optim.lr)"),
             ("optim.weight_decay", self.optim.weight_decay >= 0, "must be >= 0"),
             ("optim.warmup_steps", self.optim.warmup_steps >= 0, "must be >= 0"),
             ("optim.min_lr_ratio", 0 <= self.optim.min_lr_ratio <= 1, "must be in [0, 1]"),
@@ -181,6 +186,10 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _positive_finite(value: float) -> bool:
+    return 0 < value < math.inf
 
 
 def _names_or_pattern(value) -> bool:

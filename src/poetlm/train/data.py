@@ -301,14 +301,15 @@ def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[li
     """Split whole documents into (train, val), deterministically from ``seed``.
 
     Membership depends only on (seed, index), so it is stable across runs and machines.
-    Both splits get at least one document. A corpus that is a single document (a book, or a text with
-    one sentence or verse per line and no blank lines) is first cut at line ends into passages of about
-    ``PASSAGE_CHARS`` characters, which are split instead.
+    Both splits get at least one document. A corpus whose text is mostly one document (a book, perhaps
+    after a title; a text with one sentence or verse per line and no blank lines) is first cut at line
+    ends into passages of about ``PASSAGE_CHARS`` characters, which are split instead: split whole, the
+    validation set could be the title alone.
     """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    if len(docs) == 1:
-        docs = _passages(docs[0])
+    if docs and 2 * max(map(len, docs)) > sum(map(len, docs)):
+        docs = [passage for doc in docs for passage in _passages(doc)]
     if len(docs) < 2:
         raise DataError(
             f"the corpus is one document of {len(docs[0]) if docs else 0} characters that has no two passages "
@@ -667,6 +668,6 @@ def val_windows(tokens: np.ndarray, seq_len: int, max_tokens: int | None) -> np.
         if n_windows < 1:
             raise DataError(
                 f"the validation token budget {max_tokens} is smaller than seq_len={seq_len}; "
-                "raise the validation token limit or lower seq_len"
+                "raise it (the config's eval_tokens, or poetlm eval --tokens) or lower seq_len"
             )
     return np.arange(n_windows, dtype=np.int64) * seq_len

@@ -30,7 +30,7 @@ from . import checkpoint as ckpt
 from . import files, parallel
 from .acceleration import accelerate
 from .config import ConfigError, TrainConfig, load_config, save_config
-from .data import TokenData, load_run_data, make_batch, prepare_data, sample_offsets
+from .data import TokenData, load_run_data, make_batch, prepare_data, sample_offsets, val_windows
 from .evaluate import perplexity
 from .methods import Method, build_schedulers, lr_factor, make_method
 from .metrics import MetricsLogger
@@ -265,14 +265,20 @@ def _train(config: TrainConfig, runtime: parallel.Runtime, resuming: bool, run_d
         if runtime.is_main:
             print(f"{run_dir} already finished ({run.state.step} of {config.steps} steps): nothing to do, nothing changed")
         return {"already_finished": True, "step": run.state.step, "run_dir": str(run_dir), "rank": runtime.rank}
-    _start(run)
-    return _steps(run) or _finish(run)
+    try:
+        _start(run)
+        return _steps(run) or _finish(run)
+    except BaseException:
+        if run.logger is not None:  # its writers hold files in the run directory, which a failed run may remove
+            run.logger.close()
+        raise
 
 
 def _setup(config: TrainConfig, runtime: parallel.Runtime, resuming: bool, run_dir: Path) -> Run:
     """Data, model, optimizers and schedulers, restored from the last checkpoint when resuming."""
     torch.manual_seed(config.seed)
     data = load_data(config, runtime, run_dir if resuming else None)
+    val_windows(data.val, config.data.seq_len, config.eval_tokens)  # now, not at the first evaluation after hours of steps
     method = make_method(config)
     sharded = parallel.is_sharded(runtime, config.parallel)
     if sharded and not method.supports_fsdp:
