@@ -111,7 +111,7 @@ def test_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere():
                {"step": 2, "loss": 4.5, "lr": 0.009, "lr_poet": 0.036, "tokens_per_s": 8123.4, "spectrum_drift": 2.1e-6},
                {"step": 3, "loss": 4.25, "lr": 0.008, "lr_poet": 0.032},
                {"step": 4, "loss": 4.125, "lr": 0.007, "lr_poet": 0.028, "tokens_per_s": 8000.0}]
-    evals = [None, {"val_ppl": 123.44}, {"val_ppl": 123.44}, {"val_ppl": 99.0}]
+    evals = [None, {"val_ppl": 123.44, "step": 1}, {"val_ppl": 123.44, "step": 1}, {"val_ppl": 99.0, "step": 4}]
     outputs = {}
     for tty in (False, True):
         stream = Stream(tty)
@@ -122,7 +122,7 @@ def test_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere():
         progress.close()
         outputs[tty] = stream.getvalue()
     assert outputs[False].splitlines() == [
-        "step 2/4 | loss 4.500 | lr 9.0e-03 | lr_poet 3.6e-02 | tok/s 8123 | val_ppl 123.4 | drift 2.1e-06",
+        "step 2/4 | loss 4.500 | lr 9.0e-03 | lr_poet 3.6e-02 | tok/s 8123 | val_ppl 123.4 (step 1) | drift 2.1e-06",
         "step 4/4 | loss 4.125 | lr 7.0e-03 | lr_poet 2.8e-02 | tok/s 8000 | val_ppl 99.0 | drift 2.1e-06"]
     assert "\r" not in outputs[False]
     assert "\r" in outputs[True] and "4/4" in outputs[True] and "val_ppl=99.00" in outputs[True]

@@ -173,3 +173,28 @@ def test_a_damaged_checkpoint_fails_eval_export_and_generate_clearly(finished_ru
         assert main(command) == 1, command
         out, err = capsys.readouterr()
         assert "does not match its checksum" in err and "perplexity" not in out
+
+
+def test_a_run_whose_tokenizer_or_data_record_is_damaged_says_to_restore_them(tiny, monkeypatch, capsys):
+    stop_at_step(monkeypatch, 2)
+    run_dir = Path(loop.train(resolve_config("tiny", tiny("name='damaged'")))["run_dir"])
+    monkeypatch.undo()
+    capsys.readouterr()
+    tokenizer_file = run_dir / "tokenizer" / "tokenizer.json"
+    good = tokenizer_file.read_bytes()
+    tokenizer_file.write_text("{ not json")
+    assert main(["train", "--resume", str(run_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "it is the run's own tokenizer: restore it" in err and "--tokenizer" not in err
+    tokenizer_file.write_bytes(good)
+    (run_dir / "data.json").write_text("{")
+    assert main(["train", "--resume", str(run_dir)]) == 1
+    assert "Restore the file" in capsys.readouterr().err
+
+
+def test_the_command_line_prints_poetlm_warnings_as_one_line():
+    from poetlm import cli
+
+    assert cli._format_warning("token cache x is invalid", UserWarning, "/x/poetlm/train/data.py", 1) == \
+        "poetlm: warning: token cache x is invalid\n"
+    assert "other.py:3" in cli._format_warning("elsewhere", UserWarning, "/x/other.py", 3, "")

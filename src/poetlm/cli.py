@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -276,6 +277,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_plain_format = warnings.formatwarning
+
+
+def _format_warning(message, category, filename, lineno, line=None) -> str:
+    """poetlm's own warnings as one line for the command's user (no source file, line number and code)."""
+    if "poetlm" in Path(filename).parts:
+        return f"poetlm: warning: {message}\n"
+    return _plain_format(message, category, filename, lineno, line)
+
+
 COMMANDS = {"train": _cmd_train, "finetune": _cmd_finetune, "eval": _cmd_eval, "export": _cmd_export, "generate": _cmd_generate, "report": _cmd_report,
             "config": _cmd_config}
 
@@ -286,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     from .train.models import ModelError
     from .train.report import ReportError
 
+    warnings.formatwarning = _format_warning
     parser = build_parser()
     # KEY=VALUE overrides may come before or after flags; argparse alone stops collecting them at the first flag.
     args, extra = parser.parse_known_args(argv)

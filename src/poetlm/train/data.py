@@ -365,10 +365,13 @@ def train_tokenizer(docs: list[str], vocab_size: int, out_dir: Path) -> "PreTrai
     return fast
 
 
-def load_tokenizer(path: str | Path) -> "PreTrainedTokenizerFast":
-    """Load a Hugging Face tokenizer directory; it must define an eos token (used to separate documents)."""
+CHOOSE_TOKENIZER = "pass a directory written by save_pretrained (e.g. from an earlier run), or omit --tokenizer to train one"
+
+
+def load_tokenizer(path: str | Path, hint: str = CHOOSE_TOKENIZER) -> "PreTrainedTokenizerFast":
+    """Load a Hugging Face tokenizer directory; it must define an eos token (used to separate documents).
+    `hint`: what the user can do when it cannot be loaded."""
     path = Path(path).expanduser()
-    hint = "pass a directory written by save_pretrained (e.g. from an earlier run), or omit --tokenizer to train one"
     if not path.is_dir():
         raise DataError(f"tokenizer directory {path} does not exist; {hint}")
     from transformers import AutoTokenizer
@@ -609,9 +612,11 @@ def load_run_data(run_dir: Path, data: str, **options) -> TokenData:
         record = json.loads((run_dir / "data.json").read_text())
     except (OSError, ValueError) as e:
         raise DataError(f"{run_dir / 'data.json'} is missing or unreadable ({type(e).__name__}): it records which tokens "
-                        "the run trained on. Runs started by an older poetlm cannot be resumed; start a new run") from None
+                        "the run trained on, and without it the run cannot go on exactly. Restore the file (from a "
+                        "backup of the run directory), or start a new run") from None
     tokenizer_dir = run_dir / "tokenizer"
-    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer = load_tokenizer(tokenizer_dir, hint="it is the run's own tokenizer: restore it from a backup of the run "
+                               "directory, or start a new run")
     if _tokenizer_hash(tokenizer) != record["tokenizer_hash"]:
         raise DataError(f"{tokenizer_dir} is not the tokenizer this run was trained with (it was changed); restore it")
     cache_dir = Path(record["cache_dir"])
@@ -626,7 +631,7 @@ def load_run_data(run_dir: Path, data: str, **options) -> TokenData:
     tokens = prepare_data(data, tokenizer=str(tokenizer_dir), **options)
     if any(tokens.record()[f"sha256_{split}"] != digest for split, digest in sums.items()):
         raise DataError(f"{data} changed since this run started: it no longer gives the tokens the run trained on, and "
-                        f"the run's token cache {cache_dir} is gone. Restore the original data to continue this run, "
+                        f"the run's token cache {cache_dir} is gone or damaged. Restore the original data to continue this run, "
                         "or start a new run on the new data")
     return tokens
 

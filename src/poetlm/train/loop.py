@@ -357,8 +357,8 @@ def _steps(run: Run) -> dict | None:
                 state.last_merge_step = state.step
             if run.due(config.eval_every):
                 with throughput.paused():
-                    run.last_eval = run.evaluate()
-                run.logger.log({"step": state.step, "tokens": state.tokens, **run.last_eval})
+                    run.last_eval = {**run.evaluate(), "step": state.step}
+                run.logger.log({"tokens": state.tokens, **run.last_eval})
             if progress is not None:
                 progress.step(record, run.last_eval, logged)
             saved = run.due(config.checkpoint_every)

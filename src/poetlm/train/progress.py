@@ -42,7 +42,8 @@ class LineProgress:
             parts.append(f"lr_poet {record['lr_poet']:.1e}")
         parts.append(f"tok/s {record['tokens_per_s']:.0f}")
         if last_eval:
-            parts.append(f"val_ppl {last_eval['val_ppl']:.1f}")
+            evaluated = last_eval.get("step", record["step"])  # between evaluations, say which step it is from
+            parts.append(f"val_ppl {last_eval['val_ppl']:.1f}" + (f" (step {evaluated})" if evaluated != record["step"] else ""))
         if self.drift is not None:
             parts.append(f"drift {self.drift:.1e}")
         print(" | ".join(parts), file=self.stream, flush=True)  # flushed: a log file shows each line as it happens
