@@ -149,3 +149,39 @@ def test_unreachable_hub_model_is_a_clear_error(base, tmp_path, monkeypatch, cap
 def test_lora_without_a_base_model_is_a_config_error(capsys):
     assert main(["train", "method='lora'"]) == 2
     assert "finetune.base_model" in capsys.readouterr().err
+
+
+def small_gpt2(base, path, n_positions):
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=300, n_positions=n_positions)).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(base[0] / name, path / name)
+    return path
+
+
+def test_eval_scores_within_the_models_context(base, tmp_path, capsys, monkeypatch):
+    from poetlm.train import evaluate
+    from poetlm.train.config import DataConfig
+
+    monkeypatch.setattr(DataConfig, "cache_dir", str(tmp_path / "cache"))
+    scored = []
+    monkeypatch.setattr(evaluate, "perplexity", lambda *a, seq_len, **k: scored.append(seq_len) or perplexity(*a, seq_len=seq_len, **k))
+    gpt2 = small_gpt2(base, tmp_path / "gpt2", n_positions=40)  # learned positions: past 40 an IndexError
+    eval_args = ["--data", str(base[1]), "--tokens", "256"]
+    assert main(["eval", str(gpt2), *eval_args]) == 0 and scored == [40]  # not the default 256
+    assert main(["eval", str(base[0]), *eval_args, "--seq-len", "48"]) == 0 and scored[-1] == 48
+    capsys.readouterr()
+    for model_dir, seq_len, context in [(gpt2, 41, 40), (base[0], 1024, 64)]:  # LLaMA's rotary positions never fail: refused too
+        assert main(["eval", str(model_dir), *eval_args, "--seq-len", str(seq_len)]) == 1
+        assert (f"poetlm: error: --seq-len {seq_len} is longer than the context of {model_dir} ({context} tokens, its "
+                f"max_position_embeddings); use --seq-len {context} or less\n") in capsys.readouterr().err
+    assert len(scored) == 2
+
+
+def test_finetune_longer_than_the_models_context_is_refused(base, tmp_path, capsys):
+    gpt2 = small_gpt2(base, tmp_path / "gpt2", n_positions=40)
+    for model_dir, context in [(gpt2, 40), (base[0], 64)]:
+        assert main(finetune_args((model_dir, base[1]), tmp_path, "data.seq_len=65")) == 1
+        err = capsys.readouterr().err
+        assert (f"poetlm: error: data.seq_len=65 is longer than the context of {model_dir} ({context} tokens, its "
+                f"max_position_embeddings); use data.seq_len={context} or less\n") in err and "Traceback" not in err
+

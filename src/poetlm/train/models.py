@@ -222,7 +222,22 @@ def load_model(config: TrainConfig, vocab_size: int) -> nn.Module:
     if model.get_input_embeddings().num_embeddings < vocab_size:
         raise ModelError(f"the tokenizer has {vocab_size} tokens but {source} embeds only "
                          f"{model.get_input_embeddings().num_embeddings}: use the model's own tokenizer (leave data.tokenizer unset)")
+    check_context(model, config.data.seq_len, "data.seq_len={}", source)
     return model
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The longest sequence the model was built for (GPT-2's n_positions too); None for models without a limit."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def check_context(model: nn.Module, seq_len: int, setting: str, source) -> None:
+    """Refuse sequences longer than the model's context: learned positions run out (an IndexError), and rotary
+    ones silently go where the model never was. `setting` formats the value as the user gives it."""
+    context = context_length(model)
+    if context is not None and seq_len > context:
+        raise ModelError(f"{setting.format(seq_len)} is longer than the context of {source} ({context} tokens, its "
+                         f"max_position_embeddings); use {setting.format(context)} or less")
 
 
 def block_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
