@@ -185,3 +185,29 @@ def test_finetune_longer_than_the_models_context_is_refused(base, tmp_path, caps
         assert (f"poetlm: error: data.seq_len=65 is longer than the context of {model_dir} ({context} tokens, its "
                 f"max_position_embeddings); use data.seq_len={context} or less\n") in err and "Traceback" not in err
 
+
+def test_finetune_refuses_a_tokenizer_that_is_not_the_base_models(base, tmp_path, capsys):
+    from poetlm.train.config import resolve_config
+    from poetlm.train.models import ModelError, data_tokenizer
+
+    other = tmp_path / "other-tokenizer"  # same size, trained on another corpus: other ids for other tokens
+    train_tokenizer(read_documents("sotu", max_documents=100), 300, other)
+    copy = tmp_path / "copy-tokenizer"
+    copy.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(base[0] / name, copy / name)
+
+    def chosen(tokenizer, *overrides):
+        return data_tokenizer(resolve_config("finetune", [("finetune.base_model", str(base[0])), ("data.tokenizer", str(tokenizer)),
+                                                          *overrides]))
+
+    assert chosen(copy) == str(copy)  # the model's own vocabulary from another directory is fine
+    with pytest.raises(ModelError, match=rf"^data.tokenizer='{other}' is not the tokenizer of {base[0]} \(vocabularies of 300 "
+                                         r"and 300 tokens, \d+ of them with the same id\): the model would read its token ids "
+                                         r"as other tokens. Leave data.tokenizer unset .* finetune.allow_other_tokenizer=true"):
+        chosen(other)
+    capsys.readouterr()
+    assert chosen(other, ("finetune.allow_other_tokenizer", True)) == str(other)
+    assert "poetlm: warning: data.tokenizer=" in capsys.readouterr().err
+    assert main(finetune_args(base, tmp_path, f"data.tokenizer={str(other)!r}")) == 1  # before any data is tokenized
+    assert "is not the tokenizer of" in capsys.readouterr().err and not (tmp_path / "cache").exists()

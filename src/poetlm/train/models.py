@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from torch import nn
@@ -238,6 +239,44 @@ def check_context(model: nn.Module, seq_len: int, setting: str, source) -> None:
     if context is not None and seq_len > context:
         raise ModelError(f"{setting.format(seq_len)} is longer than the context of {source} ({context} tokens, its "
                          f"max_position_embeddings); use {setting.format(context)} or less")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def data_tokenizer(config: TrainConfig) -> str | None:
+    """The tokenizer the run's data is tokenized with: data.tokenizer, else the base model's own when finetuning
+    (None: train one). A base model directory with a tokenizer of its own refuses a data.tokenizer with another
+    vocabulary, whose token ids its embeddings would read as other tokens, unless finetune.allow_other_tokenizer."""
+    given, base = config.data.tokenizer, config.finetune.base_model
+    if not config.finetuning or given is None:
+        return given or base
+    base_dir = Path(base).expanduser()
+    if not any((base_dir / name).is_file() for name in TOKENIZER_FILES):
+        return given
+    from .data import load_tokenizer
+
+    theirs, own = load_tokenizer(given).get_vocab(), _vocabulary(base_dir)
+    if own is None or theirs == own:
+        return given
+    same = len(theirs.items() & own.items())
+    problem = (f"data.tokenizer={given!r} is not the tokenizer of {base} (vocabularies of {len(theirs)} and {len(own)} "
+               f"tokens, {same} of them with the same id): the model would read its token ids as other tokens")
+    if not config.finetune.allow_other_tokenizer:
+        raise ModelError(f"{problem}. Leave data.tokenizer unset to use the model's own, or set "
+                         "finetune.allow_other_tokenizer=true if that is what you mean")
+    print(f"poetlm: warning: {problem} (allowed by finetune.allow_other_tokenizer)", file=sys.stderr)
+    return given
+
+
+def _vocabulary(path: Path) -> dict | None:
+    """A tokenizer directory's vocabulary; None when transformers cannot read it (then there is nothing to compare)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path)).get_vocab()
+    except Exception:  # transformers raises assorted types for a broken directory
+        return None
 
 
 def block_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
