@@ -165,3 +165,70 @@ def test_model_config_errors_name_the_problem(tmp_path, capsys, monkeypatch):
         assert main(["train", "--model-config", source, "--steps", "1", "--out", str(tmp_path / "runs"),
                      "data.max_documents=20", f"data.cache_dir={str(tmp_path / 'cache')!r}"]) == 1
         assert message in capsys.readouterr().err
+
+
+# The name each architecture gives its MLP width (and that a wrong mapping silently left at its default).
+MLP_WIDTH = {"opt": "ffn_dim", "xglm": "ffn_dim", "falcon": "ffn_hidden_size", "gpt_neo": "intermediate_size",
+             "gpt2": "n_inner", "qwen2": "intermediate_size"}
+
+
+def sized(hf_config, **changes):
+    from poetlm.train.config import ModelConfig
+
+    return ModelConfig(**{"hidden_size": 32, "intermediate_size": 80, "num_layers": 3, "num_heads": 4, "hf_config": hf_config,
+                          **changes})
+
+
+@pytest.mark.parametrize("model_type", sorted(MLP_WIDTH))
+def test_model_config_builds_the_preset_sizes(model_type):
+    from poetlm.train.models import build_model
+
+    model = build_model(sized(model_type), 300, 48)
+    config = model.config
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (32, 3, 4)
+    assert (getattr(config, MLP_WIDTH[model_type]), config.max_position_embeddings, config.vocab_size) == (80, 48, 300)
+    # The modules are built at these sizes: an MLP 80 wide, three blocks (GPT-Neo: one attention kind per layer).
+    assert any(80 in p.shape for p in model.parameters())
+    blocks = max((m for m in model.modules() if isinstance(m, nn.ModuleList)), key=len)
+    assert len(blocks) == 3
+
+
+def test_gpt_neo_config_json_gets_attention_kinds_for_the_new_layer_count(tmp_path):
+    from transformers import AutoConfig
+
+    from poetlm.train.models import hf_model_config
+
+    AutoConfig.for_model("gpt_neo").save_pretrained(tmp_path)  # 24 layers: attention_layers has 24 entries
+    config = hf_model_config(sized(str(tmp_path)), 300, 48)
+    assert config.attention_layers == ["global", "local", "global"] and config.num_layers == 3
+
+
+def test_model_config_key_value_heads_are_applied_or_refused():
+    from poetlm.train.models import ModelError, build_model, hf_model_config
+
+    assert hf_model_config(sized("qwen2", num_kv_heads=2), 300, 48).num_key_value_heads == 2
+    falcon = build_model(sized("falcon"), 300, 48)  # Falcon's default is multi-query: one key/value head
+    assert not falcon.config.multi_query and falcon.transformer.h[0].self_attention.query_key_value.out_features == 3 * 32
+    assert hf_model_config(sized("falcon", num_kv_heads=1), 300, 48).multi_query
+    with pytest.raises(ModelError, match=r"falcon has either 1 key/value head .* not model.num_kv_heads=2"):
+        hf_model_config(sized("falcon", num_kv_heads=2), 300, 48)
+    with pytest.raises(ModelError, match=r"gpt2 has one key/value head per attention head: model.num_kv_heads=2"):
+        hf_model_config(sized("gpt2", num_kv_heads=2), 300, 48)
+
+
+def test_model_config_refuses_sizes_it_cannot_set_and_transformers_errors_in_one_line(tmp_path, capsys):
+    from poetlm.cli import main
+    from poetlm.train.models import ModelError, hf_model_config
+
+    with pytest.raises(ModelError, match=r"^model type bloom has no setting for model.intermediate_size \(none of "
+                                         r"intermediate_size, n_inner, ffn_dim"):
+        hf_model_config(sized("bloom"), 300, 48)
+    (tmp_path / "config.json").write_text('{"model_type": "qwen2", "hidden_act": 5}')  # transformers' own validation
+    with pytest.raises(ModelError, match=r"^transformers cannot build a qwen2 model at the preset's sizes \(.*hidden_act.*\); "
+                                         r"change the model.\* sizes"):
+        hf_model_config(sized(str(tmp_path)), 300, 48)
+    assert main(["train", "--model-config", str(tmp_path), "--steps", "1", "--out", str(tmp_path / "runs"),
+                 "data.max_documents=20", f"data.cache_dir={str(tmp_path / 'cache')!r}"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and [line for line in err.splitlines() if "cannot build" in line] == [
+        line for line in err.splitlines() if line.startswith("poetlm: error: transformers cannot build a qwen2 model")]

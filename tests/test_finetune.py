@@ -149,3 +149,65 @@ def test_unreachable_hub_model_is_a_clear_error(base, tmp_path, monkeypatch, cap
 def test_lora_without_a_base_model_is_a_config_error(capsys):
     assert main(["train", "method='lora'"]) == 2
     assert "finetune.base_model" in capsys.readouterr().err
+
+
+def small_gpt2(base, path, n_positions):
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=300, n_positions=n_positions)).save_pretrained(path)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(base[0] / name, path / name)
+    return path
+
+
+def test_eval_scores_within_the_models_context(base, tmp_path, capsys, monkeypatch):
+    from poetlm.train import evaluate
+    from poetlm.train.config import DataConfig
+
+    monkeypatch.setattr(DataConfig, "cache_dir", str(tmp_path / "cache"))
+    scored = []
+    monkeypatch.setattr(evaluate, "perplexity", lambda *a, seq_len, **k: scored.append(seq_len) or perplexity(*a, seq_len=seq_len, **k))
+    gpt2 = small_gpt2(base, tmp_path / "gpt2", n_positions=40)  # learned positions: past 40 an IndexError
+    eval_args = ["--data", str(base[1]), "--tokens", "256"]
+    assert main(["eval", str(gpt2), *eval_args]) == 0 and scored == [40]  # not the default 256
+    assert main(["eval", str(base[0]), *eval_args, "--seq-len", "48"]) == 0 and scored[-1] == 48
+    capsys.readouterr()
+    for model_dir, seq_len, context in [(gpt2, 41, 40), (base[0], 1024, 64)]:  # LLaMA's rotary positions never fail: refused too
+        assert main(["eval", str(model_dir), *eval_args, "--seq-len", str(seq_len)]) == 1
+        assert (f"poetlm: error: --seq-len {seq_len} is longer than the context of {model_dir} ({context} tokens, its "
+                f"max_position_embeddings); use --seq-len {context} or less\n") in capsys.readouterr().err
+    assert len(scored) == 2
+
+
+def test_finetune_longer_than_the_models_context_is_refused(base, tmp_path, capsys):
+    gpt2 = small_gpt2(base, tmp_path / "gpt2", n_positions=40)
+    for model_dir, context in [(gpt2, 40), (base[0], 64)]:
+        assert main(finetune_args((model_dir, base[1]), tmp_path, "data.seq_len=65")) == 1
+        err = capsys.readouterr().err
+        assert (f"poetlm: error: data.seq_len=65 is longer than the context of {model_dir} ({context} tokens, its "
+                f"max_position_embeddings); use data.seq_len={context} or less\n") in err and "Traceback" not in err
+
+
+def test_finetune_refuses_a_tokenizer_that_is_not_the_base_models(base, tmp_path, capsys):
+    from poetlm.train.config import resolve_config
+    from poetlm.train.models import ModelError, data_tokenizer
+
+    other = tmp_path / "other-tokenizer"  # same size, trained on another corpus: other ids for other tokens
+    train_tokenizer(read_documents("sotu", max_documents=100), 300, other)
+    copy = tmp_path / "copy-tokenizer"
+    copy.mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(base[0] / name, copy / name)
+
+    def chosen(tokenizer, *overrides):
+        return data_tokenizer(resolve_config("finetune", [("finetune.base_model", str(base[0])), ("data.tokenizer", str(tokenizer)),
+                                                          *overrides]))
+
+    assert chosen(copy) == str(copy)  # the model's own vocabulary from another directory is fine
+    with pytest.raises(ModelError, match=rf"^data.tokenizer='{other}' is not the tokenizer of {base[0]} \(vocabularies of 300 "
+                                         r"and 300 tokens, \d+ of them with the same id\): the model would read its token ids "
+                                         r"as other tokens. Leave data.tokenizer unset .* finetune.allow_other_tokenizer=true"):
+        chosen(other)
+    capsys.readouterr()
+    assert chosen(other, ("finetune.allow_other_tokenizer", True)) == str(other)
+    assert "poetlm: warning: data.tokenizer=" in capsys.readouterr().err
+    assert main(finetune_args(base, tmp_path, f"data.tokenizer={str(other)!r}")) == 1  # before any data is tokenized
+    assert "is not the tokenizer of" in capsys.readouterr().err and not (tmp_path / "cache").exists()

@@ -149,13 +149,16 @@ def _cmd_eval(args) -> int:
     from .train.parallel import pick_device
     from .train.evaluate import perplexity
     from .train.runs import data_options, load_any_model
+    from .train.models import check_context, context_length
 
     device = pick_device(args.device)
     model, tokenizer, config = load_any_model(args.path, device)
     if args.data is None and config is None:
         raise DataError("an exported model directory has no training data attached: pass --data (e.g. --data sotu)")
     source = args.data or config.data.data
-    seq_len = args.seq_len or (config.data.seq_len if config else 256)
+    context = context_length(model)
+    seq_len = args.seq_len or (config.data.seq_len if config else min(256, context or 256))
+    check_context(model, seq_len, "--seq-len {}", args.path)
     if args.data is None:  # the run's own validation tokens, exactly
         data = load_run_data(Path(args.path), source, **data_options(config))
     else:
@@ -202,6 +205,7 @@ def _cmd_export(args) -> int:
 
 
 def _cmd_generate(args) -> int:
+    from .train.models import context_length
     from .train.parallel import pick_device
     from .train.runs import load_any_model
 
@@ -211,7 +215,7 @@ def _cmd_generate(args) -> int:
     ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(device)
     if ids.shape[1] == 0:
         ids = torch.tensor([[tokenizer.eos_token_id]], device=device)
-    context = getattr(model.config, "max_position_embeddings", None)  # the longest sequence the model was built for
+    context = context_length(model)
     if context is not None:
         if args.max_new_tokens >= context:
             raise CommandError(f"--max-new-tokens {args.max_new_tokens} leaves no room for the prompt in the model's "
@@ -255,7 +259,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="evaluate on this data instead of the run's own validation split")
     p.add_argument("--tokens", type=_at_least(1), default=None,
                    help="predicted tokens to score (default: the run's eval_tokens, or the whole validation split)")
-    p.add_argument("--seq-len", type=int, default=None)
+    p.add_argument("--seq-len", type=_at_least(2), default=None,
+                   help="tokens per scored window (default: the run's data.seq_len, else 256 or the model's context if shorter)")
     p.add_argument("--batch-size", type=_at_least(1), default=8)
     p.add_argument("--device", default="cpu")
     p = sub.add_parser("export", help="merge a POET run into a plain HF model directory")

@@ -87,6 +87,7 @@ class FinetuneConfig:
     lora_rank: int = 8                # LoRA's rank r (method lora)
     lora_alpha: float = 16.0          # LoRA's scale α (the update is scaled by α/r)
     lora_targets: list[str] | str | None = None  # LoRA's modules (names, suffixes or a regex); null = LLaMA's 7 block linears, else peft's default
+    allow_other_tokenizer: bool = False  # accept a data.tokenizer with another vocabulary than the base model's own (its ids then mean other tokens)
 
 
 @dataclass

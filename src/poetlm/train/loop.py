@@ -34,7 +34,7 @@ from .data import TokenData, load_run_data, make_batch, prepare_data, sample_off
 from .evaluate import perplexity
 from .methods import Method, build_schedulers, lr_factor, make_method
 from .metrics import MetricsLogger
-from .models import block_linears, load_model
+from .models import block_linears, data_tokenizer, load_model
 from .progress import make_progress
 from .report import write_report
 from .runs import data_options
@@ -159,8 +159,7 @@ def load_data(config: TrainConfig, runtime: parallel.Runtime, run_dir: Path | No
     def build():
         if run_dir is not None:
             return load_run_data(run_dir, config.data.data, **data_options(config))
-        tokenizer = config.data.tokenizer or config.finetune.base_model  # a finetuned model keeps its own tokenizer
-        return prepare_data(config.data.data, tokenizer=tokenizer, **data_options(config))
+        return prepare_data(config.data.data, tokenizer=data_tokenizer(config), **data_options(config))
 
     if runtime.is_main:
         data = build()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from torch import nn
@@ -57,8 +58,71 @@ def _read_hf_config(source: str) -> dict:
                          f"transformers model type (e.g. qwen2, mistral, gpt2), nor a reachable hub id: {error}") from None
 
 
+# Each preset size goes to every name an architecture gives it (BART-style decoders keep decoder_* sizes of
+# their own). The MLP width has the most names: intermediate_size (LLaMA and most), n_inner (GPT-2, GPT-J,
+# CodeGen), ffn_dim (OPT, XGLM), ffn_hidden_size (Falcon), encoder/decoder_ffn_dim (BART-style), dff (CTRL),
+# dim_ff (CPM-Ant), d_inner (XLNet), feed_forward_size (Reformer).
+SIZE_NAMES = {
+    "model.hidden_size": ("hidden_size",),
+    "model.num_layers": ("num_hidden_layers", "decoder_layers"),
+    "model.num_heads": ("num_attention_heads", "decoder_attention_heads"),
+    "model.intermediate_size": ("intermediate_size", "n_inner", "ffn_dim", "ffn_hidden_size", "encoder_ffn_dim",
+                                "decoder_ffn_dim", "dff", "dim_ff", "d_inner", "feed_forward_size"),
+}
+KV_HEAD_NAMES = ("num_key_value_heads", "num_kv_heads")
+OTHER_ARCHITECTURE = "use another architecture (e.g. --model-config qwen2 or gpt2), or leave model.hf_config unset for LLaMA"
+
+
+def _one_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {' '.join(str(error).split())}"
+
+
+def _build_error(model_type: str, error: BaseException) -> ModelError:
+    return ModelError(f"transformers cannot build a {model_type} model at the preset's sizes ({_one_line(error)}); "
+                      f"change the model.* sizes to ones {model_type} allows, or {OTHER_ARCHITECTURE}")
+
+
+def _has(config: PretrainedConfig, name: str) -> bool:
+    """Whether the architecture has this setting (some raise on reading one they lack, or one set per layer)."""
+    try:
+        return hasattr(config, name)
+    except Exception:  # transformers raises assorted types
+        return False
+
+
+def _preset_sizes(model: ModelConfig, model_type: str, defaults: PretrainedConfig, setting) -> dict:
+    """The preset's sizes under the names this architecture reads; a size it has no name for is refused."""
+    sizes = {}
+    values = {"model.hidden_size": model.hidden_size, "model.num_layers": model.num_layers,
+              "model.num_heads": model.num_heads, "model.intermediate_size": model.intermediate_size}
+    for key, names in SIZE_NAMES.items():
+        present = [name for name in names if _has(defaults, name)]
+        if not present:
+            raise ModelError(f"model type {model_type} has no setting for {key} (none of {', '.join(names)}), so it "
+                             f"cannot be built at the preset's sizes; {OTHER_ARCHITECTURE}")
+        sizes.update(dict.fromkeys(present, values[key]))
+    heads, kv = model.num_heads, model.num_kv_heads or model.num_heads
+    # Falcon and GPTBigCode switch between one key/value head (multi-query) and one per head.
+    switched = _has(defaults, "multi_query") and not setting("new_decoder_architecture")
+    if switched:
+        if kv not in (1, heads):
+            raise ModelError(f"a model of type {model_type} has either 1 key/value head (multi_query) or one per attention head, "
+                             f"not model.num_kv_heads={kv}; set it to 1 or leave it null (= model.num_heads)")
+        sizes["multi_query"] = kv == 1
+    kv_names = [name for name in KV_HEAD_NAMES if _has(defaults, name)]
+    if kv_names:
+        sizes.update(dict.fromkeys(kv_names, kv))
+    elif not switched and kv != heads:
+        raise ModelError(f"a model of type {model_type} has one key/value head per attention head: model.num_kv_heads={kv} "
+                         "cannot be applied; leave it null (= model.num_heads)")
+    return sizes
+
+
 def hf_model_config(model: ModelConfig, vocab_size: int, max_seq_len: int) -> PretrainedConfig:
-    """The architecture of model.hf_config with the preset's sizes, vocabulary and context length."""
+    """The architecture of model.hf_config with the preset's sizes, vocabulary and context length.
+
+    Every size is applied or refused: a config that would build another size than the preset's is a ModelError.
+    """
     from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING
 
     values = _read_hf_config(model.hf_config)
@@ -70,28 +134,63 @@ def hf_model_config(model: ModelConfig, vocab_size: int, max_seq_len: int) -> Pr
     if config_class not in MODEL_FOR_CAUSAL_LM_MAPPING:
         raise ModelError(f"model.hf_config={model.hf_config!r} is a {model_type} config, which has no causal-LM "
                          "class in transformers (poetlm trains next-token prediction)")
-    defaults = config_class()
-    sizes = {"vocab_size": vocab_size, "hidden_size": model.hidden_size, "num_hidden_layers": model.num_layers,
-             "num_attention_heads": model.num_heads, "max_position_embeddings": max_seq_len,
-             "tie_word_embeddings": model.tie_embeddings}
-    # Names differ between architectures (GPT-2: n_inner; no grouped-query attention; rope or not).
-    for name in ("intermediate_size", "n_inner"):
-        if hasattr(defaults, name):
-            sizes[name] = model.intermediate_size
-            break
-    if hasattr(defaults, "num_key_value_heads"):
-        sizes["num_key_value_heads"] = model.num_kv_heads or model.num_heads
+    try:
+        defaults = config_class()
+    except Exception as error:  # transformers raises assorted types
+        raise _build_error(model_type, error) from None
+    field = config_class.attribute_map.get
+
+    def setting(name):
+        """The source's value of a setting (under its own or its mapped name), else the architecture's default."""
+        return values[field(name, name)] if field(name, name) in values else getattr(defaults, name, None)
+
+    source_layers = setting("num_hidden_layers")
+    sizes = {"vocab_size": vocab_size, "tie_word_embeddings": model.tie_embeddings, **_preset_sizes(model, model_type, defaults, setting)}
+    if _has(defaults, "max_position_embeddings"):  # others (ALiBi, recurrent models) have no context limit to set
+        sizes["max_position_embeddings"] = max_seq_len
     if isinstance(getattr(defaults, "rope_parameters", None), dict):
         sizes["rope_parameters"] = {**(values.get("rope_parameters") or defaults.rope_parameters), "rope_theta": model.rope_theta}
     for name, value in sizes.items():
-        values[config_class.attribute_map.get(name, name)] = value
-    if len(values.get("layer_types") or []) != model.num_layers:
-        values.pop("layer_types", None)  # per-layer attention kinds follow the layer count: let the config derive them
+        values[field(name, name)] = value
+    _fit_layer_lists(values, config_class, setting, model.num_layers)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         token = values.get(name, getattr(defaults, name, None))
         if isinstance(token, int) and token >= vocab_size:
             values[name] = None  # an id of the original vocabulary, outside poetlm's tokenizer
-    return config_class(**{k: v for k, v in values.items() if k not in ("model_type", "transformers_version", "architectures")})
+    try:
+        config = config_class(**{k: v for k, v in values.items() if k not in ("model_type", "transformers_version", "architectures")})
+    except Exception as error:  # transformers raises assorted types
+        raise _build_error(model_type, error) from None
+    _check_sizes(config, model_type, sizes, source_layers, model.num_layers)
+    return config
+
+
+def _fit_layer_lists(values: dict, config_class, setting, num_layers: int) -> None:
+    """Per-layer settings for the preset's layer count: derived by the config where it can, else the pattern repeated."""
+    if len(values.get("layer_types") or []) != num_layers:
+        values.pop("layer_types", None)  # per-layer attention kinds follow the layer count: let the config derive them
+    expand = getattr(config_class, "expand_attention_types_params", None)
+    if expand is not None and setting("attention_types") is not None:
+        # GPT-Neo: [[kinds, repeats], ...] expanded into attention_layers, which must have one kind per layer.
+        kinds = expand(setting("attention_types"))
+        values["attention_types"] = [[[kinds[i % len(kinds)] for i in range(num_layers)], 1]]
+        values.pop("attention_layers", None)
+
+
+def _check_sizes(config: PretrainedConfig, model_type: str, sizes: dict, source_layers, num_layers: int) -> None:
+    """The config keeps every size it was given, and holds no per-layer list left at the source's layer count."""
+    for name, value in sizes.items():
+        kept = getattr(config, name, None) if _has(config, name) else None
+        if name != "rope_parameters" and kept != value:
+            raise ModelError(f"a {model_type} config does not keep {name}={value!r} (it sets {kept!r}), so it cannot be "
+                             f"built at the preset's sizes; {OTHER_ARCHITECTURE}")
+    if isinstance(source_layers, int) and source_layers not in (num_layers, 1):
+        stale = [name for name, value in vars(config).items() if isinstance(value, list) and len(value) == source_layers
+                 and not name.endswith("token_id")]
+        if stale:
+            raise ModelError(f"a {model_type} config's {', '.join(stale)} list(s) one entry per layer of its {source_layers} "
+                             f"layers, which poetlm cannot derive for model.num_layers={num_layers}; write a config.json "
+                             f"with {num_layers} entries in each and pass it as --model-config")
 
 
 def build_model(model: ModelConfig, vocab_size: int, max_seq_len: int) -> nn.Module:
@@ -100,7 +199,11 @@ def build_model(model: ModelConfig, vocab_size: int, max_seq_len: int) -> nn.Mod
         return build_llama(model, vocab_size, max_seq_len)
     from transformers import AutoModelForCausalLM
 
-    return AutoModelForCausalLM.from_config(hf_model_config(model, vocab_size, max_seq_len))
+    config = hf_model_config(model, vocab_size, max_seq_len)
+    try:
+        return AutoModelForCausalLM.from_config(config)
+    except Exception as error:  # transformers raises assorted types
+        raise _build_error(config.model_type, error) from None
 
 
 def load_model(config: TrainConfig, vocab_size: int) -> nn.Module:
@@ -120,7 +223,60 @@ def load_model(config: TrainConfig, vocab_size: int) -> nn.Module:
     if model.get_input_embeddings().num_embeddings < vocab_size:
         raise ModelError(f"the tokenizer has {vocab_size} tokens but {source} embeds only "
                          f"{model.get_input_embeddings().num_embeddings}: use the model's own tokenizer (leave data.tokenizer unset)")
+    check_context(model, config.data.seq_len, "data.seq_len={}", source)
     return model
+
+
+def context_length(model: nn.Module) -> int | None:
+    """The longest sequence the model was built for (GPT-2's n_positions too); None for models without a limit."""
+    return getattr(getattr(model, "config", None), "max_position_embeddings", None)
+
+
+def check_context(model: nn.Module, seq_len: int, setting: str, source) -> None:
+    """Refuse sequences longer than the model's context: learned positions run out (an IndexError), and rotary
+    ones silently go where the model never was. `setting` formats the value as the user gives it."""
+    context = context_length(model)
+    if context is not None and seq_len > context:
+        raise ModelError(f"{setting.format(seq_len)} is longer than the context of {source} ({context} tokens, its "
+                         f"max_position_embeddings); use {setting.format(context)} or less")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def data_tokenizer(config: TrainConfig) -> str | None:
+    """The tokenizer the run's data is tokenized with: data.tokenizer, else the base model's own when finetuning
+    (None: train one). A base model directory with a tokenizer of its own refuses a data.tokenizer with another
+    vocabulary, whose token ids its embeddings would read as other tokens, unless finetune.allow_other_tokenizer."""
+    given, base = config.data.tokenizer, config.finetune.base_model
+    if not config.finetuning or given is None:
+        return given or base
+    base_dir = Path(base).expanduser()
+    if not any((base_dir / name).is_file() for name in TOKENIZER_FILES):
+        return given
+    from .data import load_tokenizer
+
+    theirs, own = load_tokenizer(given).get_vocab(), _vocabulary(base_dir)
+    if own is None or theirs == own:
+        return given
+    same = len(theirs.items() & own.items())
+    problem = (f"data.tokenizer={given!r} is not the tokenizer of {base} (vocabularies of {len(theirs)} and {len(own)} "
+               f"tokens, {same} of them with the same id): the model would read its token ids as other tokens")
+    if not config.finetune.allow_other_tokenizer:
+        raise ModelError(f"{problem}. Leave data.tokenizer unset to use the model's own, or set "
+                         "finetune.allow_other_tokenizer=true if that is what you mean")
+    print(f"poetlm: warning: {problem} (allowed by finetune.allow_other_tokenizer)", file=sys.stderr)
+    return given
+
+
+def _vocabulary(path: Path) -> dict | None:
+    """A tokenizer directory's vocabulary; None when transformers cannot read it (then there is nothing to compare)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path)).get_vocab()
+    except Exception:  # transformers raises assorted types for a broken directory
+        return None
 
 
 def block_linears(model: nn.Module) -> list[tuple[str, nn.Module]]:
