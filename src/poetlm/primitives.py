@@ -168,6 +168,16 @@ class RotationSide(nn.Module):
     def reset(self) -> None:
         self.skew.zero_()
 
+    def coordinate_problem(self) -> str | None:
+        """Why the side's coordinate buffers are invalid (`index_problem`), or None."""
+        raise NotImplementedError
+
+    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        problem = self.coordinate_problem()  # a corrupt index loads without error and gives wrong outputs
+        if problem:
+            args[-1].append(f"{prefix}index: {problem}; the saved state is corrupt or belongs to another model")
+
     def _rotate_gathered(self, gathered: torch.Tensor, blocks: torch.Tensor, transpose: bool, dim: int) -> torch.Tensor:
         """Rotate gathered coordinates (n_blocks·b of them along `dim`, 0 or -1) block by block; padding
         rides along as zeros. Along dim 0 of a matrix the blocks are one batched product, no layout copies."""
@@ -192,14 +202,12 @@ class BlockStochastic(RotationSide):
         self.index.copy_(permutation)
         self.inverse.copy_(torch.argsort(permutation))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args)
+    def coordinate_problem(self) -> str | None:
         problem = index_problem("bs", self.index, self.dim, self.dim)
         identity = torch.arange(self.dim, device=self.index.device)
         if problem is None and not self.index.is_meta and not torch.equal(self.index[self.inverse], identity):
             problem = "inverse is not the inverse permutation of index"
-        if problem:
-            args[-1].append(f"{prefix}index: {problem}; the saved state is corrupt or belongs to another model")
+        return problem
 
     def rotate(self, x: torch.Tensor, blocks: torch.Tensor, transpose: bool = False, dim: int = -1) -> torch.Tensor:
         """R·x (or Rᵀ·x) along dimension `dim` of x: the last one, or 0 of a matrix (its columns)."""
@@ -224,11 +232,8 @@ class FullyStochastic(RotationSide):
     def redraw(self, generator: torch.Generator) -> None:
         self.index.copy_(draw_index("fs", self.dim, len(self.index), generator))
 
-    def _load_from_state_dict(self, state_dict, prefix, *args) -> None:
-        super()._load_from_state_dict(state_dict, prefix, *args)
-        problem = index_problem("fs", self.index, self.dim, len(self.index))
-        if problem:
-            args[-1].append(f"{prefix}index: {problem}; the saved state is corrupt or belongs to another model")
+    def coordinate_problem(self) -> str | None:
+        return index_problem("fs", self.index, self.dim, len(self.index))
 
     def rotate(self, x: torch.Tensor, blocks: torch.Tensor, transpose: bool = False, dim: int = -1) -> torch.Tensor:
         if not self.block_sizes:
