@@ -96,6 +96,21 @@ def test_fsdp2_fold_form_resumes_exactly_from_its_gathered_checkpoint(tmp_path):
         assert torch.equal(tensor, first[name]), name
 
 
+def test_a_run_resumed_on_fewer_processes_keeps_its_global_batch(tmp_path):
+    """Two processes, then one from the middle checkpoint: grad_accum doubles, the steps take the same rows."""
+    (tmp_path / "plays.txt").write_text("\n\n".join(read_documents("shakespeare", max_documents=300)))
+    losses, summary, _ = run(tmp_path, "two", 2, "grad_accum=1", "keep_checkpoints=2")
+    run_dir = tmp_path / "runs" / "two"
+    (run_dir / "checkpoints" / "step_00000006.pt").unlink()
+    result = subprocess.run([sys.executable, "-m", "poetlm", "train", "--resume", str(run_dir)], capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "grad_accum 1 → 2 keeps the run's 8 sequences per step" in result.stderr
+    resumed = json.loads((run_dir / "summary.json").read_text())
+    assert resumed["total_tokens"] == summary["total_tokens"]
+    assert resumed["final_val_ppl"] == pytest.approx(summary["final_val_ppl"], rel=1e-4)
+
+
 def test_fsdp2_finetune_writes_an_adapter_that_rebuilds_the_run_on_its_base(tmp_path):
     """The merge history is gathered from the shards on every rank, the adapter written from the whole model."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM

@@ -135,6 +135,27 @@ def test_merge_schedule_in_a_plain_loop_resumes_exactly():
         MergeSchedule(llama())
 
 
+def test_merge_schedule_counts_the_steps_accelerate_takes_not_its_micro_batches():
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=2)
+    model = poetlm.poetize(llama(), poetlm.POETConfig(block_size=8, merge_every=3))
+    optimizer = torch.optim.AdamW(poetlm.param_groups(model, lr_base=1e-2, lr_poet=1e-2, weight_decay=0.0))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    schedule = MergeSchedule(model, optimizer)
+    merged_at = []
+    for micro in range(1, 13):  # 6 optimizer steps
+        ids = torch.randint(0, 64, (4, 12), generator=torch.Generator().manual_seed(micro))
+        with accelerator.accumulate(model):
+            accelerator.backward(model(input_ids=ids, labels=ids).loss)
+            optimizer.step()
+            optimizer.zero_grad()
+            if schedule.step():
+                merged_at.append(micro)
+                assert all(p.grad is None or not p.grad.any() for p in poetlm.rotation_parameters(model))
+    assert schedule.step_count == 6 and merged_at == [6, 12]  # after optimizer steps 3 and 6, never mid-accumulation
+
+
 @pytest.mark.slow
 def test_accelerate_two_cpu_processes_keep_identical_replicas_across_merges(tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
@@ -187,3 +208,19 @@ def test_trainer_with_poet_optimizer_for_a_whole_model_resumes_exactly(tmp_path)
     resumed, again = run(tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-3"))
     assert again == losses
     assert all(torch.equal(a, b) for a, b in zip(full.state_dict().values(), resumed.state_dict().values()))
+
+
+def test_one_cycle_lr_drives_the_chained_fold_optimizer_without_momentum_cycling():
+    model = llama()
+    optimizer = poetlm.optim.poet_optimizer(model, poet=poetlm.POETConfig(block_size=16))
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=[0.02] + [3e-3] * (len(optimizer.param_groups) - 1),
+                                                    total_steps=6, cycle_momentum=False)
+    rates = []
+    for step in range(5):
+        ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(step))
+        model(input_ids=ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        scheduler.step()
+        rates.append(optimizer.optimizers[0].param_groups[0]["lr"])
+    assert max(rates) == pytest.approx(0.02, rel=0.3) and rates[-1] < 0.1 * max(rates)  # up to max_lr, then annealed

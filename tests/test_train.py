@@ -272,6 +272,19 @@ def test_relative_data_and_model_paths_are_kept_absolute(tmp_path, monkeypatch):
     assert args.data == str(tmp_path / "text.txt") and args.tokenizer == "sotu"  # a name that is no path stays a name
 
 
+def test_a_resume_on_another_number_of_processes_keeps_the_global_batch(capsys):
+    from poetlm.train.parallel import Runtime
+
+    config = resolve_config("tiny", ["grad_accum=2"])
+    state = loop.TrainState(step=5, micro_batches=4)  # 4 processes × grad_accum 1, or 2 × 2, …
+    one = Runtime(0, 1, 0, torch.device("cpu"))
+    assert loop.keep_global_batch(config, state, one).grad_accum == 4
+    assert "grad_accum 2 → 4 keeps the run's 64 sequences per step" in capsys.readouterr().err
+    assert loop.keep_global_batch(config, loop.TrainState(micro_batches=2), one) is config
+    with pytest.raises(ConfigError, match="3 processes cannot share evenly"):
+        loop.keep_global_batch(config, state, Runtime(0, 3, 0, torch.device("cpu")))
+
+
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tiny, capsys):
     summary = loop.train(resolve_config("tiny", tiny("name='corrupt'", "keep_checkpoints=2", steps=6)))
     run_dir = Path(summary["run_dir"])

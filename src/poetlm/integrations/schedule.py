@@ -75,13 +75,27 @@ class MergeSchedule:
         return post_merge_clip(self.max_grad_norm, since, self.ramp_steps)
 
     def step(self) -> bool:
-        """Count one optimizer step; merge if one is due. Returns whether it merged."""
+        """Count one optimizer step; merge if one is due. Returns whether it merged.
+
+        Called after every micro-batch of an accelerate loop, it counts only the steps accelerate's optimizer
+        really took: a merge between micro-batches would leave the gradients of the old coordinates pending.
+        """
+        if not self._stepped():
+            return False
         self.step_count += 1
         if self.step_count % self.merge_every:
             return False
         merge(self.model, None if self.optimizer is None else torch_optimizer(self.optimizer), self.rule, gather=self.gather)
         self.last_merge_step = self.step_count
         return True
+
+    def _stepped(self) -> bool:
+        """Whether the optimizer's last step() was a real one (accelerate's wrapper skips it while it accumulates
+        gradients, and on an fp16 overflow)."""
+        gradients = getattr(self.optimizer, "gradient_state", None)
+        if gradients is not None and not gradients.sync_gradients:
+            return False
+        return not getattr(self.optimizer, "step_was_skipped", False)
 
     def state_dict(self) -> dict:
         return {"step_count": self.step_count, "last_merge_step": self.last_merge_step, "merge_every": self.merge_every}

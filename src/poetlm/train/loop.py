@@ -11,6 +11,7 @@ every rank agrees on.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import resource
@@ -50,10 +51,11 @@ class TrainState:
     tokens: int = 0
     last_merge_step: int | None = None
     initial_val_ppl: float | None = None  # finetuning: the base model's perplexity before the first step
+    micro_batches: int | None = None  # per step, over all processes (grad_accum × processes): the global batch
 
     def state_dict(self) -> dict:
         return {"step": self.step, "tokens": self.tokens, "last_merge_step": self.last_merge_step,
-                "initial_val_ppl": self.initial_val_ppl}
+                "initial_val_ppl": self.initial_val_ppl, "micro_batches": self.micro_batches}
 
     def load_state_dict(self, saved: dict) -> None:
         for key, value in saved.items():
@@ -293,14 +295,36 @@ def _setup(config: TrainConfig, runtime: parallel.Runtime, resuming: bool, run_d
         for scheduler, s in zip(run.schedulers, saved["schedulers"], strict=True):
             scheduler.load_state_dict(s)
         run.state.load_state_dict(saved["state"])
+        run.config = keep_global_batch(config, run.state, runtime)
         method.load_state_dict(saved["method"])
         ckpt.set_rng_state(saved["rng"])
-    elif runtime.is_main:
+    else:
+        run.state.micro_batches = config.grad_accum * runtime.world_size
+    if runtime.is_main and not resuming:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.json")
         data.tokenizer.save_pretrained(run_dir / "tokenizer")
         files.write_text(run_dir / "data.json", json.dumps(data.record(), indent=2) + "\n")
     return run
+
+
+def keep_global_batch(config: TrainConfig, state: TrainState, runtime: parallel.Runtime) -> TrainConfig:
+    """The config a run resumed on `runtime.world_size` processes steps with: grad_accum set so that every step
+    still takes the run's global batch, the same rows of the same windows (train_step), split otherwise."""
+    if state.micro_batches is None:  # a checkpoint from before this was recorded: its world size is unknown
+        state.micro_batches = config.grad_accum * runtime.world_size
+    if state.micro_batches == config.grad_accum * runtime.world_size:
+        return config
+    if state.micro_batches % runtime.world_size:
+        raise ConfigError(f"this run's steps take {state.micro_batches} micro-batches of batch_size={config.batch_size} "
+                          f"(grad_accum × processes), which {runtime.world_size} processes cannot share evenly: resume "
+                          f"it on a number of processes that divides {state.micro_batches}")
+    accum = state.micro_batches // runtime.world_size
+    if runtime.is_main:
+        print(f"poetlm: note: resuming on {runtime.world_size} process(es), not {state.micro_batches // config.grad_accum}: "
+              f"grad_accum {config.grad_accum} → {accum} keeps the run's {state.micro_batches * config.batch_size} "
+              "sequences per step", file=sys.stderr)
+    return dataclasses.replace(config, grad_accum=accum)
 
 
 def _start(run: Run) -> None:

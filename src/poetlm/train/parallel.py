@@ -18,6 +18,7 @@ import gc
 import inspect
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -29,12 +30,19 @@ from .acceleration import decoder_blocks
 from .config import ConfigError
 
 
+# Rank 0 alone tokenizes the corpus (hours for a large one) or writes a checkpoint while the others wait,
+# which can outlast the default collective timeout (10 min for NCCL) and abort the waiting ranks. They wait in
+# a group with a long timeout instead; a rank that fails still ends the job at once (torchrun stops the rest).
+WAIT_FOR_MAIN = timedelta(hours=24)
+
+
 @dataclass
 class Runtime:
     rank: int
     world_size: int
     local_rank: int
     device: torch.device
+    waiting: object = None  # the process group of `barrier` (gloo, WAIT_FOR_MAIN); None: the default group
 
     @property
     def is_main(self) -> bool:
@@ -66,7 +74,8 @@ def setup(requested_device: str) -> Runtime:
         if device.type == "cuda":
             torch.cuda.set_device(device)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Runtime(rank, world_size, local_rank, device)
+    waiting = dist.new_group(backend="gloo", timeout=WAIT_FOR_MAIN) if world_size > 1 else None
+    return Runtime(rank, world_size, local_rank, device, waiting)
 
 
 def teardown(runtime: Runtime, clean: bool = True) -> None:
@@ -95,8 +104,9 @@ def agreed_signal(received: int | None, runtime: Runtime) -> int | None:
 
 
 def barrier(runtime: Runtime) -> None:
+    """Wait until every rank is here; for rank 0's long solo work (see WAIT_FOR_MAIN)."""
     if runtime.distributed:
-        dist.barrier()
+        dist.barrier(group=runtime.waiting)
 
 
 def from_main(value, runtime: Runtime):
