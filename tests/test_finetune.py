@@ -101,6 +101,10 @@ def test_poet_paper_finetune_run_adapter_and_export(base, tmp_path, capsys):
 
     assert main(["export", str(run_dir), str(tmp_path / "merged")]) == 0
     torch.testing.assert_close(reload(tmp_path / "merged")(ids).logits, target, rtol=1e-4, atol=1e-4)
+    # The run directory is an adapter directory too: it reopens as a POETModel, trainable as it was.
+    reopened = poetlm.POETModel.from_pretrained(reload(base[0]), run_dir)
+    torch.testing.assert_close(reopened(input_ids=ids).logits, target, rtol=1e-5, atol=1e-5)
+    assert {n for n, p in reopened.named_parameters() if p.requires_grad} == {"base_model." + n for n in trainable}
 
 
 def test_poet_finetune_rotates_the_pretrained_weights_and_keeps_their_spectrum(base, tmp_path):
@@ -211,3 +215,38 @@ def test_finetune_refuses_a_tokenizer_that_is_not_the_base_models(base, tmp_path
     assert "poetlm: warning: data.tokenizer=" in capsys.readouterr().err
     assert main(finetune_args(base, tmp_path, f"data.tokenizer={str(other)!r}")) == 1  # before any data is tokenized
     assert "is not the tokenizer of" in capsys.readouterr().err and not (tmp_path / "cache").exists()
+
+
+def test_what_finetune_takes_as_its_model_and_settings_that_would_do_nothing(base, tmp_path, capsys):
+    assert main(finetune_args(base, tmp_path, "--name", "first", "steps=3")) == 0
+    run_dir = tmp_path / "runs" / "first"
+    capsys.readouterr()
+    args = finetune_args(base, tmp_path, "--name", "second", "steps=3")
+    args[args.index("--model") + 1] = str(run_dir)  # a run directory: its final/ is the model
+    assert main(args) == 0
+    assert f"finetuning {run_dir / 'final'}" in capsys.readouterr().err
+    first = json.loads((run_dir / "summary.json").read_text())
+    second = json.loads((tmp_path / "runs" / "second" / "summary.json").read_text())
+    assert second["initial_val_ppl"] == pytest.approx(first["final_val_ppl"], rel=1e-5)
+
+    args[args.index("--model") + 1] = str(tmp_path / "no-such-dir")
+    assert main(args) == 1
+    assert "finetune.base_model=" in (err := capsys.readouterr().err) and "does not exist" in err and "--tokenizer" not in err
+    weights_only = tmp_path / "weights-only"
+    reload(base[0]).save_pretrained(weights_only)
+    args[args.index("--model") + 1] = str(weights_only)
+    assert main(args) == 1
+    assert "has no tokenizer files" in capsys.readouterr().err
+    assert main(finetune_args(base, tmp_path, "--name", "biases", "finetune.train_biases=true")) == 1
+    assert "the model has no biases" in capsys.readouterr().err
+    assert main(finetune_args(base, tmp_path, "--name", "typo", "poet.exclude_modules=['mpl']")) == 1
+    assert "exclude_modules entry 'mpl' matches no module" in capsys.readouterr().err
+
+
+def test_eval_reproduces_a_finetunes_initial_perplexity_with_its_split_seed(base, tmp_path, capsys):
+    assert main(finetune_args(base, tmp_path, "--name", "seeded", "--seed", "1", "steps=3")) == 0
+    initial = json.loads((tmp_path / "runs" / "seeded" / "summary.json").read_text())["initial_val_ppl"]
+    capsys.readouterr()
+    assert main(["eval", str(base[0]), "--data", str(base[1]), "--tokens", "512", "--seq-len", "32", "--split-seed", "1",
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    assert float(capsys.readouterr().out.split("perplexity:")[1].split()[0]) == pytest.approx(initial, rel=1e-3)

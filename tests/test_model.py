@@ -237,3 +237,9 @@ def test_poetize_settings_errors_name_the_fix():
         POETConfig(target_modules="(")
     with pytest.raises(ValueError, match="exclude_modules=\\['0'\\]"):
         poetlm.poetize(nn.Sequential(nn.Linear(8, 8)), POETConfig(block_size=4, exclude_modules=["0"]))
+
+
+def test_exclude_modules_covers_what_an_excluded_module_contains():
+    model = poetlm.poetize(llama(), POETConfig(block_size=8, exclude_modules=["mlp"]))
+    wrapped = [name for name, _ in poetlm.poet_layers(model)]
+    assert wrapped and not any(".mlp." in name for name in wrapped) and all("self_attn" in name for name in wrapped)

@@ -139,6 +139,14 @@ def _cmd_finetune(args) -> int:
     """`poetlm train` on a pretrained model, with the finetuning preset."""
     from .train.loop import train
 
+    model = Path(args.model)
+    if is_run_dir(model):  # eval, export and generate take a run directory: take it here too, by its trained model
+        if not (model / "final").is_dir():
+            raise CommandError(f"{model} is a run directory without final/ (the run has not finished): finish it "
+                               f"(poetlm train --resume {model}) or export its last checkpoint (poetlm export {model} DIR) "
+                               "and pass --model DIR")
+        print(f"poetlm: note: finetuning {model / 'final'}, the trained model of run {model}", file=sys.stderr)
+        args.model = str(model / "final")
     overrides = [("finetune.base_model", args.model), *shortcut_overrides(args), *args.overrides]
     config = resolve_config(args.config, overrides)
     return _print_config(config) if args.print_config else _finish(train(config))
@@ -163,22 +171,25 @@ def _cmd_eval(args) -> int:
         data = load_run_data(Path(args.path), source, **data_options(config))
     else:
         tokenizer_dir = Path(args.path) / "tokenizer" if config else Path(args.path)
+        cache_dir = args.cache_dir or (config.data.cache_dir if config else DataConfig.cache_dir)
+        split_seed = args.split_seed if args.split_seed is not None else config.data.resolved_split_seed(config.seed) if config else 0
         data = prepare_data(source, tokenizer=str(tokenizer_dir), vocab_size=len(tokenizer),
-                            cache_root=Path(config.data.cache_dir if config else DataConfig.cache_dir).expanduser(),
-                            val_fraction=config.data.val_fraction if config else 0.05,
-                            split_seed=config.data.resolved_split_seed(config.seed) if config else 0)
+                            cache_root=Path(cache_dir).expanduser(), val_fraction=config.data.val_fraction if config else 0.05,
+                            split_seed=split_seed)
     max_tokens = args.tokens or (config.eval_tokens if config else None)
     result = perplexity(model, data.val, seq_len=seq_len, batch_size=args.batch_size, max_tokens=max_tokens, device=device)
     print(f"validation perplexity: {result['val_ppl']:.3f} (loss {result['val_loss']:.4f} over {result['val_tokens']} tokens of {source})")
     return 0
 
 
+def is_run_dir(path: Path) -> bool:
+    """A poetlm run directory (data.json too: a run that has not written its first checkpoint yet)."""
+    return (path / "config.json").is_file() and ((path / "checkpoints").is_dir() or (path / "data.json").is_file())
+
+
 def _check_export_target(out: Path, force: bool) -> None:
     """Never into a run directory (it would destroy the run's config.json); nothing overwritten without --force."""
-    def is_run(p: Path) -> bool:  # data.json too: a run that has not written its first checkpoint yet
-        return (p / "config.json").is_file() and ((p / "checkpoints").is_dir() or (p / "data.json").is_file())
-
-    inside = next((p for p in (out.resolve(), *out.resolve().parents) if is_run(p)), None)
+    inside = next((p for p in (out.resolve(), *out.resolve().parents) if is_run_dir(p)), None)
     if inside is not None:
         raise CommandError(f"{out} is {'inside ' if inside != out.resolve() else ''}the run directory {inside}: exporting "
                            "there would overwrite the run's own files. Export to a directory outside it")
@@ -262,6 +273,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=_at_least(2), default=None,
                    help="tokens per scored window (default: the run's data.seq_len, else 256 or the model's context if shorter)")
     p.add_argument("--batch-size", type=_at_least(1), default=8)
+    p.add_argument("--split-seed", type=int, help="with --data: the seed of its train/validation split (default: the "
+                   "run's, or 0 for a model directory; a finetune's is data.split_seed, which follows its seed)")
+    p.add_argument("--cache-dir", help="with --data: where its tokens are cached (default: the run's data.cache_dir, "
+                   f"or {DataConfig.cache_dir})")
     p.add_argument("--device", default="cpu")
     p = sub.add_parser("export", help="merge a POET run into a plain HF model directory")
     p.add_argument("run_dir")

@@ -52,8 +52,9 @@ def _matches(name: str, patterns: list[str]) -> bool:
 
 
 def _is_target(name: str, config: POETConfig, heads: set[str]) -> bool:
-    if _matches(name, config.exclude_modules):
-        return False
+    parts = name.split(".")
+    if any(_matches(".".join(parts[:i]), config.exclude_modules) for i in range(1, len(parts) + 1)):
+        return False  # the module itself or one that contains it (exclude_modules=["mlp"]: every MLP linear)
     targets = config.target_modules
     if targets is None:
         return name not in heads
@@ -125,6 +126,13 @@ def _check_coverage(model: nn.Module, config: POETConfig, strict: bool) -> None:
 def target_linears(model: nn.Module, config: POETConfig) -> list[tuple[str, nn.Module]]:
     """The nn.Linear / Conv1D layers POET trains under `config` (target_modules / exclude_modules, never the head)."""
     checked(config, POETConfig)
+    # Entries name modules, or weights that are not modules' (in_proj_weight) to acknowledge them as dense.
+    names = [name for name, _ in model.named_modules()] + [name for name, _ in model.named_parameters()]
+    for pattern in config.exclude_modules:  # a typo would silently train what it meant to leave alone
+        if not any(_matches(name, [pattern]) for name in names):
+            example = next((name for name, m in model.named_modules() if _linear_like(m)), names[-1])
+            raise ValueError(f"exclude_modules entry {pattern!r} matches no module of the model (a module's name or "
+                             f"the end of one, e.g. {example!r} or {example.rsplit('.', 1)[-1]!r})")
     heads = _output_head_names(model)
     targets = [(name, module) for name, module in model.named_modules()
                if _linear_like(module) and _is_target(name, config, heads)]

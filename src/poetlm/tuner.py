@@ -88,6 +88,15 @@ def _trainable_patterns(base_model: nn.Module, config: POETConfig, trainable) ->
     return patterns
 
 
+def write_adapter_config(directory: Path, base_model: nn.Module, config: POETConfig, trainable: list[str], merges: int) -> None:
+    """adapter_config.json beside adapter.safetensors: what POETModel.from_pretrained reads back."""
+    base_config = getattr(base_model, "config", None)
+    settings = {"format": "poetlm-adapter", "version": VERSION, "poet_config": config.to_dict(),
+                "trainable": trainable, "merges": merges, "adapter_file": WEIGHTS_NAME,
+                "base_model_name_or_path": getattr(base_config, "_name_or_path", None) or None}
+    (Path(directory) / CONFIG_NAME).write_text(json.dumps(settings, indent=2) + "\n")
+
+
 HISTORY = "poet_merge_history."
 
 
@@ -221,11 +230,7 @@ class POETModel(nn.Module):
         trained = [n for n, p in self.base_model.named_parameters() if p.requires_grad and id(p) not in rotations]
         save_adapter(self.base_model, directory / WEIGHTS_NAME, history=self.history, trained=trained,
                      base_fingerprint=self.fingerprint)
-        base_config = getattr(self.base_model, "config", None)
-        settings = {"format": "poetlm-adapter", "version": VERSION, "poet_config": self.poet_config.to_dict(),
-                    "trainable": self.trainable, "merges": len(self.history), "adapter_file": WEIGHTS_NAME,
-                    "base_model_name_or_path": getattr(base_config, "_name_or_path", None) or None}
-        (directory / CONFIG_NAME).write_text(json.dumps(settings, indent=2) + "\n")
+        write_adapter_config(directory, self.base_model, self.poet_config, self.trainable, len(self.history))
 
     def merge_and_unload(self) -> nn.Module:
         """The base model with every POET layer replaced (in place) by the plain layer it computes."""

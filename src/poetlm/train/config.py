@@ -82,7 +82,7 @@ class OptimConfig:
 @dataclass
 class FinetuneConfig:
     base_model: str | None = None     # a local model directory or a hub id; set => finetune it instead of building model.*
-    train_norms: bool = False         # also train the RMSNorm gains (POET / LoRA; full finetuning trains everything)
+    train_norms: bool = False         # also train the norm layers (RMSNorm gains; LayerNorm gains and biases) (POET / LoRA)
     train_biases: bool = False        # also train every parameter named *.bias (POET / LoRA)
     lora_rank: int = 8                # LoRA's rank r (method lora)
     lora_alpha: float = 16.0          # LoRA's scale α (the update is scaled by α/r)

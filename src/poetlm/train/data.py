@@ -13,6 +13,7 @@ import itertools
 import json
 import lzma
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -365,21 +366,34 @@ def train_tokenizer(docs: list[str], vocab_size: int, out_dir: Path) -> "PreTrai
     return fast
 
 
+def is_hub_id(name: str) -> bool:
+    """Whether `name` reads as a Hugging Face Hub id (NAME or ORG/NAME), not as a local path."""
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name) is not None
+
+
 CHOOSE_TOKENIZER = "pass a directory written by save_pretrained (e.g. from an earlier run), or omit --tokenizer to train one"
 
 
 def load_tokenizer(path: str | Path, hint: str = CHOOSE_TOKENIZER) -> "PreTrainedTokenizerFast":
     """Load a Hugging Face tokenizer directory; it must define an eos token (used to separate documents).
     `hint`: what the user can do when it cannot be loaded."""
-    path = Path(path).expanduser()
-    if not path.is_dir():
-        raise DataError(f"tokenizer directory {path} does not exist; {hint}")
+    name, path = str(path), Path(path).expanduser()
     from transformers import AutoTokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path))
-    except Exception as e:  # transformers raises assorted types for a broken directory
-        raise DataError(f"cannot load a tokenizer from {path} ({type(e).__name__}: {e}); {hint}") from e
+    if not path.is_dir():
+        if path.exists() or not is_hub_id(name):
+            raise DataError(f"tokenizer directory {path} does not exist; {hint}")
+        honor_offline_env()
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except Exception as e:  # transformers raises assorted types
+            raise DataError(f"{name!r} is not a local directory, and the Hugging Face Hub could not provide a tokenizer "
+                            f"for it ({type(e).__name__}: {e}); offline, pass a local directory") from None
+    else:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path))
+        except Exception as e:  # transformers raises assorted types for a broken directory
+            raise DataError(f"cannot load a tokenizer from {path} ({type(e).__name__}: {e}); {hint}") from e
     if tokenizer.eos_token_id is None:
         raise DataError(
             f"tokenizer {path} has no eos token, which is needed to separate documents; "

@@ -193,7 +193,7 @@ def _claim_shared_run_dir(config: TrainConfig, runtime: parallel.Runtime) -> Pat
 def train(config: TrainConfig | None = None, resume: str | Path | None = None, run_dir: str | Path | None = None) -> dict:
     """Run (or resume) training; returns the summary dict also written to run_dir/summary.json."""
     if resume is not None:
-        run_dir = Path(resume)
+        run_dir = Path(resume).resolve()
         config = load_config(run_dir / "config.json")
     runtime = parallel.setup(config.device)
     claimed, clean = None, False

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 
 import torch
 from torch import nn
@@ -18,10 +19,11 @@ from torch import nn
 from ..adapter import MergeHistory, base_fingerprint, save_adapter
 from ..config import POETConfig
 from ..diagnostics import model_diagnostics
-from ..model import merge, param_groups, poetize, rotated_weights, rotation_parameters, step_weight_cache
+from ..model import merge, param_groups, poet_layers, poetize, rotated_weights, rotation_parameters, step_weight_cache
 from ..optim import POET, adamw
 from ..primitives import block_layout
 from ..serialization import save_pretrained
+from ..tuner import WEIGHTS_NAME, write_adapter_config
 from . import parallel
 from .config import TrainConfig
 from .models import ModelError, block_linears
@@ -232,8 +234,11 @@ class POETPaper(Method):
         if self.config.finetuning:
             rotation_ids = {id(p) for p in rotation_parameters(model)}
             trained = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in rotation_ids]
-            save_adapter(model, run_dir / "adapter.safetensors", history=self.history, trained=trained,
+            save_adapter(model, run_dir / WEIGHTS_NAME, history=self.history, trained=trained,
                          base_fingerprint=self.fingerprint)
+            # The run directory then opens as an adapter directory: POETModel.from_pretrained(base, run_dir).
+            layer_config = next(poet_layers(model))[1].config
+            write_adapter_config(run_dir, model, layer_config, [f"^{re.escape(name)}$" for name in trained], len(self.history))
 
     def optimizers(self, model):
         opt = self.config.optim
@@ -295,7 +300,11 @@ def _freeze_base(model: nn.Module, config: TrainConfig, keep: set[int]) -> None:
         if config.finetune.train_norms and "norm" in type(module).__name__.lower():
             keep |= {id(p) for p in module.parameters(recurse=False)}
     if config.finetune.train_biases:
-        keep |= {id(p) for name, p in model.named_parameters() if name.endswith(".bias")}
+        biases = {id(p) for name, p in model.named_parameters() if name.endswith(".bias")}
+        if not biases:
+            raise ModelError("finetune.train_biases=true, but the model has no biases (no parameter named *.bias): "
+                             "leave it false")
+        keep |= biases
     for param in model.parameters():
         param.requires_grad_(id(param) in keep)
 

@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
 from ..layer import POETLinear, is_conv1d
 from .config import ModelConfig, TrainConfig
+from .data import is_hub_id, load_tokenizer
 from .hub import honor_offline_env
 
 
@@ -249,13 +250,22 @@ def data_tokenizer(config: TrainConfig) -> str | None:
     (None: train one). A base model directory with a tokenizer of its own refuses a data.tokenizer with another
     vocabulary, whose token ids its embeddings would read as other tokens, unless finetune.allow_other_tokenizer."""
     given, base = config.data.tokenizer, config.finetune.base_model
-    if not config.finetuning or given is None:
-        return given or base
-    base_dir = Path(base).expanduser()
-    if not any((base_dir / name).is_file() for name in TOKENIZER_FILES):
+    if not config.finetuning:
         return given
-    from .data import load_tokenizer
-
+    base_dir = Path(base).expanduser()
+    own_tokenizer = any((base_dir / name).is_file() for name in TOKENIZER_FILES)
+    if given is None:
+        # Found out here, before the weights are loaded: say so about the model, not about a tokenizer.
+        if base_dir.is_dir() and not own_tokenizer:
+            raise ModelError(f"finetune.base_model={base!r} has no tokenizer files (tokenizer.json, …): pass a model "
+                             "directory written with its tokenizer (poetlm export writes both; for a run directory, "
+                             "its final/), or set data.tokenizer to the tokenizer the model was trained with")
+        if not base_dir.exists() and not is_hub_id(base):
+            raise ModelError(f"finetune.base_model={base!r} does not exist: pass a model directory (save_pretrained, "
+                             "poetlm export, or a run directory's final/) or a hub id")
+        return base  # a model directory, or a hub id whose tokenizer comes from the hub too
+    if not own_tokenizer:
+        return given
     theirs, own = load_tokenizer(given).get_vocab(), _vocabulary(base_dir)
     if own is None or theirs == own:
         return given
