@@ -84,6 +84,7 @@ def test_poet_paper_finetune_run_adapter_and_export(base, tmp_path, capsys):
     expected = perplexity(reload(base[0]), data.val, seq_len=32, batch_size=4, max_tokens=512, device="cpu")["val_ppl"]
     assert summary["initial_val_ppl"] == pytest.approx(expected, rel=1e-5)
     assert summary["final_val_ppl"] < summary["initial_val_ppl"]
+    assert f"| {summary['initial_val_ppl']:.2f} | {summary['final_val_ppl']:.2f} |" in (run_dir / "report.md").read_text()
     finetuned, _, _ = load_run_model(run_dir)
     trainable = {n for n, p in finetuned.named_parameters() if p.requires_grad}
     assert all("rotation_" in n or "norm" in n for n in trainable)

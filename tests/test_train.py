@@ -285,6 +285,13 @@ def test_a_resume_on_another_number_of_processes_keeps_the_global_batch(capsys):
         loop.keep_global_batch(config, state, Runtime(0, 3, 0, torch.device("cpu")))
 
 
+def test_eval_of_a_bf16_run_scores_it_as_the_run_did(tiny, capsys):
+    summary = loop.train(resolve_config("tiny", tiny("name='bf16'", "dtype='bf16'", steps=3)))
+    capsys.readouterr()
+    assert main(["eval", summary["run_dir"]]) == 0
+    assert float(capsys.readouterr().out.split("perplexity:")[1].split()[0]) == pytest.approx(summary["final_val_ppl"], rel=1e-5)
+
+
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tiny, capsys):
     summary = loop.train(resolve_config("tiny", tiny("name='corrupt'", "keep_checkpoints=2", steps=6)))
     run_dir = Path(summary["run_dir"])

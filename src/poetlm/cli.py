@@ -156,6 +156,7 @@ def _cmd_eval(args) -> int:
     from .train.data import load_run_data, prepare_data
     from .train.parallel import pick_device
     from .train.evaluate import perplexity
+    from .train.loop import autocast_dtype
     from .train.runs import data_options, load_any_model
     from .train.models import check_context, context_length
 
@@ -177,7 +178,9 @@ def _cmd_eval(args) -> int:
                             cache_root=Path(cache_dir).expanduser(), val_fraction=config.data.val_fraction if config else 0.05,
                             split_seed=split_seed)
     max_tokens = args.tokens or (config.eval_tokens if config else None)
-    result = perplexity(model, data.val, seq_len=seq_len, batch_size=args.batch_size, max_tokens=max_tokens, device=device)
+    amp = autocast_dtype(config, device) if config else None  # a bf16 run is scored as it scored itself
+    result = perplexity(model, data.val, seq_len=seq_len, batch_size=args.batch_size, max_tokens=max_tokens, device=device,
+                        autocast_dtype=amp)
     print(f"validation perplexity: {result['val_ppl']:.3f} (loss {result['val_loss']:.4f} over {result['val_tokens']} tokens of {source})")
     return 0
 

@@ -145,6 +145,7 @@ def run_stats(run: Run) -> dict[str, float | None]:
     tokens = [r["tokens"] for r in run.train + run.eval if r.get("tokens") is not None]
     derived = {
         "block_linear_trainable_params": None,
+        "initial_val_ppl": next((r["val_ppl"] for r in run.eval if r.get("step") == 0 and "val_ppl" in r), None),
         "final_val_ppl": _last(run.eval, "val_ppl"),
         # Median, because the first steps include compilation and warm-up.
         "tokens_per_s": statistics.median(speeds) if speeds else None,
@@ -156,18 +157,20 @@ def run_stats(run: Run) -> dict[str, float | None]:
 
 
 def _table(runs: list[Run]) -> list[str]:
+    stats = [run_stats(run) for run in runs]
+    finetunes = any(st["initial_val_ppl"] is not None for st in stats)  # the base model's perplexity, before step 1
     rows = [
-        "| Run | Method | Trainable params (block linears) | Final val ppl "
-        "| Tokens/s | Peak mem (MB) | Tokens | Spectrum drift |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| Run | Method | Trainable params (block linears) | " + ("Initial val ppl | " if finetunes else "")
+        + "Final val ppl | Tokens/s | Peak mem (MB) | Tokens | Spectrum drift |",
+        "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if finetunes else ""),
     ]
-    for run in runs:
-        st = run_stats(run)
+    for run, st in zip(runs, stats):
         name = run.name.replace("|", "\\|") + (" (incomplete)" if run.incomplete else "")
         cells = [
             name,
             run.label,
             format_count(st["block_linear_trainable_params"]),
+            *([_fmt(st["initial_val_ppl"], ".2f")] if finetunes else []),
             _fmt(st["final_val_ppl"], ".2f"),
             _fmt(st["tokens_per_s"], ",.0f"),
             _fmt(st["peak_mem_mb"], ",.0f"),
