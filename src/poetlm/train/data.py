@@ -375,8 +375,8 @@ CHOOSE_TOKENIZER = "pass a directory written by save_pretrained (e.g. from an ea
 
 
 def load_tokenizer(path: str | Path, hint: str = CHOOSE_TOKENIZER) -> "PreTrainedTokenizerFast":
-    """Load a Hugging Face tokenizer directory; it must define an eos token (used to separate documents).
-    `hint`: what the user can do when it cannot be loaded."""
+    """Load a Hugging Face tokenizer: a local directory, or a hub id (needs network). It must define an eos
+    token (used to separate documents). `hint`: what the user can do when a directory cannot be loaded."""
     name, path = str(path), Path(path).expanduser()
     from transformers import AutoTokenizer
 
