@@ -45,7 +45,8 @@ class POETConfig:
         hyperparameter of the model, not just of the start (1.0 = the paper's unit-norm rows).
     target_modules: None for every nn.Linear except the output head; otherwise a list of module
         names or name suffixes (e.g. ["q_proj", "v_proj"]) or one regular expression string.
-    exclude_modules: module names or suffixes never wrapped (in addition to the output head).
+    exclude_modules: module names or suffixes never wrapped, with every linear inside them (["mlp"]: all MLP
+        linears), in addition to the output head; an entry that matches nothing is refused.
     forward_mode: "auto" picks the cheaper of the weight-centric and input-centric paths per call.
     build_dtype: precision of the two weight-sized rotations that build the effective weight for forward
         passes (once per step under `step_weight_cache`): "fp32" (W0's) or "bf16" (tensor-core speed on
