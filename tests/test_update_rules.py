@@ -46,6 +46,15 @@ def test_newton_schulz_is_skew_and_near_the_polar_factor():
     assert cosine.min() > 0.95
 
 
+@pytest.mark.parametrize("method", ["exact", "newton_schulz"])
+def test_orthogonalization_does_not_depend_on_the_scale_even_at_extreme_ones(method):
+    a = random_skew(2, 16, 16, dtype=torch.float32)
+    reference = orthogonalize_skew(a, method)
+    for scale in (3e18, 1e19, 1e-23):  # fp32: AᵀA and Frobenius norms overflow or underflow without a rescale
+        torch.testing.assert_close(orthogonalize_skew(a * scale, method), reference, atol=1e-4, rtol=0)  # fp32 rounding
+    assert not orthogonalize_skew(torch.zeros(1, 4, 4), method).any()
+
+
 
 @pytest.mark.parametrize("spread", [1.0, 30.0, 1e4])
 def test_newton_schulz_starts_below_one_and_reaches_every_plane_a_spectrum_allows(spread):
@@ -450,3 +459,29 @@ def test_lie_adam_keeps_the_spectrum_with_whole_side_blocks():
     after = torch.linalg.svdvals(weight.detach().double())
     assert (after - before).abs().max() / before.max() < 1e-6
     assert ((x @ weight.detach().T - y) ** 2).mean() < ((x @ start.T - y) ** 2).mean()
+
+
+@pytest.mark.parametrize("terms,lr", [(3, 0.05), (1, 0.05), (4, 0.5)])
+def test_a_truncated_map_that_is_not_orthogonal_at_the_step_folds_exactly(terms, lr):
+    # CNP_k = Cayley·(I − Q^(k+1)): folded every step, odd k or large steps would move the spectrum (1e-4 to 0.2
+    # in 300 steps here); the fold takes the exact Cayley transform there instead.
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(32, 48, dtype=torch.float64) / 48**0.5)
+    before = torch.linalg.svdvals(weight.detach())
+    optimizer = POET([weight], lr=lr, poet=POETConfig(block_size=8, neumann_terms=terms), rule=RuleConfig(orthogonalize="exact"))
+    for _ in range(300):
+        weight.grad = torch.randn_like(weight)
+        optimizer.step()
+    assert (torch.linalg.svdvals(weight.detach()) - before).abs().max() / before.max() < 1e-9  # fp64 rounding
+    default = POET([nn.Parameter(torch.randn(8, 8))], lr=0.02)  # k = 4 at the default angle: the series itself
+    assert default._fold_map(-0.02 * 0.5) == "cayley_neumann" and default._fold_map(-0.5 * 0.5) == "cayley"
+
+
+def test_alternation_skips_a_side_that_cannot_turn():
+    weight = nn.Parameter(torch.randn(3, 40))  # fs β=½: the 3-wide side has one coordinate, the 40-wide one 20
+    optimizer = POET([weight], lr=0.05, poet=POETConfig(variant="fs", fraction=0.5))
+    for _ in range(4):
+        weight.grad = torch.randn_like(weight)
+        before = weight.detach().clone()
+        optimizer.step()
+        assert (weight.detach() - before).abs().max() > 1e-3  # every step turns the side that can

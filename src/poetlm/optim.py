@@ -9,7 +9,8 @@ the loss by ⟨H_k, 2Q_k X_k⟩, so
 
     ∂loss/∂Q_k = 2·(H_k X_kᵀ − X_k H_kᵀ)     (skew, b×b)
 
-which is exactly what autograd gives the layer form (`POETLinear`) at Q = 0. A `RotationRule` turns it
+which is what autograd gives the layer form (`POETLinear`) at Q = 0 for its input side, and the negative of
+it for its output side (the layer applies Pᵀ there, the fold R). A `RotationRule` turns it
 into a direction, and the rotation built from it is folded into the weight in place as X + (R − I)·X, in the weight's
 precision (see `rotation_increment`). Singular values change only by rounding. Coordinates (permutations or
 subsets) are redrawn every `rule.redraw_every` steps from seeded generators, as in the layer form.
@@ -198,12 +199,6 @@ class POET(torch.optim.Optimizer):
         self.poet = checked(poet or POETConfig(), POETConfig)
         self.rule_config = checked(rule or RuleConfig(), RuleConfig)
         self.rule = make_rule(self.rule_config)
-        # A truncated Cayley–Neumann series is orthogonal only while ‖Q‖₂ ≪ 1. Orthogonalized directions have
-        # ‖D‖₂ ≤ 1.2, so Q = lr·D stays there; a rule without that bound (lie_adam: every entry of D near ±1,
-        # ‖D‖₂ up to ~√b) would fold a non-orthogonal R into the weight every step, and its spectrum would
-        # drift. Such rules fold by the exact Cayley transform, which the series approximates.
-        bounded = getattr(self.rule, "bounded", False) or self.poet.parameterization != "cayley_neumann"
-        self._map = self.poet.parameterization if bounded else "cayley"
         self._increment = rotation_increment
         if compile:
             self._increment = torch.compile(rotation_increment, backend=compile)
@@ -339,13 +334,15 @@ class POET(torch.optim.Optimizer):
         weight is gathered into reused scratch, one at a time.
         """
         cfg, rule_cfg = self.poet, self.rule_config
-        active = () if not fold else SIDES if not rule_cfg.alternate else (SIDES[step % 2],)
+        layouts = {side: self._side(members[0][0], side, members[0][2]) for side in SIDES}
+        # A side of one coordinate (or none: fs with β·dim < 2) cannot turn: alternation skips it, or every
+        # other step would do nothing. `require_rotations` leaves at least one side that can.
+        turning = [side for side in SIDES if layouts[side][1] >= 2]
+        active = () if not fold else tuple(turning) if not rule_cfg.alternate else (turning[step % len(turning)],)
         stacked = len(members) > 1 and stacks(members[0][0])
-        layouts, increments, gathered = {}, {}, {}
-        for side in SIDES:  # every side's state sees every step's gradient, active or not
-            _, block, n_blocks = layouts[side] = self._side(members[0][0], side, members[0][2])
-            if not n_blocks:
-                continue
+        increments, gathered = {}, {}
+        for side in turning:  # every side's state sees every step's gradient, active or not
+            _, block, n_blocks = layouts[side]
             if stacked:
                 x = self._stacked_blocks([weight for weight, _, _ in members], members, side)
                 grads = skew_gradient(x, self._stacked_blocks([grad for _, grad, _ in members], members, side))
@@ -363,10 +360,11 @@ class POET(torch.optim.Optimizer):
             direction = self._direction(grads, n_blocks, states, side in active)
             if direction is not None:
                 scale, direction = -lr * generator_scale(cfg.parameterization), direction.to(members[0][0].dtype)
+                folding = self._fold_map(scale)
                 if getattr(self.rule, "isometric", lambda _: False)(direction):
-                    increments[side] = isometry_increment(direction, scale, cfg.parameterization, cfg.neumann_terms)
+                    increments[side] = isometry_increment(direction, scale, folding, cfg.neumann_terms)
                 else:
-                    increments[side] = self._increment(scale * direction, self._map, cfg.neumann_terms)
+                    increments[side] = self._increment(scale * direction, folding, cfg.neumann_terms)
         for side in active:  # in turn: the second side sees the weight after the first side's rotation
             if side not in increments:
                 continue
@@ -381,6 +379,25 @@ class POET(torch.optim.Optimizer):
                 fold_side(weight, side, index, x, increment, scratch, inverse)
         for _, _, state in members:
             state["step"] += 1
+
+    def _fold_map(self, scale: float) -> str:
+        """The map that folds a step Q = scale·D: the configured one, unless that is a truncated Cayley–Neumann
+        series not orthogonal to 1e-12 at this step, whose error every fold would add to the spectrum; then
+        the exact Cayley transform, which the series approximates.
+
+        CNP_k = Cayley·(I − Q^(k+1)): for odd k that factor scales singular values by 1 ± ‖Q‖₂^(k+1), for even
+        k by √(1 + ‖Q‖₂^(2k+2)). Orthogonalized directions have ‖D‖₂ ≤ 1.2, so ‖Q‖₂ is bounded by the lr alone:
+        the default (k = 4, lr ≤ 0.1) keeps the series; odd k or large steps fold exactly. A rule without that
+        bound (lie_adam: ‖D‖₂ up to ~√b) always folds exactly.
+        """
+        cfg = self.poet
+        if cfg.parameterization != "cayley_neumann":
+            return cfg.parameterization
+        if not getattr(self.rule, "bounded", False):
+            return "cayley"
+        norm, k = 1.2 * abs(scale), cfg.neumann_terms
+        error = norm ** (k + 1) if k % 2 else 0.5 * norm ** (2 * k + 2)
+        return cfg.parameterization if error < 1e-12 else "cayley"
 
     def _stack_forms(self, members: list, side: str) -> tuple:
         """A chunk's stacked rows (`stack_rows`) seen as one: (gather index into its blocks, their padding

@@ -185,6 +185,9 @@ def orthogonalize_skew(a: torch.Tensor, method: str = "exact", eps: float | None
     singular values land in ≈[0.7, 1.2]. "auto": see `choose_orthogonalizer`.
     """
     method = choose_orthogonalizer(method, a.shape[-1], a.device)
+    # The result does not depend on A's scale, but AᵀA and Newton–Schulz's norms overflow or underflow at
+    # extreme ones (fp32 momenta of 1e19 or 1e-23): every block starts from entries of at most 1.
+    a = a / a.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
     if method == "exact":
         wide = a.to(torch.promote_types(a.dtype, torch.float32))
         if eps is None:
@@ -218,8 +221,7 @@ def _newton_schulz(a: torch.Tensor) -> torch.Tensor:
     b = 256 on a flat spectrum, worth ~1.7 steps of the quintic's 3.44× per step). The tests pin what 4
     steps from it reach (tests/test_update_rules.py).
     """
-    ratio = -4.7750 / 2.0315  # x ← 3.4445·x + 2.0315·(G² + ratio·G)·x, G = xxᵀ
-    a = a / a.flatten(-2).norm(dim=-1).clamp_min(1e-12)[:, None, None]  # keeps (aaᵀ)² clear of overflow
+    ratio = -4.7750 / 2.0315  # x ← 3.4445·x + 2.0315·(G² + ratio·G)·x, G = xxᵀ; a's entries are at most 1 here
     gram = a @ a.transpose(-1, -2)
     gram_squared = gram @ gram
     scale = gram_squared.flatten(-2).norm(dim=-1).clamp_min(1e-30).pow(0.25)[:, None, None]
