@@ -218,8 +218,8 @@ def _plot_loss(runs: list[Run], path: Path) -> Path | None:
     for i, run in enumerate(runs):
         color = f"C{i % 10}"
         x, y = _series(run.train, "loss")
-        if x:
-            ax.plot(x, y, color=color, linewidth=0.8, alpha=0.7,
+        if x:  # a marker too: a run with one logged step has no line to draw
+            ax.plot(x, y, color=color, linewidth=0.8, alpha=0.7, marker="." if len(x) == 1 else None,
                     label=f"{_legend_name(run)} train")
         vx, vy = _series(run.eval, "val_loss")
         if vx:
