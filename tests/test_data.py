@@ -89,6 +89,9 @@ def test_read_jsonl_and_parquet(tmp_path):
     parquet = write_parquet(tmp_path / "c.parquet", docs + ["", "  "])
     assert read_documents(str(parquet)) == docs
     assert read_documents(str(parquet), max_documents=3) == docs[:3]
+    pq.write_table(pa.table({"text": [b"bytes doc"]}), tmp_path / "binary.parquet")  # was dropped without a word
+    with pytest.raises(DataError, match='binary.parquet, row 1: "text" is a bytes, not a string'):
+        read_documents(str(tmp_path / "binary.parquet"))
 
 
 def test_read_directory_in_sorted_order(tmp_path):
@@ -349,6 +352,14 @@ def test_prepare_data_packs_documents(corpus, tmp_path):
     # atomic publishing leaves no temp directories behind
     assert os.listdir(td.cache_dir.parent) == [td.cache_dir.name]
     assert len(os.listdir(tmp_path / "cache" / "tokenizers")) == 1
+
+
+def test_a_literal_end_of_text_in_a_document_stays_text(tmp_path):
+    docs = make_docs(40) + ["the page said <|endoftext|> and went on"]
+    path = write_txt(tmp_path / "eos.txt", docs)
+    td = _prepare(path, tmp_path / "cache")
+    train_docs, val_docs = split_documents(docs, 0.2, 1)
+    assert _decode_docs(td, td.train) == train_docs and _decode_docs(td, td.val) == val_docs  # no boundary added
 
 
 def test_prepare_data_reuses_cache(corpus, tmp_path, monkeypatch):

@@ -224,9 +224,12 @@ def _iter_parquet(path: Path) -> Iterator[str]:
             raise DataError(
                 f'{path}: no "text" column (found {names}); store the documents in a column named "text"'
             )
+        row = 0
         for batch in pf.iter_batches(columns=["text"], batch_size=1024):
             for text in batch.column(0).to_pylist():
-                if isinstance(text, str) and text.strip():
+                row += 1
+                text = _text_field({"text": text}, f"{path}, row {row}")  # a binary or int column is refused, as in .jsonl
+                if text is not None:
                     yield text
     except pyarrow.ArrowException as e:
         raise DataError(f"{path} is not a readable parquet file ({e}); re-export it") from e
@@ -497,7 +500,9 @@ def _write_tokens(path: Path, docs: list[str], tokenizer, dtype: np.dtype, eos_i
         for start in range(0, len(docs), _TOKENIZE_BATCH):
             batch = docs[start : start + _TOKENIZE_BATCH]
             # verbose=False: long documents are fine here, we never feed them to a model whole
-            encoded = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
+            # split_special_tokens: a document's literal "<|endoftext|>" (web text has some) stays text, not a
+            # document boundary that nobody put there.
+            encoded = tokenizer(batch, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
             flat: list[int] = []
             for ids in encoded:
                 flat.extend(ids)
