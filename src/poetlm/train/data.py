@@ -257,7 +257,7 @@ def _iter_hf(spec: str) -> Iterator[str]:
         return DataError(
             f"cannot load Hugging Face dataset hf:{spec} ({type(e).__name__}: {e}); it does not exist "
             "or the Hub is unreachable (no network is available by default). Use --data PATH with "
-            "local .txt/.jsonl/.parquet files, or a local directory as hf:DIR"
+            "local .txt/.jsonl/.parquet files or a directory of them (a downloaded copy of the dataset)"
         )
 
     try:
