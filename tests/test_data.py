@@ -105,6 +105,20 @@ def test_read_directory_in_sorted_order(tmp_path):
     assert read_documents(str(root)) == docs
 
 
+def test_a_directory_follows_linked_directories_and_reads_each_file_once(tmp_path):
+    docs = make_docs(6)
+    root, elsewhere = tmp_path / "corpus", tmp_path / "elsewhere"
+    (root / "a").mkdir(parents=True)
+    elsewhere.mkdir()
+    write_txt(root / "a" / "x.txt", docs[:2])
+    write_txt(root / "b.txt", docs[2:4])
+    write_txt(elsewhere / "e.txt", docs[4:])
+    (root / "linked").symlink_to(elsewhere)  # was skipped without a word
+    (root / "a" / "loop").symlink_to(root)  # a cycle ends
+    (root / "c.txt").symlink_to(root / "b.txt")  # the same documents twice could land in both splits
+    assert read_documents(str(root)) == docs
+
+
 @pytest.mark.parametrize("name", ["shakespeare", "sotu"])
 def test_bundled_corpora(name):
     docs = read_documents(name, max_documents=20)

@@ -115,15 +115,24 @@ def _format_of(path: Path) -> str | None:
 
 
 def _data_files(root: Path) -> list[Path]:
-    """Supported files under a directory, in a stable order; hidden files and others are skipped."""
-    files = [
-        p
-        for p in root.rglob("*")
-        if p.is_file()
-        and _format_of(p) is not None
-        and not any(part.startswith(".") for part in p.relative_to(root).parts)
-    ]
-    return sorted(files, key=lambda p: p.relative_to(root).parts)
+    """Supported files under a directory, in a stable order; hidden files and others are skipped. Linked
+    directories are followed (each real directory once, so a link cycle ends) and each real file is read
+    once: a document reached twice could land in both the training and the validation split."""
+    files, directories = [], set()
+    for directory, subdirectories, names in os.walk(root, followlinks=True):
+        if os.path.realpath(directory) in directories:
+            subdirectories[:] = []
+            continue
+        directories.add(os.path.realpath(directory))
+        subdirectories[:] = [name for name in subdirectories if not name.startswith(".")]
+        files += [Path(directory, name) for name in names if not name.startswith(".")]
+    files = sorted((p for p in files if p.is_file() and _format_of(p) is not None), key=lambda p: p.relative_to(root).parts)
+    unique, real = [], set()
+    for path in files:
+        if path.resolve() not in real:
+            real.add(path.resolve())
+            unique.append(path)
+    return unique
 
 
 def _iter_path(path: Path) -> Iterator[str]:
