@@ -445,6 +445,20 @@ def test_corrupt_cache_is_rebuilt_with_warning(corpus, tmp_path, corrupt, reason
     assert (again.cache_dir / "meta.json").read_text() == meta
 
 
+def test_a_killed_builds_directory_is_swept_by_the_next_build(tmp_path):
+    import socket
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    host, final = socket.gethostname(), tmp_path / "tokens" / "key"
+    final.parent.mkdir()
+    stale = final.parent / f".key.{host}.{int(dead.stdout)}.abcd"  # a process that is gone
+    live = final.parent / f".key.{host}.{os.getpid()}.efgh"  # a build still running (this process)
+    stale.mkdir()
+    live.mkdir()
+    fresh = D._build_dir(final)
+    assert not stale.exists() and live.exists() and fresh.exists() and fresh.name.startswith(f".key.{host}.{os.getpid()}.")
+
+
 def test_interrupted_build_leaves_no_cache(corpus, tmp_path, monkeypatch):
     path, _ = corpus
     real = D._write_tokens

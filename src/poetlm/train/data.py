@@ -15,6 +15,7 @@ import lzma
 import os
 import re
 import shutil
+import socket
 import sys
 import tempfile
 import warnings
@@ -534,6 +535,28 @@ def _publish(tmp: Path, final: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _build_dir(final: Path) -> Path:
+    """A fresh hidden directory beside `final` to build it in (published by an atomic rename). It is named
+    after this host and process, so that the build directories of processes that were killed (the others'
+    are in use: builds may run concurrently) are found and removed here instead of piling up."""
+    host = socket.gethostname()
+    for stale in final.parent.glob(f".{final.name}.{host}.*"):
+        pid = stale.name[len(f".{final.name}.{host}."):].split(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.{host}.{os.getpid()}.", dir=final.parent))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
 def _tokenizer_for(
     tokenizer: str | None, cache_root: Path, identity: dict, vocab_size: int, split_key: dict,
     get_train_docs,
@@ -548,7 +571,7 @@ def _tokenizer_for(
             warnings.warn(f"cached tokenizer {tok_dir} is unusable ({e}); retraining it", stacklevel=3)
     train_docs = get_train_docs()
     tok_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{tok_dir.name}.", dir=tok_dir.parent))
+    tmp = _build_dir(tok_dir)
     try:
         train_tokenizer(train_docs, vocab_size, tmp)
     except BaseException:
@@ -600,7 +623,7 @@ def prepare_data(
         train_docs, val_docs = get_splits()
         dtype = np.dtype(np.uint16 if len(tok) < 2**16 else np.uint32)
         cache_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{cache_dir.name}.", dir=cache_dir.parent))
+        tmp = _build_dir(cache_dir)
         try:
             meta = {"dtype": dtype.name, "tokenizer_hash": tok_hash, "vocab_size": len(tok), "eos_id": eos_id}
             for split, docs in (("train", train_docs), ("val", val_docs)):
