@@ -1,6 +1,6 @@
 """Validation perplexity at equal tokens and equal time: POET, POET-paper, AdamW and Muon, each at its best lr.
 
-    python benchmarks/quality.py --jobs 2                   # the run in docs/benchmarks.md (2 corpora, 2 seeds)
+    python benchmarks/quality.py --jobs 2 --img docs/img    # the run in docs/benchmarks.md (2 corpora, 2 seeds)
     python benchmarks/quality.py --ablation --jobs 2        # the ablation: the paper's POET, then one change at a time
     python benchmarks/quality.py --steps 100 --seeds 0 --corpora sotu   # a quicker, noisier look
     python benchmarks/quality.py --report-only              # table and plots from the runs already there
@@ -37,9 +37,6 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator
 
 from common import describe_machine, markdown_table
-
-REPO = Path(__file__).resolve().parent.parent
-
 
 @dataclass(frozen=True)
 class Method:
@@ -117,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="torch threads per run (default 1: on a CPU shared with other jobs, 2 threads made POET "
                              "3-4x slower, every small op waiting at a barrier for a busy core)")
     parser.add_argument("--device", default="cpu", help="passed to poetlm train (cpu, cuda, auto)")
-    parser.add_argument("--img", type=Path, default=REPO / "docs" / "img", help="where the plots go")
+    parser.add_argument("--img", type=Path, help="where the plots go (default: OUT/img; the published ones: --img docs/img)")
     parser.add_argument("--report-only", action="store_true", help="train nothing; tabulate the runs already in --out")
     parser.add_argument("--retry-diverged", action="store_true", help="rerun runs recorded as diverged")
     parser.add_argument("--set", dest="extra", nargs="+", action="extend", default=[], metavar="KEY=VALUE",
@@ -127,6 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--jobs, --threads and --steps must be >= 1")
     if args.methods is None:
         args.methods = list(ABLATION_ROWS if args.ablation else METHODS)
+    args.img = args.img or args.out / "img"
     if args.ablation:
         args.corpora, args.seeds = args.corpora[:1], args.seeds[:1]
     return args
@@ -139,18 +137,39 @@ def run_dir(spec: Spec, args: argparse.Namespace) -> Path:
     return args.out / Path(spec.corpus).stem / spec.name
 
 
+def run_settings(spec: Spec, args: argparse.Namespace) -> list[str]:
+    """The KEY=VALUE overrides of a run (on top of --preset): what makes two runs of one name the same run."""
+    return [f"seed={spec.seed}", f"steps={args.steps}", f"device='{args.device}'", f"data.data='{spec.corpus}'",
+            # Every seed is scored on one validation split (the split would otherwise follow the seed).
+            "data.split_seed=0", *spec.method.overrides, f"eval_every={args.eval_every}",
+            f"checkpoint_every={max(1, args.steps // 4)}",
+            # The token cache under the run root keeps the benchmark from writing into the repository.
+            f"data.cache_dir='{args.out / 'cache'}'", *args.extra,
+            f"{spec.method.lr_key}={spec.lr!r}"]  # last: a --set cannot change the swept lr under its run name
+
+
 def train_command(spec: Spec, args: argparse.Namespace) -> list[str]:
     directory = run_dir(spec, args)
     base = [sys.executable, "-m", "poetlm", "train"]
     # A checkpoint means an interrupted run: continuing it gives exactly the run that was started.
     if (directory / "checkpoints").is_dir() and any((directory / "checkpoints").iterdir()):
         return [*base, "--resume", str(directory)]
-    return [*base, "--preset", args.preset, "--out", str(directory.parent), "--name", spec.name, "--seed", str(spec.seed),
-            "--steps", str(args.steps), "--device", args.device, "--no-progress", "--data", spec.corpus,
-            *spec.method.overrides, f"{spec.method.lr_key}={spec.lr!r}", f"eval_every={args.eval_every}",
-            f"checkpoint_every={max(1, args.steps // 4)}",
-            # The token cache under the run root keeps the benchmark from writing into the repository.
-            f"data.cache_dir='{args.out / 'cache'}'", *args.extra]
+    return [*base, "--preset", args.preset, "--out", str(directory.parent), "--name", spec.name, "--no-progress",
+            *run_settings(spec, args)]
+
+
+def settings_mismatch(spec: Spec, args: argparse.Namespace) -> str | None:
+    """Why the run already in OUT under this spec's name was made with other settings, or None: a run is
+    reused (or resumed) only if it is the run these settings would make."""
+    saved = run_dir(spec, args) / "config.json"
+    if not saved.is_file():
+        return None
+    from poetlm.train.config import resolve_config
+
+    wanted = resolve_config(args.preset, [f"name='{spec.name}'", *run_settings(spec, args)]).to_dict()
+    have = json.loads(saved.read_text())
+    differ = [key for key in wanted if key not in ("out_dir", "progress") and have.get(key) != wanted[key]]
+    return f"{', '.join(differ)} differ" if differ else None
 
 
 def diverged_marker(spec: Spec, args: argparse.Namespace) -> Path:
@@ -162,8 +181,11 @@ def run_one(spec: Spec, args: argparse.Namespace) -> str:
     directory = run_dir(spec, args)
     if (directory / "summary.json").is_file():
         return "done"
-    if diverged_marker(spec, args).is_file() and not args.retry_diverged:
-        return "diverged"
+    if diverged_marker(spec, args).is_file():
+        if not args.retry_diverged:
+            return "diverged"
+        shutil.rmtree(directory, ignore_errors=True)  # a resume would continue the diverged run as it was
+        diverged_marker(spec, args).unlink()
     command = train_command(spec, args)
     if "--resume" not in command and directory.exists():
         shutil.rmtree(directory)  # started but never checkpointed: poetlm would otherwise pick NAME-2
@@ -192,7 +214,17 @@ def run_one(spec: Spec, args: argparse.Namespace) -> str:
     return "failed"
 
 
+def check_settings(specs: list[Spec], args: argparse.Namespace) -> None:
+    """Refuse to mix runs made with other settings (steps, preset, --set, …) into these tables."""
+    stale = [(spec, why) for spec in specs if (why := settings_mismatch(spec, args))]
+    if stale:
+        listing = "; ".join(f"{run_dir(spec, args)} ({why})" for spec, why in stale[:4])
+        raise SystemExit(f"{len(stale)} run(s) in {args.out} were made with other settings than these: {listing}. "
+                         "Use another --out, or the settings those runs were made with")
+
+
 def run_all(specs: list[Spec], args: argparse.Namespace) -> None:
+    check_settings(specs, args)
     todo = [s for s in specs if not (run_dir(s, args) / "summary.json").is_file()
             and (args.retry_diverged or not diverged_marker(s, args).is_file())]
     print(f"{len(specs) - len(todo)} of {len(specs)} runs already done (or diverged)", flush=True)
@@ -310,7 +342,9 @@ def table(args, corpus: str, lrs: dict[str, list[float]], best: dict[str, float 
             drift = max((r["spectrum_drift"] for r in finished if r.get("spectrum_drift") is not None), default=None)
             timed = [at_seconds(r["curve"], budget) for r in finished]
             per_seed = ", ".join("div." if final_ppl(r) == math.inf else f"{final_ppl(r):.2f}" for r in done.values())
-            rows.append([method.label + (" **best**" if lr == best[key] else ""), f"{method.lr_key}={lr:g}",
+            edge = len(lrs[key]) > 1 and lr in (min(lrs[key]), max(lrs[key]))  # only a bound: not bracketed
+            label = (" **best** (at the grid's edge)" if edge else " **best**") if lr == best[key] else ""
+            rows.append([method.label + label, f"{method.lr_key}={lr:g}",
                          len(done), fmt_ppl(values), per_seed or "—", fmt_ppl(timed) if timed else "—",
                          f"{drift:.1e}" if drift is not None else "—",
                          f"{params:,}" if params is not None else "—",
@@ -405,6 +439,8 @@ def benchmark(args: argparse.Namespace) -> None:
     print(describe_machine(args.device), flush=True)
     start = time.perf_counter()
     lrs = {c: {key: list(getattr(args, f"lrs_{key.replace('-', '_')}")) for key in args.methods} for c in args.corpora}
+    check_settings([Spec(ALL_METHODS[k], lr, seed, c) for c in args.corpora for k in args.methods for lr in lrs[c][k]
+                    for seed in args.seeds], args)
     if not args.report_only:  # every corpus's sweep first, so two jobs always have work
         print(f"phase 1: lr sweeps, seed {args.seeds[0]}", flush=True)
         run_all([Spec(ALL_METHODS[k], lr, args.seeds[0], c) for c in args.corpora for k in args.methods

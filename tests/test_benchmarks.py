@@ -7,6 +7,7 @@ or a flag that gpu.sh passes and a script no longer takes, would spend the whole
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import pathlib
 import subprocess
@@ -91,3 +92,23 @@ def test_layer_benchmark_and_cost_model_run():
     assert "nn.Linear" in out and "auto picked the measured-faster path in" in out, out
     out = run_script("cost_model.py")
     assert "llama-3b" in out and "8B" in out, out
+
+
+@pytest.mark.slow
+def test_quality_harness_tabulates_its_runs_and_refuses_to_mix_in_runs_of_other_settings(tmp_path):
+    small = ["--set", "model.hidden_size=32", "model.intermediate_size=64", "model.num_layers=1", "model.num_heads=2",
+             "data.vocab_size=300", "data.seq_len=32", "batch_size=2", "eval_tokens=256"]
+    grid = ["--methods", "adamw", "--corpora", "sotu", "--seeds", "0", "--lrs-adamw", "1e-3", "3e-3", "--extend", "0",
+            "--eval-every", "2", "--out", str(tmp_path / "q")]
+    out = run_script("quality.py", "--steps", "4", *grid, *small)
+    summaries = {lr: json.loads((tmp_path / "q" / "sotu" / f"adamw-lr{lr}-s0" / "summary.json").read_text())
+                 for lr in ("0.001", "0.003")}
+    best = min(summaries, key=lambda lr: summaries[lr]["final_val_ppl"])
+    assert f"optim.lr_hidden={float(best):g}" in next(line for line in out.splitlines() if "**best** (at the grid's edge)" in line)
+    for summary in summaries.values():
+        assert f"{summary['final_val_ppl']:.2f}" in out
+    assert (tmp_path / "q" / "img" / "quality_sotu_tokens.png").is_file()  # plots under --out unless --img says
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT / "src")}
+    again = subprocess.run([sys.executable, str(BENCHMARKS / "quality.py"), "--steps", "6", *grid, *small], cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode != 0 and "made with other settings than these" in again.stderr and "steps" in again.stderr
