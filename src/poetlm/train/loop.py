@@ -386,7 +386,8 @@ def _steps(run: Run) -> dict | None:
                 progress.step(record, run.last_eval, logged)
             saved = run.due(config.checkpoint_every)
             if saved:
-                run.save()
+                with throughput.paused():  # tokens/s measures training, as it leaves evaluation out
+                    run.save()
             received = parallel.agreed_signal(stop.received, run.runtime)
             if received is not None:
                 if not saved:
