@@ -277,12 +277,15 @@ def best_lr(method: Method, lrs: list[float], seed: int, corpus: str, args: argp
 
 
 def beyond_edge(lrs: list[float], best: float | None) -> float | None:
-    """The next lr past the grid end that won, at the grid's own spacing; None if the best is inside."""
+    """The next lr past the grid end that won, at the grid's own spacing; None if the best is inside.
+    `lrs`: the lrs that have a result (a failed run is no grid end)."""
     grid = sorted(lrs)
     if best is None or len(grid) < 2 or grid[0] < best < grid[-1]:
         return None
     ratio = grid[-1] / grid[-2] if best == grid[-1] else grid[0] / grid[1]
-    return float(f"{best * ratio:.1g}")  # 1e-2 * (1e-2/3e-3) = 0.0333… -> 0.03, keeping run names readable
+    # 1e-2 * (1e-2/3e-3) = 0.0333… -> 0.03, keeping run names readable, with more digits where that rounding
+    # would land back on the grid (0.012 * 1.2 -> 0.01).
+    return next((lr for lr in (float(f"{best * ratio:.{digits}g}") for digits in (1, 2, 3)) if lr not in grid), best * ratio)
 
 
 def extend_grids(args: argparse.Namespace, lrs: dict[str, list[float]], corpus: str) -> None:
@@ -291,7 +294,8 @@ def extend_grids(args: argparse.Namespace, lrs: dict[str, list[float]], corpus: 
     for _ in range(args.extend):
         new = {}
         for key in args.methods:
-            lr = beyond_edge(lrs[key], best_lr(ALL_METHODS[key], lrs[key], seed, corpus, args))
+            measured = [lr for lr in lrs[key] if load(Spec(ALL_METHODS[key], lr, seed, corpus), args) is not None]
+            lr = beyond_edge(measured, best_lr(ALL_METHODS[key], lrs[key], seed, corpus, args))
             if lr is not None and lr not in lrs[key]:
                 if args.report_only and load(Spec(ALL_METHODS[key], lr, seed, corpus), args) is None:
                     continue

@@ -112,3 +112,12 @@ def test_quality_harness_tabulates_its_runs_and_refuses_to_mix_in_runs_of_other_
     again = subprocess.run([sys.executable, str(BENCHMARKS / "quality.py"), "--steps", "6", *grid, *small], cwd=ROOT,
                            env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode != 0 and "made with other settings than these" in again.stderr and "steps" in again.stderr
+
+
+def test_quality_grid_extension_steps_past_the_edge_it_measured(monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    quality = importlib.import_module("quality")
+    assert quality.beyond_edge([1e-3, 3e-3, 1e-2], 1e-2) == 0.03  # one significant figure keeps names readable
+    assert quality.beyond_edge([0.01, 0.012], 0.012) == 0.014  # where that would land back on the grid: more
+    assert quality.beyond_edge([3e-4, 1e-3, 3e-3], 1e-3) is None
+    assert quality.beyond_edge([3e-4, 1e-3], 1e-3) == 0.003  # 3e-3 failed: 1e-3 is the measured grid's edge
