@@ -55,13 +55,6 @@ def test_every_command_of_gpu_sh_is_one_its_script_takes(tmp_path, monkeypatch):
         assert parsed.device == "cpu", (script, args)
 
 
-def test_parse_check_catches_a_flag_a_script_does_not_take(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    step = importlib.import_module("step")
-    with pytest.raises(SystemExit):
-        step.parse_args(["--device", "cpu", "--no-such-flag"])
-
-
 @pytest.mark.slow
 def test_gpu_check_passes_on_cpu_at_small_sizes():
     out = run_script("gpu_check.py", "--device", "cpu", "--small")

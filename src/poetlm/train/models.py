@@ -11,7 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
 from ..layer import POETLinear, is_conv1d
 from .config import ModelConfig, TrainConfig
-from .data import is_hub_id, load_tokenizer
+from .data import DataError, is_hub_id, load_tokenizer
 from .hub import honor_offline_env
 
 
@@ -280,12 +280,10 @@ def data_tokenizer(config: TrainConfig) -> str | None:
 
 
 def _vocabulary(path: Path) -> dict | None:
-    """A tokenizer directory's vocabulary; None when transformers cannot read it (then there is nothing to compare)."""
-    from transformers import AutoTokenizer
-
+    """A tokenizer directory's vocabulary; None when it cannot be loaded (then there is nothing to compare)."""
     try:
-        return AutoTokenizer.from_pretrained(str(path)).get_vocab()
-    except Exception:  # transformers raises assorted types for a broken directory
+        return load_tokenizer(path).get_vocab()
+    except DataError:
         return None
 
 
