@@ -152,6 +152,21 @@ def test_permutation_gather_matches_index_select_forward_and_backward(dim):
     assert torch.autograd.gradcheck(lambda t: permute(t, index, torch.argsort(index), dim), (x,))
 
 
+@pytest.mark.parametrize("dim", [0, 1])
+def test_permutation_of_a_transposed_matrix_keeps_its_layout(dim):
+    # The weight path builds its weight as a transpose and gets its gradient as one: both are gathered in
+    # their own layout (fast), and must still be the plain gather.
+    index = torch.randperm(7, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(7, 7, dtype=torch.float64).T.requires_grad_()
+    upstream = torch.randn(7, 7, dtype=torch.float64).T
+    ours = permute(x, index, torch.argsort(index), dim)
+    reference = x.index_select(dim, index)
+    assert ours.T.is_contiguous()
+    torch.testing.assert_close(ours, reference, atol=0, rtol=0)
+    torch.testing.assert_close(torch.autograd.grad(ours, x, upstream)[0], torch.autograd.grad(reference, x, upstream)[0],
+                               atol=0, rtol=0)
+
+
 @pytest.mark.parametrize("variant", ["bs", "fs"])
 def test_input_path_takes_the_dtype_of_an_autocast_block_product(variant, monkeypatch):
     # CUDA autocast runs the block products in bf16 while x stays fp32 (CPU autocast does not, so the

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from .config import POETConfig
 from .orthogonal import singular_values
-from .primitives import RotationSide, make_side, require_rotations, seeded_generator
+from .primitives import RotationSide, make_side, require_rotations, rotate_weight, seeded_generator
 
 
 def is_shard(tensor: torch.Tensor) -> bool:
@@ -202,8 +202,7 @@ class POETLinear(nn.Module):
         blocks_in, blocks_out = blocks if blocks is not None else self.rotation_blocks()
         weight0 = self.weight0 if dtype is None else self.weight0.to(dtype)
         with torch.autocast(self.weight0.device.type, enabled=False):
-            rows_rotated = self.rotation_in.rotate(weight0, blocks_in)  # each row w -> R·w, i.e. W0ᵀ·Rᵀ
-            return self.rotation_out.rotate(rows_rotated, blocks_out, transpose=True, dim=0)  # Pᵀ·(W0ᵀ·Rᵀ)
+            return rotate_weight(weight0, self.rotation_in, blocks_in, self.rotation_out, blocks_out)
 
     @property
     def build_dtype(self) -> torch.dtype | None:

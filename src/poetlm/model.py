@@ -317,7 +317,9 @@ def step_weight_cache(model: nn.Module):
                 for layer, blocks in zip(chunk, _rotation_blocks(chunk)):
                     trainable = any(p.requires_grad for p in layer.rotation_parameters())
                     # Held in W0's precision whatever the build's: micro-batch gradients accumulate into it.
-                    weight = layer.effective_weight(blocks, dtype=layer.build_dtype).to(layer.weight0.dtype)
+                    # Contiguous (the build gives a transpose): each micro-batch's ∂loss/∂W then accumulates
+                    # as it comes, without a transposing copy into the leaf's layout.
+                    weight = layer.effective_weight(blocks, dtype=layer.build_dtype).to(layer.weight0.dtype).contiguous()
                     layer.step_weight = weight.requires_grad_(trainable)
         yield
         for chunk in _layer_chunks(layers):

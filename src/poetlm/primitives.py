@@ -94,6 +94,15 @@ def index_problem(variant: str, index: torch.Tensor, dim: int, count: int) -> st
     return None
 
 
+def select(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
+    """x.index_select(dim, index), in x's layout: a transposed matrix (the weight path builds its weight
+    as one, and its gradient arrives as one) is gathered as the transpose of a contiguous one, since
+    gathering along a strided tensor's rows takes 10–30× as long on CPU."""
+    if x.dim() == 2 and not x.is_contiguous() and x.T.is_contiguous():
+        return x.T.index_select(1 - dim % 2, index).T
+    return x.index_select(dim, index)
+
+
 class _Permute(torch.autograd.Function):
     """x permuted along `dim` by `index`, whose inverse is known.
 
@@ -105,17 +114,17 @@ class _Permute(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, dim: int) -> torch.Tensor:
         ctx.save_for_backward(inverse)
         ctx.dim = dim
-        return x.index_select(dim, index)
+        return select(x, dim, index)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (inverse,) = ctx.saved_tensors
-        return grad.index_select(ctx.dim, inverse), None, None, None
+        return select(grad, ctx.dim, inverse), None, None, None
 
 
 def permute(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor, dim: int = -1) -> torch.Tensor:
     """x.index_select(dim, index) for a permutation `index` with inverse `inverse` (a gather in backward too)."""
-    return _Permute.apply(x, index, inverse, dim) if x.requires_grad else x.index_select(dim, index)
+    return _Permute.apply(x, index, inverse, dim) if x.requires_grad else select(x, dim, index)
 
 
 def transport_blocks(blocks: torch.Tensor, old_index: torch.Tensor, new_index: torch.Tensor, dim: int) -> torch.Tensor:
@@ -242,6 +251,33 @@ class FullyStochastic(RotationSide):
         # Under CUDA autocast the block product comes back in bf16 while x is fp32: the result takes
         # the product's dtype, as the block-stochastic side's does.
         return x.to(rotated.dtype).index_copy(dim, self.index, rotated)
+
+
+def rotate_weight(weight: torch.Tensor, side_in: RotationSide, blocks_in: torch.Tensor, side_out: RotationSide,
+                  blocks_out: torch.Tensor) -> torch.Tensor:
+    """Pᵀ·weight·Rᵀ for an (out, in) weight: every row w → R·w (the input side), then every column
+    c → Pᵀ·c (the output side), as `POETLinear` builds its effective weight.
+
+    With permutations on both sides, both rotations run in the permuted frame: one gather of the weight
+    per side, a batched product along its rows, a second along the rows of its transpose (a strided view
+    that batched products take as is), and one gather back per side. Rotating side after side would gather
+    the weight twice more, and the row-wise product would copy its layout around the block products. The
+    result is the transpose of a contiguous (in, out) tensor, which F.linear takes as it is.
+    """
+    if not (isinstance(side_in, BlockStochastic) and isinstance(side_out, BlockStochastic)):
+        return side_out.rotate(side_in.rotate(weight, blocks_in), blocks_out, transpose=True, dim=0)
+    frame = permute(permute(weight, side_out.index, side_out.inverse, 0), side_in.index, side_in.inverse, 1)
+    width_out, width_in = side_out.n_blocks * side_out.block, side_in.n_blocks * side_in.block
+    if (width_out, width_in) != frame.shape:
+        frame = nn.functional.pad(frame, (0, width_in - side_in.dim, 0, width_out - side_out.dim))
+    blocks_out, blocks_in = blocks_out.to(frame.dtype), blocks_in.to(frame.dtype)
+    columns_rotated = torch.bmm(blocks_out.transpose(-1, -2), frame.view(side_out.n_blocks, side_out.block, width_in))
+    transposed = torch.bmm(blocks_in, columns_rotated.view(width_out, width_in).T.view(side_in.n_blocks, side_in.block, width_out))
+    transposed = transposed.view(width_in, width_out)
+    if (width_out, width_in) != weight.shape:  # a slice's backward is a zero fill and a copy: only where needed
+        transposed = transposed[: side_in.dim, : side_out.dim]
+    transposed = permute(transposed, side_in.inverse, side_in.index, 0)
+    return permute(transposed, side_out.inverse, side_out.index, 1).T
 
 
 def make_side(variant: str, dim: int, block_size: int, fraction: float) -> RotationSide:
