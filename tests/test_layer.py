@@ -181,6 +181,36 @@ def test_input_path_takes_the_dtype_of_an_autocast_block_product(variant, monkey
     torch.testing.assert_close(out.float(), reference, rtol=3e-2, atol=3e-2)
 
 
+@pytest.mark.parametrize("variant", ["bs", "fs"])
+def test_input_path_under_autocast_rotates_in_fp32_and_multiplies_in_bf16(variant):
+    layer = make_layer(variant, 12, 20, dtype=torch.float32, forward_mode="input")
+    x = torch.randn(3, 12)
+    blocks_in, blocks_out = layer.rotation_blocks()
+    rotated = layer.rotation_in.rotate(x, blocks_in, transpose=True)
+    product = nn.functional.linear(rotated.bfloat16(), layer.weight0.bfloat16())
+    expected = layer.rotation_out.rotate(product.float(), blocks_out, transpose=True).bfloat16() + layer.bias.bfloat16()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = layer(x)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(("fraction", "dim", "size"), [(0.29, 100, 29), (0.57, 100, 57), (0.58, 50, 29), (0.5, 7, 3)])
+def test_fully_stochastic_size_is_the_floor_of_the_decimal_fraction(fraction, dim, size):
+    layer = POETLinear(dim, 4, config=POETConfig(variant="fs", fraction=fraction), name="f")
+    assert layer.rotation_in.index.numel() == size  # 0.29·100 is 28.999… in floating point
+    assert layer.rotation_in.skew.numel() == size * (size - 1) // 2
+
+
+def test_layers_built_without_a_name_differ_and_follow_torch_seed():
+    config = POETConfig(block_size=4)
+    torch.manual_seed(5)
+    q, k = POETLinear(8, 8, config=config), POETLinear(8, 8, config=config)
+    assert not torch.equal(q.weight0, k.weight0) and not torch.equal(q.probe, k.probe)
+    torch.manual_seed(5)
+    again = POETLinear(8, 8, config=config)
+    assert torch.equal(again.weight0, q.weight0) and torch.equal(again.rotation_in.index, q.rotation_in.index)
+
+
 def test_inputs_and_shapes_poet_cannot_take_are_refused():
     layer = POETLinear(8, 4, config=POETConfig(block_size=4), name="l")
     with pytest.raises(TypeError, match="floating-point inputs, got torch.int64"):

@@ -48,6 +48,11 @@ def _entropy(sigma: torch.Tensor) -> float:
 @torch.no_grad()
 def layer_diagnostics(layer: POETLinear, spectrum: bool = False) -> dict[str, float]:
     layer.require_whole("layer_diagnostics")
+    with layer.full_precision():  # under autocast, RRᵀ − I would read bf16 rounding as a rotation error
+        return _layer_diagnostics(layer, spectrum)
+
+
+def _layer_diagnostics(layer: POETLinear, spectrum: bool) -> dict[str, float]:
     blocks_in, blocks_out = layer.rotation_blocks()
     q_norms = [side.skew_blocks().flatten(1).norm(dim=1) for side in (layer.rotation_in, layer.rotation_out)]
     q_norms = torch.cat(q_norms)

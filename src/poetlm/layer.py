@@ -67,12 +67,16 @@ class POETLinear(nn.Module):
         self.out_features = out_features
         self.config = config
         self.name = name
+        # W0, the probe and every permutation are drawn from (config.seed, this key): a model's layers by
+        # their names (poetize), a layer built on its own from torch's generator, so that two of them differ
+        # and torch.manual_seed reproduces them.
+        self.seed_key = name or f"unnamed:{int(torch.randint(2**62, ()))}"
         dtype = dtype or torch.get_default_dtype()
         self.weight_dtype = dtype  # what export_dense gives back
         # W0 stays in fp32 (or wider) whatever the compute dtype, so merges do not erode the spectrum.
         master = torch.float64 if dtype == torch.float64 else torch.float32
         if weight is None:
-            weight = draw_weight(config, out_features, in_features, name)
+            weight = draw_weight(config, out_features, in_features, self.seed_key)
         elif weight.shape != (out_features, in_features):
             raise ValueError(f"POETLinear {name!r}: weight of shape {tuple(weight.shape)} does not fit ({out_features}, {in_features})")
         require_rotations(config.variant, (out_features, in_features), config.block_size, config.fraction, f"layer {name!r}")
@@ -86,7 +90,7 @@ class POETLinear(nn.Module):
         self.rotation_out: RotationSide = sides[1]
         self.register_buffer("merge_count", torch.zeros((), dtype=torch.long, device=device))
         # Vector probe (paper §7): a fixed unit vector v and the accumulated rotation applied to it.
-        probe = torch.randn(in_features, generator=seeded_generator(config.seed, name, "probe"))
+        probe = torch.randn(in_features, generator=seeded_generator(config.seed, self.seed_key, "probe"))
         probe = (probe / probe.norm()).to(device=device, dtype=master)
         self.register_buffer("probe", probe)
         self.register_buffer("probe_rotated", probe.clone())
@@ -174,6 +178,10 @@ class POETLinear(nn.Module):
         variant = f"bs b={self.config.block_size}" if self.config.variant == "bs" else f"fs β={self.config.fraction}"
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, {variant}"
 
+    def full_precision(self) -> torch.autocast:
+        """A region without autocast on W0's device: rotations, merges and diagnostics keep W0's precision."""
+        return torch.autocast(self.weight0.device.type, enabled=False)
+
     def rotation_parameters(self) -> list[nn.Parameter]:
         return [self.rotation_in.skew, self.rotation_out.skew]
 
@@ -183,12 +191,12 @@ class POETLinear(nn.Module):
             return
         count = int(self.merge_count)
         for side_name, side in (("in", self.rotation_in), ("out", self.rotation_out)):
-            side.redraw(seeded_generator(self.config.seed, self.name, count, side_name))
+            side.redraw(seeded_generator(self.config.seed, self.seed_key, count, side_name))
 
     def rotation_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Current (input-side, output-side) rotation blocks, always built in fp32 even under autocast."""
         cfg = self.config
-        with torch.autocast(self.weight0.device.type, enabled=False):
+        with self.full_precision():
             return (self.rotation_in.blocks(cfg.parameterization, cfg.neumann_terms),
                     self.rotation_out.blocks(cfg.parameterization, cfg.neumann_terms))
 
@@ -201,7 +209,7 @@ class POETLinear(nn.Module):
         """
         blocks_in, blocks_out = blocks if blocks is not None else self.rotation_blocks()
         weight0 = self.weight0 if dtype is None else self.weight0.to(dtype)
-        with torch.autocast(self.weight0.device.type, enabled=False):
+        with self.full_precision():
             return rotate_weight(weight0, self.rotation_in, blocks_in, self.rotation_out, blocks_out)
 
     @property
@@ -229,9 +237,15 @@ class POETLinear(nn.Module):
         if not self.uses_input_centric(x.numel() // self.in_features):
             return F.linear(x, self.effective_weight(dtype=self.build_dtype).to(x.dtype), self._bias_like(x))
         blocks_in, blocks_out = self.rotation_blocks()
-        x = self.rotation_in.rotate(x, blocks_in, transpose=True)  # Rᵀ·x
+        # Under autocast only the product with W0 runs in low precision, as on the weight path: the
+        # activations are rotated in the blocks' precision, and the result takes the product's dtype.
+        autocast = torch.is_autocast_enabled(x.device.type)
+        with self.full_precision():
+            x = self.rotation_in.rotate(x.to(blocks_in.dtype) if autocast else x, blocks_in, transpose=True)  # Rᵀ·x
         h = F.linear(x, self.weight0.to(x.dtype))
-        h = self.rotation_out.rotate(h, blocks_out, transpose=True)  # Pᵀ·h
+        with self.full_precision():
+            rotated = self.rotation_out.rotate(h.to(blocks_out.dtype) if autocast else h, blocks_out, transpose=True)  # Pᵀ·h
+        h = rotated.to(h.dtype)
         return h if self.bias is None else h + self.bias.to(h.dtype)
 
     def _bias_like(self, x: torch.Tensor) -> torch.Tensor | None:
@@ -256,7 +270,7 @@ class POETLinear(nn.Module):
         self.require_whole("merge()")
         self.record_initial_spectrum()
         blocks = self.rotation_blocks()
-        with torch.autocast(self.weight0.device.type, enabled=False):
+        with self.full_precision():
             self.probe_rotated.copy_(self.rotation_in.rotate(self.probe_rotated, blocks[0].to(self.probe_rotated.dtype)))
             self.weight0.copy_(self.effective_weight(blocks))
         self.rotation_in.reset()

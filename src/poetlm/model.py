@@ -311,6 +311,9 @@ def step_weight_cache(model: nn.Module):
     several times the size of the weights).
     """
     layers = [layer for _, layer in poet_layers(model)]
+    if any(layer.step_weight is not None for layer in layers):  # the inner block would drop the outer one's gradients
+        raise RuntimeError("step_weight_cache is already active for this model: use one block per optimizer step, "
+                           "around all of its micro-batches (nested blocks would lose the outer block's gradients)")
     try:
         with torch.no_grad():
             for chunk in _layer_chunks(layers):
@@ -322,29 +325,37 @@ def step_weight_cache(model: nn.Module):
                     weight = layer.effective_weight(blocks, dtype=layer.build_dtype).to(layer.weight0.dtype).contiguous()
                     layer.step_weight = weight.requires_grad_(trainable)
         yield
-        for chunk in _layer_chunks(layers):
-            grads = [layer.step_weight.grad for layer in chunk]
-            if all(grad is None for grad in grads):
-                continue
-            mapped, upstream = [], []
-            for layer, blocks, grad in zip(chunk, _rotation_blocks(chunk), grads):  # one map, graph kept
-                layer.step_weight = None  # free the leaf and its gradient before the next layer's build
-                if grad is None:
-                    continue
-                # Each layer's rotations back-propagated by themselves into detached blocks, then the
-                # chunk's map once from all of them.
-                leaves = tuple(b.detach().requires_grad_(b.requires_grad) for b in blocks)
-                weight = layer.effective_weight(leaves, dtype=layer.build_dtype)
-                weight.backward(grad.to(weight.dtype))
-                for block, leaf in zip(blocks, leaves):
-                    if leaf.grad is not None:
-                        mapped.append(block)
-                        upstream.append(leaf.grad)
-            if mapped:
-                torch.autograd.backward(mapped, upstream)
+        with contextlib.ExitStack() as full_precision:  # the rotations' backward in fp32 even if exited inside autocast
+            for device_type in {layer.weight0.device.type for layer in layers}:
+                full_precision.enter_context(torch.autocast(device_type, enabled=False))
+            _backpropagate_step_weights(layers)
     finally:
         for layer in layers:
             layer.step_weight = None
+
+
+def _backpropagate_step_weights(layers: list[POETLinear]) -> None:
+    """∂loss/∂W accumulated in each layer's step weight, back-propagated into its rotation parameters."""
+    for chunk in _layer_chunks(layers):
+        grads = [layer.step_weight.grad for layer in chunk]
+        if all(grad is None for grad in grads):
+            continue
+        mapped, upstream = [], []
+        for layer, blocks, grad in zip(chunk, _rotation_blocks(chunk), grads):  # one map, graph kept
+            layer.step_weight = None  # free the leaf and its gradient before the next layer's build
+            if grad is None:
+                continue
+            # Each layer's rotations back-propagated by themselves into detached blocks, then the
+            # chunk's map once from all of them.
+            leaves = tuple(b.detach().requires_grad_(b.requires_grad) for b in blocks)
+            weight = layer.effective_weight(leaves, dtype=layer.build_dtype)
+            weight.backward(grad.to(weight.dtype))
+            for block, leaf in zip(blocks, leaves):
+                if leaf.grad is not None:
+                    mapped.append(block)
+                    upstream.append(leaf.grad)
+        if mapped:
+            torch.autograd.backward(mapped, upstream)
 
 
 def _layer_chunks(layers: list[POETLinear]) -> list[list[POETLinear]]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+from fractions import Fraction
 
 import torch
 from torch import nn
@@ -57,7 +58,7 @@ def block_layout(variant: str, dim: int, block_size: int, fraction: float) -> tu
         block = min(block_size, dim)
         n_blocks = math.ceil(dim / block)
         return block, [block] * (n_blocks - 1) + [dim - block * (n_blocks - 1)]
-    size = math.floor(fraction * dim)
+    size = math.floor(Fraction(repr(float(fraction))) * dim)  # the decimal β as given: 0.29·100 is 29, not 28.999…
     return (size, [size]) if size >= 2 else (1, [])
 
 
