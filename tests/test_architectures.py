@@ -216,6 +216,14 @@ def test_model_config_key_value_heads_are_applied_or_refused():
         hf_model_config(sized("gpt2", num_kv_heads=2), 300, 48)
 
 
+def test_model_config_rope_theta_is_applied_or_refused():
+    from poetlm.train.models import ModelError, hf_model_config
+
+    assert hf_model_config(sized("qwen2", rope_theta=5.0), 300, 48).rope_parameters["rope_theta"] == 5.0
+    with pytest.raises(ModelError, match=r"gpt2 has no rotary position embedding: model.rope_theta=5.0 cannot be applied"):
+        hf_model_config(sized("gpt2", rope_theta=5.0), 300, 48)
+
+
 def test_model_config_refuses_sizes_it_cannot_set_and_transformers_errors_in_one_line(tmp_path, capsys):
     from poetlm.cli import main
     from poetlm.train.models import ModelError, hf_model_config

@@ -127,6 +127,10 @@ class AdamW(Method):
                         "lr": opt.lr_hidden, "weight_decay": opt.weight_decay}
         return [adamw([hidden_group, *_split_groups(groups, hidden)], betas=(opt.beta1, opt.beta2))]
 
+    def learning_rates(self, factor):
+        hidden = {} if self.config.optim.lr_hidden is None else {"lr_hidden": self.config.optim.lr_hidden * factor}
+        return {**super().learning_rates(factor), **hidden}
+
 
 class Muon(Method):
     name = "muon"
@@ -139,6 +143,10 @@ class Muon(Method):
         muon = torch.optim.Muon([p for p in model.parameters() if id(p) in hidden], lr=opt.lr_muon or opt.lr,
                                 weight_decay=opt.weight_decay, adjust_lr_fn="match_rms_adamw")
         return [muon, adamw(_split_groups(groups, hidden), betas=(opt.beta1, opt.beta2))]
+
+    def learning_rates(self, factor):
+        opt = self.config.optim
+        return {**super().learning_rates(factor), "lr_muon": (opt.lr_muon or opt.lr) * factor}  # the hidden matrices' lr
 
 
 class LoRA(Method):
@@ -186,8 +194,11 @@ class POETFold(Method):
         self.weights = [weight for _, weight in self.named_weights]
         ids = {id(w) for w in self.weights}
         groups = param_groups(model, lr_base=cfg.optim.lr, lr_poet=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
-        rotations = POET(self.named_weights, lr=cfg.optim.lr_poet, poet=poet_config(cfg), rule=cfg.rule,
-                         gather=parallel.whole_tensor, split=parallel.rank_split(model))
+        try:
+            rotations = POET(self.named_weights, lr=cfg.optim.lr_poet, poet=poet_config(cfg), rule=cfg.rule,
+                             gather=parallel.whole_tensor, split=parallel.rank_split(model))
+        except ValueError as error:  # e.g. an "fs" fraction too small to rotate a weight: as the layer form says it
+            raise ModelError(str(error)) from None
         rest = _split_groups(groups, ids)
         return [rotations] + ([adamw(rest, betas=(cfg.optim.beta1, cfg.optim.beta2))] if rest else [])
 

@@ -151,6 +151,9 @@ def hf_model_config(model: ModelConfig, vocab_size: int, max_seq_len: int) -> Pr
         sizes["max_position_embeddings"] = max_seq_len
     if isinstance(getattr(defaults, "rope_parameters", None), dict):
         sizes["rope_parameters"] = {**(values.get("rope_parameters") or defaults.rope_parameters), "rope_theta": model.rope_theta}
+    elif model.rope_theta != ModelConfig.rope_theta:
+        raise ModelError(f"a model of type {model_type} has no rotary position embedding: model.rope_theta={model.rope_theta} "
+                         "cannot be applied; leave it at its default")
     for name, value in sizes.items():
         values[field(name, name)] = value
     _fit_layer_lists(values, config_class, setting, model.num_layers)

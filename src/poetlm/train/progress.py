@@ -38,8 +38,7 @@ class LineProgress:
         if not logged:
             return
         parts = [f"step {record['step']}/{self.total}", f"loss {record['loss']:.3f}", f"lr {record['lr']:.1e}"]
-        if "lr_poet" in record:
-            parts.append(f"lr_poet {record['lr_poet']:.1e}")
+        parts += [f"{key} {value:.1e}" for key, value in record.items() if key.startswith("lr_")]  # each group's own lr
         parts.append(f"tok/s {record['tokens_per_s']:.0f}")
         if last_eval:
             evaluated = last_eval.get("step", record["step"])  # between evaluations, say which step it is from

@@ -21,7 +21,8 @@ class RuleConfig:
         (Adam's moments of the skew gradient; lr scales m̂/√v̂ as in Adam; its steps have no spectral bound, so
         they are folded by the exact Cayley transform whatever POETConfig.parameterization says).
     beta1: momentum (both rules).
-    beta2, eps: Adam's second moment (lie_adam only).
+    beta2: Adam's second moment decay (lie_adam only).
+    eps: added to Adam's √v̂ in the denominator, so that a near-zero second moment takes no huge step (lie_adam only).
     nesterov: orthogonalize g + β·m instead of m (orthogonalized only).
     alternate: rotate only the output side on even steps and only the input side on odd steps; both
         sides' momenta are updated every step (one that saw only the steps it turns trained far worse:
