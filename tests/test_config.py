@@ -1,6 +1,13 @@
+"""POETConfig, and the training config: resolution, validation, warnings and the files it writes."""
+
+import warnings
+
 import pytest
 
 from poetlm import POETConfig
+from poetlm.cli import main
+from poetlm.train.config import ConfigError, resolve_config
+from poetlm.train.config_text import to_toml
 
 
 @pytest.mark.parametrize("field,value,allowed", [
@@ -36,3 +43,133 @@ def test_defaults_and_dict_round_trip():
     assert POETConfig.from_dict(config.to_dict()) == config
     with pytest.raises(ValueError, match="unknown field.*'blocksize'"):
         POETConfig.from_dict({"blocksize": 3})
+
+
+def resolved_quietly(*overrides, preset="tiny"):
+    """resolve_config that fails on any warning."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        return resolve_config(preset, list(overrides))
+
+
+def listed(argv, key, capsys):
+    """The value column of `key` in the output of `poetlm config ARGV`."""
+    assert main(["config", *argv]) == 0
+    return next(line.split()[1] for line in capsys.readouterr().out.splitlines() if line.split()[:1] == [key])
+
+
+def test_poetlm_config_shows_the_values_plain_train_runs_and_another_preset_or_method(capsys):
+    plain = resolved_quietly()
+    for key, value in [("steps", "1000"), ("optim.lr", "0.01"), ("optim.lr_poet", "0.02"), ("optim.warmup_steps", "10"),
+                       ("poet.block_size", "384"), ("eval_every", "250"), ("name", '"tiny-poet"')]:
+        assert listed([], key, capsys) == value
+    assert plain.steps == 1000 and plain.poet.block_size == 384
+    assert listed(["--method", "poet-paper"], "poet.neumann_terms", capsys) == "3"
+    assert listed(["--method", "poet-paper"], "optim.lr_poet", capsys) == "0.004"
+    assert listed(["--config", "small"], "steps", capsys) == "600"
+
+
+@pytest.mark.parametrize("method,keys,users", [
+    ("poet", ["poet.merge_every=7", "poet.forward_mode='input'", "poet.build_dtype='bf16'", "optim.merge_clip_steps=3"],
+     "method poet-paper only"),
+    ("poet", ["optim.lr_hidden=1e-3"], "method adamw only"),
+    ("poet-paper", ["rule.name='lie_adam'"], "method poet only"),
+    ("adamw", ["poet.block_size=64", "optim.lr_poet=5"], "method poet / poet-paper only"),
+    ("adamw", ["rule.name='lie_adam'"], "method poet only"),
+    ("adamw", ["optim.lr_muon=1e-3"], "method muon only"),
+])
+def test_explicit_keys_the_method_does_not_read_are_named_in_one_warning(method, keys, users):
+    with pytest.warns(UserWarning) as caught:
+        resolve_config("tiny", [f"method={method!r}", *keys])
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    for key in keys:
+        assert f"{key.partition('=')[0]} ({users})" in message
+    assert message.startswith(f"{method} run ignores")
+    resolved_quietly(f"method={method!r}")  # the preset's own settings for other methods (merge_every, …) are no warning
+
+
+def test_finetuning_warns_about_model_sizes_and_pretraining_about_finetune_keys():
+    with pytest.warns(UserWarning, match=r"model.hidden_size \(finetuning builds no model"):
+        resolve_config("finetune", ["finetune.base_model='some/model'", "model.hidden_size=64"])
+    with pytest.warns(UserWarning, match=r"finetune.lora_rank \(finetuning only"):
+        resolve_config("tiny", ["finetune.lora_rank=4"])
+
+
+def test_poetlm_config_says_which_methods_read_a_key(capsys):
+    assert main(["config"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if line.startswith("  ")}
+    assert "[poet-paper] " in lines["poet.merge_every"] and "[poet-paper] " in lines["optim.merge_clip_steps"]
+    assert "[muon] " in lines["optim.lr_muon"] and "[" not in lines["optim.lr"]
+
+
+@pytest.mark.parametrize("override,message", [
+    ("optim.beta1=1.5", "optim.beta1=1.5 is invalid: must be in [0, 1)"),
+    ("optim.beta2=-3", "optim.beta2=-3.0 is invalid: must be in [0, 1)"),
+    ("seed=-1", "seed=-1 is invalid: must be an integer in [0, 2**64)"),
+    ("seed=18446744073709551616", "seed=18446744073709551616 is invalid"),
+    ("data.split_seed=-1", "data.split_seed=-1 is invalid"),
+    ("model.rope_theta=0", "model.rope_theta=0.0 is invalid: must be a finite number > 0"),
+    ("model.rope_theta=-1", "model.rope_theta=-1.0 is invalid"),
+    ("model.rope_theta=nan", "model.rope_theta=nan is invalid"),
+    ("finetune.lora_alpha=nan", "finetune.lora_alpha=nan is invalid: must be a finite number > 0"),
+    ("finetune.lora_alpha=-1", "finetune.lora_alpha=-1.0 is invalid"),
+    ("data.tokenizer=''", "data.tokenizer='' is invalid: must name a tokenizer directory or hub id, or be null"),
+    ("name=123", """name=123 has the wrong type: expected str (a string goes in quotes: name='"123"')"""),
+    ("warmup_steps=5", "'warmup_steps' (did you mean optim.warmup_steps?)"),
+    ("optim.lrr=1", "'optim.lrr' (did you mean optim.lr"),
+])
+def test_bad_values_and_keys_are_config_errors_that_name_the_key_and_the_fix(override, message):
+    with pytest.raises(ConfigError) as info:
+        resolve_config("tiny", [override])
+    assert message in str(info.value)
+
+
+def test_warmup_longer_than_the_run_warns():
+    with pytest.warns(UserWarning, match=r"optim.warmup_steps=10 is not below steps=5: .* lower optim.warmup_steps"):
+        resolve_config("tiny", ["steps=5"])
+    resolved_quietly("steps=11")
+
+
+@pytest.mark.parametrize("text,message", [
+    (b"methods = 5\n", "methods=5 must be a section of [methods.NAME] tables"),
+    (b"[methods]\npoet = 5\n", "config section methods.poet must be a table, got 5"),
+    (b'name = "caf\xe9"\n', "is not a TOML file: TOML is UTF-8 text, and byte 11 is not UTF-8"),
+    (b"[methods.adamw]\nfoo = 1\n", "unknown config key(s) 'methods.adamw.foo'"),  # checked whatever method runs
+    (b"[methods.poet-paper.optim]\nlr_poett = 1\n", "'methods.poet-paper.optim.lr_poett'"),
+])
+def test_hand_edited_files_are_config_errors(text, message, tmp_path):
+    path = tmp_path / "edited.toml"
+    path.write_bytes(text)
+    with pytest.raises(ConfigError) as info:
+        resolve_config(str(path))
+    assert message in str(info.value)
+
+
+@pytest.mark.parametrize("more", [["seed=1"], ["method='poet-paper'"], ["method='adamw'"], ["method='muon'", "seed=2"]])
+def test_a_printed_config_with_more_overrides_resolves_as_the_preset_does(more, tmp_path):
+    path = tmp_path / "printed.toml"
+    path.write_text(to_toml(resolved_quietly()))
+    assert resolve_config(str(path), more) == resolve_config("tiny", more)
+
+
+def test_resume_refuses_config_like_the_other_flags(tmp_path, capsys):
+    assert main(["train", "--resume", str(tmp_path), "--config", "small"]) == 2
+    assert "drop --config " in capsys.readouterr().err
+
+
+def test_rule_eps_has_its_own_description():
+    from poetlm.train.config_text import field_descriptions
+    from poetlm.update_rules import RuleConfig
+
+    described = field_descriptions(RuleConfig)
+    assert "denominator" in described["eps"] and described["eps"] != described["beta2"]
+
+
+def test_each_optimizer_group_logs_its_learning_rate():
+    from poetlm.train.methods import make_method
+
+    muon = make_method(resolved_quietly("method='muon'", "optim.lr_muon=0.02"))
+    assert muon.learning_rates(0.5) == {"lr": 0.005, "lr_muon": 0.01}
+    assert make_method(resolved_quietly("method='muon'")).learning_rates(1.0)["lr_muon"] == 0.01
+    assert make_method(resolved_quietly("method='adamw'", "optim.lr_hidden=1e-3")).learning_rates(1.0) == {"lr": 0.01, "lr_hidden": 1e-3}

@@ -239,6 +239,16 @@ def test_data_and_resume_errors(tiny, tmp_path, capsys):
     assert "drop --method --data --steps " in capsys.readouterr().err
 
 
+def test_settings_that_fail_only_at_run_time_are_one_line_errors_naming_the_key(tiny, tmp_path, capsys):
+    (tmp_path / "file").write_text("")
+    assert main(["train", *tiny("poet.variant='fs'", "poet.fraction=0.01")]) == 1  # the fold form, as the layer form says it
+    assert "nothing POET can rotate with variant='fs', fraction=0.01" in capsys.readouterr().err
+    for key in ("data.cache_dir", "out_dir"):  # a directory under a file; the file itself
+        for path in (tmp_path / "file" / "below", tmp_path / "file"):
+            assert main(["train", *tiny(f"{key}={str(path)!r}")]) == 2
+            assert f"config error: {key}={str(path)!r} cannot be made a directory" in capsys.readouterr().err
+
+
 def test_a_validation_set_too_small_is_refused_before_the_first_step(tiny, tmp_path, capsys):
     assert main(["train", *tiny("eval_tokens=10", "name='small-eval'")]) == 1
     err = capsys.readouterr().err

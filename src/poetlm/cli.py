@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .train.checkpoint import CheckpointError
-from .train.config import ConfigError, DataConfig, load_config, preset_names, resolve_config
+from .train.config import METHODS, ConfigError, DataConfig, load_config, preset_names, resolve_config
 from .train.data import DataError
 
 class CommandError(RuntimeError):
@@ -46,7 +46,7 @@ def _train_parser(sub) -> None:
                        description="Train from a preset or TOML config; any config field can be overridden as section.key=value. "
                                    "Every key and what it does: poetlm config.")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr=3e-3 poet.block_size=64")
-    p.add_argument("--config", "--preset", dest="config", default="tiny",
+    p.add_argument("--config", "--preset", dest="config",  # no default: --resume must tell whether it was given
                    help=f"preset name ({', '.join(preset_names())}) or path to a TOML file (default: tiny)")
     p.add_argument("--method", choices=["poet", "poet-paper", "adamw", "muon"],
                    help="poet (default: rotations folded every step), poet-paper (the paper's recipe), adamw, muon")
@@ -83,7 +83,7 @@ def _cmd_train(args) -> int:
     from .train.loop import train
 
     if args.resume:
-        flags = [f"--{flag.replace('_', '-')}" for flag in TRAIN_SHORTCUTS if getattr(args, flag, None) is not None]
+        flags = [f"--{flag.replace('_', '-')}" for flag in ("config", *TRAIN_SHORTCUTS) if getattr(args, flag, None) is not None]
         if args.overrides or flags or args.no_progress:
             dropped = " ".join([*flags, *(["--no-progress"] if args.no_progress else []), *map(str, args.overrides)])
             raise ConfigError(f"--resume continues a run with the config saved in it; drop {dropped} "
@@ -91,7 +91,7 @@ def _cmd_train(args) -> int:
         if args.print_config:
             return _print_config(load_config(Path(args.resume) / "config.json"))
         return _finish(train(resume=args.resume))
-    config = resolve_config(args.config, [*shortcut_overrides(args), *args.overrides])
+    config = resolve_config(args.config or "tiny", [*shortcut_overrides(args), *args.overrides])
     return _print_config(config) if args.print_config else _finish(train(config))
 
 
@@ -250,7 +250,7 @@ def _cmd_generate(args) -> int:
 def _cmd_config(args) -> int:
     from .train.config_text import describe_config
 
-    print(describe_config(), end="")
+    print(describe_config(args.config, args.method), end="")
     return 0
 
 
@@ -296,7 +296,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="markdown + PNG comparison of runs")
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--out", help="output directory (default: the run directory for one run, ./report for several)")
-    sub.add_parser("config", help="every config key with its default and what it does (set keys in a TOML file or as KEY=VALUE)")
+    p = sub.add_parser("config", help="every config key with its default and what it does (set keys in a TOML file or as KEY=VALUE)")
+    p.add_argument("--config", "--preset", dest="config", default="tiny", help="show the values of this preset or TOML file (default: tiny)")
+    p.add_argument("--method", choices=METHODS, help="show the values under this method (default: the preset's)")
     return parser
 
 

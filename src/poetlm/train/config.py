@@ -7,12 +7,15 @@ Each field's trailing comment is its one-line description: `poetlm config` lists
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import difflib
 import json
 import math
 import sys
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -134,8 +137,10 @@ class TrainConfig:
             ("method", self.method in METHODS, f"choose one of {METHODS}"),
             ("method", self.method != "lora" or self.finetune.base_model is not None, "lora needs finetune.base_model (poetlm finetune --model ...)"),
             ("finetune.lora_rank", self.finetune.lora_rank >= 1, "must be >= 1"),
+            ("finetune.lora_alpha", _positive_finite(self.finetune.lora_alpha), "must be a finite number > 0"),
             ("finetune.lora_targets", _names_or_pattern(self.finetune.lora_targets),
              "a non-empty list of module names, a regex string, or null (the default targets)"),
+            ("seed", 0 <= self.seed < 2**64, "must be an integer in [0, 2**64)"),
             ("steps", self.steps >= 1, "must be >= 1"),
             ("batch_size", self.batch_size >= 1, "must be >= 1"),
             ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
@@ -157,9 +162,13 @@ class TrainConfig:
              or (self.model.num_kv_heads >= 1 and self.model.num_heads % self.model.num_kv_heads == 0),
              f"must be >= 1 and divide model.num_heads={self.model.num_heads} (or null: as many as model.num_heads)"),
             ("model.num_layers", self.model.num_layers >= 1, "must be >= 1"),
+            ("model.rope_theta", _positive_finite(self.model.rope_theta), "must be a finite number > 0 (default 10000)"),
+            ("data.tokenizer", self.data.tokenizer != "", "must name a tokenizer directory or hub id, or be null (train a BPE)"),
             ("data.vocab_size", self.data.vocab_size >= 260, "must be >= 260 (256 bytes + special tokens)"),
             ("data.seq_len", self.data.seq_len >= 2, "must be >= 2"),
             ("data.val_fraction", 0 < self.data.val_fraction < 1, "must be between 0 and 1"),
+            ("data.split_seed", self.data.split_seed is None or 0 <= self.data.split_seed < 2**64,
+             "must be an integer in [0, 2**64) (or null = the run's seed)"),
             ("optim.lr", _positive_finite(self.optim.lr), "must be a finite number > 0"),
             ("optim.lr_poet", _positive_finite(self.optim.lr_poet), "must be a finite number > 0"),
             ("optim.lr_hidden", self.optim.lr_hidden is None or _positive_finite(self.optim.lr_hidden),
@@ -167,6 +176,8 @@ class TrainConfig:
             ("optim.lr_muon", self.optim.lr_muon is None or _positive_finite(self.optim.lr_muon),
              "must be a finite number > 0 (or null = optim.lr)"),
             ("optim.weight_decay", self.optim.weight_decay >= 0, "must be >= 0"),
+            ("optim.beta1", 0 <= self.optim.beta1 < 1, "must be in [0, 1) (default 0.9)"),
+            ("optim.beta2", 0 <= self.optim.beta2 < 1, "must be in [0, 1) (default 0.999)"),
             ("optim.warmup_steps", self.optim.warmup_steps >= 0, "must be >= 0"),
             ("optim.min_lr_ratio", 0 <= self.optim.min_lr_ratio <= 1, "must be in [0, 1]"),
             ("optim.grad_clip", self.optim.grad_clip > 0, "must be > 0"),
@@ -175,7 +186,7 @@ class TrainConfig:
         ]
         for key, ok, allowed in checks:
             if not ok:
-                raise ConfigError(f"config value {key}={_get(self, key)!r} is invalid: {allowed}")
+                raise ConfigError(f"config value {key}={config_value(self, key)!r} is invalid: {allowed}")
 
     @property
     def finetuning(self) -> bool:
@@ -201,7 +212,8 @@ def _names_or_pattern(value) -> bool:
     return bool(value) and all(isinstance(v, str) and v for v in value)
 
 
-def _get(obj, dotted: str):
+def config_value(obj, dotted: str):
+    """The value of a dotted key (optim.lr) of a config."""
     for part in dotted.split("."):
         obj = getattr(obj, part)
     return obj
@@ -223,17 +235,52 @@ def _check_type(key: str, value, annotation):
         if typing.get_origin(kind) is list and isinstance(value, list):
             return value
     names = " or ".join("null" if k is type(None) else getattr(k, "__name__", str(k)) for k in allowed)
-    raise ConfigError(f"config value {key}={value!r} has the wrong type: expected {names}")
+    # On the command line an unquoted 123 or true is read as TOML, not as the string it was meant to be.
+    quote = f" (a string goes in quotes: {key}='\"{value}\"')" if str in allowed and not isinstance(value, (dict, list)) else ""
+    raise ConfigError(f"config value {key}={value!r} has the wrong type: expected {names}{quote}")
 
 
-def _build(cls, values: dict, prefix: str = ""):
+def config_key_names(cls=None, prefix: str = "") -> list[str]:
+    """Every full key name of a config dataclass (default TrainConfig): seed, optim.lr, poet.block_size, …"""
+    cls = cls or TrainConfig
+    hints = typing.get_type_hints(cls)
+    names = []
+    for f in dataclasses.fields(cls):
+        names += config_key_names(hints[f.name], f"{prefix}{f.name}.") if dataclasses.is_dataclass(hints[f.name]) else [prefix + f.name]
+    return names
+
+
+def _suggestion(key: str) -> str:
+    """' (did you mean optim.warmup_steps?)': the keys of that name in other sections, else the closest spellings."""
+    known = config_key_names()
+    name = key.rpartition(".")[2]
+    close = [k for k in known if k.rpartition(".")[2] == name] or difflib.get_close_matches(key, known, n=2, cutoff=0.6)
+    return f" (did you mean {' or '.join(close)}?)" if close else ""
+
+
+def _known_fields(cls, values, prefix: str) -> dict:
+    """The type hints of `cls`, once `values` is a table whose keys are all fields of it."""
     if not isinstance(values, dict):
         raise ConfigError(f"config section {prefix.rstrip('.') or '(top level)'} must be a table, got {values!r}")
     hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - set(fields))
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - fields)
     if unknown:
-        raise ConfigError(f"unknown config key(s) {[prefix + k for k in unknown]}; known keys in this section: {sorted(fields)}")
+        named = ", ".join(repr(prefix + k) + _suggestion(prefix + k) for k in unknown)
+        raise ConfigError(f"unknown config key(s) {named}; known keys in this section: {sorted(fields)}")
+    return hints
+
+
+def _check_keys(cls, values, prefix: str) -> None:
+    """Refuse unknown keys of a partial config (a [methods.NAME] table) without building it."""
+    hints = _known_fields(cls, values, prefix)
+    for name, value in values.items():
+        if dataclasses.is_dataclass(hints[name]):
+            _check_keys(hints[name], value, f"{prefix}{name}.")
+
+
+def _build(cls, values: dict, prefix: str = ""):
+    hints = _known_fields(cls, values, prefix)
     kwargs = {}
     for name, value in values.items():
         annotation = hints[name]
@@ -258,13 +305,18 @@ def preset_names() -> list[str]:
 def load_toml(path_or_preset: str) -> dict:
     """A preset name (tiny, small, llama-60m, …) or a path to a TOML file."""
     if path_or_preset in preset_names():
-        text = resources.files("poetlm").joinpath("presets", f"{path_or_preset}.toml").read_text()
+        text = resources.files("poetlm").joinpath("presets", f"{path_or_preset}.toml").read_text(encoding="utf-8")
         source = f"preset {path_or_preset!r}"
     else:
         path = Path(path_or_preset)
         if not path.is_file():
             raise ConfigError(f"no preset or config file named {path_or_preset!r}; presets: {preset_names()}")
-        text, source = path.read_text(), str(path)
+        source = str(path)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as error:
+            raise ConfigError(f"{source} is not a TOML file: TOML is UTF-8 text, and byte {error.start} is not UTF-8; "
+                              "save it as UTF-8") from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
@@ -291,6 +343,17 @@ def _deep_update(base: dict, keys: list[str], value) -> None:
     base[keys[-1]] = value
 
 
+def _discard(table: dict, keys: list[str]) -> None:
+    """Remove the nested key `keys` from `table` if it is there, and the sections it leaves empty."""
+    inner = table.get(keys[0])
+    if len(keys) > 1 and isinstance(inner, dict):
+        _discard(inner, keys[1:])
+        if not inner:
+            del table[keys[0]]
+    elif len(keys) == 1:
+        table.pop(keys[0], None)
+
+
 def _flatten(table: dict, prefix: tuple = ()) -> list[tuple[list[str], object]]:
     out = []
     for key, value in table.items():
@@ -301,26 +364,117 @@ def _flatten(table: dict, prefix: tuple = ()) -> list[tuple[list[str], object]]:
     return out
 
 
+def _method_tables(values: dict, source: str) -> dict:
+    """The file's [methods.NAME] tables (taken out of `values`), every key checked whatever method runs."""
+    tables = values.pop("methods", {})
+    if not isinstance(tables, dict):
+        raise ConfigError(f"{source}: methods={tables!r} must be a section of [methods.NAME] tables, NAME one of {list(METHODS)}")
+    unknown = sorted(set(tables) - set(METHODS))
+    if unknown:
+        raise ConfigError(f"{source}: [methods.*] tables for unknown method(s) {unknown}; methods are {list(METHODS)}")
+    for name, table in tables.items():
+        _check_keys(TrainConfig, table, f"methods.{name}.")
+    return tables
+
+
+@dataclass
+class Resolution:
+    """How a resolved config came about, for writing it as a file that keeps derived values derived (to_toml).
+
+    top: the config without any method's own table and without derived values (those of `derived`);
+    methods: the [methods.NAME] tables, less the keys set explicitly (an explicit value wins for every method);
+    name_prefix: runs are named NAME_PREFIX-METHOD unless `name` is set; explicit: the keys set as overrides.
+    """
+
+    top: TrainConfig
+    methods: dict
+    name_prefix: str
+    derived: dict[str, str]  # key -> what it follows
+    explicit: list[str]
+
+
 def resolve_config(preset: str = "tiny", overrides: list | None = None) -> TrainConfig:
     """Preset (or TOML file) + overrides: "section.key=value" strings or ("section.key", value) pairs, in order.
 
     A preset's `[methods.NAME]` tables hold settings for one method only (e.g. its tuned learning rate):
     they apply over the preset's top level when that method runs, and explicit overrides apply over them.
+    The result carries its `Resolution` as `config.resolution`.
     """
-    values = load_toml(preset)
-    per_method = values.pop("methods", {})
+    top = load_toml(preset)
+    tables = _method_tables(top, preset)
+    name_prefix = _check_type("name_prefix", top.pop("name_prefix", Path(preset).stem), str)
     parsed = [parse_override(item) if isinstance(item, str) else (item[0].split("."), item[1]) for item in overrides or []]
-    unknown = sorted(set(per_method) - set(METHODS))
-    if unknown:
-        raise ConfigError(f"{preset}: [methods.*] tables for unknown method(s) {unknown}; methods are {list(METHODS)}")
-    method = next((value for keys, value in reversed(parsed) if keys == ["method"]), values.get("method", TrainConfig.method))
-    for keys, value in _flatten(per_method.get(method, {})) + parsed:
+    for keys, value in parsed:
+        _deep_update(top, keys, value)
+        for table in tables.values():
+            _discard(table, keys)
+    _check_keys(TrainConfig, top, "")
+    method = top.get("method", TrainConfig.method)
+    values = copy.deepcopy(top)
+    for keys, value in _flatten(tables.get(method, {})):
         _deep_update(values, keys, value)
-    if values.get("method") == "poet-paper":  # the paper's recipe exactly, unless k is asked for explicitly
-        values.setdefault("poet", {}).setdefault("neumann_terms", PAPER_NEUMANN_TERMS)
+    derived = {}
+    if "neumann_terms" not in values.get("poet", {}):  # a method's default: the paper's recipe exactly, unless k is asked for
+        derived["poet.neumann_terms"] = f"unset: {PAPER_NEUMANN_TERMS} with method poet-paper, else {POETConfig.neumann_terms}"
+        if method == "poet-paper":
+            values.setdefault("poet", {})["neumann_terms"] = PAPER_NEUMANN_TERMS
     if not values.get("name"):  # runs/tiny-poet, runs/tiny-adamw, runs/finetune-lora, …
-        values["name"] = f"{Path(preset).stem}-{values.get('method', TrainConfig.method)}"
-    return _build_train(values)
+        values["name"] = top["name"] = f"{name_prefix}-{method}"
+        derived["name"] = "unset: NAME_PREFIX-METHOD"
+    if "seed" not in values.get("poet", {}):
+        derived["poet.seed"] = "unset: follows seed"
+    config = _build_train(values)
+    config.resolution = Resolution(_build_train(top), tables, name_prefix, derived, [".".join(keys) for keys, _ in parsed])
+    for message in config_warnings(config):
+        warnings.warn(message, stacklevel=2)
+    return config
+
+
+# Keys that only some methods read (a key, or every key that starts with it), and which; the most specific entry applies.
+METHOD_KEYS = {
+    "poet.": ("poet", "poet-paper"),
+    "poet.merge_every": ("poet-paper",),  # the fold form merges every step
+    "poet.forward_mode": ("poet-paper",),
+    "poet.build_dtype": ("poet-paper",),
+    "optim.merge_clip_steps": ("poet-paper",),
+    "optim.lr_poet": ("poet", "poet-paper"),
+    "optim.lr_muon": ("muon",),
+    "optim.lr_hidden": ("adamw",),
+    "rule.": ("poet",),
+    "finetune.lora_": ("lora",),
+    "finetune.train_norms": ("poet", "poet-paper", "lora"),  # the other methods train every parameter anyway
+    "finetune.train_biases": ("poet", "poet-paper", "lora"),
+}
+FINETUNING_KEYS = ("finetune.",)  # only read when finetuning (finetune.base_model set)
+PRETRAINING_KEYS = ("model.",)  # a finetuned model's architecture is the base model's
+
+
+def methods_using(key: str) -> tuple[str, ...]:
+    """The methods that read `key` (all of them for most keys)."""
+    matches = [entry for entry in METHOD_KEYS if key == entry or (entry.endswith((".", "_")) and key.startswith(entry))]
+    return METHOD_KEYS[max(matches, key=len)] if matches else METHODS
+
+
+def _unused_because(config: TrainConfig, key: str) -> str | None:
+    """Why `config` runs without reading `key`, or None if it reads it."""
+    if key.startswith(PRETRAINING_KEYS) and config.finetuning:
+        return "finetuning builds no model: the architecture is finetune.base_model's"
+    if key.startswith(FINETUNING_KEYS) and key != "finetune.base_model" and not config.finetuning:
+        return "finetuning only"
+    users = methods_using(key)
+    return None if config.method in users else f"method {' / '.join(users)} only"
+
+
+def config_warnings(config: TrainConfig) -> list[str]:
+    """Settings a resolved config asks for that its run would silently not honour."""
+    found = []
+    unused = [f"{key} ({why})" for key in config.resolution.explicit if (why := _unused_because(config, key))]
+    if unused:
+        found.append(f"{config.method} run ignores {', '.join(unused)}: drop them, or choose what uses them")
+    if config.optim.warmup_steps >= config.steps:  # short smoke runs on a preset do this on purpose: a warning, not an error
+        found.append(f"optim.warmup_steps={config.optim.warmup_steps} is not below steps={config.steps}: the learning rate "
+                     "never decays (and with more warmup steps never reaches its peak); lower optim.warmup_steps")
+    return found
 
 
 def config_from_dict(values: dict) -> TrainConfig:
@@ -337,6 +491,15 @@ def _build_train(values: dict) -> TrainConfig:
     if isinstance(poet, dict) and "seed" not in poet and isinstance(seed, int) and not isinstance(seed, bool):
         values = {**values, "poet": {**poet, "seed": seed}}
     return _build(TrainConfig, values)
+
+
+def make_dir(path: Path, key: str) -> None:
+    """Create the directory that config key `key` names (with its parents); a path that cannot be one is the key's error."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file in the way, /proc, no permission, …
+        raise ConfigError(f"{key}={str(path)!r} cannot be made a directory ({error.strerror}: {error.filename}); "
+                          f"choose another {key}") from None
 
 
 def save_config(config: TrainConfig, path: Path) -> None:

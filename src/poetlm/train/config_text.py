@@ -16,7 +16,7 @@ import io
 import re
 import tokenize
 
-from .config import TrainConfig
+from .config import METHODS, TrainConfig, config_value, methods_using, resolve_config
 
 # A docstring table entry: "name: text" or "name, other: text" at the start of a line.
 _ENTRY = re.compile(r"(\w+(?:, \w+)*): (.*)")
@@ -77,24 +77,36 @@ def config_keys(config: TrainConfig | None = None) -> list[tuple[str, object, st
     return top + nested
 
 
-def describe_config() -> str:
-    """Every config key with its default and description: what `poetlm config` prints."""
-    default = TrainConfig()
-    rows = config_keys(default)
+def describe_config(preset: str = "tiny", method: str | None = None) -> str:
+    """Every config key with its value under `preset` and `method` (by default what plain `poetlm train` runs) and
+    its description: what `poetlm config` prints."""
+    config = resolve_config(preset, [("method", method)] if method else [])
+    rows = config_keys(config)
     width = max(len(key) for key, _, _ in rows)
     shown = {key: "null" if value is None else toml_value(value) for key, value, _ in rows}
     value_width = min(20, max(map(len, shown.values())))
     sections = field_descriptions(TrainConfig)
-    lines = ["Config keys, their defaults and what they do. Set them in a TOML file (--config FILE; "
-             "`poetlm train --print-config` writes one) or as KEY=VALUE arguments, e.g. optim.lr=3e-3."]
+    command = f"poetlm train{'' if preset == 'tiny' else ' --config ' + preset}{' --method ' + method if method else ''}"
+    lines = [f"Config keys, their values in preset {preset!r} with method {config.method!r} (what `{command}` runs; "
+             "`poetlm config --config NAME --method M` shows another) and what they do.",
+             "[M]: only method(s) M read the key (a run of another method that sets it warns).",
+             "Set keys in a TOML file (--config FILE; `poetlm train --print-config` writes one) or as KEY=VALUE arguments, "
+             "e.g. optim.lr=3e-3."]
     section = ""
     for key, _, text in rows:
         head = key.rpartition(".")[0]
         if head != section:
             section = head
-            lines.append(f"\n[{head}]  {sections.get(head, '')}")
-        lines.append(f"  {key:<{width}}  {shown[key]:<{value_width}}  {text}")
+            lines.append(f"\n[{head}]  {_users(head + '.')}{sections.get(head, '')}")
+        tag = _users(key) if methods_using(key) != methods_using(head + ".") else ""
+        lines.append(f"  {key:<{width}}  {shown[key]:<{value_width}}  {tag}{text}")
     return "\n".join(lines) + "\n"
+
+
+def _users(key: str) -> str:
+    """'[poet-paper] ' for a key (or section, 'poet.') that only some methods read, else ''."""
+    users = methods_using(key)
+    return "" if users == METHODS else f"[{', '.join(users)}] "
 
 
 def toml_value(value) -> str:
@@ -114,14 +126,36 @@ def to_toml(config: TrainConfig) -> str:
     """`config` as a TOML file that `--config FILE` reads back as an equal config.
 
     TOML has no null: an unset (None) key is written as a comment, and reading the file back leaves it at
-    its default, which is None for every key that can be None.
+    its default, which is None for every key that can be None. A config from `resolve_config` keeps what it
+    derived derived: the name, poet.seed and the method's own defaults are written as comments and the
+    preset's [methods.NAME] tables as tables, so that the file with more overrides (--seed, --method) resolves
+    as the preset would.
     """
+    resolution = getattr(config, "resolution", None)  # None: a run's saved config.json, every value as it ran
+    derived = resolution.derived if resolution else {}
     lines = ["# poetlm train config, resolved (poetlm train --config THIS_FILE runs it)"]
+    if "name" in derived:
+        lines.append(f"name_prefix = {toml_value(resolution.name_prefix)}  # runs are named NAME_PREFIX-METHOD unless name is set")
     section = ""
-    for key, value, _ in config_keys(config):
+    for key, value, _ in config_keys(resolution.top if resolution else config):
         head, _, name = key.rpartition(".")
         if head != section:
             section = head
             lines.append(f"\n[{head}]")
-        lines.append(f"# {name} is unset (null)" if value is None else f"{name} = {toml_value(value)}")
+        if key in derived:
+            lines.append(f"# {name} = {toml_value(config_value(config, key))}  ({derived[key]})")
+        else:
+            lines.append(f"# {name} is unset (null)" if value is None else f"{name} = {toml_value(value)}")
+    for method, table in (resolution.methods if resolution else {}).items():
+        lines += _table_lines(f"methods.{method}", table)
     return "\n".join(lines) + "\n"
+
+
+def _table_lines(head: str, table: dict) -> list[str]:
+    """A TOML table and its subtables, as read (the [methods.NAME] tables of a preset)."""
+    values = [f"{key} = {toml_value(value)}" for key, value in table.items() if not isinstance(value, dict)]
+    lines = [f"\n[{head}]", *values] if values else []
+    for key, value in table.items():
+        if isinstance(value, dict):
+            lines += _table_lines(f"{head}.{key}", value)
+    return lines

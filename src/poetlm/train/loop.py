@@ -30,7 +30,7 @@ from ..orthogonal import singular_values
 from . import checkpoint as ckpt
 from . import files, parallel
 from .acceleration import accelerate
-from .config import ConfigError, TrainConfig, load_config, save_config
+from .config import ConfigError, TrainConfig, load_config, make_dir, save_config
 from .data import TokenData, load_run_data, make_batch, prepare_data, sample_offsets, val_windows
 from .evaluate import perplexity
 from .methods import Method, build_schedulers, lr_factor, make_method
@@ -161,7 +161,9 @@ def load_data(config: TrainConfig, runtime: parallel.Runtime, run_dir: Path | No
     def build():
         if run_dir is not None:
             return load_run_data(run_dir, config.data.data, **data_options(config))
-        return prepare_data(config.data.data, tokenizer=data_tokenizer(config), **data_options(config))
+        tokenizer = data_tokenizer(config)  # checked first: a refused tokenizer leaves no cache directory behind
+        make_dir(data_options(config)["cache_root"], "data.cache_dir")
+        return prepare_data(config.data.data, tokenizer=tokenizer, **data_options(config))
 
     if runtime.is_main:
         data = build()
@@ -174,7 +176,7 @@ def load_data(config: TrainConfig, runtime: parallel.Runtime, run_dir: Path | No
 def claim_run_dir(config: TrainConfig) -> Path:
     """Create out_dir/NAME, or NAME-2, NAME-3, … when taken: mkdir is atomic, so concurrent runs never share one."""
     base = Path(config.out_dir) / config.run_name
-    base.parent.mkdir(parents=True, exist_ok=True)
+    make_dir(base.parent, "out_dir")
     run_dir, n = base, 1
     while True:
         try:
