@@ -154,3 +154,38 @@ def test_a_state_that_does_not_fit_its_layer_is_a_load_error(tmp_path):
     save_file(state, tmp_path / STATE_NAME)
     with pytest.raises(LoadError, match="a coordinate appears twice"):
         poetlm.from_pretrained(tmp_path)
+
+
+def test_a_directory_without_config_json_is_a_load_error_not_a_default_model(tmp_path):
+    poetlm.save_pretrained(trained(gpt2()), tmp_path)
+    (tmp_path / "config.json").unlink()  # transformers would build GPT2Config()'s 124M model (LLaMA: 7B)
+    with pytest.raises(LoadError, match="has no config.json, which describes the model's architecture; restore it"):
+        poetlm.from_pretrained(tmp_path)
+
+
+def _resized(directory):
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "hidden_size": 64}))
+
+
+def _one_more_layer(directory):  # weights of a smaller model: the missing layer would be drawn at random
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]), "SafetensorError"),
+    (lambda d: (d / "model.safetensors").write_bytes(b""), "SafetensorError"),
+    (lambda d: (d / "model.safetensors").unlink(), "no file named model.safetensors"),
+    (lambda d: (d / "config.json").write_text("{"), "config.json' is not a valid JSON file"),
+    (_resized, "ignore_mismatched_sizes"),
+    (_one_more_layer, "lack 9 tensors of the model its config.json describes"),
+])
+def test_a_damaged_dense_model_is_a_load_error(tmp_path, damage, message):
+    poetlm.save_pretrained(trained(llama()), tmp_path)
+    damage(tmp_path)
+    with pytest.raises(LoadError, match=message) as error:
+        poetlm.from_pretrained(tmp_path)
+    assert "restore them from a copy of the directory, or save the model again" in str(error.value)
+    assert "\n" not in str(error.value)
+

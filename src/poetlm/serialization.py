@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -126,6 +127,29 @@ def _read_state(directory: Path) -> dict[str, torch.Tensor]:
                         "save the model again with poetlm.save_pretrained") from error
 
 
+def load_dense(model_class, directory: Path, **kwargs) -> nn.Module:
+    """`model_class.from_pretrained(directory)`, every way a local directory can be damaged a LoadError.
+
+    Without config.json transformers would build the class's default configuration (a LLaMA-7B); weights
+    missing from the files would be drawn at random.
+    """
+    if not (directory / "config.json").is_file():
+        raise LoadError(f"{directory} has no config.json, which describes the model's architecture; restore it from "
+                        "a copy of the directory, or save the model again")
+    try:
+        model, info = model_class.from_pretrained(directory, output_loading_info=True, **kwargs)
+    except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as error:
+        problem = (str(error).strip().splitlines() or [""])[0]  # transformers appends a multi-line load report
+        raise LoadError(f"cannot load the model in {directory} ({type(error).__name__}: {problem}): its config.json "
+                        "or weights file is missing, damaged or from another model; restore them from a copy of the "
+                        "directory, or save the model again") from None
+    if info["missing_keys"]:
+        raise LoadError(f"the weights in {directory} lack {len(info['missing_keys'])} tensors of the model its config.json "
+                        f"describes (e.g. {sorted(info['missing_keys'])[0]}): config.json and the weights are from "
+                        "different models; restore them from a copy of the directory, or save the model again")
+    return model
+
+
 def from_pretrained(directory, **kwargs) -> nn.Module:
     """Rebuild the POET model that `save_pretrained(model, directory)` wrote, exactly.
 
@@ -139,7 +163,7 @@ def from_pretrained(directory, **kwargs) -> nn.Module:
     model_class = getattr(transformers, info["architecture"], None) or transformers.AutoModelForCausalLM
     if "dtype" not in kwargs:  # the dense weights' own dtype, the compute dtype the model was saved in
         kwargs.setdefault("torch_dtype", "auto")  # the name transformers 4 knows; 5 reads it too
-    model = model_class.from_pretrained(directory, **kwargs)
+    model = load_dense(model_class, directory, **kwargs)
     for name, entry in info["layers"].items():
         try:
             module = model.get_submodule(name)
