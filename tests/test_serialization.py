@@ -189,3 +189,35 @@ def test_a_damaged_dense_model_is_a_load_error(tmp_path, damage, message):
     assert "restore them from a copy of the directory, or save the model again" in str(error.value)
     assert "\n" not in str(error.value)
 
+
+def test_stale_poet_state_beside_newer_dense_weights_is_refused(tmp_path):
+    model = trained(llama())
+    poetlm.save_pretrained(model, tmp_path)
+    opt = torch.optim.AdamW(poetlm.param_groups(model.train(), lr_base=1e-2, lr_poet=1e-2, weight_decay=0.0))
+    model(IDS, labels=IDS).loss.backward()
+    opt.step()
+    model.eval().save_pretrained(tmp_path)  # transformers' own save (a Trainer checkpoint): the poetlm files stay
+    with pytest.raises(LoadError, match="the poetlm files are stale .* Load the newer dense model with transformers'"):
+        poetlm.from_pretrained(tmp_path)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # what the message offers is the newer model
+    torch.testing.assert_close(logits(plain), logits(model), rtol=0, atol=1e-5)
+
+
+def test_an_edited_poet_config_is_refused(tmp_path):
+    poetlm.save_pretrained(trained(llama()), tmp_path)
+    info = json.loads((tmp_path / CONFIG_NAME).read_text())
+    info["configs"][0]["parameterization"] = "exp"  # valid, but not what the rotations were trained with
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(info))
+    with pytest.raises(LoadError, match=f"does not compute the dense weight .* or {CONFIG_NAME} was edited"):
+        poetlm.from_pretrained(tmp_path)
+
+
+def test_a_save_over_another_removes_what_no_longer_belongs(tmp_path):
+    model = trained(llama())
+    poetlm.save_pretrained(model, tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    poetlm.save_pretrained(model, tmp_path, merged=True)  # unsharded: transformers keeps the old index
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    poetlm.save_pretrained(model, tmp_path, max_shard_size="20KB")  # sharded: transformers keeps model.safetensors
+    assert not (tmp_path / "model.safetensors").exists()
+    assert torch.equal(logits(poetlm.from_pretrained(tmp_path).eval()), logits(model))
