@@ -2,6 +2,8 @@
 
 import json
 import os
+import pickle
+import shutil
 import signal
 from pathlib import Path
 
@@ -198,3 +200,45 @@ def test_the_command_line_prints_poetlm_warnings_as_one_line():
     assert cli._format_warning("token cache x is invalid", UserWarning, "/x/poetlm/train/data.py", 1) == \
         "poetlm: warning: token cache x is invalid\n"
     assert "other.py:3" in cli._format_warning("elsewhere", UserWarning, "/x/other.py", 3, "")
+
+
+
+def _one_line_error(capsys, *expected) -> str:
+    """The command's stderr ends in one `poetlm: error:` line (no traceback) that says each of `expected`."""
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("poetlm: error: "), err
+    assert all(text in last for text in expected), last
+    return last
+
+
+def _commands(path, tmp_path):
+    return [["eval", str(path)], ["generate", str(path), "--max-new-tokens", "4"], ["export", str(path), str(tmp_path / "out")]]
+
+
+def test_a_damaged_model_directory_fails_eval_export_and_generate_in_one_line(finished_run, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(finished_run / "final", model)
+    weights = (model / "model.safetensors").read_bytes()
+    config = json.loads((model / "config.json").read_text())
+    marker = tmp_path / "unpickled"
+
+    class Planted:  # unpickling it would create `marker`
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    damages = [
+        (lambda: (model / "model.safetensors").write_bytes(weights[:1000]), "SafetensorError"),
+        (lambda: (model / "config.json").write_text(json.dumps({**config, "hidden_size": 64})), "from another model"),
+        (lambda: ((model / "model.safetensors").unlink(), (model / "pytorch_model.bin").write_bytes(pickle.dumps(Planted()))),
+         "can run arbitrary code; remove the file"),
+    ]
+    for damage, message in damages:
+        damage()
+        for command in _commands(model, tmp_path):
+            assert main(command) == 1, command
+            _one_line_error(capsys, message, "save the model again")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    assert main(["generate", str(finished_run), "--device", "bogus"]) == 2
+    assert "device='bogus' is not a device torch knows: use auto, cpu, cuda" in capsys.readouterr().err
+

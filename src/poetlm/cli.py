@@ -316,6 +316,7 @@ COMMANDS = {"train": _cmd_train, "finetune": _cmd_finetune, "eval": _cmd_eval, "
 
 def main(argv: list[str] | None = None) -> int:
     from .adapter import AdapterError
+    from .serialization import LoadError
     from .train.loop import TrainingError
     from .train.models import ModelError
     from .train.report import ReportError
@@ -337,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"poetlm: config error: {error}", file=sys.stderr)
         return 2
-    except (DataError, CheckpointError, TrainingError, ReportError, AdapterError, ModelError, CommandError) as error:
+    except (DataError, CheckpointError, LoadError, TrainingError, ReportError, AdapterError, ModelError, CommandError) as error:
         print(f"poetlm: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # during training a signal handler takes over; before it, stop without a traceback

@@ -161,7 +161,11 @@ def load_dense(model_class, directory: Path, **kwargs) -> nn.Module:
                         "a copy of the directory, or save the model again")
     try:
         model, info = model_class.from_pretrained(directory, output_loading_info=True, **kwargs)
-    except (OSError, ValueError, RuntimeError, SafetensorError, pickle.UnpicklingError) as error:
+    except pickle.UnpicklingError:
+        raise LoadError(f"the pickled weights (pytorch_model*.bin) in {directory} hold Python objects other than tensors, "
+                        "which are not unpickled because that can run arbitrary code; remove the file unless you know "
+                        "where it came from, and save the model again") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
         problem = (str(error).strip().splitlines() or [""])[0]  # transformers appends a multi-line load report
         raise LoadError(f"cannot load the model in {directory} ({type(error).__name__}: {problem}): its config.json "
                         "or weights file is missing, damaged or from another model; restore them from a copy of the "

@@ -6,6 +6,7 @@ from pathlib import Path
 
 from torch import nn
 
+from ..serialization import load_dense
 from . import checkpoint as ckpt
 from .config import TrainConfig, load_config
 from .data import DataError, load_tokenizer
@@ -34,8 +35,16 @@ def load_run_model(run_dir: Path, device="cpu") -> tuple[nn.Module, object, Trai
     return model.to(device).eval(), tokenizer, config
 
 
+def load_model_dir(path: Path, device="cpu") -> tuple[nn.Module, object]:
+    """A directory that transformers can load (e.g. one written by `poetlm export`) and its tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    model = load_dense(AutoModelForCausalLM, path)
+    return model.to(device).eval(), load_tokenizer(path)
+
+
 def load_any_model(path: str | Path, device="cpu") -> tuple[nn.Module, object, TrainConfig | None]:
-    """A run directory, or a directory that transformers can load (e.g. one written by `poetlm export`)."""
+    """A run directory, or a model directory (load_model_dir)."""
     path = Path(path)
     if not path.is_dir():
         raise DataError(f"{path} is not a directory: give a run directory (runs/NAME) or an exported model directory")
@@ -43,10 +52,4 @@ def load_any_model(path: str | Path, device="cpu") -> tuple[nn.Module, object, T
         return load_run_model(path, device)
     if not (path / "config.json").is_file():
         raise DataError(f"{path} is neither a poetlm run directory (config.json + checkpoints/) nor a model directory (config.json + weights)")
-    from transformers import AutoModelForCausalLM
-
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path)
-    except (OSError, ValueError) as error:
-        raise DataError(f"could not load a causal LM from {path}: {error}") from None
-    return model.to(device).eval(), load_tokenizer(path), None
+    return *load_model_dir(path, device), None
