@@ -242,3 +242,18 @@ def test_a_damaged_model_directory_fails_eval_export_and_generate_in_one_line(fi
     assert main(["generate", str(finished_run), "--device", "bogus"]) == 2
     assert "device='bogus' is not a device torch knows: use auto, cpu, cuda" in capsys.readouterr().err
 
+
+def test_export_force_over_a_poetlm_save_leaves_only_the_exported_model(finished_run, tmp_path):
+    import poetlm
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    target = tmp_path / "target"
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=4))
+    poetlm.save_pretrained(poetlm.poetize(other, poetlm.POETConfig(block_size=8)), target, max_shard_size="20KB")
+    assert main(["export", str(finished_run), str(target), "--force"]) == 0
+    assert not {"poetlm_config.json", "poetlm_state.safetensors", "model.safetensors.index.json"} & set(os.listdir(target))
+    with pytest.raises(poetlm.LoadError, match="plain \\(or merged\\) model directory"):
+        poetlm.from_pretrained(target)
+    assert AutoModelForCausalLM.from_pretrained(target).config.num_hidden_layers == 2  # the run's model
+

@@ -204,6 +204,7 @@ def _check_export_target(out: Path, force: bool) -> None:
 
 def _cmd_export(args) -> int:
     from .model import export_dense
+    from .serialization import remove_poetlm_files
     from .train.runs import load_any_model
 
     out = Path(args.out_dir)
@@ -213,6 +214,7 @@ def _cmd_export(args) -> int:
         out.unlink()
     dense = model.merge_and_unload() if hasattr(model, "merge_and_unload") else export_dense(model)  # LoRA via peft
     dense.save_pretrained(out)
+    remove_poetlm_files(out)  # --force over a poetlm save: its POET state would not match the exported weights
     tokenizer.save_pretrained(out)
     print(f"exported a dense {type(dense).__name__} to {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
