@@ -257,3 +257,26 @@ def test_export_force_over_a_poetlm_save_leaves_only_the_exported_model(finished
         poetlm.from_pretrained(target)
     assert AutoModelForCausalLM.from_pretrained(target).config.num_hidden_layers == 2  # the run's model
 
+
+def _reads_final(run_dir, tmp_path, capsys, expected_eval):
+    for command in _commands(run_dir, tmp_path)[1:]:
+        assert main(command) == 0, command
+        assert f"poetlm: note: no checkpoint left: loading {run_dir / 'final'}" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "out")
+    assert main(["eval", str(run_dir)]) == 0
+    assert capsys.readouterr().out == expected_eval  # the same model, on the run's own validation data
+
+
+def test_a_run_without_checkpoints_is_read_by_its_final_model_or_said_to_have_stopped_early(finished_run, tmp_path, capsys):
+    assert main(["eval", str(finished_run)]) == 0
+    expected_eval = capsys.readouterr().out
+    checkpoints = ckpt.checkpoint_dir(finished_run)
+    for checkpoint in checkpoints.iterdir():
+        checkpoint.unlink()
+    _reads_final(finished_run, tmp_path, capsys, expected_eval)
+    checkpoints.rmdir()  # data.json still marks the directory as a run
+    _reads_final(finished_run, tmp_path, capsys, expected_eval)
+    shutil.rmtree(finished_run / "final")  # as a run killed before its first checkpoint leaves it
+    for command in _commands(finished_run, tmp_path):
+        assert main(command) == 1, command
+        _one_line_error(capsys, "no checkpoint in", "the run stopped before its first one")

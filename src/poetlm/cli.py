@@ -138,15 +138,16 @@ def _finetune_parser(sub) -> None:
 def _cmd_finetune(args) -> int:
     """`poetlm train` on a pretrained model, with the finetuning preset."""
     from .train.loop import train
+    from .train.runs import final_model_dir, is_run_dir
 
     model = Path(args.model)
     if is_run_dir(model):  # eval, export and generate take a run directory: take it here too, by its trained model
-        if not (model / "final").is_dir():
+        final = final_model_dir(model, "finetuning")
+        if final is None:
             raise CommandError(f"{model} is a run directory without final/ (the run has not finished): finish it "
                                f"(poetlm train --resume {model}) or export its last checkpoint (poetlm export {model} DIR) "
                                "and pass --model DIR")
-        print(f"poetlm: note: finetuning {model / 'final'}, the trained model of run {model}", file=sys.stderr)
-        args.model = str(model / "final")
+        args.model = str(final)
     overrides = [("finetune.base_model", args.model), *shortcut_overrides(args), *args.overrides]
     config = resolve_config(args.config, overrides)
     return _print_config(config) if args.print_config else _finish(train(config))
@@ -185,13 +186,10 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def is_run_dir(path: Path) -> bool:
-    """A poetlm run directory (data.json too: a run that has not written its first checkpoint yet)."""
-    return (path / "config.json").is_file() and ((path / "checkpoints").is_dir() or (path / "data.json").is_file())
-
-
 def _check_export_target(out: Path, force: bool) -> None:
     """Never into a run directory (it would destroy the run's config.json); nothing overwritten without --force."""
+    from .train.runs import is_run_dir
+
     inside = next((p for p in (out.resolve(), *out.resolve().parents) if is_run_dir(p)), None)
     if inside is not None:
         raise CommandError(f"{out} is {'inside ' if inside != out.resolve() else ''}the run directory {inside}: exporting "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 from torch import nn
@@ -22,12 +23,25 @@ def data_options(config: TrainConfig) -> dict:
 
 
 def is_run_dir(path: Path) -> bool:
-    return (path / "config.json").is_file() and ckpt.checkpoint_dir(path).is_dir()
+    """A poetlm run directory (data.json too: a run that has not written its first checkpoint yet)."""
+    return (path / "config.json").is_file() and (ckpt.checkpoint_dir(path).is_dir() or (path / "data.json").is_file())
+
+
+def final_model_dir(run_dir: Path, use: str) -> Path | None:
+    """run_dir/final/, the trained model of a finished run, announced as what `use` takes; None if there is none."""
+    final = run_dir / "final"
+    if not final.is_dir():
+        return None
+    print(f"poetlm: note: {use} {final}, the trained model of run {run_dir}", file=sys.stderr)
+    return final
 
 
 def load_run_model(run_dir: Path, device="cpu") -> tuple[nn.Module, object, TrainConfig]:
-    """The model of the newest checkpoint of a run (POET layers included) and its tokenizer."""
+    """The model of the newest checkpoint of a run (POET layers included) and its tokenizer; the model in
+    final/ if the checkpoints are gone."""
     config = load_config(run_dir / "config.json")
+    if not ckpt.list_checkpoints(run_dir) and (final := final_model_dir(run_dir, "no checkpoint left: loading")):
+        return *load_model_dir(final, device), config
     tokenizer = load_tokenizer(run_dir / "tokenizer")
     model = prepare_model(load_model(config, len(tokenizer)), config)
     state = ckpt.load_checkpoint(run_dir, map_location=device)
@@ -51,5 +65,5 @@ def load_any_model(path: str | Path, device="cpu") -> tuple[nn.Module, object, T
     if is_run_dir(path):
         return load_run_model(path, device)
     if not (path / "config.json").is_file():
-        raise DataError(f"{path} is neither a poetlm run directory (config.json + checkpoints/) nor a model directory (config.json + weights)")
+        raise DataError(f"{path} is neither a poetlm run directory (config.json + data.json) nor a model directory (config.json + weights)")
     return *load_model_dir(path, device), None
