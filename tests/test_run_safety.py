@@ -280,3 +280,16 @@ def test_a_run_without_checkpoints_is_read_by_its_final_model_or_said_to_have_st
     for command in _commands(finished_run, tmp_path):
         assert main(command) == 1, command
         _one_line_error(capsys, "no checkpoint in", "the run stopped before its first one")
+
+
+def test_a_missing_tokenizer_says_to_restore_it_not_to_train_one(finished_run, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(finished_run / "final", model)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model / name).unlink()
+    shutil.rmtree(finished_run / "tokenizer")
+    for path, fix in ((finished_run, "it is the run's own tokenizer: restore it"),
+                      (model, "restore the tokenizer files from a copy of the directory, or export the model again")):
+        for command in _commands(path, tmp_path):
+            assert main(command) == 1, command
+            assert "--tokenizer" not in _one_line_error(capsys, fix)

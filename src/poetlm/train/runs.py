@@ -10,7 +10,7 @@ from torch import nn
 from ..serialization import load_dense
 from . import checkpoint as ckpt
 from .config import TrainConfig, load_config
-from .data import DataError, load_tokenizer
+from .data import MODEL_TOKENIZER, RUN_TOKENIZER, DataError, load_tokenizer
 from .methods import prepare_model
 from .models import load_model
 
@@ -42,7 +42,7 @@ def load_run_model(run_dir: Path, device="cpu") -> tuple[nn.Module, object, Trai
     config = load_config(run_dir / "config.json")
     if not ckpt.list_checkpoints(run_dir) and (final := final_model_dir(run_dir, "no checkpoint left: loading")):
         return *load_model_dir(final, device), config
-    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    tokenizer = load_tokenizer(run_dir / "tokenizer", hint=RUN_TOKENIZER)
     model = prepare_model(load_model(config, len(tokenizer)), config)
     state = ckpt.load_checkpoint(run_dir, map_location=device)
     model.load_state_dict(state["model"])
@@ -54,7 +54,7 @@ def load_model_dir(path: Path, device="cpu") -> tuple[nn.Module, object]:
     from transformers import AutoModelForCausalLM
 
     model = load_dense(AutoModelForCausalLM, path)
-    return model.to(device).eval(), load_tokenizer(path)
+    return model.to(device).eval(), load_tokenizer(path, hint=MODEL_TOKENIZER)
 
 
 def load_any_model(path: str | Path, device="cpu") -> tuple[nn.Module, object, TrainConfig | None]:
