@@ -2,6 +2,8 @@
 
 import json
 import os
+import pickle
+import shutil
 import signal
 from pathlib import Path
 
@@ -198,3 +200,96 @@ def test_the_command_line_prints_poetlm_warnings_as_one_line():
     assert cli._format_warning("token cache x is invalid", UserWarning, "/x/poetlm/train/data.py", 1) == \
         "poetlm: warning: token cache x is invalid\n"
     assert "other.py:3" in cli._format_warning("elsewhere", UserWarning, "/x/other.py", 3, "")
+
+
+
+def _one_line_error(capsys, *expected) -> str:
+    """The command's stderr ends in one `poetlm: error:` line (no traceback) that says each of `expected`."""
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert "Traceback" not in err and last.startswith("poetlm: error: "), err
+    assert all(text in last for text in expected), last
+    return last
+
+
+def _commands(path, tmp_path):
+    return [["eval", str(path)], ["generate", str(path), "--max-new-tokens", "4"], ["export", str(path), str(tmp_path / "out")]]
+
+
+def test_a_damaged_model_directory_fails_eval_export_and_generate_in_one_line(finished_run, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(finished_run / "final", model)
+    weights = (model / "model.safetensors").read_bytes()
+    config = json.loads((model / "config.json").read_text())
+    marker = tmp_path / "unpickled"
+
+    class Planted:  # unpickling it would create `marker`
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    damages = [
+        (lambda: (model / "model.safetensors").write_bytes(weights[:1000]), "SafetensorError"),
+        (lambda: (model / "config.json").write_text(json.dumps({**config, "hidden_size": 64})), "from another model"),
+        (lambda: ((model / "model.safetensors").unlink(), (model / "pytorch_model.bin").write_bytes(pickle.dumps(Planted()))),
+         "can run arbitrary code; remove the file"),
+    ]
+    for damage, message in damages:
+        damage()
+        for command in _commands(model, tmp_path):
+            assert main(command) == 1, command
+            _one_line_error(capsys, message, "save the model again")
+    assert not marker.exists() and not (tmp_path / "out").exists()
+    assert main(["generate", str(finished_run), "--device", "bogus"]) == 2
+    assert "device='bogus' is not a device torch knows: use auto, cpu, cuda" in capsys.readouterr().err
+
+
+def test_export_force_over_a_poetlm_save_leaves_only_the_exported_model(finished_run, tmp_path):
+    import poetlm
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    target = tmp_path / "target"
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=4))
+    poetlm.save_pretrained(poetlm.poetize(other, poetlm.POETConfig(block_size=8)), target, max_shard_size="20KB")
+    assert main(["export", str(finished_run), str(target), "--force"]) == 0
+    assert not {"poetlm_config.json", "poetlm_state.safetensors", "model.safetensors.index.json"} & set(os.listdir(target))
+    with pytest.raises(poetlm.LoadError, match="plain \\(or merged\\) model directory"):
+        poetlm.from_pretrained(target)
+    assert AutoModelForCausalLM.from_pretrained(target).config.num_hidden_layers == 2  # the run's model
+
+
+def _reads_final(run_dir, tmp_path, capsys, expected_eval):
+    for command in _commands(run_dir, tmp_path)[1:]:
+        assert main(command) == 0, command
+        assert f"poetlm: note: no checkpoint left: loading {run_dir / 'final'}" in capsys.readouterr().err
+    shutil.rmtree(tmp_path / "out")
+    assert main(["eval", str(run_dir)]) == 0
+    assert capsys.readouterr().out == expected_eval  # the same model, on the run's own validation data
+
+
+def test_a_run_without_checkpoints_is_read_by_its_final_model_or_said_to_have_stopped_early(finished_run, tmp_path, capsys):
+    assert main(["eval", str(finished_run)]) == 0
+    expected_eval = capsys.readouterr().out
+    checkpoints = ckpt.checkpoint_dir(finished_run)
+    for checkpoint in checkpoints.iterdir():
+        checkpoint.unlink()
+    _reads_final(finished_run, tmp_path, capsys, expected_eval)
+    checkpoints.rmdir()  # data.json still marks the directory as a run
+    _reads_final(finished_run, tmp_path, capsys, expected_eval)
+    shutil.rmtree(finished_run / "final")  # as a run killed before its first checkpoint leaves it
+    for command in _commands(finished_run, tmp_path):
+        assert main(command) == 1, command
+        _one_line_error(capsys, "no checkpoint in", "the run stopped before its first one")
+
+
+def test_a_missing_tokenizer_says_to_restore_it_not_to_train_one(finished_run, tmp_path, capsys):
+    model = tmp_path / "model"
+    shutil.copytree(finished_run / "final", model)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (model / name).unlink()
+    shutil.rmtree(finished_run / "tokenizer")
+    for path, fix in ((finished_run, "it is the run's own tokenizer: restore it"),
+                      (model, "restore the tokenizer files from a copy of the directory, or export the model again")):
+        for command in _commands(path, tmp_path):
+            assert main(command) == 1, command
+            assert "--tokenizer" not in _one_line_error(capsys, fix)

@@ -154,3 +154,70 @@ def test_a_state_that_does_not_fit_its_layer_is_a_load_error(tmp_path):
     save_file(state, tmp_path / STATE_NAME)
     with pytest.raises(LoadError, match="a coordinate appears twice"):
         poetlm.from_pretrained(tmp_path)
+
+
+def test_a_directory_without_config_json_is_a_load_error_not_a_default_model(tmp_path):
+    poetlm.save_pretrained(trained(gpt2()), tmp_path)
+    (tmp_path / "config.json").unlink()  # transformers would build GPT2Config()'s 124M model (LLaMA: 7B)
+    with pytest.raises(LoadError, match="has no config.json, which describes the model's architecture; restore it"):
+        poetlm.from_pretrained(tmp_path)
+
+
+def _resized(directory):
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "hidden_size": 64}))
+
+
+def _one_more_layer(directory):  # weights of a smaller model: the missing layer would be drawn at random
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+
+
+@pytest.mark.parametrize("damage,message", [
+    (lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:1000]), "SafetensorError"),
+    (lambda d: (d / "model.safetensors").write_bytes(b""), "SafetensorError"),
+    (lambda d: (d / "model.safetensors").unlink(), "no file named model.safetensors"),
+    (lambda d: (d / "config.json").write_text("{"), "config.json' is not a valid JSON file"),
+    (_resized, "ignore_mismatched_sizes"),
+    (_one_more_layer, "lack 9 tensors of the model its config.json describes"),
+])
+def test_a_damaged_dense_model_is_a_load_error(tmp_path, damage, message):
+    poetlm.save_pretrained(trained(llama()), tmp_path)
+    damage(tmp_path)
+    with pytest.raises(LoadError, match=message) as error:
+        poetlm.from_pretrained(tmp_path)
+    assert "restore them from a copy of the directory, or save the model again" in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_stale_poet_state_beside_newer_dense_weights_is_refused(tmp_path):
+    model = trained(llama())
+    poetlm.save_pretrained(model, tmp_path)
+    opt = torch.optim.AdamW(poetlm.param_groups(model.train(), lr_base=1e-2, lr_poet=1e-2, weight_decay=0.0))
+    model(IDS, labels=IDS).loss.backward()
+    opt.step()
+    model.eval().save_pretrained(tmp_path)  # transformers' own save (a Trainer checkpoint): the poetlm files stay
+    with pytest.raises(LoadError, match="the poetlm files are stale .* Load the newer dense model with transformers'"):
+        poetlm.from_pretrained(tmp_path)
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path).eval()  # what the message offers is the newer model
+    torch.testing.assert_close(logits(plain), logits(model), rtol=0, atol=1e-5)
+
+
+def test_an_edited_poet_config_is_refused(tmp_path):
+    poetlm.save_pretrained(trained(llama()), tmp_path)
+    info = json.loads((tmp_path / CONFIG_NAME).read_text())
+    info["configs"][0]["parameterization"] = "exp"  # valid, but not what the rotations were trained with
+    (tmp_path / CONFIG_NAME).write_text(json.dumps(info))
+    with pytest.raises(LoadError, match=f"does not compute the dense weight .* or {CONFIG_NAME} was edited"):
+        poetlm.from_pretrained(tmp_path)
+
+
+def test_a_save_over_another_removes_what_no_longer_belongs(tmp_path):
+    model = trained(llama())
+    poetlm.save_pretrained(model, tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    poetlm.save_pretrained(model, tmp_path, merged=True)  # unsharded: transformers keeps the old index
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    poetlm.save_pretrained(model, tmp_path, max_shard_size="20KB")  # sharded: transformers keeps model.safetensors
+    assert not (tmp_path / "model.safetensors").exists()
+    assert torch.equal(logits(poetlm.from_pretrained(tmp_path).eval()), logits(model))

@@ -138,15 +138,16 @@ def _finetune_parser(sub) -> None:
 def _cmd_finetune(args) -> int:
     """`poetlm train` on a pretrained model, with the finetuning preset."""
     from .train.loop import train
+    from .train.runs import final_model_dir, is_run_dir
 
     model = Path(args.model)
     if is_run_dir(model):  # eval, export and generate take a run directory: take it here too, by its trained model
-        if not (model / "final").is_dir():
+        final = final_model_dir(model, "finetuning")
+        if final is None:
             raise CommandError(f"{model} is a run directory without final/ (the run has not finished): finish it "
                                f"(poetlm train --resume {model}) or export its last checkpoint (poetlm export {model} DIR) "
                                "and pass --model DIR")
-        print(f"poetlm: note: finetuning {model / 'final'}, the trained model of run {model}", file=sys.stderr)
-        args.model = str(model / "final")
+        args.model = str(final)
     overrides = [("finetune.base_model", args.model), *shortcut_overrides(args), *args.overrides]
     config = resolve_config(args.config, overrides)
     return _print_config(config) if args.print_config else _finish(train(config))
@@ -185,13 +186,10 @@ def _cmd_eval(args) -> int:
     return 0
 
 
-def is_run_dir(path: Path) -> bool:
-    """A poetlm run directory (data.json too: a run that has not written its first checkpoint yet)."""
-    return (path / "config.json").is_file() and ((path / "checkpoints").is_dir() or (path / "data.json").is_file())
-
-
 def _check_export_target(out: Path, force: bool) -> None:
     """Never into a run directory (it would destroy the run's config.json); nothing overwritten without --force."""
+    from .train.runs import is_run_dir
+
     inside = next((p for p in (out.resolve(), *out.resolve().parents) if is_run_dir(p)), None)
     if inside is not None:
         raise CommandError(f"{out} is {'inside ' if inside != out.resolve() else ''}the run directory {inside}: exporting "
@@ -204,6 +202,7 @@ def _check_export_target(out: Path, force: bool) -> None:
 
 def _cmd_export(args) -> int:
     from .model import export_dense
+    from .serialization import remove_poetlm_files
     from .train.runs import load_any_model
 
     out = Path(args.out_dir)
@@ -213,6 +212,7 @@ def _cmd_export(args) -> int:
         out.unlink()
     dense = model.merge_and_unload() if hasattr(model, "merge_and_unload") else export_dense(model)  # LoRA via peft
     dense.save_pretrained(out)
+    remove_poetlm_files(out)  # --force over a poetlm save: its POET state would not match the exported weights
     tokenizer.save_pretrained(out)
     print(f"exported a dense {type(dense).__name__} to {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
@@ -318,6 +318,7 @@ COMMANDS = {"train": _cmd_train, "finetune": _cmd_finetune, "eval": _cmd_eval, "
 
 def main(argv: list[str] | None = None) -> int:
     from .adapter import AdapterError
+    from .serialization import LoadError
     from .train.loop import TrainingError
     from .train.models import ModelError
     from .train.report import ReportError
@@ -339,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"poetlm: config error: {error}", file=sys.stderr)
         return 2
-    except (DataError, CheckpointError, TrainingError, ReportError, AdapterError, ModelError, CommandError) as error:
+    except (DataError, CheckpointError, LoadError, TrainingError, ReportError, AdapterError, ModelError, CommandError) as error:
         print(f"poetlm: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # during training a signal handler takes over; before it, stop without a traceback

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 from pathlib import Path
 
 import torch
@@ -31,6 +32,7 @@ from .tuner import POETModel
 
 CONFIG_NAME = "poetlm_config.json"
 STATE_NAME = "poetlm_state.safetensors"
+WEIGHTS_NAME, SHARD_INDEX_NAME = "model.safetensors", "model.safetensors.index.json"  # transformers' dense weights
 FORMAT = "poetlm-model"
 VERSION = 1
 
@@ -75,9 +77,9 @@ def save_pretrained(model: nn.Module, directory, merged: bool = False, **kwargs)
     poet_keys = {key for name, layer in layers.items() for key in _layer_keys(name, layer, state)}
     model.save_pretrained(directory, state_dict={k: v for k, v in state.items() if k not in poet_keys}, **kwargs)
     if merged:
-        for stale in (CONFIG_NAME, STATE_NAME):  # a POET save into the same directory earlier
-            (directory / stale).unlink(missing_ok=True)
+        remove_poetlm_files(directory)
         return
+    _remove_stale_weights(directory)
     configs = []
     for layer in layers.values():
         if layer.config not in configs:
@@ -93,6 +95,28 @@ def save_pretrained(model: nn.Module, directory, merged: bool = False, **kwargs)
     tensors = {key: state[key].detach().to("cpu").contiguous() for key in sorted(poet_keys)}
     _atomic_write(directory / STATE_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
     _atomic_write(directory / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(info, indent=2) + "\n"))
+
+
+def _remove_stale_weights(directory: Path) -> None:
+    """The weights file an earlier save left that transformers' save_pretrained keeps: the shard index of a
+    sharded save under an unsharded one (its shards are gone), or the single file under a sharded one
+    (which transformers would load instead of the new shards)."""
+    index = directory / SHARD_INDEX_NAME
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):  # no index (or none transformers could use)
+        return
+    current = all((directory / shard).is_file() for shard in shards)
+    (directory / WEIGHTS_NAME if current else index).unlink(missing_ok=True)
+
+
+def remove_poetlm_files(directory) -> None:
+    """After a dense-only save into `directory`: remove what an earlier save there left beside it, whose POET
+    state (or weights) would no longer match the new weights."""
+    directory = Path(directory)
+    for stale in (CONFIG_NAME, STATE_NAME):
+        (directory / stale).unlink(missing_ok=True)
+    _remove_stale_weights(directory)
 
 
 def _read_info(directory: Path) -> dict:
@@ -126,6 +150,52 @@ def _read_state(directory: Path) -> dict[str, torch.Tensor]:
                         "save the model again with poetlm.save_pretrained") from error
 
 
+def load_dense(model_class, directory: Path, **kwargs) -> nn.Module:
+    """`model_class.from_pretrained(directory)`, every way a local directory can be damaged a LoadError.
+
+    Without config.json transformers would build the class's default configuration (a LLaMA-7B); weights
+    missing from the files would be drawn at random.
+    """
+    if not (directory / "config.json").is_file():
+        raise LoadError(f"{directory} has no config.json, which describes the model's architecture; restore it from "
+                        "a copy of the directory, or save the model again")
+    try:
+        model, info = model_class.from_pretrained(directory, output_loading_info=True, **kwargs)
+    except pickle.UnpicklingError:
+        raise LoadError(f"the pickled weights (pytorch_model*.bin) in {directory} hold Python objects other than tensors, "
+                        "which are not unpickled because that can run arbitrary code; remove the file unless you know "
+                        "where it came from, and save the model again") from None
+    except (OSError, ValueError, RuntimeError, SafetensorError) as error:
+        problem = (str(error).strip().splitlines() or [""])[0]  # transformers appends a multi-line load report
+        raise LoadError(f"cannot load the model in {directory} ({type(error).__name__}: {problem}): its config.json "
+                        "or weights file is missing, damaged or from another model; restore them from a copy of the "
+                        "directory, or save the model again") from None
+    if info["missing_keys"]:
+        raise LoadError(f"the weights in {directory} lack {len(info['missing_keys'])} tensors of the model its config.json "
+                        f"describes (e.g. {sorted(info['missing_keys'])[0]}): config.json and the weights are from "
+                        "different models; restore them from a copy of the directory, or save the model again")
+    return model
+
+
+def _check_matches_dense(directory: Path, name: str, layer: POETLinear, dense: torch.Tensor) -> None:
+    """The dense weight stored in `directory` must be the one the loaded POET state computes.
+
+    They differ when a plain save (model.save_pretrained, a Trainer checkpoint) replaced the weights after
+    a poetlm save and left its stale poetlm files, or when poetlm_config.json was edited. Both sides are
+    rounded to the saved dtype, so one unit in its last place (plus fp32 noise near zero) is allowed.
+    """
+    with torch.no_grad():
+        computed, dense = layer.weight.float(), dense.float()
+        tolerance = torch.finfo(layer.weight_dtype).eps * dense.abs() + 1e-5 * dense.abs().max()
+        worst = ((computed - dense).abs() - tolerance).max()
+    if worst > 0:
+        raise LoadError(f"{directory}: the POET state in {STATE_NAME} does not compute the dense weight of layer {name!r} "
+                        f"stored beside it: the poetlm files are stale (a plain save, e.g. model.save_pretrained or a "
+                        f"Trainer checkpoint, replaced the weights after poetlm.save_pretrained) or {CONFIG_NAME} was "
+                        "edited. Load the newer dense model with transformers' from_pretrained, or save the POET model "
+                        "again with poetlm.save_pretrained")
+
+
 def from_pretrained(directory, **kwargs) -> nn.Module:
     """Rebuild the POET model that `save_pretrained(model, directory)` wrote, exactly.
 
@@ -139,7 +209,7 @@ def from_pretrained(directory, **kwargs) -> nn.Module:
     model_class = getattr(transformers, info["architecture"], None) or transformers.AutoModelForCausalLM
     if "dtype" not in kwargs:  # the dense weights' own dtype, the compute dtype the model was saved in
         kwargs.setdefault("torch_dtype", "auto")  # the name transformers 4 knows; 5 reads it too
-    model = model_class.from_pretrained(directory, **kwargs)
+    model = load_dense(model_class, directory, **kwargs)
     for name, entry in info["layers"].items():
         try:
             module = model.get_submodule(name)
@@ -161,6 +231,7 @@ def from_pretrained(directory, **kwargs) -> nn.Module:
         if missing or unexpected or (layer.in_features, layer.out_features) != (entry["in_features"], entry["out_features"]):
             raise LoadError(f"{directory}: the saved state of layer {name!r} does not fit it (missing {missing}, "
                             f"unexpected {unexpected}); save the model again with poetlm.save_pretrained")
+        _check_matches_dense(directory, name, layer, module.weight)
         model = replace_module(model, name, layer)
     trainable = set(info["trainable"])
     for name, param in model.named_parameters():

@@ -384,7 +384,11 @@ def is_hub_id(name: str) -> bool:
     return re.fullmatch(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?", name) is not None
 
 
+# What to do about a tokenizer that cannot be loaded, by where it comes from (load_tokenizer's `hint`).
 CHOOSE_TOKENIZER = "pass a directory written by save_pretrained (e.g. from an earlier run), or omit --tokenizer to train one"
+RUN_TOKENIZER = "it is the run's own tokenizer: restore it from a backup of the run directory, or start a new run"
+MODEL_TOKENIZER = ("a model directory holds its tokenizer beside the weights: restore the tokenizer files from a copy "
+                   "of the directory, or export the model again (poetlm export RUN_DIR DIR)")
 
 
 def load_tokenizer(path: str | Path, hint: str = CHOOSE_TOKENIZER) -> "PreTrainedTokenizerFast":
@@ -406,11 +410,12 @@ def load_tokenizer(path: str | Path, hint: str = CHOOSE_TOKENIZER) -> "PreTraine
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path))
         except Exception as e:  # transformers raises assorted types for a broken directory
-            raise DataError(f"cannot load a tokenizer from {path} ({type(e).__name__}: {e}); {hint}") from e
+            problem = " ".join(str(e).split())  # transformers' explanations span lines
+            raise DataError(f"cannot load a tokenizer from {path} ({type(e).__name__}: {problem}); {hint}") from e
     if tokenizer.eos_token_id is None:
         raise DataError(
-            f"tokenizer {path} has no eos token, which is needed to separate documents; "
-            "set eos_token in its tokenizer_config.json or omit --tokenizer to train one"
+            f"tokenizer {path} has no eos token, which is needed to separate documents: "
+            f"set eos_token in its tokenizer_config.json; {hint}"
         )
     return tokenizer
 
@@ -666,8 +671,7 @@ def load_run_data(run_dir: Path, data: str, **options) -> TokenData:
                         "the run trained on, and without it the run cannot go on exactly. Restore the file (from a "
                         "backup of the run directory), or start a new run") from None
     tokenizer_dir = run_dir / "tokenizer"
-    tokenizer = load_tokenizer(tokenizer_dir, hint="it is the run's own tokenizer: restore it from a backup of the run "
-                               "directory, or start a new run")
+    tokenizer = load_tokenizer(tokenizer_dir, hint=RUN_TOKENIZER)
     if _tokenizer_hash(tokenizer) != record["tokenizer_hash"]:
         raise DataError(f"{tokenizer_dir} is not the tokenizer this run was trained with (it was changed); restore it")
     cache_dir = Path(record["cache_dir"])

@@ -61,7 +61,11 @@ def pick_device(requested: str, local_rank: int = 0) -> torch.device:
                           "use device=cpu or device=auto, or install a CUDA build of torch")
     if requested == "cuda":
         return torch.device(f"cuda:{local_rank}")
-    return torch.device(requested)
+    try:
+        return torch.device(requested)
+    except RuntimeError:
+        raise ConfigError(f"device={requested!r} is not a device torch knows: use auto, cpu, cuda or cuda:N "
+                          "(or another torch device type, e.g. mps)") from None
 
 
 def setup(requested_device: str) -> Runtime:
