@@ -350,6 +350,51 @@ def test_poet_optimizer_refuses_vectors_and_low_precision_weights():
         POET([nn.Parameter(torch.zeros(4, 4))], rule={"name": "lie_adam"})
 
 
+@pytest.mark.parametrize("group, message", [
+    ({"params": [nn.Parameter(torch.randn(7))]}, "rotates matrices"),
+    ({"params": [nn.Parameter(torch.randn(7, 5, dtype=torch.bfloat16))]}, "keep the weights in float32"),
+    ({"params": [nn.Parameter(torch.randn(1, 1))]}, "nothing POET can rotate"),
+    ({"params": [nn.Parameter(torch.randn(7, 5))], "lr": -1.0}, "lr=-1.0 is invalid"),
+    ({"params": [nn.Parameter(torch.randn(7, 5))], "lr": float("inf")}, "lr=inf is invalid"),
+])
+def test_an_added_group_is_checked_like_the_constructors_and_not_kept_if_refused(group, message):
+    weight = nn.Parameter(torch.randn(8, 6))
+    optimizer = POET([weight], lr=0.05, poet=POETConfig(block_size=4))
+    with pytest.raises(ValueError, match=message):
+        optimizer.add_param_group(group)
+    assert len(optimizer.param_groups) == 1
+    for param in group["params"]:
+        param.grad = torch.ones_like(param)
+    weight.grad = torch.randn(8, 6)
+    optimizer.step()
+    assert optimizer.state[weight]["step"] == 1 and list(optimizer.state) == [weight]
+
+
+def test_an_infinite_lr_is_refused_and_an_added_group_trains_at_its_own_lr():
+    with pytest.raises(ValueError, match="lr=inf is invalid: must be a finite number > 0"):
+        POET([nn.Parameter(torch.randn(8, 6))], lr=float("inf"))
+    weight, added = nn.Parameter(torch.randn(8, 6)), nn.Parameter(torch.randn(7, 5))
+    optimizer = POET([("w.weight", weight)], lr=0.05, poet=POETConfig(block_size=4))
+    optimizer.add_param_group({"params": [("a.weight", added)], "lr": 0.1})  # named: coordinates seeded by "a"
+    alone = POET([("a.weight", nn.Parameter(added.detach().clone()))], lr=0.1, poet=POETConfig(block_size=4))
+    grad = torch.randn(7, 5)
+    weight.grad, added.grad, alone.param_groups[0]["params"][0].grad = torch.randn(8, 6), grad, grad.clone()
+    optimizer.step()
+    alone.step()
+    assert torch.equal(added.detach(), alone.param_groups[0]["params"][0].detach())
+
+
+def test_a_weight_cast_to_low_precision_after_construction_is_refused_before_anything_turns():
+    first, second = nn.Parameter(torch.randn(8, 6)), nn.Parameter(torch.randn(8, 6))
+    optimizer = POET([first, second], lr=0.05, poet=POETConfig(block_size=4))
+    second.data = second.data.bfloat16()
+    first.grad, second.grad = torch.randn(8, 6), torch.randn(8, 6, dtype=torch.bfloat16)
+    before = first.detach().clone()
+    with pytest.raises(ValueError, match="torch.bfloat16 weight of shape \\(8, 6\\).*keep the weights in float32"):
+        optimizer.step()
+    assert torch.equal(first.detach(), before) and not any(optimizer.state.values())
+
+
 def test_poet_optimizer_refuses_a_state_whose_coordinates_are_corrupt():
     weight = nn.Parameter(torch.randn(8, 6))
     optimizer = POET([weight], poet=POETConfig(block_size=4))

@@ -22,6 +22,15 @@ def checked(value, kind: type):
     return value
 
 
+def is_number(value) -> bool:
+    """An int or float, not a bool (True would pass as 1 and say nothing of what was meant)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def is_integer(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _invalid(name: str, value, allowed: str) -> ValueError:
     return ValueError(f"POETConfig.{name}={value!r} is invalid: {allowed}")
 

@@ -20,11 +20,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 from typing import Callable
 
 import torch
 
-from .config import POETConfig, checked
+from .config import POETConfig, checked, is_number
 from .layer import is_shard, whole_value
 from .orthogonal import generator_scale, isometry_increment, rotation_increment, singular_values
 from .primitives import batch_entries, block_layout, draw_index, index_problem, require_rotations, seeded_generator, stacks, transport_blocks
@@ -192,11 +193,9 @@ class POET(torch.optim.Optimizer):
     def __init__(self, params, lr: float = 0.02, poet: POETConfig | None = None, rule: RuleConfig | None = None,
                  gather: Callable[[torch.Tensor], contextlib.AbstractContextManager] | None = None, split=None,
                  compile: str | None = None) -> None:
-        if not lr > 0:
-            raise ValueError(f"POET lr={lr!r} is invalid: must be > 0")
+        self.poet = checked(poet or POETConfig(), POETConfig)  # before torch's __init__: add_param_group checks against it
         super().__init__(params, {"lr": lr})
         self.gather, self.split = gather, split
-        self.poet = checked(poet or POETConfig(), POETConfig)
         self.rule_config = checked(rule or RuleConfig(), RuleConfig)
         self.rule = make_rule(self.rule_config)
         self._increment = rotation_increment
@@ -205,19 +204,39 @@ class POET(torch.optim.Optimizer):
             if hasattr(self.rule, "orthogonalize"):
                 self.rule.orthogonalize = torch.compile(self.rule.orthogonalize, backend=compile)
         self._derived: dict[tuple, tuple] = {}  # see _index_forms and _stack_forms
-        for group in self.param_groups:
-            for param in group["params"]:
-                if param.dim() != 2:
-                    raise ValueError(f"POET rotates matrices; got a parameter of shape {tuple(param.shape)} "
-                                     "(train biases, norms and embeddings with AdamW)")
-                if param.is_complex():
-                    raise ValueError(f"POET rotates real matrices; got a {param.dtype} parameter of shape {tuple(param.shape)}")
-                require_rotations(self.poet.variant, tuple(param.shape), self.poet.block_size, self.poet.fraction,
-                                  "a parameter")
-                if param.dtype not in (torch.float32, torch.float64):
-                    raise ValueError(f"POET folds a rotation into each weight every step, so a {param.dtype} weight "
-                                     "would lose its spectrum to rounding step after step: keep the weights in "
-                                     "float32 and train in bf16 with torch.autocast")
+
+    def add_param_group(self, param_group: dict) -> None:
+        """torch's, for the constructor's groups and later ones alike, refusing a group POET cannot train
+        before any step could half apply (a bad weight in the second group fails after the first turned)."""
+        super().add_param_group(param_group)  # normalizes the group first: named parameters, the default lr
+        try:
+            self._check_group(self.param_groups[-1])
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
+    def _check_group(self, group: dict) -> None:
+        lr = group["lr"]
+        if not (is_number(lr) and math.isfinite(lr) and lr > 0):
+            raise ValueError(f"POET lr={lr!r} is invalid: must be a finite number > 0 (e.g. 0.02)")
+        for param in group["params"]:
+            if param.dim() != 2:
+                raise ValueError(f"POET rotates matrices; got a parameter of shape {tuple(param.shape)} "
+                                 "(train biases, norms and embeddings with AdamW)")
+            if param.is_complex():
+                raise ValueError(f"POET rotates real matrices; got a {param.dtype} parameter of shape {tuple(param.shape)}")
+            self._check_precision(param)
+            require_rotations(self.poet.variant, tuple(param.shape), self.poet.block_size, self.poet.fraction,
+                              "a parameter")
+
+    @staticmethod
+    def _check_precision(param: torch.Tensor) -> None:
+        """Checked at every step too: a weight cast after construction (`W.data = W.data.bfloat16()`) would
+        otherwise train on, its spectrum drifting."""
+        if param.dtype not in (torch.float32, torch.float64):
+            raise ValueError(f"POET folds a rotation into each weight every step, so a {param.dtype} weight of shape "
+                             f"{tuple(param.shape)} would lose its spectrum to rounding step after step: keep the "
+                             "weights in float32 and train in bf16 with torch.autocast")
 
     def _layout(self, dim: int) -> tuple[int, list[int]]:
         cfg = self.poet
@@ -285,6 +304,7 @@ class POET(torch.optim.Optimizer):
         batches: dict[tuple, list] = {}
         for key, group, param in self._keys():
             if param.grad is not None:
+                self._check_precision(param)
                 # Weights with one shape, lr and step count turn as one batch of blocks (one set of products).
                 batch = (tuple(param.shape), param.dtype, param.device, group["lr"], self.state[param].get("step", 0))
                 batches.setdefault(batch, []).append((key, param))
