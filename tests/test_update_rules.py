@@ -448,6 +448,23 @@ def test_poet_optimizer_for_a_whole_model_schedules_checkpoints_and_resumes_as_o
         assert torch.equal(a, b), name
 
 
+def test_a_group_added_to_chained_is_refused_with_where_to_add_it():
+    from poetlm.optim import Chained, poet_optimizer
+
+    a, d = nn.Parameter(torch.randn(3)), nn.Parameter(torch.randn(3))
+    chained = Chained([torch.optim.SGD([a], lr=0.1)])
+    with pytest.raises(ValueError, match="optimizers: \\[0\\] SGD.*chained.optimizers\\[1\\].add_param_group\\(group\\)"):
+        chained.add_param_group({"params": [d]})
+    chained.optimizers[0].add_param_group({"params": [d]})  # where the message points: it trains
+    d.grad = torch.ones(3)
+    before = d.detach().clone()
+    chained.step()
+    torch.testing.assert_close(d.detach(), before - 0.1)
+    model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+    with pytest.raises(ValueError, match="\\[0\\] POET, \\[1\\] AdamW"):
+        poet_optimizer(model, poet=POETConfig(block_size=4)).add_param_group({"params": [nn.Parameter(torch.randn(3))]})
+
+
 def test_compiled_block_math_matches_eager_and_does_not_recompile_for_lrs_or_redraws():
     from torch._dynamo.utils import counters
 

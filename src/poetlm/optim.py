@@ -536,6 +536,14 @@ class Chained(torch.optim.Optimizer):
     def param_groups(self, value) -> None:  # torch.optim.Optimizer.__init__ assigns its own: the children own them
         pass
 
+    def add_param_group(self, param_group: dict) -> None:
+        if not self.optimizers:  # torch's __init__ registering its own group: the children own the groups
+            return
+        children = ", ".join(f"[{i}] {type(o).__name__}" for i, o in enumerate(self.optimizers))
+        raise ValueError(f"Chained has no param groups of its own, so a group added to it would never train: add it "
+                         f"to the child optimizer that should train it (chained.optimizers: {children}), e.g. "
+                         "chained.optimizers[1].add_param_group(group)")
+
     @property
     def state(self):
         merged = {}
