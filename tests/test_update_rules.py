@@ -3,6 +3,7 @@
 import copy
 import io
 import math
+import pickle
 
 import pytest
 import torch
@@ -463,6 +464,30 @@ def test_a_group_added_to_chained_is_refused_with_where_to_add_it():
     model = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
     with pytest.raises(ValueError, match="\\[0\\] POET, \\[1\\] AdamW"):
         poet_optimizer(model, poet=POETConfig(block_size=4)).add_param_group({"params": [nn.Parameter(torch.randn(3))]})
+
+
+@pytest.mark.parametrize("clone", [copy.deepcopy, lambda value: pickle.loads(pickle.dumps(value))], ids=["deepcopy", "pickle"])
+def test_a_copied_optimizer_continues_exactly_like_the_original(clone):
+    from poetlm.optim import poet_optimizer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 3))
+    optimizer = poet_optimizer(model, lr_poet=0.05, poet=POETConfig(block_size=4), rule=RuleConfig(redraw_every=2))
+    x, y = torch.randn(16, 8), torch.randn(16, 3)
+
+    def train(model, optimizer, steps):
+        for _ in range(steps):
+            ((model(x) - y) ** 2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+
+    train(model, optimizer, 3)
+    copied_model, copied = clone((model, optimizer))  # one copy: the optimizer holds the copied model's weights
+    assert isinstance(copied.optimizers[0], POET) and copied.optimizers[0].poet == optimizer.optimizers[0].poet
+    train(model, optimizer, 3)  # a redraw, both alternation phases
+    train(copied_model, copied, 3)
+    for (name, mine), theirs in zip(model.named_parameters(), copied_model.parameters()):
+        assert torch.equal(mine, theirs), name
 
 
 def test_compiled_block_math_matches_eager_and_does_not_recompile_for_lrs_or_redraws():

@@ -195,15 +195,29 @@ class POET(torch.optim.Optimizer):
                  compile: str | None = None) -> None:
         self.poet = checked(poet or POETConfig(), POETConfig)  # before torch's __init__: add_param_group checks against it
         super().__init__(params, {"lr": lr})
-        self.gather, self.split = gather, split
+        self.gather, self.split, self.compile_backend = gather, split, compile
         self.rule_config = checked(rule or RuleConfig(), RuleConfig)
+        self._build()
+
+    _SETTINGS = ("poet", "rule_config", "gather", "split", "compile_backend")
+
+    def _build(self) -> None:
+        """The rule and the block math, made from the settings: by the constructor, and again by a copy
+        (compiled functions do not pickle, and cached index forms are keyed by the original's state ids)."""
         self.rule = make_rule(self.rule_config)
         self._increment = rotation_increment
-        if compile:
-            self._increment = torch.compile(rotation_increment, backend=compile)
+        if self.compile_backend:
+            self._increment = torch.compile(rotation_increment, backend=self.compile_backend)
             if hasattr(self.rule, "orthogonalize"):
-                self.rule.orthogonalize = torch.compile(self.rule.orthogonalize, backend=compile)
+                self.rule.orthogonalize = torch.compile(self.rule.orthogonalize, backend=self.compile_backend)
         self._derived: dict[tuple, tuple] = {}  # see _index_forms and _stack_forms
+
+    def __getstate__(self) -> dict:  # torch's keeps only defaults, state and param_groups
+        return {**super().__getstate__(), **{name: getattr(self, name) for name in self._SETTINGS}}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._build()
 
     def add_param_group(self, param_group: dict) -> None:
         """torch's, for the constructor's groups and later ones alike, refusing a group POET cannot train
@@ -535,6 +549,9 @@ class Chained(torch.optim.Optimizer):
     @param_groups.setter
     def param_groups(self, value) -> None:  # torch.optim.Optimizer.__init__ assigns its own: the children own them
         pass
+
+    def __getstate__(self) -> dict:  # torch's keeps state and param_groups, which are the children's
+        return {"defaults": self.defaults, "optimizers": self.optimizers}
 
     def add_param_group(self, param_group: dict) -> None:
         if not self.optimizers:  # torch's __init__ registering its own group: the children own the groups
