@@ -328,12 +328,29 @@ def test_rule_config_rejects_bad_values_by_name(field, value):
         RuleConfig(**{field: value})
 
 
-def test_a_non_finite_gradient_is_named_not_blamed_on_the_eigensolver():
-    weight = nn.Parameter(torch.randn(8, 8))
-    optimizer = POET([weight], rule=RuleConfig(orthogonalize="exact"))
-    weight.grad = torch.full((8, 8), float("nan"))
-    with pytest.raises(ValueError, match="non-finite gradient"):
+@pytest.mark.parametrize("orthogonalize", ["exact", "newton_schulz"])
+def test_a_non_finite_gradient_changes_nothing_and_training_goes_on_from_before_it(orthogonalize):
+    torch.manual_seed(0)
+    weights = [nn.Parameter(torch.randn(8, 6)) for _ in range(2)]
+    optimizer = POET(weights, lr=0.05, poet=POETConfig(block_size=4), rule=RuleConfig(orthogonalize=orthogonalize))
+    for weight in weights:
+        weight.grad = torch.randn(8, 6)
+    optimizer.step()
+    untouched_weights, untouched = copy.deepcopy((weights, optimizer))
+    weights[0].grad, weights[1].grad = torch.randn(8, 6), torch.randn(8, 6)
+    weights[1].grad[2, 3] = float("inf")  # the first weight's step, on the old path, came before the failure
+    with pytest.raises(ValueError, match="non-finite gradient.*no weight or optimizer state was changed: skip this batch"):
         optimizer.step()
+    for weight, before in zip(weights, untouched_weights):
+        assert torch.equal(weight.detach(), before.detach())
+    for _ in range(2):  # the clean batches after it: the same steps as from the state before it
+        for weight, copied in zip(weights, untouched_weights):
+            weight.grad = torch.randn(8, 6)
+            copied.grad = weight.grad.clone()
+        optimizer.step()
+        untouched.step()
+    for weight, copied in zip(weights, untouched_weights):
+        assert torch.equal(weight.detach(), copied.detach()) and torch.isfinite(weight).all()
 
 
 def test_poet_optimizer_refuses_vectors_and_low_precision_weights():

@@ -160,6 +160,20 @@ def _join(tensors: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(tensors)
 
 
+def _require_finite(grads: list[torch.Tensor]) -> None:
+    """Refuse a step on a NaN or inf gradient before any momentum or weight changes, whatever the rule's
+    path (the exact orthogonalization used to fail only after the momentum had taken it in, Newton–Schulz
+    not at all), so a loop that skips the batch goes on from the state before it. One synchronizing check
+    per device; a shard's flag is reduced over its mesh, so every rank raises alike."""
+    flags: dict[torch.device, list[torch.Tensor]] = {}
+    for grad in grads:
+        flag = whole_value(torch.isfinite(grad).all())
+        flags.setdefault(flag.device, []).append(flag)
+    if not all(torch.stack(device_flags).all() for device_flags in flags.values()):
+        raise ValueError("a non-finite gradient (NaN or inf) reached POET; no weight or optimizer state was changed: "
+                         "skip this batch (optimizer.zero_grad()) and check the loss")
+
+
 def _evaluate(closure):
     """torch.optim's closure convention: re-evaluate the loss, with gradients, before stepping."""
     if closure is None:
@@ -322,6 +336,7 @@ class POET(torch.optim.Optimizer):
                 # Weights with one shape, lr and step count turn as one batch of blocks (one set of products).
                 batch = (tuple(param.shape), param.dtype, param.device, group["lr"], self.state[param].get("step", 0))
                 batches.setdefault(batch, []).append((key, param))
+        _require_finite([param.grad for params in batches.values() for _, param in params])
         scratch, folded_by, count = Scratch(), [], 0
         for (*_, lr, step), params in batches.items():
             example = params[0][1]
