@@ -426,6 +426,29 @@ def test_poet_optimizer_refuses_a_state_whose_coordinates_are_corrupt():
     POET([weight], poet=POETConfig(block_size=4)).load_state_dict(state)  # a valid permutation loads
 
 
+def test_poet_optimizer_refuses_a_state_saved_with_other_settings_or_by_another_optimizer():
+    weight = nn.Parameter(torch.randn(8, 6))
+
+    def stepped(optimizer):
+        weight.grad = torch.randn(8, 6)
+        optimizer.step()
+        return optimizer.state_dict()
+
+    saved = stepped(POET([weight], lr=0.05, poet=POETConfig(block_size=4)))  # out side: 2 blocks of 4
+    other = POET([weight], lr=0.05, poet=POETConfig(block_size=6))  # out side: blocks of 6 and 2, in slots of 6
+    with pytest.raises(ValueError, match="the out side's orthogonalized state of a \\(8, 6\\) weight: expected "
+                                         "\\{'momentum': \\(2, 15\\)\\}, got \\{'momentum': \\(2, 6\\)\\}; .*other POET settings"):
+        other.load_state_dict(saved)
+    assert not other.state and other.param_groups[0]["params"] == [weight]  # a refused state is not kept
+    stepped(other)  # and the optimizer goes on from its own
+    lie_adam = stepped(POET([weight], lr=0.05, poet=POETConfig(block_size=4), rule=RuleConfig(name="lie_adam")))
+    with pytest.raises(ValueError, match="orthogonalized state of a \\(8, 6\\) weight: expected \\{'momentum'"):
+        POET([weight], lr=0.05, poet=POETConfig(block_size=4)).load_state_dict(lie_adam)
+    adamw = stepped(torch.optim.AdamW([weight]))
+    with pytest.raises(ValueError, match="lacks \\['draws', 'in', 'initial_spectrum', 'out'\\].*another optimizer's"):
+        POET([weight], lr=0.05, poet=POETConfig(block_size=4)).load_state_dict(adamw)
+
+
 def test_poet_optimizer_for_a_whole_model_schedules_checkpoints_and_resumes_as_one():
     from transformers import LlamaConfig, LlamaForCausalLM
 

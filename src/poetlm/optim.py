@@ -519,15 +519,52 @@ class POET(torch.optim.Optimizer):
         return direction
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """torch's, refusing a state this optimizer could not continue from (then it keeps its own): a wrong
+        one would fail at the next step with an unrelated shape error, or silently train on wrong coordinates."""
+        before = self.state, self.param_groups
         super().load_state_dict(state_dict)
         for param, state in self.state.items():
-            for side in SIDES:
-                index = state[side]["index"] = state[side]["index"].long()  # torch casts state to the parameter's dtype
-                dim = self._side_view(param, side).shape[0]
-                problem = index_problem(self.poet.variant, index, dim, sum(self._layout(dim)[1]))
-                if problem:
-                    raise ValueError(f"POET.load_state_dict: the {side} side's coordinates of a {tuple(param.shape)} weight: "
-                                     f"{problem}; the state is corrupt or was saved with other POET settings")
+            problem = self._state_problem(param, state)
+            if problem:
+                self.state, self.param_groups = before
+                raise ValueError(f"POET.load_state_dict: {problem}; the state is corrupt or was saved with other POET settings")
+
+    def _state_problem(self, param: torch.Tensor, state: dict) -> str | None:
+        if not state:  # not stepped yet
+            return None
+        shape = tuple(param.shape)
+        missing = sorted({"step", "draws", "initial_spectrum", *SIDES} - set(state))
+        if missing:
+            return f"the state of a {shape} weight lacks {missing} (it holds {sorted(state)}: another optimizer's?)"
+        for side in SIDES:
+            index = state[side]["index"] = state[side]["index"].long()  # torch casts state to the parameter's dtype
+            dim = self._side_view(param, side).shape[0]
+            problem = index_problem(self.poet.variant, index, dim, sum(self._layout(dim)[1]))
+            if problem:
+                return f"the {side} side's coordinates of a {shape} weight: {problem}"
+            problem = self._rule_state_problem(param, side, state[side]["rule"])
+            if problem:
+                return f"the {side} side's {self.rule_config.name} state of a {shape} weight: {problem}"
+        return None
+
+    def _rule_state_problem(self, param: torch.Tensor, side: str, saved: dict) -> str | None:
+        """Whether the rule can take a step from (a copy of) `saved` and leaves it with the keys and shapes
+        a fresh state gets: any rule's layout, and the older layouts it still reads, without listing them."""
+        if not saved:  # nothing kept yet, or restarted at a redraw
+            return None
+        block, sizes = self._layout(self._side_view(param, side).shape[0])
+        grad = param.new_zeros(len(sizes), block, block)
+        fresh, trial = {}, {key: value.clone() if torch.is_tensor(value) else value for key, value in saved.items()}
+        self.rule.direction(grad, fresh, active=False)
+        shapes = {key: tuple(value.shape) for key, value in fresh.items() if torch.is_tensor(value)}
+        found = {key: tuple(value.shape) if torch.is_tensor(value) else value for key, value in saved.items()}
+        try:
+            self.rule.direction(grad, trial, active=False)
+        except (RuntimeError, IndexError):
+            return f"expected {shapes}, got {found}"
+        if set(trial) != set(fresh) or shapes != {key: tuple(v.shape) for key, v in trial.items() if torch.is_tensor(v)}:
+            return f"expected {shapes}, got {found}"
+        return None
 
     @torch.no_grad()
     def spectrum_drift(self) -> float:
