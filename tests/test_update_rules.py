@@ -530,6 +530,27 @@ def test_a_copied_optimizer_continues_exactly_like_the_original(clone):
         assert torch.equal(mine, theirs), name
 
 
+def test_poet_optimizer_leaves_frozen_layers_and_a_plain_models_output_layer_to_others():
+    from poetlm.optim import poet_optimizer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 3))
+    model[0].requires_grad_(False)
+    start = {name: param.detach().clone() for name, param in model.named_parameters()}
+    optimizer = poet_optimizer(model, lr=0.01, poet=POETConfig(block_size=4))
+    poet, adamw = optimizer.optimizers
+    assert [p for g in poet.param_groups for p in g["params"]] == [model[2].weight]
+    assert any(p is model[4].weight for g in adamw.param_groups for p in g["params"])  # the head trains by AdamW
+    for name in ("0.weight", "4.weight"):  # neither redrawn as W0
+        assert torch.equal(model.get_parameter(name), start[name]), name
+    model(torch.randn(16, 8)).square().mean().backward()
+    optimizer.step()
+    assert torch.equal(model[0].weight, start["0.weight"]) and model[0].weight.grad is None
+    torch.testing.assert_close(model[4].weight.detach(), start["4.weight"] - 0.01 * model[4].weight.grad.sign(), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="every layer POET would rotate is frozen \\(0, 2\\).*requires_grad_\\(True\\)"):
+        poet_optimizer(model.requires_grad_(False), poet=POETConfig(block_size=4))
+
+
 def test_compiled_block_math_matches_eager_and_does_not_recompile_for_lrs_or_redraws():
     from torch._dynamo.utils import counters
 

@@ -52,8 +52,10 @@ class POETConfig:
     init: how W0 is drawn; "keep" keeps the wrapped weight (finetuning).
     init_scale: multiplies the drawn W0. POET never changes singular values, so their scale is a
         hyperparameter of the model, not just of the start (1.0 = the paper's unit-norm rows).
-    target_modules: None for every nn.Linear except the output head; otherwise a list of module
-        names or name suffixes (e.g. ["q_proj", "v_proj"]) or one regular expression string.
+    target_modules: None for every nn.Linear except the output head (a module named lm_head, output, classifier
+        or score, the model's get_output_embeddings(), or a linear tied to an embedding; `poet_optimizer`, given
+        a model with none of these, takes its last nn.Linear); otherwise a list of module names or name suffixes
+        (e.g. ["q_proj", "v_proj"]) or one regular expression string.
     exclude_modules: module names or suffixes never wrapped, with every linear inside them (["mlp"]: all MLP
         linears), in addition to the output head; an entry that matches nothing is refused.
     forward_mode: "auto" picks the cheaper of the weight-centric and input-centric paths per call.

@@ -35,8 +35,14 @@ def _linear_like(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)
 
 
-def _output_head_names(model: nn.Module) -> set[str]:
-    """Linears that produce logits or share their weight with an embedding: never wrapped by default."""
+def _output_head_names(model: nn.Module, whole_model: bool = False) -> set[str]:
+    """Linears that produce logits or share their weight with an embedding: never wrapped by default.
+
+    Told by name (lm_head, output, classifier, score), by `get_output_embeddings()` (Hugging Face models)
+    or by a tie to an embedding. With `whole_model` (`poet_optimizer`: the model is trained whole), a model
+    that shows none of these has its last linear in module order, its output layer, as the head; a module
+    given to `poetize` may be a part of a model (a block, a lone linear), whose last linear is no head.
+    """
     heads = {name for name, _ in model.named_modules() if name.split(".")[-1] in ("lm_head", "output", "classifier", "score")}
     get_head = getattr(model, "get_output_embeddings", None)
     head = get_head() if callable(get_head) else None
@@ -44,6 +50,9 @@ def _output_head_names(model: nn.Module) -> set[str]:
     for name, module in model.named_modules():
         if module is head or (_linear_like(module) and id(module.weight) in embedding_weights):
             heads.add(name)
+    linears = [name for name, module in model.named_modules() if _linear_like(module)]
+    if whole_model and not heads and len(linears) > 1:
+        heads.add(linears[-1])
     return heads
 
 
@@ -123,8 +132,9 @@ def _check_coverage(model: nn.Module, config: POETConfig, strict: bool) -> None:
     warnings.warn(message + "; pass strict=True to refuse instead", stacklevel=3)
 
 
-def target_linears(model: nn.Module, config: POETConfig) -> list[tuple[str, nn.Module]]:
-    """The nn.Linear / Conv1D layers POET trains under `config` (target_modules / exclude_modules, never the head)."""
+def target_linears(model: nn.Module, config: POETConfig, whole_model: bool = False) -> list[tuple[str, nn.Module]]:
+    """The nn.Linear / Conv1D layers POET trains under `config` (target_modules / exclude_modules, never the
+    head; `whole_model`: see `_output_head_names`)."""
     checked(config, POETConfig)
     # Entries name modules, or weights that are not modules' (in_proj_weight) to acknowledge them as dense.
     names = [name for name, _ in model.named_modules()] + [name for name, _ in model.named_parameters()]
@@ -133,7 +143,7 @@ def target_linears(model: nn.Module, config: POETConfig) -> list[tuple[str, nn.M
             example = next((name for name, m in model.named_modules() if _linear_like(m)), names[-1])
             raise ValueError(f"exclude_modules entry {pattern!r} matches no module of the model (a module's name or "
                              f"the end of one, e.g. {example!r} or {example.rsplit('.', 1)[-1]!r})")
-    heads = _output_head_names(model)
+    heads = _output_head_names(model, whole_model)
     targets = [(name, module) for name, module in model.named_modules()
                if _linear_like(module) and _is_target(name, config, heads)]
     if not targets:
@@ -145,19 +155,21 @@ def target_linears(model: nn.Module, config: POETConfig) -> list[tuple[str, nn.M
 
 
 @torch.no_grad()
-def rotated_weights(model: nn.Module, config: POETConfig | None = None) -> list[tuple[str, nn.Parameter]]:
+def rotated_weights(model: nn.Module, config: POETConfig | None = None,
+                    whole_model: bool = False) -> list[tuple[str, nn.Parameter]]:
     """(name, weight) of what `poetlm.optim.POET` should rotate, each redrawn as W0 (unless init == "keep").
 
     The fold-every-step form of POET: the model keeps plain nn.Linear layers, their weights start as the
     fixed-spectrum W0 the layer form would draw (same seed, same names), and the optimizer only rotates them.
+    Frozen weights (requires_grad=False) are left as they are. `whole_model`: see `_output_head_names`.
     """
     config = config or POETConfig()
     weights = []
-    targets = target_linears(model, config)
+    targets = target_linears(model, config, whole_model)
     _check_coverage(model, config, strict=False)
     seen = set()
     for name, linear in targets:
-        if id(linear.weight) in seen:  # a weight shared by several layers turns once, by their summed gradient
+        if id(linear.weight) in seen or not linear.weight.requires_grad:  # a shared weight turns once, by the summed gradient
             continue
         seen.add(id(linear.weight))
         if config.init != "keep":
@@ -166,6 +178,9 @@ def rotated_weights(model: nn.Module, config: POETConfig | None = None) -> list[
             else:
                 linear.weight.copy_(draw_weight(config, linear.out_features, linear.in_features, name))
         weights.append((f"{name}.weight", linear.weight))
+    if not weights:
+        raise ValueError(f"every layer POET would rotate is frozen ({', '.join(name for name, _ in targets[:4])}"
+                         f"{', …' if len(targets) > 4 else ''}): unfreeze them (requires_grad_(True)) or train the model without POET")
     return weights
 
 

@@ -671,6 +671,10 @@ def poet_optimizer(model: torch.nn.Module, lr_poet: float = 0.02, lr: float = 3e
                    split=None) -> Chained:
     """POET for `model`'s block linears (redrawn as W0 unless poet.init == "keep"), AdamW for the rest.
 
+    Frozen weights stay as they are, in neither optimizer. The output head is never rotated: a plain
+    PyTorch model whose head has no telling name (lm_head, output, classifier, score), no
+    `get_output_embeddings()` and no tie to an embedding has its last nn.Linear taken as the head.
+
     The one-call form of the default method: plain nn.Linear layers stay in the model, so any training
     loop (Trainer, accelerate, a hand-written one) can use POET by swapping its optimizer for this one.
     `split`: as for `POET`, to spread the rotations over the processes of a data-parallel job.
@@ -678,7 +682,7 @@ def poet_optimizer(model: torch.nn.Module, lr_poet: float = 0.02, lr: float = 3e
     from .model import param_groups, rotated_weights
 
     poet = poet or POETConfig()
-    named = rotated_weights(model, poet)
+    named = rotated_weights(model, poet, whole_model=True)
     rotated = {id(weight) for _, weight in named}
     groups = [{**g, "params": [p for p in g["params"] if id(p) not in rotated]}
               for g in param_groups(model, lr_base=lr, lr_poet=lr, weight_decay=weight_decay)]
