@@ -625,6 +625,23 @@ def test_a_truncated_map_that_is_not_orthogonal_at_the_step_folds_exactly(terms,
     assert default._fold_map(-0.02 * 0.5) == "cayley_neumann" and default._fold_map(-0.5 * 0.5) == "cayley"
 
 
+def test_spectrum_drift_of_float64_weights_is_read_in_float64():
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(32, 24, dtype=torch.float64))
+    start = torch.linalg.svdvals(weight.detach())
+    optimizer = POET([weight], lr=0.05, poet=POETConfig(block_size=8), rule=RuleConfig(orthogonalize="exact"))
+    for _ in range(5):
+        weight.grad = torch.randn_like(weight)
+        optimizer.step()
+    drift = float((torch.linalg.svdvals(weight.detach()) - start).abs().max() / start.max())
+    assert drift < 1e-13  # fp64 rounding; an fp32 SVD read ~1e-7
+    assert optimizer.spectrum_drift() == pytest.approx(drift, abs=1e-15)
+    fp32 = POET([nn.Parameter(torch.randn(8, 6))], poet=POETConfig(block_size=4))
+    fp32.param_groups[0]["params"][0].grad = torch.randn(8, 6)
+    fp32.step()
+    assert next(iter(fp32.state.values()))["initial_spectrum"].dtype == torch.float32  # fp32 weights keep fp32
+
+
 def test_alternation_skips_a_side_that_cannot_turn():
     weight = nn.Parameter(torch.randn(3, 40))  # fs β=½: the 3-wide side has one coordinate, the 40-wide one 20
     optimizer = POET([weight], lr=0.05, poet=POETConfig(variant="fs", fraction=0.5))

@@ -236,7 +236,8 @@ def _newton_schulz(a: torch.Tensor) -> torch.Tensor:
 
 
 def singular_values(weight: torch.Tensor) -> torch.Tensor:
-    """σ(W), descending, as an fp32 CPU tensor: the spectrum that POET keeps and drift metrics compare.
+    """σ(W), descending, as a CPU tensor: the spectrum that POET keeps and drift metrics compare. fp64 for
+    a float64 weight (fp32 would read its ~1e-15 drift as ~1e-7), else fp32.
 
     A CPU weight goes through LAPACK's fp32 SVD, which resolves σ to ~1e-6·σ_max. CUDA's fp32 SVD does
     not: it read a 3–4e-5 drift (H200, `benchmarks/gpu_check.py`) on weights whose change matched fp64
@@ -245,9 +246,10 @@ def singular_values(weight: torch.Tensor) -> torch.Tensor:
     in fp64 (`gram_singular_values`).
     """
     weight = weight.detach()
+    precision = torch.float64 if weight.dtype == torch.float64 else torch.float32
     if weight.device.type == "cpu":
-        return torch.linalg.svdvals(weight.float())
-    return gram_singular_values(weight).float().cpu()
+        return torch.linalg.svdvals(weight.to(precision))
+    return gram_singular_values(weight).to(precision).cpu()
 
 
 def gram_singular_values(weight: torch.Tensor) -> torch.Tensor:
