@@ -551,6 +551,28 @@ def test_poet_optimizer_leaves_frozen_layers_and_a_plain_models_output_layer_to_
         poet_optimizer(model.requires_grad_(False), poet=POETConfig(block_size=4))
 
 
+def test_a_compiled_model_gets_the_weights_and_coordinates_of_the_plain_one():
+    from poetlm.optim import poet_optimizer
+
+    def build():
+        torch.manual_seed(0)
+        return nn.Sequential(nn.Linear(8, 12), nn.Tanh(), nn.Linear(12, 8), nn.Tanh(), nn.Linear(8, 3))
+
+    plain, compiled = build(), torch.compile(build())  # names gain "_orig_mod."; nothing is compiled until called
+    optimizers = [poet_optimizer(model, poet=POETConfig(block_size=4)) for model in (plain, compiled)]
+    for _ in range(2):  # the same gradients, without running the compiled model
+        for mine, theirs in zip(plain.parameters(), compiled.parameters()):
+            mine.grad = torch.randn_like(mine)
+            theirs.grad = mine.grad.clone()
+        for optimizer in optimizers:
+            optimizer.step()
+    for (name, mine), theirs in zip(plain.named_parameters(), compiled.parameters()):
+        assert torch.equal(mine, theirs), name
+    states = [optimizer.optimizers[0].state.values() for optimizer in optimizers]
+    for mine, theirs in zip(*states):
+        assert all(torch.equal(mine[side]["index"], theirs[side]["index"]) for side in ("out", "in"))
+
+
 def test_compiled_block_math_matches_eager_and_does_not_recompile_for_lrs_or_redraws():
     from torch._dynamo.utils import counters
 

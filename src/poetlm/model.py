@@ -16,7 +16,7 @@ from torch import nn
 from .config import POETConfig, checked
 from .layer import POETLinear, draw_weight, is_conv1d, wrap_module
 from .orthogonal import orthogonal_map
-from .primitives import batch_entries
+from .primitives import batch_entries, seed_name
 from .update_rules import MergeRule, ResetState
 
 
@@ -174,9 +174,9 @@ def rotated_weights(model: nn.Module, config: POETConfig | None = None,
         seen.add(id(linear.weight))
         if config.init != "keep":
             if is_conv1d(linear):  # weight stored as (in, out)
-                linear.weight.copy_(draw_weight(config, *reversed(linear.weight.shape), name).t())
+                linear.weight.copy_(draw_weight(config, *reversed(linear.weight.shape), seed_name(name)).t())
             else:
-                linear.weight.copy_(draw_weight(config, linear.out_features, linear.in_features, name))
+                linear.weight.copy_(draw_weight(config, linear.out_features, linear.in_features, seed_name(name)))
         weights.append((f"{name}.weight", linear.weight))
     if not weights:
         raise ValueError(f"every layer POET would rotate is frozen ({', '.join(name for name, _ in targets[:4])}"

@@ -28,7 +28,7 @@ import torch
 from .config import POETConfig, checked, is_number
 from .layer import is_shard, whole_value
 from .orthogonal import generator_scale, isometry_increment, rotation_increment, singular_values
-from .primitives import batch_entries, block_layout, draw_index, index_problem, require_rotations, seeded_generator, stacks, transport_blocks
+from .primitives import batch_entries, block_layout, draw_index, index_problem, require_rotations, seed_name, seeded_generator, stacks, transport_blocks
 from .update_rules import RuleConfig, make_rule
 
 SIDES = ("out", "in")
@@ -295,14 +295,14 @@ class POET(torch.optim.Optimizer):
         """(seed key, group, parameter): the same coordinates on every rank and after every resume.
 
         Given named parameters (`POET(model.named_parameters() …)` or `rotated_weights`), the key of
-        "a.b.weight" is the module name "a.b", so coordinates and W0 match a POETLinear named "a.b" with the
-        same seed; otherwise it is the parameter's position.
+        "a.b.weight" is the module name "a.b" (`seed_name`), so coordinates and W0 match a POETLinear named
+        "a.b" with the same seed; otherwise it is the parameter's position.
         """
         position = 0
         for group in self.param_groups:
             names = group.get("param_names") or [None] * len(group["params"])
             for name, param in zip(names, group["params"]):
-                yield (name.removesuffix(".weight") if name else position), group, param
+                yield (seed_name(name.removesuffix(".weight")) if name else position), group, param
                 position += 1
 
     @staticmethod

@@ -27,6 +27,12 @@ def seeded_generator(*key) -> torch.Generator:
     return generator
 
 
+def seed_name(name: str) -> str:
+    """A module's name as seeds read it: without the `_orig_mod` parts that torch.compile's wrapper adds to
+    names, so a compiled model draws the W0 and coordinates of the plain one."""
+    return ".".join(part for part in name.split(".") if part != "_orig_mod")
+
+
 # Entries one batch of rotation blocks may hold beyond one weight's, by device type. On a GPU POET's
 # rotation work is bound by kernel launches (H200, llama-60m: the fold form's optimizer took 48 ms for
 # ~1 ms of flops, the layer form's rotation backward 213 ms), so blocks of many weights go through one set
