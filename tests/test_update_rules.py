@@ -322,7 +322,9 @@ def test_momentum_is_stored_packed_and_whole_block_checkpoints_still_resume():
 
 
 @pytest.mark.parametrize("field, value", [("name", "sgd"), ("beta1", 1.0), ("redraw_every", 0), ("orthogonalize", "svd"),
-                                          ("direction_dtype", "fp16")])
+                                          ("direction_dtype", "fp16"), ("nesterov", "false"), ("alternate", None),
+                                          ("transport", 0.0), ("redraw_every", True), ("redraw_every", 2.0),
+                                          ("beta1", "0.9"), ("beta2", True), ("eps", "1e-8")])
 def test_rule_config_rejects_bad_values_by_name(field, value):
     with pytest.raises(ValueError, match=f"RuleConfig.{field}="):
         RuleConfig(**{field: value})

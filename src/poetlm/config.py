@@ -83,17 +83,17 @@ class POETConfig:
     def __post_init__(self) -> None:
         if self.variant not in VARIANTS:
             raise _invalid("variant", self.variant, f"choose one of {VARIANTS}")
-        if isinstance(self.block_size, bool) or not isinstance(self.block_size, int) or self.block_size < 2:
+        if not is_integer(self.block_size) or self.block_size < 2:
             raise _invalid("block_size", self.block_size, "must be an integer >= 2 (e.g. 64, 128, 256)")
-        if isinstance(self.fraction, bool) or not isinstance(self.fraction, (int, float)) or not 0 < self.fraction <= 1:
+        if not is_number(self.fraction) or not 0 < self.fraction <= 1:
             raise _invalid("fraction", self.fraction, "must be a number with 0 < fraction <= 1 (e.g. 0.5)")
         if self.parameterization not in PARAMETERIZATIONS:
             raise _invalid("parameterization", self.parameterization, f"choose one of {PARAMETERIZATIONS}")
-        if isinstance(self.neumann_terms, bool) or not isinstance(self.neumann_terms, int) or self.neumann_terms < 1:
+        if not is_integer(self.neumann_terms) or self.neumann_terms < 1:
             raise _invalid("neumann_terms", self.neumann_terms, "must be an integer >= 1 (k=0 does not converge; default 4)")
-        if isinstance(self.merge_every, bool) or not isinstance(self.merge_every, int) or self.merge_every < 1:
+        if not is_integer(self.merge_every) or self.merge_every < 1:
             raise _invalid("merge_every", self.merge_every, "must be an integer >= 1 (optimizer steps; paper uses 200-400)")
-        if isinstance(self.init_scale, bool) or not isinstance(self.init_scale, (int, float)) or not self.init_scale > 0:
+        if not is_number(self.init_scale) or not self.init_scale > 0:
             raise _invalid("init_scale", self.init_scale, "must be a number > 0 (1.0 = unit-norm rows for normalized_gaussian)")
         if self.init not in INITS:
             raise _invalid("init", self.init, f"choose one of {INITS}")
@@ -101,7 +101,7 @@ class POETConfig:
             raise _invalid("forward_mode", self.forward_mode, f"choose one of {FORWARD_MODES}")
         if self.build_dtype not in BUILD_DTYPES:
             raise _invalid("build_dtype", self.build_dtype, f"choose one of {BUILD_DTYPES}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+        if not is_integer(self.seed):
             raise _invalid("seed", self.seed, "must be an integer")
         targets = self.target_modules
         if isinstance(targets, str):

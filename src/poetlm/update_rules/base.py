@@ -8,7 +8,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from ..config import BUILD_DTYPES, ORTHOGONALIZERS
+from ..config import BUILD_DTYPES, ORTHOGONALIZERS, is_integer, is_number
 
 RULES = ("orthogonalized", "lie_adam")
 
@@ -54,10 +54,13 @@ class RuleConfig:
     def __post_init__(self) -> None:
         checks = [
             ("name", self.name in RULES, f"choose one of {RULES}"),
-            ("beta1", 0 <= self.beta1 < 1, "must be in [0, 1)"),
-            ("beta2", 0 <= self.beta2 < 1, "must be in [0, 1)"),
-            ("eps", self.eps > 0, "must be > 0"),
-            ("redraw_every", isinstance(self.redraw_every, int) and self.redraw_every >= 1, "must be an integer >= 1"),
+            ("beta1", is_number(self.beta1) and 0 <= self.beta1 < 1, "must be a number in [0, 1) (e.g. 0.95)"),
+            ("beta2", is_number(self.beta2) and 0 <= self.beta2 < 1, "must be a number in [0, 1) (e.g. 0.999)"),
+            ("eps", is_number(self.eps) and self.eps > 0, "must be a number > 0 (e.g. 1e-8)"),
+            ("nesterov", isinstance(self.nesterov, bool), "must be True or False"),
+            ("alternate", isinstance(self.alternate, bool), "must be True or False"),
+            ("redraw_every", is_integer(self.redraw_every) and self.redraw_every >= 1, "must be an integer >= 1 (e.g. 50)"),
+            ("transport", isinstance(self.transport, bool), "must be True or False"),
             ("orthogonalize", self.orthogonalize in ORTHOGONALIZERS, f"choose one of {ORTHOGONALIZERS}"),
             ("direction_dtype", self.direction_dtype in BUILD_DTYPES, f"choose one of {BUILD_DTYPES}"),
         ]
