@@ -553,7 +553,7 @@ class POET(torch.optim.Optimizer):
         if not saved:  # nothing kept yet, or restarted at a redraw
             return None
         block, sizes = self._layout(self._side_view(param, side).shape[0])
-        grad = param.new_zeros(len(sizes), block, block)
+        grad = torch.zeros(len(sizes), block, block, dtype=param.dtype, device=param.device)  # a plain tensor for a shard too
         fresh, trial = {}, {key: value.clone() if torch.is_tensor(value) else value for key, value in saved.items()}
         self.rule.direction(grad, fresh, active=False)
         shapes = {key: tuple(value.shape) for key, value in fresh.items() if torch.is_tensor(value)}
