@@ -77,7 +77,7 @@ class OptimConfig:
     beta1: float = 0.9                # AdamW's first-moment decay
     beta2: float = 0.999              # AdamW's second-moment decay
     warmup_steps: int = 0             # steps of linear warmup before the cosine decay
-    min_lr_ratio: float = 0.01        # the cosine schedule ends at this fraction of every learning rate
+    min_lr_ratio: float = 0.01        # the cosine decays toward this fraction of every learning rate (reached one step after the last)
     grad_clip: float = 1.0            # clip the global gradient norm to this
     merge_clip_steps: int = 10        # steps after a merge with a tightened clip (0.1× ramping back to 1×)
 
