@@ -98,8 +98,7 @@ def save_checkpoint(run_dir: Path, step: int, payload: dict, keep: int) -> Path:
     for old in list_checkpoints(run_dir)[:-keep]:
         old.unlink(missing_ok=True)
         checksum_path(old).unlink(missing_ok=True)
-    for stale in directory.glob(f"*{files.TEMP_SUFFIX}"):  # left by a process killed while writing
-        stale.unlink(missing_ok=True)
+    files.remove_temporaries(directory)
     return path
 
 
