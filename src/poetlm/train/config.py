@@ -114,7 +114,7 @@ class TrainConfig:
     log_every: int = 10               # steps between metric lines (metrics.jsonl, backends, progress lines)
     diagnostics_every: int = 50       # steps between POET diagnostics (spectrum drift, ‖Q‖, …), on logged steps
     checkpoint_every: int = 100       # steps between checkpoints (and after the last step)
-    keep_checkpoints: int = 2         # the newest checkpoints kept; older ones are deleted
+    keep_checkpoints: int = 2         # the newest intact checkpoints kept; older and damaged ones are deleted
     out_dir: str = "runs"             # parent directory of run directories
     device: str = "auto"              # auto | cpu | cuda
     dtype: str = "auto"               # auto (bf16 autocast on capable GPUs, else fp32) | fp32 | bf16
