@@ -11,7 +11,7 @@ import pytest
 
 from poetlm.cli import main
 from poetlm.train import checkpoint as ckpt
-from poetlm.train import loop
+from poetlm.train import files, loop
 from poetlm.train.config import resolve_config
 from poetlm.train.data import read_documents
 
@@ -86,6 +86,32 @@ def test_resuming_a_finished_run_changes_nothing(tiny, capsys):
     run_dir = Path(summary["run_dir"])
     before = snapshot(run_dir)
     capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    assert "already finished (3 of 3 steps)" in capsys.readouterr().out
+    assert snapshot(run_dir) == before
+
+
+def test_a_run_stopped_during_its_last_step_is_finished_by_its_resume(tiny, monkeypatch, capsys):
+    stop_at_step(monkeypatch, 3)
+    stopped = loop.train(resolve_config("tiny", tiny("name='last'", steps=3)))
+    monkeypatch.undo()
+    assert stopped["interrupted"] and stopped["step"] == 3
+    run_dir = Path(stopped["run_dir"])
+    cut_short = files.temp_path(run_dir / "final")  # as a kill during the finish stage's write_final leaves it
+    cut_short.mkdir()
+    (cut_short / "model.safetensors").write_bytes(b"cut short")
+    capsys.readouterr()
+
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    assert "already finished" not in capsys.readouterr().out
+    assert all((run_dir / name).is_file() for name in ("summary.json", "report.md", "spectrum.json", "final/config.json"))
+    assert not cut_short.exists()
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "val_ppl" in line]
+    assert [r["step"] for r in evals] == [3]  # the finish stage scores the model again without logging it twice
+    assert json.loads((run_dir / "summary.json").read_text())["final_val_ppl"] == pytest.approx(evals[0]["val_ppl"], rel=1e-6)
+
+    # Now it is finished: a resume changes nothing.
+    before = snapshot(run_dir)
     assert main(["train", "--resume", str(run_dir)]) == 0
     assert "already finished (3 of 3 steps)" in capsys.readouterr().out
     assert snapshot(run_dir) == before
