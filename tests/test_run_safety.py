@@ -135,12 +135,30 @@ def _interrupt_startup(monkeypatch):
     monkeypatch.setattr(loop, "load_data", interrupted)
 
 
+def _terminate_startup(monkeypatch):
+    # raise_signal: to this thread, whose Python handler runs before it returns.
+    monkeypatch.setattr(loop, "load_data", lambda *args, **kwargs: signal.raise_signal(signal.SIGTERM))
+
+
+@pytest.fixture
+def unhandled_sigterm_fails():
+    """A SIGTERM that poetlm leaves to the default handler fails the test instead of killing pytest."""
+    def unhandled(signum, frame):
+        raise AssertionError("SIGTERM reached no handler of poetlm's: the process would have been killed")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
 @pytest.mark.parametrize("failure,extra,code,message", [
     (None, ["data.seq_len=100000"], 1, "fewer than seq_len+1=100001"),
     (_nan_loss, [], 1, "non-finite loss (nan) at step 1"),
     (_interrupt_startup, [], 130, "poetlm train: interrupted"),
+    (_terminate_startup, [], 143, "poetlm train: interrupted"),
 ])
-def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory(tiny, monkeypatch, capsys, failure, extra, code, message):
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory(tiny, monkeypatch, capsys, unhandled_sigterm_fails,
+                                                                          failure, extra, code, message):
     if failure is not None:
         failure(monkeypatch)
     assert main(["train", *tiny("name='early'", *extra)]) == code

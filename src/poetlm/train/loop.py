@@ -94,6 +94,26 @@ def trainable_counts(model: nn.Module, method: Method) -> dict[str, int]:
     return {"trainable_params": total, "block_linear_trainable_params": method.block_linear_params(model)}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the step loop: it stops the run as SIGINT does there (Python raises KeyboardInterrupt)."""
+
+    signum = signal.SIGTERM
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM raises Terminated, where the default would kill the process before it cleans up (a claimed run
+    directory without a checkpoint). The step loop's StopSignal takes over inside."""
+    def terminate(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class StopSignal:
     """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints and exits cleanly."""
 
@@ -192,6 +212,7 @@ def _claim_shared_run_dir(config: TrainConfig, runtime: parallel.Runtime) -> Pat
     return Path(parallel.from_main(str(claim_run_dir(config)) if runtime.is_main else None, runtime))
 
 
+@sigterm_as_interrupt()
 def train(config: TrainConfig | None = None, resume: str | Path | None = None, run_dir: str | Path | None = None) -> dict:
     """Run (or resume) training; returns the summary dict also written to run_dir/summary.json."""
     if resume is not None:
