@@ -70,6 +70,19 @@ def test_a_damaged_checkpoint_is_recognised_and_the_fallback_announced(tmp_path,
         ckpt.load_checkpoint(tmp_path)
 
 
+@pytest.mark.parametrize("keep,kept", [(2, [10, 20]), (3, [5, 10, 20])])
+def test_rotation_keeps_the_newest_intact_checkpoints_and_deletes_damaged_ones(tmp_path, capsys, keep, kept):
+    for step in (5, 10, 14):
+        save(tmp_path, step, keep=3)
+    damaged = ckpt.checkpoint_dir(tmp_path) / "step_00000014.pt"
+    _garble(damaged)
+    assert ckpt.load_checkpoint(tmp_path)["step"] == 10  # resume falls back to it, and saves next at step 20
+    save(tmp_path, 20, keep=keep)
+    assert [int(p.stem.split("_")[1]) for p in ckpt.list_checkpoints(tmp_path)] == kept
+    assert not ckpt.checksum_path(damaged).exists()
+    assert "step_00000014.pt does not match its checksum: the file is damaged; deleting it" in capsys.readouterr().err
+
+
 def test_a_checkpoint_without_its_checksum_is_not_trusted(tmp_path):
     path = save(tmp_path, 3)
     ckpt.checksum_path(path).unlink()

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -18,6 +20,15 @@ def test_cosine_schedule_with_warmup_reaches_the_minimum_ratio():
     assert lr_factor(110, config) == pytest.approx(0.01)
     factors = [lr_factor(s, config) for s in range(10, 111)]
     assert all(a >= b for a, b in zip(factors, factors[1:]))
+
+
+def test_the_last_step_runs_one_step_short_of_min_lr_ratio():
+    # As documented (OptimConfig.min_lr_ratio, lr_factor) and as transformers' cosine schedule: the floor
+    # is where the cosine would be one step after the last; published runs depend on it staying so.
+    config = resolve_config("tiny", ["steps=20", "optim.warmup_steps=10", "optim.min_lr_ratio=0.01"])
+    last = lr_factor(19, config)
+    assert last == pytest.approx(0.01 + 0.99 * 0.5 * (1 + math.cos(math.pi * 9 / 10)))  # 0.0342
+    assert last > 0.01 and lr_factor(20, config) == pytest.approx(0.01)
 
 
 def test_clip_is_tightened_after_a_merge_and_ramps_back():

@@ -11,7 +11,7 @@ import pytest
 
 from poetlm.cli import main
 from poetlm.train import checkpoint as ckpt
-from poetlm.train import loop
+from poetlm.train import files, loop
 from poetlm.train.config import resolve_config
 from poetlm.train.data import read_documents
 
@@ -91,6 +91,32 @@ def test_resuming_a_finished_run_changes_nothing(tiny, capsys):
     assert snapshot(run_dir) == before
 
 
+def test_a_run_stopped_during_its_last_step_is_finished_by_its_resume(tiny, monkeypatch, capsys):
+    stop_at_step(monkeypatch, 3)
+    stopped = loop.train(resolve_config("tiny", tiny("name='last'", steps=3)))
+    monkeypatch.undo()
+    assert stopped["interrupted"] and stopped["step"] == 3
+    run_dir = Path(stopped["run_dir"])
+    cut_short = files.temp_path(run_dir / "final")  # as a kill during the finish stage's write_final leaves it
+    cut_short.mkdir()
+    (cut_short / "model.safetensors").write_bytes(b"cut short")
+    capsys.readouterr()
+
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    assert "already finished" not in capsys.readouterr().out
+    assert all((run_dir / name).is_file() for name in ("summary.json", "report.md", "spectrum.json", "final/config.json"))
+    assert not cut_short.exists()
+    evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "val_ppl" in line]
+    assert [r["step"] for r in evals] == [3]  # the finish stage scores the model again without logging it twice
+    assert json.loads((run_dir / "summary.json").read_text())["final_val_ppl"] == pytest.approx(evals[0]["val_ppl"], rel=1e-6)
+
+    # Now it is finished: a resume changes nothing.
+    before = snapshot(run_dir)
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    assert "already finished (3 of 3 steps)" in capsys.readouterr().out
+    assert snapshot(run_dir) == before
+
+
 def test_the_logged_lr_of_poet_is_the_rotations_lr(tiny):
     summary = loop.train(resolve_config("tiny", tiny("name='lr'", "optim.lr=1e-2", "optim.lr_poet=2e-3", steps=3)))
     first = json.loads((Path(summary["run_dir"]) / "metrics.jsonl").read_text().splitlines()[0])
@@ -109,12 +135,30 @@ def _interrupt_startup(monkeypatch):
     monkeypatch.setattr(loop, "load_data", interrupted)
 
 
+def _terminate_startup(monkeypatch):
+    # raise_signal: to this thread, whose Python handler runs before it returns.
+    monkeypatch.setattr(loop, "load_data", lambda *args, **kwargs: signal.raise_signal(signal.SIGTERM))
+
+
+@pytest.fixture
+def unhandled_sigterm_fails():
+    """A SIGTERM that poetlm leaves to the default handler fails the test instead of killing pytest."""
+    def unhandled(signum, frame):
+        raise AssertionError("SIGTERM reached no handler of poetlm's: the process would have been killed")
+
+    previous = signal.signal(signal.SIGTERM, unhandled)
+    yield
+    signal.signal(signal.SIGTERM, previous)
+
+
 @pytest.mark.parametrize("failure,extra,code,message", [
     (None, ["data.seq_len=100000"], 1, "fewer than seq_len+1=100001"),
     (_nan_loss, [], 1, "non-finite loss (nan) at step 1"),
     (_interrupt_startup, [], 130, "poetlm train: interrupted"),
+    (_terminate_startup, [], 143, "poetlm train: interrupted"),
 ])
-def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory(tiny, monkeypatch, capsys, failure, extra, code, message):
+def test_a_run_that_fails_before_its_first_checkpoint_leaves_no_directory(tiny, monkeypatch, capsys, unhandled_sigterm_fails,
+                                                                          failure, extra, code, message):
     if failure is not None:
         failure(monkeypatch)
     assert main(["train", *tiny("name='early'", *extra)]) == code

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import warnings
 from pathlib import Path
@@ -343,9 +344,9 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, CheckpointError, LoadError, TrainingError, ReportError, AdapterError, ModelError, CommandError) as error:
         print(f"poetlm: error: {error}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:  # during training a signal handler takes over; before it, stop without a traceback
+    except KeyboardInterrupt as stop:  # outside the step loop (whose handler checkpoints first): stop without a traceback
         print(f"\npoetlm {args.command}: interrupted", file=sys.stderr)
-        return 130
+        return 128 + getattr(stop, "signum", signal.SIGINT)  # as the step loop: SIGINT 130, SIGTERM (loop.Terminated) 143
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic durable writes, a checksum each, the last N kept, and everything exact resume needs.
+"""Checkpoints: atomic durable writes, a checksum each, the last N intact ones kept, and everything exact resume needs.
 
 A checkpoint holds the model (POET's state included: W0, coordinates, merge counts), every optimizer
 and scheduler, the loop's counters and all RNG states. Data batches are a pure function of the step,
@@ -82,7 +82,8 @@ class _HashingWriter:
 
 
 def save_checkpoint(run_dir: Path, step: int, payload: dict, keep: int) -> Path:
-    """Write step_XXXXXXXX.pt and its checksum durably, then drop all but the newest `keep` and stale temp files.
+    """Write step_XXXXXXXX.pt and its checksum durably, then drop all but the newest `keep` intact ones and
+    stale temp files.
 
     Older checkpoints are deleted only once the new one is on disk (file and directory fsynced), so a
     crash at any point leaves at least one complete checkpoint.
@@ -95,12 +96,33 @@ def save_checkpoint(run_dir: Path, step: int, payload: dict, keep: int) -> Path:
         torch.save({**payload, "step": step, "rng": rng_state()}, _HashingWriter(f, digest))
         # The checksum lands before the checkpoint: a step_N.pt never exists without its own checksum file.
         files.write_text(checksum_path(path), f"{digest.hexdigest()}  {path.name}\n")
-    for old in list_checkpoints(run_dir)[:-keep]:
-        old.unlink(missing_ok=True)
-        checksum_path(old).unlink(missing_ok=True)
-    for stale in directory.glob(f"*{files.TEMP_SUFFIX}"):  # left by a process killed while writing
-        stale.unlink(missing_ok=True)
+    _rotate(run_dir, path, keep)
+    files.remove_temporaries(directory)
     return path
+
+
+def _rotate(run_dir: Path, written: Path, keep: int) -> None:
+    """Keep `written` and the newest intact checkpoints, `keep` in all, and delete the others: a damaged one
+    (resume already skips it) must not take the place of an intact one. Older ones are verified only while
+    fewer than `keep` are kept, so an intact run reads one checkpoint back per save (keep=2)."""
+    kept = 1
+    for path in reversed(list_checkpoints(run_dir)):
+        if path == written:
+            continue
+        if kept < keep and _intact(path):
+            kept += 1
+            continue
+        path.unlink(missing_ok=True)
+        checksum_path(path).unlink(missing_ok=True)
+
+
+def _intact(path: Path) -> bool:
+    try:
+        _verify(path)
+    except CheckpointError as error:
+        print(f"poetlm: warning: {error}; deleting it", file=sys.stderr)
+        return False
+    return True
 
 
 def _verify(path: Path) -> None:

@@ -77,7 +77,7 @@ class OptimConfig:
     beta1: float = 0.9                # AdamW's first-moment decay
     beta2: float = 0.999              # AdamW's second-moment decay
     warmup_steps: int = 0             # steps of linear warmup before the cosine decay
-    min_lr_ratio: float = 0.01        # the cosine schedule ends at this fraction of every learning rate
+    min_lr_ratio: float = 0.01        # the cosine decays toward this fraction of every learning rate (reached one step after the last)
     grad_clip: float = 1.0            # clip the global gradient norm to this
     merge_clip_steps: int = 10        # steps after a merge with a tightened clip (0.1× ramping back to 1×)
 
@@ -114,7 +114,7 @@ class TrainConfig:
     log_every: int = 10               # steps between metric lines (metrics.jsonl, backends, progress lines)
     diagnostics_every: int = 50       # steps between POET diagnostics (spectrum drift, ‖Q‖, …), on logged steps
     checkpoint_every: int = 100       # steps between checkpoints (and after the last step)
-    keep_checkpoints: int = 2         # the newest checkpoints kept; older ones are deleted
+    keep_checkpoints: int = 2         # the newest intact checkpoints kept; older and damaged ones are deleted
     out_dir: str = "runs"             # parent directory of run directories
     device: str = "auto"              # auto | cpu | cuda
     dtype: str = "auto"               # auto (bf16 autocast on capable GPUs, else fp32) | fp32 | bf16

@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import os
 import secrets
+import shutil
 from pathlib import Path
 
 TEMP_SUFFIX = ".tmp"
@@ -18,6 +19,16 @@ TEMP_SUFFIX = ".tmp"
 
 def temp_path(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+
+
+def remove_temporaries(directory: Path) -> None:
+    """Remove what processes killed while writing left in `directory` under temporary names (files, or a
+    directory such as final/'s). Only one run writes in a run directory, so none of them is still in use."""
+    for stale in Path(directory).glob(f"*{TEMP_SUFFIX}"):
+        if stale.is_dir():
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)
 
 
 def sha256_file(path: Path) -> str:

@@ -94,6 +94,26 @@ def trainable_counts(model: nn.Module, method: Method) -> dict[str, int]:
     return {"trainable_params": total, "block_linear_trainable_params": method.block_linear_params(model)}
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside the step loop: it stops the run as SIGINT does there (Python raises KeyboardInterrupt)."""
+
+    signum = signal.SIGTERM
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """SIGTERM raises Terminated, where the default would kill the process before it cleans up (a claimed run
+    directory without a checkpoint). The step loop's StopSignal takes over inside."""
+    def terminate(signum, frame):
+        raise Terminated
+
+    previous = signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 class StopSignal:
     """SIGINT/SIGTERM set a flag; the loop finishes its step, checkpoints and exits cleanly."""
 
@@ -192,6 +212,7 @@ def _claim_shared_run_dir(config: TrainConfig, runtime: parallel.Runtime) -> Pat
     return Path(parallel.from_main(str(claim_run_dir(config)) if runtime.is_main else None, runtime))
 
 
+@sigterm_as_interrupt()
 def train(config: TrainConfig | None = None, resume: str | Path | None = None, run_dir: str | Path | None = None) -> dict:
     """Run (or resume) training; returns the summary dict also written to run_dir/summary.json."""
     if resume is not None:
@@ -264,7 +285,7 @@ class Run:
 
 def _train(config: TrainConfig, runtime: parallel.Runtime, resuming: bool, run_dir: Path) -> dict:
     run = _setup(config, runtime, resuming, run_dir)
-    if resuming and run.state.step >= config.steps:  # going on would only rewrite its summary and report with less
+    if resuming and run.state.step >= config.steps and finished(run_dir):  # going on would only rewrite its files
         if runtime.is_main:
             print(f"{run_dir} already finished ({run.state.step} of {config.steps} steps): nothing to do, nothing changed")
         return {"already_finished": True, "step": run.state.step, "run_dir": str(run_dir), "rank": runtime.rank}
@@ -275,6 +296,12 @@ def _train(config: TrainConfig, runtime: parallel.Runtime, resuming: bool, run_d
         if run.logger is not None:  # its writers hold files in the run directory, which a failed run may remove
             run.logger.close()
         raise
+
+
+def finished(run_dir: Path) -> bool:
+    """Whether the run's finish stage completed: summary.json and then report.md are the last files it writes
+    (`poetlm report` alone may have written a report.md)."""
+    return (run_dir / "summary.json").is_file() and (run_dir / "report.md").is_file()
 
 
 def _setup(config: TrainConfig, runtime: parallel.Runtime, resuming: bool, run_dir: Path) -> Run:
@@ -433,10 +460,16 @@ def _interrupted(run: Run, received: int) -> dict:
 
 
 def _finish(run: Run) -> dict:
-    """After the last step: the summary, the spectrum, the method's own files (an adapter), final/ and the report."""
-    config, runtime, model, method, run_dir, last = run.config, run.runtime, run.model, run.method, run.run_dir, run.last_eval
+    """After the last step: the summary, the spectrum, the method's own files (an adapter), final/ and the report.
+    Also what a resumed run whose steps were all taken before does: its finish stage was cut short."""
+    config, runtime, model, method, run_dir = run.config, run.runtime, run.model, run.method, run.run_dir
+    if runtime.is_main:
+        files.remove_temporaries(run_dir)  # a half-written final/ (or file) of a finish stage cut short by a kill
+    if run.last_eval is None:  # resumed after the last step: the model is the one that step's evaluation scored
+        run.last_eval = {**run.evaluate(), "step": run.state.step}
+    last = run.last_eval
     summary = {"method": config.method, **trainable_counts(model, method),
-               "final_val_ppl": last["val_ppl"] if last else None, "final_val_loss": last["val_loss"] if last else None,
+               "final_val_ppl": last["val_ppl"], "final_val_loss": last["val_loss"],
                "initial_val_ppl": run.state.initial_val_ppl, "tokens_per_s": run.logger.median("tokens_per_s"),
                "peak_mem_mb": peak_memory_mb(runtime.device), "total_tokens": run.state.tokens, "steps": run.state.step,
                "world_size": runtime.world_size, "replica_divergence": parallel.replica_divergence(model, runtime),
@@ -456,6 +489,8 @@ def _finish(run: Run) -> dict:
         files.write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
         write_report([run_dir], run_dir)
     return summary
+
+
 def write_final(method: Method, model: nn.Module, tokenizer, run_dir: Path) -> None:
     """run_dir/final/: the trained model and its tokenizer as a Hugging Face directory, for
     `AutoModelForCausalLM.from_pretrained` without poetlm. Written under another name and renamed into

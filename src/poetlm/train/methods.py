@@ -321,7 +321,8 @@ def _freeze_base(model: nn.Module, config: TrainConfig, keep: set[int]) -> None:
 
 
 def lr_factor(step: int, config: TrainConfig) -> float:
-    """Linear warmup, then cosine decay from 1 to min_lr_ratio at the last step."""
+    """Linear warmup, then cosine decay from 1 toward min_lr_ratio, which step `config.steps` would reach: the
+    last step (steps - 1, 0-based) runs slightly above it, as transformers' get_cosine_schedule_with_warmup does."""
     opt = config.optim
     if step < opt.warmup_steps:
         return (step + 1) / opt.warmup_steps
