@@ -111,8 +111,9 @@ def peak_memory_bytes(fn: Callable[[], object], device: str) -> int | None:
 
     CUDA: the caching allocator's max_memory_allocated (tensor bytes, not reserved segments).
     CPU: every allocation and free of c10's CPU allocator during the call, replayed in order from the
-    profiler's memory events; frees of tensors allocated before the call are not seen, so the caller
-    should drop stale tensors (e.g. old .grad) first. Either way the number counts tensor storage
+    profiler's memory events; frees of memory allocated before the call are left out, so the caller
+    should drop stale tensors (e.g. old .grad) first, as CUDA's count would not see their bytes
+    return either. Either way the number counts tensor storage
     (activations saved for backward, temporaries, gradients), not the process's RSS.
     """
     if device.startswith("cuda"):
@@ -128,29 +129,50 @@ def peak_memory_bytes(fn: Callable[[], object], device: str) -> int | None:
 
 def _cpu_peak_bytes(fn: Callable[[], object]) -> int | None:
     try:
-        from torch._C._profiler import _EventType
         from torch.profiler import ProfilerActivity, profile
     except ImportError:
         return None
     try:
         with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             fn()
-        roots = prof.profiler.kineto_results.experimental_event_tree()
+        allocations = cpu_allocations(prof)
     except Exception:  # private profiler internals: report "not measured" rather than a wrong number
         return None
-    events: list[tuple[int, int]] = []
-    stack = list(roots)
-    while stack:
-        event = stack.pop()
-        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
-            events.append((event.start_time_ns, event.extra_fields.alloc_size))
-        stack.extend(event.children)
-    events.sort()
     live = peak = 0
-    for _, size in events:
+    for _, size in allocations:
         live += size
         peak = max(peak, live)
     return peak
+
+
+def cpu_allocations(prof, also: Callable[[object], None] = lambda event: None) -> list[tuple[int, int]]:
+    """(time ns, ±bytes) of c10's CPU allocator in one profile, in order; `also` sees every other event.
+
+    Only frees of memory allocated inside the profile count: the profiler remembers sizes from earlier
+    profiles, so a tensor made during one measured call and freed in the next (a shared input's .grad)
+    would otherwise start the next call's running sum below zero.
+    """
+    from torch._C._profiler import _EventType
+
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        event = stack.pop()
+        if event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
+            events.append((event.start_time_ns, event.extra_fields.ptr, event.extra_fields.alloc_size))
+        else:
+            also(event)
+        stack.extend(event.children)
+    events.sort(key=lambda e: (e[0], e[2]))  # at one timestamp, an address is freed before it is reused
+    allocated, kept = set(), []
+    for time_ns, ptr, size in events:
+        if size > 0:
+            allocated.add(ptr)
+        elif ptr in allocated:
+            allocated.remove(ptr)
+        else:
+            continue
+        kept.append((time_ns, size))
+    return kept
 
 
 CHUNKS_HELP = ("how poetlm batches rotation blocks: as it does on this device, as on a GPU (on a CPU: a GPU "

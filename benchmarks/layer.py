@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from typing import Callable
 
 import torch
 from torch import nn
@@ -76,16 +77,38 @@ def flop_model(layer: POETLinear, tokens: int, input_centric: bool) -> int:
     return 3 * t * n_in * n_out + 2 * n_out * c_in + 3 * n_in * c_out + build
 
 
-def make_step(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor):
+def make_step(module: nn.Module, x: torch.Tensor, grad_out: torch.Tensor) -> tuple[Callable[[], None], Callable[[], None]]:
+    """(clear, run): clear drops every gradient a call makes (x's too), run is one forward+backward."""
     params = [p for p in module.parameters() if p.requires_grad]
 
-    def step() -> None:
+    def clear() -> None:
         for p in params:
             p.grad = None
         x.grad = None
+
+    def run() -> None:
         module(x).backward(grad_out)
 
+    return clear, run
+
+
+def timed(clear: Callable[[], None], run: Callable[[], None]) -> Callable[[], None]:
+    """A timed call frees the previous call's gradients first, as zero_grad(set_to_none=True) in training."""
+    def step() -> None:
+        clear()
+        run()
+
     return step
+
+
+def call_peaks(calls: dict, device: str) -> dict:
+    """Peak bytes of each (clear, run) call; gradients are cleared outside the measured call, since every
+    contender shares x and a free of x.grad from another contender's call is none of this call's."""
+    peaks = {}
+    for key, (clear, run) in calls.items():
+        clear()
+        peaks[key] = peak_memory_bytes(run, device)
+    return peaks
 
 
 def bench_shape(n_in: int, n_out: int, tokens: int, args: argparse.Namespace) -> list[dict]:
@@ -94,20 +117,21 @@ def bench_shape(n_in: int, n_out: int, tokens: int, args: argparse.Namespace) ->
     x = torch.randn(tokens, n_in, generator=generator).to(device=device, dtype=dtype).requires_grad_()
     grad_out = torch.randn(tokens, n_out, generator=generator).to(device=device, dtype=dtype)
 
-    steps = {"linear": make_step(nn.Linear(n_in, n_out, bias=False, device=device, dtype=dtype), x, grad_out)}
+    calls = {"linear": make_step(nn.Linear(n_in, n_out, bias=False, device=device, dtype=dtype), x, grad_out)}
     layers, auto_input = {}, {}
     for name, config in CONFIGS.items():
         for path in PATHS:
             layer = POETLinear(n_in, n_out, bias=False, config=dataclasses.replace(config, forward_mode=path),
                                name=f"bench.{n_in}x{n_out}", device=device, dtype=dtype)
             layers[name, path] = layer
-            steps[name, path] = make_step(torch.compile(layer) if args.compile else layer, x, grad_out)
+            calls[name, path] = make_step(torch.compile(layer) if args.compile else layer, x, grad_out)
         # The layer's own cost model decides "auto"; a meta-device copy answers without allocating.
         auto = POETLinear(n_in, n_out, bias=False, config=dataclasses.replace(config, forward_mode="auto"), device="meta")
         auto_input[name] = auto.uses_input_centric(tokens)
 
-    times = interleaved_times(steps, args.repeats, args.warmup, synchronizer(device))
-    memory = {key: peak_memory_bytes(step, device) for key, step in steps.items()}
+    times = interleaved_times({key: timed(*call) for key, call in calls.items()}, args.repeats, args.warmup,
+                              synchronizer(device))
+    memory = call_peaks(calls, device)
 
     linear_flops = 3 * tokens * n_in * n_out
     rows = [dict(shape=f"{n_in}→{n_out}", tokens=tokens, config="nn.Linear", path="—", auto=None,

@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from common import (CHUNKS_HELP, DTYPES, announce, batch_rotations_as, default_device, interleaved_times, markdown_table, median,
-                    paired_ratio, peak_memory_bytes, synchronizer)
+from common import (CHUNKS_HELP, DTYPES, announce, batch_rotations_as, cpu_allocations, default_device, interleaved_times,
+                    markdown_table, median, paired_ratio, peak_memory_bytes, synchronizer)
 from cost_model import ORTHOGONALIZE_MACS, cnp_products
 from poetlm import merge, poet_layers
 from poetlm.optim import POET
@@ -380,15 +380,13 @@ def phase_times(c: Contender, accum: int, data: TokenData, runtime: Runtime, syn
 def _cpu_phase_memory(prof, names: list[str]) -> list[list[int]]:
     from torch._C._profiler import _EventType
 
-    windows, allocations, stack = [], [], list(prof.profiler.kineto_results.experimental_event_tree())
-    while stack:
-        event = stack.pop()
+    windows = []
+
+    def phase_window(event) -> None:
         if event.tag == _EventType.TorchOp and event.name.startswith("phase:"):
             windows.append((event.start_time_ns, event.end_time_ns, event.name[len("phase:"):]))
-        elif event.tag == _EventType.Allocation and event.extra_fields.device.type == "cpu":
-            allocations.append((event.start_time_ns, event.extra_fields.alloc_size))
-        stack.extend(event.children)
-    allocations.sort()
+
+    allocations = cpu_allocations(prof, also=phase_window)
     result = {name: [0, 0] for name in names}
     live, i = 0, 0
     for start, end, name in sorted(windows):

@@ -14,6 +14,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
@@ -114,3 +115,40 @@ def test_quality_grid_extension_steps_past_the_edge_it_measured(monkeypatch):
     assert quality.beyond_edge([0.01, 0.012], 0.012) == 0.014  # where that would land back on the grid: more
     assert quality.beyond_edge([3e-4, 1e-3, 3e-3], 1e-3) is None
     assert quality.beyond_edge([3e-4, 1e-3], 1e-3) == 0.003  # 3e-3 failed: 1e-3 is the measured grid's edge
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    """Import a benchmark script as a module, as the scripts import each other."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    return importlib.import_module
+
+
+def test_cpu_peak_leaves_out_frees_of_tensors_made_before_the_call(bench):
+    common = bench("common")
+    held = {}
+
+    def make() -> None:
+        held["old"] = torch.empty(1 << 20)  # 4 MiB, allocated inside an earlier profile: its size is known
+
+    def replace() -> None:
+        held["old"] = None
+        held["new"] = torch.empty(1 << 18)  # 1 MiB
+
+    common.peak_memory_bytes(make, "cpu")
+    assert common.peak_memory_bytes(replace, "cpu") == 4 * (1 << 18)
+
+
+def test_layer_peak_is_the_same_right_after_another_contender_used_the_same_input(bench):
+    from poetlm import POETConfig, POETLinear
+
+    layer = bench("layer")
+    x = torch.randn(128, 64).requires_grad_()
+    grad_out = torch.randn(128, 64)
+    calls = {"linear": layer.make_step(torch.nn.Linear(64, 64, bias=False), x, grad_out),
+             "poet": layer.make_step(POETLinear(64, 64, bias=False, config=POETConfig(variant="bs", block_size=32),
+                                                name="t"), x, grad_out)}
+    for call in calls.values():  # as the timing rounds leave them: every contender's gradients set
+        layer.timed(*call)()
+    alone = layer.call_peaks({"poet": calls["poet"]}, "cpu")["poet"]
+    assert layer.call_peaks(calls, "cpu")["poet"] == alone
