@@ -31,10 +31,26 @@ FOLD_NEUMANN_TERMS = 4   # poet's k (POETConfig's default)
 
 
 def cnp_products(terms: int) -> int:
-    """b×b products of one Cayley–Neumann map with k terms (orthogonal.cayley_neumann_increment)."""
+    """b×b products of one Cayley–Neumann map with k terms (orthogonal.cayley_neumann_increment): 2 at k=3,
+    3 at k=4 (Paterson–Stockmeyer), k by Horner's rule otherwise. Q itself is laid out by a gather, no product."""
     return terms - 1 if terms in (3, 4) else terms
 
+
+def cnp_build_macs(terms: int, cube: int, forwards: int = 1) -> int:
+    """Multiply-adds of the layer form's Cayley–Neumann maps over blocks with Σ n_blocks·b³ = `cube`:
+    `forwards` runs of the map and one backward through it (two products per product)."""
+    return (forwards + 2) * cnp_products(terms) * cube
+
+
 ORTHOGONALIZE_MACS = 12  # per b³ and active block: 4 quintic Newton–Schulz steps of 3 products (the default on GPUs)
+FOLD_EXACT_PRODUCTS = 12  # POET's exact orthogonalization: Gram, eigh (~9 b³), two products
+
+
+def fold_block_products(orthogonalizer: str, terms: int) -> int:
+    """b×b products per block of the fold form's turning side: the orthogonalization and the map."""
+    if orthogonalizer == "newton_schulz":
+        return ORTHOGONALIZE_MACS + cnp_products(terms)
+    return FOLD_EXACT_PRODUCTS + 1  # exact directions: the map's closed form is one product
 
 
 @dataclasses.dataclass(frozen=True)
@@ -246,17 +262,17 @@ def step_flops(shape: Shape, method: Method, checkpointing: bool, world: int = 1
     extra = 0
     if method.kind == "poet":
         # Skew gradients of both sides (one weight-sized product each) and the rotation of the active
-        # side; per block of the active side, the rule's orthogonalization and the map's k products.
-        extra = 3 * c.rotate_macs + (ORTHOGONALIZE_MACS + cnp_products(FOLD_NEUMANN_TERMS)) * c.cube // 2
+        # side; per block of the active side, the rule's orthogonalization and the map's products.
+        extra = 3 * c.rotate_macs + fold_block_products("newton_schulz", FOLD_NEUMANN_TERMS) * c.cube // 2
     elif method.kind == "paper":
-        # A build rotates both sides (2 rotations) and runs CNP's k block products per side; its backward
-        # costs 1× for W0's side (W0 is frozen), 2× for the other, and 2k per side for CNP. A cached step
+        # A build rotates both sides (2 rotations) and runs CNP's block products per side; its backward
+        # costs 1× for W0's side (W0 is frozen), 2× for the other, and twice CNP's products. A cached step
         # builds twice (no grad, then with grad for the backward); under FSDP each micro-batch builds once
         # and, with checkpointing, once more in the recompute.
         cached = world == 1
         forwards = 2 if cached else 1 + checkpointing
         builds = 1 if cached else shape.accum
-        extra = builds * ((2 * forwards + 3) * c.rotate_macs + (forwards + 2) * cnp_products(NEUMANN_TERMS) * c.cube)
+        extra = builds * ((2 * forwards + 3) * c.rotate_macs + cnp_build_macs(NEUMANN_TERMS, c.cube, forwards))
     return 2.0 * macs, 2.0 * extra
 
 

@@ -22,7 +22,7 @@ from torch import nn
 
 from common import (DTYPES, announce, default_device, interleaved_times, markdown_table, median,
                     paired_ratio, peak_memory_bytes, synchronizer)
-from cost_model import cnp_products
+from cost_model import cnp_build_macs
 from poetlm import POETConfig, POETLinear
 
 FFN = {512: 1280, 768: 2048, 2048: 5376}  # the paper's LLaMA 60M / 130M / 1.3B widths
@@ -67,9 +67,8 @@ def flop_model(layer: POETLinear, tokens: int, input_centric: bool) -> int:
     """Multiply-adds of one forward+backward (see docs/benchmarks.md for the derivation)."""
     t, n_in, n_out = tokens, layer.in_features, layer.out_features
     c_in, c_out = layer.rotation_in.flops_per_vector, layer.rotation_out.flops_per_vector
-    # Cayley–Neumann: its b×b products per block (and building Q) forward, about twice that backward.
-    products = cnp_products(layer.config.neumann_terms) + 1
-    build = sum(3 * products * side.n_blocks * side.block ** 3 for side in (layer.rotation_in, layer.rotation_out))
+    cube = sum(side.n_blocks * side.block ** 3 for side in (layer.rotation_in, layer.rotation_out))
+    build = cnp_build_macs(layer.config.neumann_terms, cube)
     if input_centric:
         # W0 is frozen: its GEMM needs no weight gradient, but every token is rotated on both sides.
         return 2 * t * n_in * n_out + 3 * t * (c_in + c_out) + build

@@ -30,7 +30,7 @@ from torch import nn
 
 from common import (CHUNKS_HELP, DTYPES, announce, batch_rotations_as, cpu_allocations, default_device, interleaved_times,
                     markdown_table, median, paired_ratio, peak_memory_bytes, synchronizer)
-from cost_model import ORTHOGONALIZE_MACS, cnp_products
+from cost_model import cnp_build_macs, fold_block_products
 from poetlm import merge, poet_layers
 from poetlm.optim import POET
 from poetlm.orthogonal import choose_orthogonalizer
@@ -65,7 +65,6 @@ CPU_MICRO_BATCH = {"tiny": 16, "llama-60m": 1}
 ADAMW_MACS_PER_PARAM = 5   # lerp, addcmul, decay, sqrt/div, addcdiv: ~10 flops per element
 CLIP_MACS_PER_PARAM = 2    # the global norm and the rescale
 MUON_NS_STEPS = 5          # torch.optim.Muon's default Newton–Schulz iterations
-FOLD_EXACT_PRODUCTS = 12   # POET's exact orthogonalization: Gram, eigh (~9 b³), two products
 # The training options step.py can switch per contender: (key suffix, label suffix, config key).
 OPTIONS = [("+ckpt", " +ckpt", "activation_checkpointing"), ("+compile", " +compile", "compile")]
 
@@ -230,9 +229,7 @@ def poet_build_macs(model: nn.Module) -> int:
         c_in, c_out = (side.flops_per_vector for side in sides)
         # W0 is frozen: the first rotation needs only the block gradient (2×), the second both (3×).
         total += 2 * layer.out_features * c_in + 3 * layer.in_features * c_out
-        # CNP's b×b products per block, each with two products in backward.
-        products = cnp_products(layer.config.neumann_terms)
-        total += sum(3 * products * side.n_blocks * side.block ** 3 for side in sides)
+        total += cnp_build_macs(layer.config.neumann_terms, sum(side.n_blocks * side.block ** 3 for side in sides))
     return total
 
 
@@ -262,11 +259,8 @@ def fold_macs(c: Contender) -> int:
             for dim, other in ((p.shape[0], p.shape[1]), (p.shape[1], p.shape[0])):
                 block, sizes = block_layout(cfg.variant, dim, cfg.block_size, cfg.fraction)
                 rotate = other * sum(size * size for size in sizes)
-                if choose_orthogonalizer(rule.orthogonalize, block, p.device) == "newton_schulz":
-                    products = ORTHOGONALIZE_MACS + cnp_products(cfg.neumann_terms)
-                else:  # exact directions: the map's closed form is one product
-                    products = FOLD_EXACT_PRODUCTS + 1
-                per_block = products * sum(size ** 3 for size in sizes)
+                products = fold_block_products(choose_orthogonalizer(rule.orthogonalize, block, p.device), cfg.neumann_terms)
+                per_block = products * len(sizes) * block ** 3  # a short last block runs zero-padded to b×b
                 total += rotate + (rotate + per_block) // (2 if rule.alternate else 1)
     return total
 

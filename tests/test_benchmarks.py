@@ -152,3 +152,53 @@ def test_layer_peak_is_the_same_right_after_another_contender_used_the_same_inpu
         layer.timed(*call)()
     alone = layer.call_peaks({"poet": calls["poet"]}, "cpu")["poet"]
     assert layer.call_peaks(calls, "cpu")["poet"] == alone
+
+
+def counted_products(fn) -> int:
+    """Matrix products that `fn` dispatches (each batched product counts once)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    products = {torch.ops.aten.mm.default, torch.ops.aten.bmm.default, torch.ops.aten.baddbmm.default,
+                torch.ops.aten.addmm.default}
+
+    class Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Count.n += func in products
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return Count.n
+
+
+def test_the_scripts_count_the_products_the_map_runs(bench):
+    from poetlm import POETConfig, POETLinear
+    from poetlm.orthogonal import cayley_neumann_increment
+
+    cost_model, layer, step = bench("cost_model"), bench("layer"), bench("step")
+    q = torch.randn(3, 8, 8)
+    for terms in (1, 2, 3, 4, 5):
+        assert cost_model.cnp_products(terms) == counted_products(lambda: cayley_neumann_increment(q, terms)), terms
+    # Built once forward and back-propagated, in layer.py and step.py alike: 3·p·Σ n_blocks·b³ (p = 3 at k = 4).
+    poet = POETLinear(96, 64, bias=False, config=POETConfig(variant="bs", block_size=32), name="t")
+    cube = (3 + 2) * 32 ** 3
+    assert cost_model.cnp_build_macs(4, cube) == 9 * cube
+    assert layer.flop_model(poet, 0, input_centric=True) == 9 * cube
+    rotations = 2 * 64 * poet.rotation_in.flops_per_vector + 3 * 96 * poet.rotation_out.flops_per_vector
+    assert step.poet_build_macs(torch.nn.Sequential(poet)) == rotations + 9 * cube
+
+
+def test_fold_flops_count_the_zero_padded_slots_the_optimizer_runs(bench):
+    import types
+
+    from poetlm import POETConfig, RuleConfig
+    from poetlm.optim import POET
+
+    cost_model, step = bench("cost_model"), bench("step")
+    weight = torch.nn.Parameter(torch.randn(100, 64))  # out side: blocks of 64 and 36, the latter padded to 64
+    fold = POET([weight], lr=0.02, poet=POETConfig(block_size=64), rule=RuleConfig(orthogonalize="newton_schulz"))
+    rotate = 64 * (64 ** 2 + 36 ** 2) + 100 * 64 ** 2  # both sides' skew gradients
+    per_block = cost_model.fold_block_products("newton_schulz", 4) * (2 + 1) * 64 ** 3
+    assert step.fold_macs(types.SimpleNamespace(optimizers=[fold])) == rotate + (rotate + per_block) // 2  # alternating
