@@ -489,6 +489,12 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict:
     return result
 
 
+def peak_ratio(memory: list[dict], m: dict, other: str | None) -> float | None:
+    """m's peak over contender `other`'s at the same accumulation (None where either was not measured)."""
+    base = next((o["peak"] for o in memory if (o["accum"], o["key"]) == (m["accum"], other)), None)
+    return m["peak"] / base if m["peak"] and base else None
+
+
 def _mb(nbytes: int | None) -> str:
     return "n/a" if nbytes is None else f"{nbytes / 2**20:.0f}"
 
@@ -509,13 +515,11 @@ def render(result: dict, args: argparse.Namespace) -> str:
             + [f"{r['vs_plain']:.2f}" if r["vs_plain"] else "—"] * options for r in result["rows"]]
     out.append(markdown_table(headers, body, align="rrlrrrrrr"))
     if result["memory"]:
-        peaks = {(m["accum"], m["key"]): m["peak"] for m in result["memory"]}
-        keys = {m["key"] for m in result["memory"]}
-
         def ratio(m: dict, other: str | None) -> str:
-            base = peaks.get((m["accum"], other))
-            return f"{m['peak'] / base:.2f}" if m["peak"] and base else "n/a"
+            value = peak_ratio(result["memory"], m, other)
+            return "n/a" if value is None else f"{value:.2f}"
 
+        keys = {m["key"] for m in result["memory"]}
         headers = ["accum", "method", "params+buffers MB", "optimizer state MB", "in-step peak MB", "peak MB", "× AdamW"] + ["× plain"] * options
         body = [[m["accum"], m["label"], _mb(m["model"]), _mb(m["state"]), _mb(m["step"]), _mb(m["peak"]),
                  ratio(m, adamw_key(m["key"], keys))]
@@ -566,10 +570,10 @@ def targets(results: list[dict]) -> list[str]:
                 verdict = "met" if r["ratio"] <= target else "missed"
                 lines.append(f"llama-60m accum {r['accum']}, {r['label']}: step {r['ratio']:.2f}× AdamW "
                              f"(target ≤ {target:.2f}: {verdict})")
-        adamw = {m["accum"]: m["peak"] for m in result["memory"] if m["key"] == "adamw"}
+        keys = {m["key"] for m in result["memory"]}
         for m in result["memory"]:
-            if block_tag(m["key"]) and m["peak"] and adamw.get(m["accum"]):
-                ratio = m["peak"] / adamw[m["accum"]]
+            ratio = peak_ratio(result["memory"], m, adamw_key(m["key"], keys))  # as the table's × AdamW
+            if block_tag(m["key"]) and ratio is not None:
                 lines.append(f"llama-60m accum {m['accum']}, {m['label']}: peak memory {ratio:.2f}× AdamW "
                              f"(target ≤ {MEMORY_TARGET:.2f}: {'met' if ratio <= MEMORY_TARGET else 'missed'})")
         for f in result["fit"]:

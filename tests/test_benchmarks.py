@@ -202,3 +202,13 @@ def test_fold_flops_count_the_zero_padded_slots_the_optimizer_runs(bench):
     rotate = 64 * (64 ** 2 + 36 ** 2) + 100 * 64 ** 2  # both sides' skew gradients
     per_block = cost_model.fold_block_products("newton_schulz", 4) * (2 + 1) * 64 ** 3
     assert step.fold_macs(types.SimpleNamespace(optimizers=[fold])) == rotate + (rotate + per_block) // 2  # alternating
+
+
+def test_memory_targets_compare_with_adamw_under_the_same_options(bench):
+    step = bench("step")
+    memory = [{"accum": 1, "key": key, "label": label, "peak": peak}
+              for key, label, peak in [("adamw", "AdamW", 100), ("adamw+ckpt", "AdamW +ckpt", 50),
+                                       ("poet-b64", "POET bs b=64", 70), ("poet-b64+ckpt", "POET bs b=64 +ckpt", 45)]]
+    lines = step.targets([{"preset": "llama-60m", "rows": [], "memory": memory, "fit": []}])
+    assert any("POET bs b=64: peak memory 0.70× AdamW" in line for line in lines), lines
+    assert any("POET bs b=64 +ckpt: peak memory 0.90× AdamW (target ≤ 0.80: missed)" in line for line in lines), lines
