@@ -65,9 +65,15 @@ def synchronizer(device: str) -> Callable[[], None]:
     return lambda: None
 
 
+def timed_rounds(repeats: int) -> int:
+    """Rounds actually timed for `repeats`: rounded up to even. The fold rule turns one side on even steps
+    and the other on odd ones, two different costs; pairs of consecutive steps hold one of each."""
+    return repeats + repeats % 2
+
+
 def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1,
                       sync: Callable[[], None] = lambda: None) -> dict[str, list[float]]:
-    """Seconds per call of every function, `repeats` samples each, taken round-robin.
+    """Seconds per call of every function, timed_rounds(repeats) samples each, taken round-robin.
 
     Round-robin rather than one function after another: on a shared, noisy machine (thermal state,
     other jobs) slow phases then hit every contender alike, so per-round ratios stay meaningful. The
@@ -83,7 +89,7 @@ def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, warmup
     gc_was_enabled = gc.isenabled()
     gc.disable()  # a collection landing inside one sample would be charged to whoever ran then
     try:
-        for round_index in range(repeats):
+        for round_index in range(timed_rounds(repeats)):
             shift = round_index % len(names)
             for name in names[shift:] + names[:shift]:
                 sync()
@@ -97,13 +103,22 @@ def interleaved_times(fns: dict[str, Callable[[], object]], repeats: int, warmup
     return times
 
 
-def median(values: Sequence[float]) -> float:
-    return statistics.median(values)
+def pair_sums(times: Sequence[float]) -> list[float]:
+    """Sums of consecutive pairs of step times: each pair is one even and one odd step (see timed_rounds)."""
+    if len(times) % 2:
+        raise ValueError(f"{len(times)} step times: pairing needs an even number (interleaved_times gives one)")
+    return [a + b for a, b in zip(times[::2], times[1::2])]
+
+
+def step_median(times: Sequence[float]) -> float:
+    """Seconds of one step: the median of pair means, so that both parities of an alternating step weigh
+    alike (a plain median of an odd count picks one parity's cost); harmless where steps do not alternate."""
+    return statistics.median(pair_sums(times)) / 2
 
 
 def paired_ratio(times: Sequence[float], baseline: Sequence[float]) -> float:
-    """Median of per-round ratios: each sample is compared with the baseline of its own round."""
-    return statistics.median(t / b for t, b in zip(times, baseline))
+    """Median of per-pair ratios: each pair of steps is compared with the baseline's pair of the same rounds."""
+    return statistics.median(t / b for t, b in zip(pair_sums(times), pair_sums(baseline)))
 
 
 def peak_memory_bytes(fn: Callable[[], object], device: str) -> int | None:

@@ -20,8 +20,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from common import (DTYPES, announce, default_device, interleaved_times, markdown_table, median,
-                    paired_ratio, peak_memory_bytes, synchronizer)
+from common import (DTYPES, announce, default_device, interleaved_times, markdown_table, paired_ratio,
+                    peak_memory_bytes, step_median, synchronizer, timed_rounds)
 from cost_model import cnp_build_macs
 from poetlm import POETConfig, POETLinear
 
@@ -42,7 +42,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     parser.add_argument("--hidden", type=int, nargs="+", choices=sorted(FFN), help="hidden sizes (default: all)")
     parser.add_argument("--tokens", type=int, nargs="+", help="tokens per call (default: 2048 16384)")
-    parser.add_argument("--repeats", type=int, help="timed calls per contender (default: 20, quick: 5)")
+    parser.add_argument("--repeats", type=int, help="timed calls per contender, rounded up to even (default: 20, quick: 5)")
     parser.add_argument("--warmup", type=int, help="untimed rounds before timing (default: 3, quick: 1)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
     parser.add_argument("--ffn-down", action="store_true", help="also time the FFN→hidden shape")
@@ -134,12 +134,12 @@ def bench_shape(n_in: int, n_out: int, tokens: int, args: argparse.Namespace) ->
 
     linear_flops = 3 * tokens * n_in * n_out
     rows = [dict(shape=f"{n_in}→{n_out}", tokens=tokens, config="nn.Linear", path="—", auto=None,
-                 ms=1e3 * median(times["linear"]), ratio=1.0, ideal=1.0, mb=_mb(memory["linear"]), mem_ratio=1.0)]
+                 ms=1e3 * step_median(times["linear"]), ratio=1.0, ideal=1.0, mb=_mb(memory["linear"]), mem_ratio=1.0)]
     for (name, path), layer in layers.items():
         input_centric = path == "input"
         rows.append(dict(
             shape=f"{n_in}→{n_out}", tokens=tokens, config=name, path=path, auto=auto_input[name] == input_centric,
-            ms=1e3 * median(times[name, path]), ratio=paired_ratio(times[name, path], times["linear"]),
+            ms=1e3 * step_median(times[name, path]), ratio=paired_ratio(times[name, path], times["linear"]),
             ideal=flop_model(layer, tokens, input_centric) / linear_flops, mb=_mb(memory[name, path]),
             mem_ratio=_ratio(memory[name, path], memory["linear"])))
     return rows
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     announce("layer.py", argv, args.device, args.threads)
     print(f"device {args.device}, dtype {args.dtype}, hidden {args.hidden}, tokens {args.tokens}, "
-          f"{args.repeats} repeats after {args.warmup} warmup round(s)")
+          f"{timed_rounds(args.repeats)} repeats after {args.warmup} warmup round(s)")
     if args.quick:
         print("QUICK RUN: a subset of shapes and few repeats (pass --full, or --hidden/--tokens, for more)")
     print(flush=True)

@@ -8,8 +8,9 @@
 
 The weights are the preset's q/k/v/o/gate/up/down matrices (random, with random gradients); no model,
 no data: what is left is the optimizer's own work per step, the part of a POET step that does not
-shrink with more tokens per step. Median of --repeats steps after one untimed step (one torch thread on
-CPU; CUDA synchronized around each step). "ops/step" counts the torch ops the step dispatches itself
+shrink with more tokens per step. After two untimed steps, --repeats steps (rounded up to even) are
+timed and a step's time is the median of their pairs' means, one step of each alternating side in a pair
+(one torch thread on CPU; CUDA synchronized around each step). "ops/step" counts the torch ops the step dispatches itself
 (views included): where kernel launches bound a step, as on GPUs at these sizes, that is its cost.
 "exact" rows map their directions in closed form (`orthogonal.isometry_increment`, one product);
 "auto", POET's default, is exact from b = 192 on a CPU and Newton–Schulz elsewhere.
@@ -18,13 +19,12 @@ CPU; CUDA synchronized around each step). "ops/step" counts the torch ops the st
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import torch
 
-from common import CHUNKS_HELP, batch_rotations_as, describe_machine, markdown_table, synchronizer
+from common import (CHUNKS_HELP, batch_rotations_as, describe_machine, interleaved_times, markdown_table, step_median,
+                    synchronizer)
 from cost_model import preset_shape
 from poetlm import POETConfig, RuleConfig
 from poetlm.optim import POET
@@ -43,16 +43,8 @@ def block_weights(preset: str, seed: int = 0, device: str = "cpu") -> list[torch
 
 
 def median_step(optimizer: torch.optim.Optimizer, repeats: int, sync) -> float:
-    for _ in range(2):  # states are created on the first step; compiled math traces both alternating sides
-        optimizer.step()
-    times = []
-    for _ in range(repeats):
-        sync()
-        start = time.perf_counter()
-        optimizer.step()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    # Two untimed steps: states are created on the first; compiled math traces both alternating sides.
+    return step_median(interleaved_times({"step": optimizer.step}, repeats, warmup=2, sync=sync)["step"])
 
 
 def dispatched_ops(optimizer: torch.optim.Optimizer) -> int:
@@ -81,7 +73,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--orthogonalize", nargs="+", default=["newton_schulz", "exact"], choices=["newton_schulz", "exact", "auto"])
     parser.add_argument("--direction-dtypes", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
                         help="rule.direction_dtype values to time (bf16 is for GPUs)")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps, rounded up to even")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     parser.add_argument("--profile", action="store_true", help="also list the top ops of two steps per POET row")

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from common import (CHUNKS_HELP, DTYPES, announce, batch_rotations_as, cpu_allocations, default_device, interleaved_times,
-                    markdown_table, median, paired_ratio, peak_memory_bytes, synchronizer)
+                    markdown_table, paired_ratio, peak_memory_bytes, step_median, synchronizer, timed_rounds)
 from cost_model import cnp_build_macs, fold_block_products
 from poetlm import merge, poet_layers
 from poetlm.optim import POET
@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="default: all but the bf16 build, which "
                         "only pays off on a GPU", default=[key for key in METHODS if not key.endswith("-bf16")])
     parser.add_argument("--accum", type=int, nargs="+", default=[1, 4], help="micro-batches per optimizer step")
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per contender and accumulation")
+    parser.add_argument("--repeats", type=int, default=3, help="timed steps per contender and accumulation, rounded up to even")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before the first accumulation setting")
     parser.add_argument("--micro-batch", type=int, help="sequences per micro-batch (default: the preset's on CUDA, "
                         f"{CPU_MICRO_BATCH} on CPU)")
@@ -437,7 +437,7 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict:
         warmup = args.warmup if index == 0 or args.device != "cpu" else 0
         times = interleaved_times(steps, args.repeats, warmup, sync)
         for key, c in contenders.items():
-            ms = 1e3 * median(times[key])
+            ms = 1e3 * step_median(times[key])
             adamw, plain = adamw_key(key, contenders), plain_key(key)
             row = {"accum": accum, "tokens": tokens, "label": c.label, "key": key, "ms": ms, "tok_s": tokens / ms * 1e3,
                    "ratio": paired_ratio(times[key], times[adamw]) if adamw else None,
@@ -451,7 +451,7 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict:
                 in_step = peak_memory_bytes(steps[key], args.device)
                 result["memory"].append({"accum": accum, "label": c.label, "key": key, "model": model_b, "state": state_b,
                                          "step": in_step, "peak": None if in_step is None else model_b + state_b + in_step})
-        print(f"  done {preset} accum {accum}: " + ", ".join(f"{contenders[k].label} {1e3 * median(t):.0f} ms" for k, t in times.items()),
+        print(f"  done {preset} accum {accum}: " + ", ".join(f"{contenders[k].label} {1e3 * step_median(t):.0f} ms" for k, t in times.items()),
               file=sys.stderr, flush=True)
     if len(set(args.accum)) >= 2:
         by = {(r["key"], r["accum"]): r["ms"] for r in result["rows"]}
@@ -475,7 +475,7 @@ def bench_preset(preset: str, args: argparse.Namespace) -> dict:
         result["pooled"] = pooled[""] if "" in pooled else statistics.median(pooled.values())
     for key, c in contenders.items():
         if c.is_poet and args.merges:
-            result.setdefault("merge_ms", {})[key] = 1e3 * median(merge_times(c, args.merges, sync))
+            result.setdefault("merge_ms", {})[key] = 1e3 * statistics.median(merge_times(c, args.merges, sync))
     if args.profile:
         accum = min(args.accum)
         for key, c in contenders.items():
@@ -587,7 +587,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     batch_rotations_as(args.chunks)
     announce("step.py", argv, args.device, args.threads)
-    print(f"device {args.device}, dtype {args.dtype}, accum {args.accum}, {args.repeats} timed rounds after "
+    print(f"device {args.device}, dtype {args.dtype}, accum {args.accum}, {timed_rounds(args.repeats)} timed rounds after "
           f"{args.warmup} warmup round(s), methods {args.methods}\n", flush=True)
     start = time.perf_counter()
     results = []

@@ -212,3 +212,16 @@ def test_memory_targets_compare_with_adamw_under_the_same_options(bench):
     lines = step.targets([{"preset": "llama-60m", "rows": [], "memory": memory, "fit": []}])
     assert any("POET bs b=64: peak memory 0.70× AdamW" in line for line in lines), lines
     assert any("POET bs b=64 +ckpt: peak memory 0.90× AdamW (target ≤ 0.80: missed)" in line for line in lines), lines
+
+
+def test_step_times_balance_the_alternating_sides(bench):
+    common = bench("common")
+    calls = []
+    times = common.interleaved_times({"step": lambda: calls.append(1)}, repeats=3, warmup=0)
+    assert len(times["step"]) == len(calls) == 4  # rounded up to even: two steps of each side
+    steps = [1.0, 3.0, 1.0, 3.0]  # the fold rule alternates a cheap and a dear step
+    assert common.step_median(steps) == 2.0  # a median of the first three would say 1.0
+    assert common.paired_ratio(steps, [1.0, 1.0, 1.0, 1.0]) == 2.0
+    assert common.paired_ratio([1.0, 3.0, 3.0, 1.0, 1.0, 3.0], [1.0, 1.0, 2.0, 2.0, 1.0, 1.0]) == 2.0
+    with pytest.raises(ValueError):
+        common.step_median(steps[:3])
