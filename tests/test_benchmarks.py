@@ -225,3 +225,17 @@ def test_step_times_balance_the_alternating_sides(bench):
     assert common.paired_ratio([1.0, 3.0, 3.0, 1.0, 1.0, 3.0], [1.0, 1.0, 2.0, 2.0, 1.0, 1.0]) == 2.0
     with pytest.raises(ValueError):
         common.step_median(steps[:3])
+
+
+def test_numerics_judges_the_default_map_and_labels_columns_by_merge_count(bench):
+    import math
+
+    from poetlm import POETConfig
+
+    numerics = bench("numerics")
+    assert numerics.MAPS[numerics.DEFAULT_MAP] == (POETConfig().parameterization, POETConfig().neumann_terms)
+    assert numerics.MAPS[numerics.PAPER_MAP] == ("cayley_neumann", 3)
+    assert numerics.parse_args(["--merges", "20", "5"]).merges == [5, 20]  # the order drift_run fills them in
+    # Second order at even k: √(1 + λ^{2k+2}) − 1 ≈ λ^{2k+2}/2, not the 0 that marks exact Cayley.
+    assert numerics.predicted_singular_change(0.015, 4) == pytest.approx(0.015 ** 10 / 2, rel=1e-9, abs=0)
+    assert numerics.predicted_singular_change(0.5, 2) == pytest.approx(math.sqrt(1 + 0.5 ** 6) - 1, rel=1e-12)
