@@ -17,8 +17,9 @@ import sys
 from pathlib import Path
 
 from common import markdown_table
+from poetlm import POETConfig
 from poetlm.primitives import GPU_CHUNK_ENTRIES, block_layout
-from poetlm.train.config import resolve_config
+from poetlm.train.config import PAPER_NEUMANN_TERMS, resolve_config
 
 GIB = 2**30
 MIB = 2**20
@@ -26,8 +27,8 @@ GPU_BYTES = 81559 * MIB  # what nvidia-smi reports for an 80 GB H100 / A100
 USABLE = 0.9             # the rest: CUDA context, NCCL buffers, allocator fragmentation
 FSDP_WORLD = 8
 PRESETS = ["tiny", "small", "llama-60m", "llama-130m", "llama-350m", "llama-1b", "llama-3b"]
-NEUMANN_TERMS = 3        # poet-paper's k (the paper's recipe)
-FOLD_NEUMANN_TERMS = 4   # poet's k (POETConfig's default)
+NEUMANN_TERMS = PAPER_NEUMANN_TERMS              # poet-paper's k (the paper's recipe)
+FOLD_NEUMANN_TERMS = POETConfig.neumann_terms    # poet's k (POETConfig's default)
 
 
 def cnp_products(terms: int) -> int:
