@@ -131,6 +131,17 @@ def test_warmup_longer_than_the_run_warns():
     resolved_quietly("steps=11")
 
 
+@pytest.mark.parametrize("rank,said", [("0", True), ("1", False)])
+def test_under_torchrun_one_process_says_what_is_wrong_with_the_settings(rank, said, monkeypatch, capsys):
+    monkeypatch.setenv("RANK", rank)  # every process of a torchrun job parses the same command
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert main(["train", "--print-config", "steps=5"]) == 0
+    assert any("warmup_steps=10 is not below steps=5" in str(w.message) for w in caught) == said
+    assert main(["train", "--print-config", "stpes=5"]) == 2
+    assert ("unknown config key(s) 'stpes'" in capsys.readouterr().err) == said
+
+
 @pytest.mark.parametrize("text,message", [
     (b"methods = 5\n", "methods=5 must be a section of [methods.NAME] tables"),
     (b"[methods]\npoet = 5\n", "config section methods.poet must be a table, got 5"),

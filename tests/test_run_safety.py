@@ -5,6 +5,7 @@ import os
 import pickle
 import shutil
 import signal
+import statistics
 from pathlib import Path
 
 import pytest
@@ -108,7 +109,13 @@ def test_a_run_stopped_during_its_last_step_is_finished_by_its_resume(tiny, monk
     assert not cut_short.exists()
     evals = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if "val_ppl" in line]
     assert [r["step"] for r in evals] == [3]  # the finish stage scores the model again without logging it twice
-    assert json.loads((run_dir / "summary.json").read_text())["final_val_ppl"] == pytest.approx(evals[0]["val_ppl"], rel=1e-6)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["final_val_ppl"] == pytest.approx(evals[0]["val_ppl"], rel=1e-6)
+    # The run's speed and peak, from the session that took its steps (the finishing one took none).
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    speeds = [r["tokens_per_s"] for r in records if "tokens_per_s" in r]
+    assert speeds and summary["tokens_per_s"] == pytest.approx(statistics.median(speeds))
+    assert summary["peak_mem_mb"] >= max(r["peak_mem_mb"] for r in records if "peak_mem_mb" in r)
 
     # Now it is finished: a resume changes nothing.
     before = snapshot(run_dir)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 import warnings
@@ -11,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .train.checkpoint import CheckpointError
-from .train.config import METHODS, ConfigError, DataConfig, load_config, preset_names, resolve_config
+from .train.config import METHODS, ConfigError, ConfigWarning, DataConfig, load_config, preset_names, resolve_config
 from .train.data import DataError
 
 class CommandError(RuntimeError):
@@ -336,10 +337,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     handler = COMMANDS[args.command]
+    # Under torchrun every process reads the same command: one of them says what is wrong with its settings.
+    echo = os.environ.get("RANK", "0") != "0"
+    if echo:
+        warnings.filterwarnings("ignore", category=ConfigWarning)
     try:
         return handler(args)
     except ConfigError as error:
-        print(f"poetlm: config error: {error}", file=sys.stderr)
+        if not echo:
+            print(f"poetlm: config error: {error}", file=sys.stderr)
         return 2
     except (DataError, CheckpointError, LoadError, TrainingError, ReportError, AdapterError, ModelError, CommandError) as error:
         print(f"poetlm: error: {error}", file=sys.stderr)

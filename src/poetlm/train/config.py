@@ -426,7 +426,7 @@ def resolve_config(preset: str = "tiny", overrides: list | None = None) -> Train
     config = _build_train(values)
     config.resolution = Resolution(_build_train(top), tables, name_prefix, derived, [".".join(keys) for keys, _ in parsed])
     for message in config_warnings(config):
-        warnings.warn(message, stacklevel=2)
+        warnings.warn(message, ConfigWarning, stacklevel=2)
     return config
 
 
@@ -463,6 +463,10 @@ def _unused_because(config: TrainConfig, key: str) -> str | None:
         return "finetuning only"
     users = methods_using(key)
     return None if config.method in users else f"method {' / '.join(users)} only"
+
+
+class ConfigWarning(UserWarning):
+    """A setting the run will not honour as asked (it runs anyway)."""
 
 
 def config_warnings(config: TrainConfig) -> list[str]:

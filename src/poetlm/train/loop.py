@@ -471,7 +471,9 @@ def _finish(run: Run) -> dict:
     summary = {"method": config.method, **trainable_counts(model, method),
                "final_val_ppl": last["val_ppl"], "final_val_loss": last["val_loss"],
                "initial_val_ppl": run.state.initial_val_ppl, "tokens_per_s": run.logger.median("tokens_per_s"),
-               "peak_mem_mb": peak_memory_mb(runtime.device), "total_tokens": run.state.tokens, "steps": run.state.step,
+               # Over the whole run: a resumed run's logger holds its earlier sessions' records too.
+               "peak_mem_mb": max(peak_memory_mb(runtime.device), run.logger.maximum("peak_mem_mb") or 0.0),
+               "total_tokens": run.state.tokens, "steps": run.state.step,
                "world_size": runtime.world_size, "replica_divergence": parallel.replica_divergence(model, runtime),
                "run_dir": str(run_dir), "rank": runtime.rank,
                # The method's core promise: every rotated weight keeps its singular values (None: not a POET run).

@@ -94,15 +94,19 @@ class MetricsLogger:
                 continue
             if not after:
                 kept.append(raw.decode("utf-8"))
+                self._remember(record)  # the run's summary (median speed, peak memory) covers its earlier sessions too
         files.write_text(self.path, "".join(k + "\n" for k in kept))
         if unreadable:
             shown = ", ".join(map(str, unreadable[:10])) + (" …" if len(unreadable) > 10 else "")
             print(f"poetlm: warning: dropped {len(unreadable)} unreadable line(s) of {self.path} (line {shown})", file=sys.stderr)
 
-    def log(self, record: dict) -> None:
+    def _remember(self, record: dict) -> None:
         for key, value in record.items():
             if isinstance(value, (int, float)):
                 self.values.setdefault(key, []).append(float(value))
+
+    def log(self, record: dict) -> None:
+        self._remember(record)
         if not self.enabled:
             return
         with self.path.open("a", encoding="utf-8") as f:
@@ -117,6 +121,10 @@ class MetricsLogger:
     def median(self, key: str) -> float | None:
         values = self.values.get(key)
         return statistics.median(values) if values else None
+
+    def maximum(self, key: str) -> float | None:
+        values = self.values.get(key)
+        return max(values) if values else None
 
     def close(self) -> None:
         if self._writer is not None:
