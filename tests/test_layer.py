@@ -211,6 +211,12 @@ def test_layers_built_without_a_name_differ_and_follow_torch_seed():
     assert torch.equal(again.weight0, q.weight0) and torch.equal(again.rotation_in.index, q.rotation_in.index)
 
 
+def test_a_layer_of_a_compiled_model_draws_what_the_plain_one_draws():
+    config = POETConfig(block_size=4)
+    plain, compiled = POETLinear(8, 6, config=config, name="0.mlp"), POETLinear(8, 6, config=config, name="_orig_mod.0.mlp")
+    assert torch.equal(plain.weight0, compiled.weight0) and torch.equal(plain.rotation_in.index, compiled.rotation_in.index)
+
+
 def test_inputs_and_shapes_poet_cannot_take_are_refused():
     layer = POETLinear(8, 4, config=POETConfig(block_size=4), name="l")
     with pytest.raises(TypeError, match="floating-point inputs, got torch.int64"):

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from .config import POETConfig
 from .orthogonal import singular_values
-from .primitives import RotationSide, make_side, require_rotations, rotate_weight, seeded_generator
+from .primitives import RotationSide, make_side, require_rotations, rotate_weight, seed_name, seeded_generator
 
 
 def is_shard(tensor: torch.Tensor) -> bool:
@@ -68,9 +68,9 @@ class POETLinear(nn.Module):
         self.config = config
         self.name = name
         # W0, the probe and every permutation are drawn from (config.seed, this key): a model's layers by
-        # their names (poetize), a layer built on its own from torch's generator, so that two of them differ
-        # and torch.manual_seed reproduces them.
-        self.seed_key = name or f"unnamed:{int(torch.randint(2**62, ()))}"
+        # their names (poetize; as `seed_name` reads them, so a compiled model's too), a layer built on its
+        # own from torch's generator, so that two of them differ and torch.manual_seed reproduces them.
+        self.seed_key = seed_name(name) or f"unnamed:{int(torch.randint(2**62, ()))}"
         dtype = dtype or torch.get_default_dtype()
         self.weight_dtype = dtype  # what export_dense gives back
         # W0 stays in fp32 (or wider) whatever the compute dtype, so merges do not erode the spectrum.

@@ -104,7 +104,7 @@ def index_problem(variant: str, index: torch.Tensor, dim: int, count: int) -> st
 def select(x: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Tensor:
     """x.index_select(dim, index), in x's layout: a transposed matrix (the weight path builds its weight
     as one, and its gradient arrives as one) is gathered as the transpose of a contiguous one, since
-    gathering along a strided tensor's rows takes 10–30× as long on CPU."""
+    gathering along a strided tensor's rows is many times slower on CPU than gathering a contiguous one's."""
     if x.dim() == 2 and not x.is_contiguous() and x.T.is_contiguous():
         return x.T.index_select(1 - dim % 2, index).T
     return x.index_select(dim, index)
