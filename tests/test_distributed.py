@@ -36,8 +36,7 @@ def command(tmp_path, name, nproc, *extra):
 
 def run(tmp_path, name, nproc, *extra):
     result = subprocess.run(command(tmp_path, name, nproc, *extra), capture_output=True, text=True, timeout=300)
-    failure = [line for line in result.stderr.splitlines() if "Error" in line or "error" in line]
-    assert result.returncode == 0, "\n".join(failure[:40]) or result.stderr[-3000:]
+    assert result.returncode == 0, result.stderr[-6000:]
     run_dir = tmp_path / "runs" / name
     lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return [r["loss"] for r in lines if "loss" in r], json.loads((run_dir / "summary.json").read_text()), result.stdout

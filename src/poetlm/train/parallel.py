@@ -90,8 +90,21 @@ def teardown(runtime: Runtime, clean: bool = True) -> None:
     # Rank 0 writes the report after the last collective; a rank that tears down and exits meanwhile
     # can abort in gloo's background threads ("terminate called without an active exception").
     dist.barrier()
+    # A rank returns from a gloo barrier once its own messages are through, possibly before its peers
+    # have read theirs; closing its sockets then can reset a peer still inside the barrier ("Read error …
+    # Connection reset by peer", seen once in CI under FSDP2). No rank closes any until all are out of it.
+    _store_barrier("poetlm/teardown", runtime.world_size)
     gc.collect()  # release FSDP's pending collectives before their process group goes away
     dist.destroy_process_group()
+
+
+def _store_barrier(key: str, world_size: int) -> None:
+    """Wait until every rank has reached this point, through torchrun's key-value store (not the process
+    group's sockets)."""
+    store = dist.distributed_c10d._get_default_store()
+    if store.add(key, 1) == world_size:
+        store.set(f"{key}/all", "1")
+    store.wait([f"{key}/all"], WAIT_FOR_MAIN)
 
 
 def agreed_signal(received: int | None, runtime: Runtime) -> int | None:
