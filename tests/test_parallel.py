@@ -146,3 +146,33 @@ def test_poet_optimizer_rotates_sharded_weights_as_whole_ones_and_resumes_from_a
     for ours, reference in zip(resumed, whole):
         torch.testing.assert_close(ours.weight.full_tensor(), reference.weight.detach(), rtol=0, atol=1e-12)
     assert resumed_optimizer.spectrum_drift() == pytest.approx(whole_optimizer.spectrum_drift(), abs=1e-9)
+
+
+def test_teardown_store_barrier_holds_every_rank_until_all_arrive_round_after_round(monkeypatch):
+    """The store barrier that keeps a rank's sockets open until its peers are out of the last gloo barrier:
+    no rank leaves before the last arrives, and a store that outlives a run (a second run in one job)
+    syncs again instead of letting everyone through."""
+    import threading
+    import time
+
+    import torch.distributed as dist
+
+    from poetlm.train import parallel
+
+    store = dist.HashStore()
+    monkeypatch.setattr(dist.distributed_c10d, "_get_default_store", lambda: store)
+    for _ in range(2):
+        left = []
+
+        def rank(delay):
+            time.sleep(delay)
+            parallel._store_barrier("poetlm/teardown", 3)
+            left.append(time.monotonic())
+
+        threads = [threading.Thread(target=rank, args=(delay,)) for delay in (0.0, 0.0, 0.4)]
+        start = time.monotonic()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=10)
+        assert len(left) == 3 and min(left) - start >= 0.4  # nobody left before the late rank arrived

@@ -100,11 +100,13 @@ def teardown(runtime: Runtime, clean: bool = True) -> None:
 
 def _store_barrier(key: str, world_size: int) -> None:
     """Wait until every rank has reached this point, through torchrun's key-value store (not the process
-    group's sockets)."""
+    group's sockets). The store may outlive the process group (a second run in one job, a restarted worker
+    group), so arrivals are counted in rounds of `world_size`."""
     store = dist.distributed_c10d._get_default_store()
-    if store.add(key, 1) == world_size:
-        store.set(f"{key}/all", "1")
-    store.wait([f"{key}/all"], WAIT_FOR_MAIN)
+    round_ = (store.add(key, 1) - 1) // world_size
+    if store.add(key, 0) >= (round_ + 1) * world_size:
+        store.set(f"{key}/{round_}", "1")
+    store.wait([f"{key}/{round_}"], WAIT_FOR_MAIN)
 
 
 def agreed_signal(received: int | None, runtime: Runtime) -> int | None:
