@@ -224,3 +224,41 @@ def test_one_cycle_lr_drives_the_chained_fold_optimizer_without_momentum_cycling
         scheduler.step()
         rates.append(optimizer.optimizers[0].param_groups[0]["lr"])
     assert max(rates) == pytest.approx(0.02, rel=0.3) and rates[-1] < 0.1 * max(rates)  # up to max_lr, then annealed
+
+
+def test_merge_schedule_reads_a_zero_clip_as_none_and_refuses_bad_ones():
+    model = poetlm.poetize(llama(), poetlm.POETConfig(block_size=8, merge_every=1))
+    for off in (0, 0.0, None):
+        schedule = MergeSchedule(model, max_grad_norm=off)
+        schedule.step()  # a merge: the post-merge ramp must not turn "no clipping" into a tight clip
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:
+            p.grad = torch.full_like(p, 3.0)
+        torch.nn.utils.clip_grad_norm_(params, schedule.clip_value())
+        assert all(torch.equal(p.grad, torch.full_like(p, 3.0)) for p in params), off  # gradients untouched
+    for bad in (-1.0, "1.0", float("nan"), True):
+        with pytest.raises(ValueError, match="max_grad_norm=.* is invalid"):
+            MergeSchedule(model, max_grad_norm=bad)
+
+
+def test_trainer_optimizer_refuses_invalid_learning_rates_and_decay():
+    model = poetlm.poetize(llama(), poetlm.POETConfig(block_size=8))
+    for lr_poet in (-1e-2, 0.0, "1e-2", float("inf"), None):
+        with pytest.raises(ValueError, match=r"^param_groups: lr_poet=.* is invalid: must be a finite number > 0"):
+            trainer_optimizer(model, args("unused"), lr_poet=lr_poet)
+    with pytest.raises(ValueError, match=r"^param_groups: weight_decay=-0.1 is invalid"):
+        poetlm.param_groups(model, lr_base=1e-3, lr_poet=1e-2, weight_decay=-0.1)
+    with pytest.raises(ValueError, match=r"^param_groups: lr_base='3e-3' is invalid"):
+        poetlm.param_groups(model, lr_base="3e-3", lr_poet=1e-2, weight_decay=0.0)
+
+
+def test_the_callback_and_the_schedule_check_their_settings_alike():
+    model = poetlm.poetize(llama(), poetlm.POETConfig(block_size=8))
+    for kwargs, message in [(dict(merge_every=0), "merge_every=0 is invalid"), (dict(merge_every="2"), "merge_every='2'"),
+                            (dict(merge_every=True), "merge_every=True"), (dict(ramp_steps=-1), "ramp_steps=-1 is invalid"),
+                            (dict(ramp_steps=2.5), "ramp_steps=2.5 is invalid")]:
+        with pytest.raises(ValueError, match=message):
+            POETCallback(**kwargs)
+        with pytest.raises(ValueError, match=message):
+            MergeSchedule(model, **kwargs)
+    assert POETCallback(merge_every=None, ramp_steps=0).merge_every is None  # None: the POETConfig's

@@ -13,7 +13,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .config import POETConfig, checked
+from .config import POETConfig, checked, is_number
 from .layer import POETLinear, draw_weight, is_conv1d, wrap_module
 from .orthogonal import orthogonal_map
 from .primitives import batch_entries, seed_name
@@ -296,6 +296,12 @@ def coverage(model: nn.Module, config: POETConfig | None = None) -> Coverage:
 
 def param_groups(model: nn.Module, lr_base: float, lr_poet: float, weight_decay: float) -> list[dict]:
     """Optimizer groups: rotations (lr_poet, no decay), other matrices (lr_base, decay), 1-D params (no decay)."""
+    # Checked here: an optimizer takes a negative lr and trains backwards, and fails on a string deep in its step.
+    for name, value in (("lr_base", lr_base), ("lr_poet", lr_poet), ("weight_decay", weight_decay)):
+        decay = name == "weight_decay"
+        if not (is_number(value) and math.isfinite(value) and (value >= 0 if decay else value > 0)):
+            rule = "a finite number >= 0 (e.g. 0.1)" if decay else "a finite number > 0 (e.g. 1e-3)"
+            raise ValueError(f"param_groups: {name}={value!r} is invalid: must be {rule}")
     rotation_ids = {id(p) for p in rotation_parameters(model)}
     rotations, decayed, plain = [], [], []
     for param in model.parameters():

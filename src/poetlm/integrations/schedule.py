@@ -10,11 +10,13 @@ checkpointed with the loop (state_dict / load_state_dict, e.g. accelerate's regi
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable
 
 import torch
 from torch import nn
 
+from ..config import is_integer, is_number
 from ..model import merge, poet_layers
 from ..update_rules import MergeRule
 
@@ -24,6 +26,15 @@ def post_merge_clip(max_norm: float, steps_since_merge: int | None, ramp_steps: 
     if steps_since_merge is None or steps_since_merge >= ramp_steps:
         return max_norm
     return max_norm * (0.1 + 0.9 * steps_since_merge / ramp_steps)
+
+
+def check_schedule(merge_every: int | None, ramp_steps: int) -> None:
+    """Refuse a merge period or clip ramp that would fail (or train wrongly) only once training has started."""
+    if merge_every is not None and not (is_integer(merge_every) and merge_every >= 1):
+        raise ValueError(f"merge_every={merge_every!r} is invalid: must be an integer >= 1 (optimizer steps), or None "
+                         "for the POET layers' POETConfig.merge_every")
+    if not (is_integer(ramp_steps) and ramp_steps >= 0):
+        raise ValueError(f"ramp_steps={ramp_steps!r} is invalid: must be an integer >= 0 (0 turns the post-merge clip off)")
 
 
 def torch_optimizer(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
@@ -53,24 +64,25 @@ class MergeSchedule:
 
     `model` may be wrapped (DDP, accelerate); `optimizer` may be accelerate's wrapper. merge_every
     defaults to the POET layers' POETConfig.merge_every; `rule` to the paper's state reset; `gather` makes
-    a sharded (FSDP2) layer whole for its merge (see `poetlm.merge`).
+    a sharded (FSDP2) layer whole for its merge (see `poetlm.merge`). max_grad_norm 0 or None means no clipping,
+    as in Trainer: clip_value() is then inf, which clip_grad_norm_ leaves alone.
     """
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None, merge_every: int | None = None,
                  max_grad_norm: float = 1.0, ramp_steps: int = 10, rule: MergeRule | None = None,
                  gather: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None) -> None:
+        check_schedule(merge_every, ramp_steps)
+        if max_grad_norm is not None and not (is_number(max_grad_norm) and max_grad_norm >= 0 and not math.isnan(max_grad_norm)):
+            raise ValueError(f"max_grad_norm={max_grad_norm!r} is invalid: must be a number > 0, or 0 / None for no clipping")
         self.merge_every = merge_every if merge_every is not None else merge_every_of(model)
-        if isinstance(self.merge_every, bool) or not isinstance(self.merge_every, int) or self.merge_every < 1:
-            raise ValueError(f"merge_every={self.merge_every!r} is invalid: must be an integer >= 1 (optimizer steps)")
-        if ramp_steps < 0:
-            raise ValueError(f"ramp_steps={ramp_steps!r} is invalid: must be >= 0 (0 turns the post-merge clip off)")
         self.model, self.optimizer, self.rule, self.gather = model, optimizer, rule, gather
-        self.max_grad_norm, self.ramp_steps = max_grad_norm, ramp_steps
+        self.max_grad_norm = max_grad_norm or math.inf
+        self.ramp_steps = ramp_steps
         self.step_count = 0
         self.last_merge_step: int | None = None
 
     def clip_value(self) -> float:
-        """The gradient clip for the coming optimizer step."""
+        """The gradient clip for the coming optimizer step (inf without clipping)."""
         since = None if self.last_merge_step is None else self.step_count - self.last_merge_step
         return post_merge_clip(self.max_grad_norm, since, self.ramp_steps)
 

@@ -19,7 +19,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from ..model import merge, param_groups
 from ..update_rules import MergeRule
-from .schedule import merge_every_of, post_merge_clip, torch_optimizer
+from .schedule import check_schedule, merge_every_of, post_merge_clip, torch_optimizer
 
 
 def trainer_optimizer(model: nn.Module, args: TrainingArguments, lr_poet: float) -> torch.optim.Optimizer:
@@ -46,6 +46,7 @@ class POETCallback(TrainerCallback):
 
     def __init__(self, merge_every: int | None = None, ramp_steps: int = 10, rule: MergeRule | None = None,
                  gather: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None) -> None:
+        check_schedule(merge_every, ramp_steps)
         self.merge_every, self.ramp_steps, self.rule, self.gather = merge_every, ramp_steps, rule, gather
 
     def _every(self, model: nn.Module) -> int:
