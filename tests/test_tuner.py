@@ -166,3 +166,24 @@ def test_trainable_patterns_are_checked_before_the_model_is_touched(base_dir):
     assert {n for n, p in one.named_parameters() if p.requires_grad and "rotation_" not in n} == {
         n for n, _ in one.named_parameters() if "norm" in n}
     assert not any(layer.weight0.requires_grad for _, layer in poetlm.poet_layers(one))
+
+
+def test_get_poet_model_checks_its_arguments_first(base_dir, tmp_path):
+    wrapped = get_poet_model(base(base_dir), POETConfig(block_size=8))
+    for model in (wrapped, wrapped.base_model):  # the wrapper itself, or the poetized base inside it
+        with pytest.raises(ValueError, match="already poetized"):
+            get_poet_model(model, POETConfig(block_size=8))
+    with pytest.raises(TypeError, match=r"^trainable=None is invalid"):
+        get_poet_model(base(base_dir), POETConfig(block_size=8), trainable=None)
+    with pytest.raises(TypeError, match=r"^POET wraps a model: pass the base model .*not a str"):
+        get_poet_model("llama", POETConfig(block_size=8))
+    with pytest.raises(TypeError, match=r"^keep_base_weights='yes' is invalid"):
+        get_poet_model(base(base_dir), POETConfig(block_size=8), keep_base_weights="yes")
+
+    wrapped.save_adapter(tmp_path / "llama")
+    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=1, n_head=4))
+    for keep in (False, True):  # the same refusal whether or not the base weights are kept
+        with pytest.raises(poetlm.AdapterError, match="made for a different base model: the base has no layer"):
+            POETModel.from_pretrained(gpt2, tmp_path / "llama", keep_base_weights=keep)
+    with pytest.raises(poetlm.AdapterError, match="already has POET layers"):
+        POETModel.from_pretrained(wrapped.base_model, tmp_path / "llama", keep_base_weights=True)

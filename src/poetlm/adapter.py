@@ -236,7 +236,12 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return info, tensors
 
 
-def _check_layers(model: nn.Module, layers: dict[str, tuple], path: Path) -> None:
+def check_base_layers(model: nn.Module, layers: dict[str, tuple], path: Path) -> None:
+    """Refuse a base that is not the plain model with the adapter's layers {name: (in, out)}: it is poetized
+    already, or lacks one of them, or has it in another kind or shape."""
+    if next(poet_layers(model), None) is not None:
+        raise AdapterError("load_adapter expects the plain base model, but it already has POET layers; "
+                           "load a fresh base (e.g. with from_pretrained)")
     modules = dict(model.named_modules())
     missing = [name for name in layers if name not in modules]
     if missing:
@@ -293,10 +298,7 @@ def load_adapter(base_model: nn.Module, path, history: MergeHistory | None = Non
     path = Path(path)
     info, tensors = _read(path)
     config, layers = info["config"], info["layers"]
-    if next(poet_layers(base_model), None) is not None:
-        raise AdapterError("load_adapter expects the plain base model, but it already has POET layers; "
-                           "load a fresh base (e.g. with from_pretrained)")
-    _check_layers(base_model, layers, path)
+    check_base_layers(base_model, layers, path)
     if config.init == "keep":  # W0 is the base weight: catch a wrong base before wrapping it
         _check_fingerprint(base_model, info, path)
     model = poetize(base_model, config)

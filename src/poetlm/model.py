@@ -83,16 +83,22 @@ def poetize(model: nn.Module, config: POETConfig | None = None, *, strict: bool 
     anything is wrapped, and `poetlm.coverage(model)` reports what is wrapped and what is not.
     """
     config = config or POETConfig()
-    wrapped = [name for name, _ in poet_layers(model)]
-    if wrapped:  # wrapping again would find only the head, which is never wrapped, and blame target_modules
-        raise ValueError(f"the model is already poetized ({len(wrapped)} POETLinear layers, e.g. {wrapped[0]!r}); poetize a "
-                         "model once, and to change its POET settings poetize a fresh copy of the original model")
+    refuse_poetized(model)
     targets = target_linears(model, config)
     _refuse_shared_weights(targets)
     _check_coverage(model, config, strict)
     for name, module in targets:
         model = replace_module(model, name, wrap_module(module, config, name))
     return model
+
+
+def refuse_poetized(model: nn.Module) -> None:
+    """Refuse a model that has POET layers: wrapping again would find only the head, which is never wrapped,
+    and blame target_modules."""
+    wrapped = [name for name, _ in poet_layers(model)]
+    if wrapped:
+        raise ValueError(f"the model is already poetized ({len(wrapped)} POETLinear layers, e.g. {wrapped[0]!r}); poetize a "
+                         "model once, and to change its POET settings poetize a fresh copy of the original model")
 
 
 def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:

@@ -22,10 +22,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter import VERSION, AdapterError, MergeHistory, base_fingerprint, load_adapter, read_adapter_info, save_adapter
+from .adapter import (VERSION, AdapterError, MergeHistory, base_fingerprint, check_base_layers, load_adapter,
+                      read_adapter_info, save_adapter)
 from .config import POETConfig, checked
 from .layer import is_conv1d
-from .model import merge, poet_layers, poetize, rotation_parameters, target_linears, unpoetize
+from .model import merge, poet_layers, poetize, refuse_poetized, rotation_parameters, target_linears, unpoetize
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
@@ -50,14 +51,23 @@ class _Originals(nn.Module):
         return [(name, getattr(self, f"t{i}")) for i, name in enumerate(self.names)]
 
 
-def _originals(base_model: nn.Module, config: POETConfig, trainable: list[str], keep_base_weights: bool) -> tuple[dict, dict]:
+def _check_arguments(base_model, keep_base_weights) -> None:
+    if not isinstance(base_model, nn.Module):
+        raise TypeError(f"POET wraps a model: pass the base model (a torch.nn.Module, e.g. "
+                        f"AutoModelForCausalLM.from_pretrained(...)), not a {type(base_model).__name__} ({base_model!r:.40})")
+    if not isinstance(keep_base_weights, bool):
+        raise TypeError(f"keep_base_weights={keep_base_weights!r} is invalid: pass True or False")
+
+
+def _originals(base_model: nn.Module, layers: list[str], trainable: list[str], keep_base_weights: bool) -> tuple[dict, dict]:
     """What disable_adapter() needs of the base: its extra trainable tensors (copies: training changes them
-    in place) and, if asked, the weights of the layers POET wraps as (out, in) (no copies: the wrapped
-    modules are dropped and W0 is a copy)."""
+    in place) and, if asked, the weights of the layers POET wraps (`layers`) as (out, in) (no copies: the
+    wrapped modules are dropped and W0 is a copy)."""
     extras = {name: p.detach().clone() for name, p in base_model.named_parameters() if _matches_any(name, trainable)}
     weights = {}
     if keep_base_weights:
-        for name, module in target_linears(base_model, config):
+        for name in layers:
+            module = base_model.get_submodule(name)
             weights[name] = module.weight.detach().t() if is_conv1d(module) else module.weight.detach()
     return extras, weights
 
@@ -69,6 +79,9 @@ def _matches_any(name: str, patterns: list[str]) -> bool:
 def _trainable_patterns(base_model: nn.Module, config: POETConfig, trainable) -> list[str]:
     """`trainable` as a list of regular expressions, each matching some parameter and none of the weights
     POET wraps (they become the fixed W0: training one would change the spectrum POET keeps)."""
+    if not (isinstance(trainable, str) or isinstance(trainable, (list, tuple)) and all(isinstance(t, str) for t in trainable)):
+        raise TypeError(f"trainable={trainable!r} is invalid: pass regular expressions of parameter names to train "
+                        "besides the rotations, e.g. ['norm'] or 'bias$', or () for none")
     patterns = [trainable] if isinstance(trainable, str) else list(trainable)
     names = [name for name, _ in base_model.named_parameters()]
     wrapped = {f"{name}.weight" for name, _ in target_linears(base_model, config)}
@@ -161,9 +174,12 @@ class POETModel(nn.Module):
     def __init__(self, base_model: nn.Module, config: POETConfig | None = None, trainable: list[str] | tuple = (),
                  keep_base_weights: bool = False) -> None:
         super().__init__()
+        _check_arguments(base_model, keep_base_weights)
+        refuse_poetized(base_model)
         config = dataclasses.replace(checked(config or POETConfig(), POETConfig), init="keep")
         trainable = _trainable_patterns(base_model, config, trainable)
-        originals = _originals(base_model, config, trainable, keep_base_weights)
+        layers = [name for name, _ in target_linears(base_model, config)]
+        originals = _originals(base_model, layers, trainable, keep_base_weights)
         base_model = poetize(base_model, config)
         self._setup(base_model, config, trainable, originals, MergeHistory(), base_fingerprint(base_model))
 
@@ -185,6 +201,7 @@ class POETModel(nn.Module):
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, directory, keep_base_weights: bool = False) -> "POETModel":
         """Re-apply an adapter written by save_adapter to a fresh copy of its base (exact; training can go on)."""
+        _check_arguments(base_model, keep_base_weights)
         directory = Path(directory)
         try:
             settings = json.loads((directory / CONFIG_NAME).read_text())
@@ -193,7 +210,8 @@ class POETModel(nn.Module):
                                "POETModel.save_adapter wrote") from None
         info = read_adapter_info(directory / WEIGHTS_NAME)
         trainable = list(settings.get("trainable", []))
-        originals = _originals(base_model, info["config"], trainable, keep_base_weights)
+        check_base_layers(base_model, info["layers"], directory / WEIGHTS_NAME)  # before _originals reads them
+        originals = _originals(base_model, list(info["layers"]), trainable, keep_base_weights)
         history = MergeHistory()
         load_adapter(base_model, directory / WEIGHTS_NAME, history=history)
         model = cls.__new__(cls)
