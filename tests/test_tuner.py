@@ -1,5 +1,6 @@
 """The PEFT-shaped API: get_poet_model / POETModel, on its own and inside transformers.Trainer."""
 
+import inspect
 import json
 
 import pytest
@@ -132,6 +133,7 @@ def test_trainer_on_a_tied_gpt2_records_merges_and_saves_checkpoints(tmp_path):
                              disable_tqdm=True, logging_steps=1)
     trainer = Trainer(model=model, args=args, train_dataset=Tokens(), callbacks=[POETCallback()],
                       optimizers=(trainer_optimizer(model, args, lr_poet=1e-2), None))
+    assert trainer.label_names == ["labels"]  # found on the wrapper's class: evaluation computes a loss
     trainer.train()  # checkpoints hold the tied embedding once (safetensors refuses shared tensors)
     assert len(model.history) == 2 and (tmp_path / "out" / "checkpoint-4" / "model.safetensors").is_file()
     model.save_adapter(tmp_path / "adapter")
@@ -187,3 +189,22 @@ def test_get_poet_model_checks_its_arguments_first(base_dir, tmp_path):
             POETModel.from_pretrained(gpt2, tmp_path / "llama", keep_base_weights=keep)
     with pytest.raises(poetlm.AdapterError, match="already has POET layers"):
         POETModel.from_pretrained(wrapped.base_model, tmp_path / "llama", keep_base_weights=True)
+
+
+def test_the_wrapper_passes_arguments_to_the_base_unchanged(base_dir):
+    reference = base(base_dir)
+    model = get_poet_model(base(base_dir), POETConfig(block_size=8))
+    positions = (3 * torch.arange(10)).expand(2, 10)  # third positional argument of a Llama: position_ids
+    with torch.no_grad():
+        out, expected = model(IDS, None, positions), reference(IDS, None, positions)
+    assert out.loss is None  # not read as labels
+    torch.testing.assert_close(out.logits, expected.logits, rtol=0, atol=1e-6)
+    assert (expected.logits - logits(reference)).abs().max() > 1e-3  # the positions do change the logits
+    assert list(inspect.signature(model.forward).parameters)[:3] == ["input_ids", "attention_mask", "position_ids"]
+
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 16))
+    x = torch.randn(3, 16)
+    expected = mlp(x)
+    wrapped = get_poet_model(mlp, POETConfig(block_size=8))
+    torch.testing.assert_close(wrapped(x), expected, rtol=0, atol=1e-6)  # any model, any forward signature

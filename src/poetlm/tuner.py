@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import inspect
 import json
 import re
 from pathlib import Path
@@ -158,6 +160,31 @@ def _restore_tied(module, state_dict, prefix, *args) -> None:
             state_dict.setdefault(prefix + alias, state_dict[prefix + name])
 
 
+def _call_base(model: "POETModel", *args, **kwargs):
+    return model.base_model(*args, **kwargs)
+
+
+# Read on the class, POETModel.forward cannot know its base; transformers' Trainer looks there for the label
+# columns (find_labels), which Hugging Face models name `labels`.
+_call_base.__signature__ = inspect.signature(lambda self, *args, labels=None, **kwargs: None)
+
+
+class _BaseForward(functools.partial):
+    """A POETModel's forward, with its base model's signature: Trainer keeps only the dataset columns that
+    inspect.signature(model.forward) names, and (*args, **kwargs) would name none of them."""
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.args[0].base_model.forward)
+
+
+class _Forward:
+    """POETModel.forward: the base model called with the arguments as given, whatever its forward takes."""
+
+    def __get__(self, model, owner=None):
+        return _call_base if model is None else _BaseForward(_call_base, model)
+
+
 class POETModel(nn.Module):
     """A pretrained model under POET finetuning (see the module docstring).
 
@@ -227,10 +254,7 @@ class POETModel(nn.Module):
                 raise
             return getattr(self.base_model, name)
 
-    def forward(self, input_ids=None, attention_mask=None, labels=None, **kwargs):
-        # Named arguments, not just **kwargs: Trainer keeps only the dataset columns the signature names.
-        named = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
-        return self.base_model(**{k: v for k, v in named.items() if v is not None}, **kwargs)
+    forward = _Forward()
 
     def poet_before_merge(self) -> None:
         """Called by poetlm.merge: what the merge folds in goes into the adapter's history."""
