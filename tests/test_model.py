@@ -63,8 +63,8 @@ def test_target_modules_list_and_regex_and_no_match_error():
     assert sorted({n.split(".")[-1] for n, _ in poetlm.poet_layers(model)}) == ["q_proj", "v_proj"]
     model = poetlm.poetize(llama(), POETConfig(block_size=8, target_modules=r".*mlp\.(up|down)_proj"))
     assert sorted({n.split(".")[-1] for n, _ in poetlm.poet_layers(model)}) == ["down_proj", "up_proj"]
-    with pytest.raises(ValueError, match="no layer to wrap"):
-        poetlm.poetize(llama(), POETConfig(target_modules=["nonexistent"]))
+    with pytest.raises(ValueError, match="no layer to wrap"):  # a module, but no linear in it
+        poetlm.poetize(llama(), POETConfig(target_modules=["embed_tokens"]))
     with pytest.raises(ValueError, match="no nn.Linear"):
         poetlm.poetize(nn.Sequential(nn.Conv1d(2, 2, 1)), POETConfig())
 
@@ -285,3 +285,18 @@ def test_exclude_modules_covers_what_an_excluded_module_contains():
     model = poetlm.poetize(llama(), POETConfig(block_size=8, exclude_modules=["mlp"]))
     wrapped = [name for name, _ in poetlm.poet_layers(model)]
     assert wrapped and not any(".mlp." in name for name in wrapped) and all("self_attn" in name for name in wrapped)
+
+
+def test_target_modules_covers_what_a_parent_contains_and_refuses_typos():
+    model = poetlm.poetize(llama(), POETConfig(block_size=8, target_modules=["q_proj", "mlp"]))
+    expected = sorted(name for name, m in llama().named_modules()
+                      if isinstance(m, nn.Linear) and (name.endswith(".q_proj") or ".mlp." in name))
+    assert sorted(name for name, _ in poetlm.poet_layers(model)) == expected and len(expected) == 2 * 4
+    whole = poetlm.poetize(llama(), POETConfig(block_size=8, target_modules=["model"]))  # the head is not inside it
+    assert len(list(poetlm.poet_layers(whole))) == 2 * 7 and isinstance(whole.lm_head, nn.Linear)
+    base = llama()
+    with pytest.raises(ValueError, match=r"^target_modules entry 'v_porj' matches no module of the model: did you mean 'v_proj'"):
+        poetlm.poetize(base, POETConfig(block_size=8, target_modules=["q_proj", "v_porj", "mlp"]))
+    assert not list(poetlm.poet_layers(base))  # refused before anything was wrapped
+    with pytest.raises(ValueError, match="exclude_modules entry 'mpl' matches no module of the model: did you mean 'mlp'"):
+        poetlm.poetize(base, POETConfig(block_size=8, exclude_modules=["mpl"]))

@@ -55,7 +55,8 @@ class POETConfig:
     target_modules: None for every nn.Linear except the output head (a module named lm_head, output, classifier
         or score, the model's get_output_embeddings(), or a linear tied to an embedding; `poet_optimizer`, given
         a model with none of these, takes its last nn.Linear); otherwise a list of module names or name suffixes
-        (e.g. ["q_proj", "v_proj"]) or one regular expression string.
+        (e.g. ["q_proj", "v_proj"]; a parent module, ["mlp"], stands for every linear inside it but the head; an
+        entry that matches nothing is refused) or one regular expression string.
     exclude_modules: module names or suffixes never wrapped, with every linear inside them (["mlp"]: all MLP
         linears), in addition to the output head; an entry that matches nothing is refused.
     forward_mode: "auto" picks the cheaper of the weight-centric and input-centric paths per call.

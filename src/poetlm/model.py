@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import difflib
 import math
 import re
 import warnings
@@ -60,16 +61,36 @@ def _matches(name: str, patterns: list[str]) -> bool:
     return any(name == p or name.endswith("." + p) for p in patterns)
 
 
-def _is_target(name: str, config: POETConfig, heads: set[str]) -> bool:
+def _within(name: str, patterns: list[str]) -> bool:
+    """Whether the module `name` or one that contains it matches (["mlp"]: every linear of every MLP)."""
     parts = name.split(".")
-    if any(_matches(".".join(parts[:i]), config.exclude_modules) for i in range(1, len(parts) + 1)):
-        return False  # the module itself or one that contains it (exclude_modules=["mlp"]: every MLP linear)
+    return any(_matches(".".join(parts[:i]), patterns) for i in range(1, len(parts) + 1))
+
+
+def _is_target(name: str, config: POETConfig, heads: set[str]) -> bool:
+    if _within(name, config.exclude_modules):
+        return False
     targets = config.target_modules
     if targets is None:
         return name not in heads
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
-    return _matches(name, targets)
+    return _matches(name, targets) or (name not in heads and _within(name, targets))  # a head only by its own name
+
+
+def _refuse_unmatched(model: nn.Module, setting: str, entries: list[str]) -> None:
+    """An entry that matches nothing is a typo, which would silently wrap (or leave dense) other layers than meant."""
+    # Entries name modules, or weights that are not modules' (in_proj_weight): to target or acknowledge them as dense.
+    names = [name for name, _ in model.named_modules()] + [name for name, _ in model.named_parameters()]
+    for pattern in entries:
+        if any(_matches(name, [pattern]) for name in names):
+            continue
+        candidates = sorted({part for name in names for part in (name, name.rsplit(".", 1)[-1]) if part})
+        close = difflib.get_close_matches(pattern, candidates, n=3)
+        example = next((name for name, m in model.named_modules() if _linear_like(m)), names[-1])
+        hint = (f"did you mean {' or '.join(map(repr, close))}?" if close else
+                f"use a module's name or the end of one, e.g. {example!r} or {example.rsplit('.', 1)[-1]!r}")
+        raise ValueError(f"{setting} entry {pattern!r} matches no module of the model: {hint}")
 
 
 def poetize(model: nn.Module, config: POETConfig | None = None, *, strict: bool = False) -> nn.Module:
@@ -142,13 +163,9 @@ def target_linears(model: nn.Module, config: POETConfig, whole_model: bool = Fal
     """The nn.Linear / Conv1D layers POET trains under `config` (target_modules / exclude_modules, never the
     head; `whole_model`: see `_output_head_names`)."""
     checked(config, POETConfig)
-    # Entries name modules, or weights that are not modules' (in_proj_weight) to acknowledge them as dense.
-    names = [name for name, _ in model.named_modules()] + [name for name, _ in model.named_parameters()]
-    for pattern in config.exclude_modules:  # a typo would silently train what it meant to leave alone
-        if not any(_matches(name, [pattern]) for name in names):
-            example = next((name for name, m in model.named_modules() if _linear_like(m)), names[-1])
-            raise ValueError(f"exclude_modules entry {pattern!r} matches no module of the model (a module's name or "
-                             f"the end of one, e.g. {example!r} or {example.rsplit('.', 1)[-1]!r})")
+    _refuse_unmatched(model, "exclude_modules", config.exclude_modules)
+    if isinstance(config.target_modules, list):
+        _refuse_unmatched(model, "target_modules", config.target_modules)
     heads = _output_head_names(model, whole_model)
     targets = [(name, module) for name, module in model.named_modules()
                if _linear_like(module) and _is_target(name, config, heads)]
