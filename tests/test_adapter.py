@@ -208,3 +208,26 @@ def test_a_layer_whose_history_outgrows_its_weight_stores_w0_instead(tmp_path):
     poetlm.merge(loaded)
     save_adapter(loaded, tmp_path / "b.safetensors", history=restored, base_fingerprint=info["base_fingerprint"])
     assert poetlm.adapter.read_adapter_info(tmp_path / "b.safetensors")["merges"] == 6
+
+
+def test_an_adapter_applies_to_its_base_loaded_in_another_dtype(tmp_path, base_dir, finetuned):
+    path = finetuned[1]
+    exact = load_adapter(load_base(base_dir), path)
+    rounded = load_adapter(LlamaForCausalLM.from_pretrained(base_dir, torch_dtype=torch.bfloat16), path)
+    layers = dict(poetlm.poet_layers(exact))
+    base = dict(load_base(base_dir).named_modules())
+    for name, layer in poetlm.poet_layers(rounded):
+        # The same merges on the rounded base: orthogonal maps keep the distance, so W0 differs from the
+        # fp32 replay exactly as much as the bf16 weight differs from the fp32 one.
+        rounding = (base[name].weight - base[name].weight.bfloat16().float()).detach()
+        assert float(rounding.norm()) > 0
+        assert float((layer.weight0 - layers[name].weight0).norm()) == pytest.approx(float(rounding.norm()), rel=1e-3)
+    with pytest.raises(AdapterError, match=r"different base model: the weights of .* differ"):
+        load_adapter(llama(seed=1).to(torch.bfloat16), path)  # still compared, at bf16
+
+    model, history, fingerprint = finetune(llama().to(torch.bfloat16), merges=1)  # made on a bf16 base
+    save_adapter(model, tmp_path / "bf16.safetensors", history=history, base_fingerprint=fingerprint)
+    load_adapter(llama(), tmp_path / "bf16.safetensors")  # the fp32 weights it was rounded from
+    with pytest.raises(AdapterError, match=r"^\S+: the base was loaded as float16 but this adapter was made on bfloat16: "
+                                           r"load the base with torch_dtype=torch.bfloat16$"):
+        load_adapter(llama().to(torch.float16), tmp_path / "bf16.safetensors")

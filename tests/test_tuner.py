@@ -208,3 +208,31 @@ def test_the_wrapper_passes_arguments_to_the_base_unchanged(base_dir):
     expected = mlp(x)
     wrapped = get_poet_model(mlp, POETConfig(block_size=8))
     torch.testing.assert_close(wrapped(x), expected, rtol=0, atol=1e-6)  # any model, any forward signature
+
+
+def test_a_state_dict_loads_only_into_a_model_that_replays_it_alike(base_dir, tmp_path):
+    model = get_poet_model(base(base_dir), POETConfig(block_size=8, seed=0))
+    train(model, steps=4)  # two merges: the history replays on the seed's coordinates and the base's weights
+    state = model.state_dict()
+    other_base = base(base_dir)
+    with torch.no_grad():
+        other_base.model.layers[0].self_attn.q_proj.weight.mul_(1.01)
+    for wrapped, message in [(get_poet_model(base(base_dir), POETConfig(block_size=8, seed=1)),
+                              r"^the state dict was saved by a POETModel with POETConfig.seed=0, but this one has seed=1"),
+                             (get_poet_model(base(base_dir), POETConfig(block_size=8, parameterization="exp")),
+                              r"POETConfig.parameterization='cayley_neumann', but this one has parameterization='exp'"),
+                             (get_poet_model(other_base, POETConfig(block_size=8)),
+                              r"^the state dict was made for a different base model: the weights of 'model.layers.0.self_attn.q_proj'")]:
+        with pytest.raises(ValueError, match=message):
+            wrapped.load_state_dict(state)
+        assert len(wrapped.history) == 0  # refused before anything was loaded
+
+    same = get_poet_model(base(base_dir), POETConfig(block_size=8, seed=0))
+    same.load_state_dict(state)
+    same.save_adapter(tmp_path / "adapter")
+    torch.testing.assert_close(logits(POETModel.from_pretrained(base(base_dir), tmp_path / "adapter")), logits(model),
+                               rtol=0, atol=1e-6)
+    # A state dict saved before it carried the replay settings (a Trainer checkpoint of an earlier run) still loads.
+    older = get_poet_model(base(base_dir), POETConfig(block_size=8, seed=0))
+    older.load_state_dict({k: v for k, v in state.items() if k != "poet_replay"})
+    torch.testing.assert_close(logits(older), logits(model), rtol=0, atol=1e-6)

@@ -106,8 +106,10 @@ class MergeHistory:
         self.records = [{key: t.detach().to("cpu", copy=True) for key, t in record.items()} for record in records]
 
 
-def base_fingerprint(model: nn.Module) -> dict[str, dict[str, float]]:
-    """Cheap checksums (float64 sum and sum of squares) of the original weight of every linear layer.
+def base_fingerprint(model: nn.Module) -> dict[str, dict]:
+    """Cheap checksums (float64 sum and sum of squares) of the original weight of every linear layer, with
+    its dtype and the checksums of the weight rounded to each narrower dtype (a base loaded in bf16 is then
+    recognized as the rounding of the fp32 base an adapter was made on).
 
     Works on the model before poetize or right after it: a POET layer's weight0 is the original weight
     only until its first merge, so take the fingerprint at wrap time and hand it to save_adapter.
@@ -118,15 +120,28 @@ def base_fingerprint(model: nn.Module) -> dict[str, dict[str, float]]:
             if int(module.merge_count):
                 raise ValueError(f"layer {name!r} has merged {int(module.merge_count)} time(s), so its weight0 is no "
                                  "longer the base weight: compute base_fingerprint(model) right after poetize")
-            weight = module.weight0
+            weight, dtype = module.weight0, module.weight_dtype  # W0 is an fp32 copy of the weight's values
         elif isinstance(module, nn.Linear) or is_conv1d(module):  # sums are the same for Conv1D's transposed layout
-            weight = module.weight
+            weight, dtype = module.weight, module.weight.dtype
         else:
             continue
-        w = weight.detach().double()
-        # 12 digits: far below float32 noise would matter, and readable in the file's metadata.
-        prints[name] = {"sum": float(f"{w.sum().item():.12g}"), "sumsq": float(f"{w.square().sum().item():.12g}")}
+        weight = weight.detach()
+        prints[name] = {**_sums(weight), "dtype": _dtype_name(dtype),
+                        **{_dtype_name(narrow): _sums(weight.to(narrow)) for narrow in _NARROW if narrow.itemsize < dtype.itemsize}}
     return prints
+
+
+_NARROW = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _sums(weight: torch.Tensor) -> dict[str, float]:
+    w = weight.double()
+    # 12 digits: far below float32 noise would matter, and readable in the file's metadata.
+    return {"sum": float(f"{w.sum().item():.12g}"), "sumsq": float(f"{w.square().sum().item():.12g}")}
 
 
 _compute_fingerprint = base_fingerprint  # save_adapter's keyword argument shadows the name
@@ -137,6 +152,31 @@ def _same_weights(a: dict, b: dict, numel: int) -> bool:
     scale = math.sqrt(numel * max(a["sumsq"], b["sumsq"]))
     return (math.isclose(a["sumsq"], b["sumsq"], rel_tol=1e-5, abs_tol=1e-12)
             and abs(a["sum"] - b["sum"]) <= 1e-5 * scale + 1e-12)
+
+
+def fingerprint_mismatch(actual: dict, expected: dict, sizes: dict[str, int], made: str) -> str | None:
+    """Why the base fingerprinted as `actual` is not the one `expected` was taken of, or None if it is, over
+    the layers {name: numel} of `sizes`; `made` names what was made on `expected` (e.g. "the adapter").
+
+    A base loaded in another dtype is compared at the narrower one: the narrower weights are the rounding
+    of the wider, and replaying merges on either is as sound as loading that base at all (they run in fp32).
+    """
+    for name, numel in sizes.items():
+        here, there = actual[name], expected[name]
+        ours, theirs = here.get("dtype"), there.get("dtype")
+        if ours and theirs and ours != theirs:  # older fingerprints record no dtype: compared as they are
+            if ours in there:
+                there = there[ours]
+            elif theirs in here:
+                here = here[theirs]
+            else:
+                return (f"the base was loaded as {ours} but {made} was made on {theirs}: load the base with "
+                        f"torch_dtype=torch.{theirs}")
+        if not _same_weights(here, there, numel):
+            return (f"{made} was made for a different base model: the weights of {name!r} differ (sum, sum of squares "
+                    f"{here['sum']:.8g}, {here['sumsq']:.8g} here; {there['sum']:.8g}, {there['sumsq']:.8g} in {made}); "
+                    f"load the base checkpoint {made} was trained from")
+    return None
 
 
 def save_adapter(model: nn.Module, path, *, history: MergeHistory, trained: list[str] | None = None,
@@ -262,13 +302,10 @@ def check_base_layers(model: nn.Module, layers: dict[str, tuple], path: Path) ->
 
 
 def _check_fingerprint(model: nn.Module, info: dict, path: Path) -> None:
-    actual = _compute_fingerprint(model)
-    for name, (fan_in, fan_out) in info["layers"].items():
-        expected = info["base_fingerprint"][name]
-        if not _same_weights(actual[name], expected, fan_in * fan_out):
-            raise AdapterError(f"{path}: this adapter was made for a different base model: the weights of {name!r} "
-                               f"differ (fingerprint {actual[name]} here, {expected} in the adapter); load the base "
-                               "checkpoint the adapter was trained from")
+    sizes = {name: fan_in * fan_out for name, (fan_in, fan_out) in info["layers"].items()}
+    mismatch = fingerprint_mismatch(_compute_fingerprint(model), info["base_fingerprint"], sizes, "this adapter")
+    if mismatch:
+        raise AdapterError(f"{path}: {mismatch}")
 
 
 def _load_into(param: torch.Tensor, tensors: dict, key: str, path: Path) -> None:

@@ -24,8 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter import (VERSION, AdapterError, MergeHistory, base_fingerprint, check_base_layers, load_adapter,
-                      read_adapter_info, save_adapter)
+from .adapter import (VERSION, AdapterError, MergeHistory, base_fingerprint, check_base_layers, fingerprint_mismatch,
+                      load_adapter, read_adapter_info, save_adapter)
 from .config import POETConfig, checked
 from .layer import is_conv1d
 from .model import merge, poet_layers, poetize, refuse_poetized, rotation_parameters, target_linears, unpoetize
@@ -136,6 +136,39 @@ def _load_history(module, state_dict, prefix, *args) -> None:
     module.history.load_state_dict({"records": records})
 
 
+REPLAY = "poet_replay"
+# The settings a merge's coordinates and maps are drawn from: a history replays only under the same ones.
+_REPLAY_FIELDS = ("variant", "block_size", "fraction", "parameterization", "neumann_terms", "seed")
+
+
+def _replay(module: "POETModel") -> dict:
+    return {"poet_config": {name: getattr(module.poet_config, name) for name in _REPLAY_FIELDS},
+            "base_fingerprint": module.fingerprint}
+
+
+def _save_replay(module, state_dict, prefix, local_metadata) -> None:
+    # What the history replays on goes with it: loaded into a model with other settings or another base, it
+    # would give that model's logits now, but an adapter saved from it would rebuild another model.
+    # JSON bytes in a tensor: safetensors (Trainer's checkpoints) stores nothing else.
+    state_dict[prefix + REPLAY] = torch.tensor(list(json.dumps(_replay(module)).encode()), dtype=torch.uint8)
+
+
+def _check_replay(module, state_dict, prefix, *args) -> None:
+    saved = state_dict.pop(prefix + REPLAY, None)
+    if saved is None:  # written before poetlm saved it, or a partial state dict: nothing to check against
+        return
+    saved, ours = json.loads(bytes(saved.tolist()).decode()), _replay(module)
+    for name, value in saved["poet_config"].items():
+        if ours["poet_config"][name] != value:
+            raise ValueError(f"the state dict was saved by a POETModel with POETConfig.{name}={value!r}, but this one has "
+                             f"{name}={ours['poet_config'][name]!r}: its merges replay only under the same settings; build "
+                             f"this model with POETConfig({name}={value!r})")
+    sizes = {name: layer.weight0.numel() for name, layer in poet_layers(module.base_model) if name in saved["base_fingerprint"]}
+    mismatch = fingerprint_mismatch(ours["base_fingerprint"], saved["base_fingerprint"], sizes, "the state dict")
+    if mismatch:
+        raise ValueError(mismatch)
+
+
 def _tied_names(module: nn.Module) -> dict[str, str]:
     """{alias: first name} of parameters registered under several names (tied embeddings)."""
     first, aliases = {}, {}
@@ -222,6 +255,8 @@ class POETModel(nn.Module):
             param.requires_grad_(id(param) in rotations or _matches_any(name, self.trainable))
         self.register_state_dict_post_hook(_drop_tied)
         self.register_load_state_dict_pre_hook(_restore_tied)
+        self.register_state_dict_post_hook(_save_replay)
+        self.register_load_state_dict_pre_hook(_check_replay)  # before anything of the state dict is taken
         self.register_state_dict_post_hook(_save_history)
         self.register_load_state_dict_pre_hook(_load_history)
 
