@@ -142,9 +142,8 @@ def test_hf_local_directory_matches_direct_read(tmp_path, writer):
 def test_hf_home_directory_is_expanded_for_datasets_too(tmp_path, monkeypatch):
     pytest.importorskip("datasets")
     monkeypatch.setenv("HOME", str(tmp_path))
-    write_jsonl(tmp_path / "hfd.jsonl", ["a", "b"])
     (tmp_path / "hfd").mkdir()
-    (tmp_path / "hfd.jsonl").rename(tmp_path / "hfd" / "train.jsonl")
+    write_jsonl(tmp_path / "hfd" / "train.jsonl", ["a", "b"])
     assert read_documents("hf:~/hfd") == ["a", "b"]
 
 
