@@ -27,6 +27,8 @@ from poetlm.train.data import (
     read_documents,
     sample_offsets,
     split_documents,
+    _passages,
+    _unit_hash,
     PASSAGE_CHARS,
     train_tokenizer,
     val_windows,
@@ -303,14 +305,23 @@ def test_a_corpus_of_few_long_documents_holds_out_about_val_fraction(docs, val_f
         train, val = split_documents(docs, val_fraction, seed)
         assert (train, val) == split_documents(docs, val_fraction, seed)
         share = sum(map(len, val)) / sum(map(len, train + val))
-        assert val_fraction <= share <= 1.6 * val_fraction, (seed, share)
+        assert 0.5 * val_fraction <= share <= 2 * val_fraction, (seed, share)
+
+
+def test_a_book_of_many_passages_keeps_its_membership_by_hash():
+    """Where the passages' own hashes hold out about val_fraction (a large book: web, kjv), the split is the one
+    poetlm always made, so earlier runs' validation sets and their published numbers stay reproducible."""
+    book = "\n".join(f"Verse {i}: and the light was good, and the evening and the morning were a day." for i in range(40_000))
+    passages = _passages(book, PASSAGE_CHARS)
+    by_hash = [p for i, p in enumerate(passages) if _unit_hash(0, i) < 0.05]
+    assert len(passages) > 100 and split_documents([book], 0.05, seed=0)[1] == by_hash
 
 
 def test_the_held_out_tokens_of_a_one_document_corpus_are_about_val_fraction(tmp_path):
     (tmp_path / "poem.txt").write_text(POEM + "\n")
     tokens = prepare_data(str(tmp_path / "poem.txt"), tokenizer=None, vocab_size=300, cache_root=tmp_path / "cache",
                           val_fraction=0.05, split_seed=0)
-    assert 0.04 <= len(tokens.val) / (len(tokens.train) + len(tokens.val)) <= 0.08
+    assert 0.02 <= len(tokens.val) / (len(tokens.train) + len(tokens.val)) <= 0.1  # was 0.72: most of the text
 
 
 # --------------------------------------------------------------------------- tokenizers

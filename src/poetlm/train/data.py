@@ -342,9 +342,10 @@ def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[li
     ``val_fraction`` of the text only while every document is a small share of it. A corpus with a document
     longer than ``val_fraction`` of its text (a book, perhaps after a title; a text with one sentence or verse
     per line and no blank lines; a few long documents) is instead cut at line ends into passages of at most
-    ``PASSAGE_CHARS`` characters and half the held-out share, and validation takes passages in hash order until
-    it holds ``val_fraction`` of the text: split whole, the validation set could be the title alone, or most of
-    the corpus.
+    ``PASSAGE_CHARS`` characters and half the held-out share, split by their hashes alike. Where that holds out
+    less than half or more than twice ``val_fraction`` of the text (few passages: a small text), validation
+    instead takes passages in hash order until it holds ``val_fraction``: split whole, the validation set could
+    be the title alone, or most of the corpus. Large books (web, kjv) keep the membership by hash they always had.
     """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
@@ -360,7 +361,11 @@ def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[li
             "lines, or use a larger corpus"
         )
     scores = [_unit_hash(seed, i) for i in range(len(docs))]
-    in_val = _held_out_by_share(docs, val_fraction, scores) if by_share else [s < val_fraction for s in scores]
+    in_val = [s < val_fraction for s in scores]
+    if by_share:
+        held = sum(len(doc) for doc, v in zip(docs, in_val) if v) / sum(map(len, docs))
+        if not 0.5 * val_fraction <= held <= 2 * val_fraction:
+            in_val = _held_out_by_share(docs, val_fraction, scores)
     if not any(in_val):
         in_val[min(range(len(docs)), key=scores.__getitem__)] = True
     if all(in_val):
