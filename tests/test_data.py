@@ -27,6 +27,8 @@ from poetlm.train.data import (
     read_documents,
     sample_offsets,
     split_documents,
+    _passages,
+    _unit_hash,
     PASSAGE_CHARS,
     train_tokenizer,
     val_windows,
@@ -139,6 +141,14 @@ def test_hf_local_directory_matches_direct_read(tmp_path, writer):
     assert read_documents(f"hf:{root}", max_documents=5) == docs[:5]
 
 
+def test_hf_home_directory_is_expanded_for_datasets_too(tmp_path, monkeypatch):
+    pytest.importorskip("datasets")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "hfd").mkdir()
+    write_jsonl(tmp_path / "hfd" / "train.jsonl", ["a", "b"])
+    assert read_documents("hf:~/hfd") == ["a", "b"]
+
+
 # --------------------------------------------------------------------------- read errors
 
 
@@ -159,6 +169,9 @@ def _bad_source(tmp_path, kind):
     if kind == "jsonl_no_text":
         (tmp_path / "n.jsonl").write_text('{"body": "x"}\n')
         return str(tmp_path / "n.jsonl"), ["n.jsonl", "line 1", '"text"', "body"]
+    if kind == "jsonl_surrogate":  # valid JSON, but no text: the escape is half of a UTF-16 pair
+        (tmp_path / "s.jsonl").write_text('{"text": "ok"}\n{"text": "bad \\ud800 x"}\n')
+        return str(tmp_path / "s.jsonl"), ["s.jsonl", "line 2", "unpaired surrogate", "clean that record"]
     if kind == "jsonl_not_object":
         (tmp_path / "l.jsonl").write_text('["x"]\n')
         return str(tmp_path / "l.jsonl"), ['"text"', "not a JSON object"]
@@ -183,7 +196,7 @@ def _bad_source(tmp_path, kind):
 
 @pytest.mark.parametrize(
     "kind",
-    ["missing", "unknown_bundled", "empty", "whitespace", "bad_json", "jsonl_no_text", "jsonl_not_object",
+    ["missing", "unknown_bundled", "empty", "whitespace", "bad_json", "jsonl_no_text", "jsonl_surrogate", "jsonl_not_object",
      "parquet_no_text", "broken_parquet", "not_utf8", "unsupported", "empty_dir"],
 )
 def test_read_errors_name_problem_and_fix(tmp_path, kind):
@@ -279,6 +292,36 @@ def test_a_corpus_that_is_one_document_is_split_as_passages_at_line_ends():
     titled_train, titled_val = split_documents(["The Book", "\n".join(lines)], 0.1, seed=0)
     assert len(titled_train) + len(titled_val) == len(train) + len(val) + 1
     assert min(sum(map(len, titled_train)), sum(map(len, titled_val))) > 1000  # text on both sides, not the title alone
+
+
+POEM = "\n".join(f"This is sentence number {i} of the poem." for i in range(700))  # ~28k characters, no blank line
+
+
+@pytest.mark.parametrize("docs", [[POEM], ["A Title", POEM], [POEM, POEM[:9000], POEM[:3000]]],
+                         ids=["one document", "titled", "few documents"])
+@pytest.mark.parametrize("val_fraction", [0.05, 0.3])
+def test_a_corpus_of_few_long_documents_holds_out_about_val_fraction(docs, val_fraction):
+    for seed in range(4):
+        train, val = split_documents(docs, val_fraction, seed)
+        assert (train, val) == split_documents(docs, val_fraction, seed)
+        share = sum(map(len, val)) / sum(map(len, train + val))
+        assert 0.5 * val_fraction <= share <= 2 * val_fraction, (seed, share)
+
+
+def test_a_book_of_many_passages_keeps_its_membership_by_hash():
+    """Where the passages' own hashes hold out about val_fraction (a large book: web, kjv), the split is the one
+    poetlm always made, so earlier runs' validation sets and their published numbers stay reproducible."""
+    book = "\n".join(f"Verse {i}: and the light was good, and the evening and the morning were a day." for i in range(40_000))
+    passages = _passages(book, PASSAGE_CHARS)
+    by_hash = [p for i, p in enumerate(passages) if _unit_hash(0, i) < 0.05]
+    assert len(passages) > 100 and split_documents([book], 0.05, seed=0)[1] == by_hash
+
+
+def test_the_held_out_tokens_of_a_one_document_corpus_are_about_val_fraction(tmp_path):
+    (tmp_path / "poem.txt").write_text(POEM + "\n")
+    tokens = prepare_data(str(tmp_path / "poem.txt"), tokenizer=None, vocab_size=300, cache_root=tmp_path / "cache",
+                          val_fraction=0.05, split_seed=0)
+    assert 0.02 <= len(tokens.val) / (len(tokens.train) + len(tokens.val)) <= 0.1  # was 0.72: most of the text
 
 
 # --------------------------------------------------------------------------- tokenizers
@@ -613,5 +656,15 @@ def test_perplexity_shards_across_ranks(monkeypatch):
 
 
 def test_hub_stream_needs_an_explicit_document_budget():
-    with pytest.raises(DataError, match="data.max_documents"):
+    with pytest.raises(DataError, match="data.max_documents=2000000"):
         read_documents("hf:allenai/c4:en")
+    with pytest.raises(DataError, match="e.g. --max-documents 2000000"):  # as `poetlm eval` sets it
+        read_documents("hf:allenai/c4:en", documents_option="--max-documents {}")
+
+
+@pytest.mark.parametrize("record", ["{}", "[]", '{"tokenizer_hash": 5}', "null",
+                                    '{"identity": {}, "cache_dir": "c", "tokenizer_hash": "h", "sha256_train": "t"}'])
+def test_a_wrong_shaped_data_record_is_damaged(tmp_path, record):
+    (tmp_path / "data.json").write_text(record)
+    with pytest.raises(DataError, match="data.json is missing, unreadable or damaged.*Restore the file"):
+        D.load_run_data(tmp_path, "sotu")

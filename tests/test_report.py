@@ -151,3 +151,33 @@ def test_not_a_run_directory(tmp_path):
     with pytest.raises(ReportError, match="does not exist"):
         write_report([tmp_path / "nope"], tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_records_with_non_numeric_metrics_are_skipped_with_a_warning(tmp_path, capsys):
+    run = make_run(tmp_path, "edited", {"method": "adamw"}, summary={"method": "adamw", "final_val_ppl": "low"},
+                   extra_metrics='{"step": 5, "tokens": "20", "loss": 1.0}\n{"step": 6, "tokens": 6000, "loss": 1.0, '
+                                 '"tokens_per_s": "fast"}\n{"step": 6, "tokens": 6000, "val_ppl": true}\n')
+    text = write_report([run], tmp_path / "out").read_text(encoding="utf-8")
+    assert "skipped 3 line(s) of" in capsys.readouterr().err
+    loaded = load_run(run)
+    assert [r["step"] for r in loaded.train] == [1, 2, 3, 4] and len(loaded.eval) == 2
+    assert "with a non-numeric metric (line 7, 8, 9)" in capsys.readouterr().err
+    assert table_row(text, "edited") == ["edited", "AdamW", "—", "30.00", "2,500", "104", "4.00K", "—"]  # ppl from metrics.jsonl
+
+
+@pytest.mark.parametrize("damage", ['{"initial": [1, "a"]}', '{"final": 3}', "{not json"])
+def test_a_damaged_spectrum_leaves_its_plot_out_with_a_warning(tmp_path, capsys, damage):
+    run = make_run(tmp_path, "bad-spectrum", {"method": "poet"}, spectrum={})
+    (run / "spectrum.json").write_text(damage)
+    text = write_report([run], tmp_path / "out").read_text(encoding="utf-8")
+    assert "spectrum.json" in capsys.readouterr().err and "spectrum.png" not in text
+    assert "loss.png" in text
+
+
+def test_an_output_path_that_cannot_be_a_directory_is_a_report_error(tmp_path):
+    run = make_run(tmp_path, "r", {"method": "adamw"})
+    (tmp_path / "afile").write_text("mine")
+    for out in (tmp_path / "afile", tmp_path / "afile" / "sub"):
+        with pytest.raises(ReportError, match=r"--out=.* cannot be made a directory .*; choose another --out"):
+            write_report([run], out)
+    assert (tmp_path / "afile").read_text() == "mine"

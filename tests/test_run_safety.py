@@ -344,3 +344,35 @@ def test_a_missing_tokenizer_says_to_restore_it_not_to_train_one(finished_run, t
         for command in _commands(path, tmp_path):
             assert main(command) == 1, command
             assert "--tokenizer" not in _one_line_error(capsys, fix)
+
+
+def test_eval_reads_a_hub_stream_with_max_documents_and_says_so_when_it_is_missing(finished_run, tmp_path, capsys):
+    assert main(["eval", str(finished_run), "--data", "hf:allenai/c4:en"]) == 1
+    assert "data.max_documents" not in _one_line_error(capsys, "e.g. --max-documents 2000000")
+    pytest.importorskip("datasets")
+    local = tmp_path / "hf"
+    local.mkdir()
+    docs = read_documents("shakespeare", max_documents=300)
+    (local / "train.jsonl").write_text("".join(json.dumps({"text": doc}) + "\n" for doc in docs))
+    scored = []
+    for budget in ([], ["--max-documents", "100"]):
+        assert main(["eval", str(finished_run), "--data", f"hf:{local}", "--tokens", "1000000", *budget]) == 0
+        scored.append(int(capsys.readouterr().out.split(" over ")[1].split()[0]))
+    assert scored[1] < scored[0]  # the validation split of the first 100 documents, not of all 300
+
+
+def test_eval_and_report_refuse_a_file_as_their_directory_in_one_line(finished_run, tmp_path, capsys):
+    a_file = tmp_path / "afile"
+    a_file.write_text("mine")
+    for path in (a_file, a_file / "sub"):
+        assert main(["eval", str(finished_run), "--data", "sotu", "--cache-dir", str(path)]) == 2
+        assert f"config error: --cache-dir={str(path)!r} cannot be made a directory" in capsys.readouterr().err
+        assert main(["report", str(finished_run), "--out", str(path)]) == 1
+        _one_line_error(capsys, f"--out={str(path)!r} cannot be made a directory", "choose another --out")
+    assert a_file.read_text() == "mine"
+
+
+def test_generate_reads_a_literal_end_of_text_in_the_prompt_as_text(finished_run, capsys):
+    prompt = "Hello<|endoftext|>World"
+    assert main(["generate", str(finished_run), "--temperature", "0", "--max-new-tokens", "5", "--prompt", prompt]) == 0
+    assert capsys.readouterr().out.startswith(prompt)

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from .train.checkpoint import CheckpointError
-from .train.config import METHODS, ConfigError, ConfigWarning, DataConfig, load_config, preset_names, resolve_config
+from .train.config import METHODS, ConfigError, ConfigWarning, DataConfig, load_config, make_dir, preset_names, resolve_config
 from .train.data import DataError
 
 class CommandError(RuntimeError):
@@ -175,11 +175,12 @@ def _cmd_eval(args) -> int:
         data = load_run_data(Path(args.path), source, **data_options(config))
     else:
         tokenizer_dir = Path(args.path) / "tokenizer" if config else Path(args.path)
-        cache_dir = args.cache_dir or (config.data.cache_dir if config else DataConfig.cache_dir)
+        cache_dir = Path(args.cache_dir or (config.data.cache_dir if config else DataConfig.cache_dir)).expanduser()
+        make_dir(cache_dir, "--cache-dir")
         split_seed = args.split_seed if args.split_seed is not None else config.data.resolved_split_seed(config.seed) if config else 0
-        data = prepare_data(source, tokenizer=str(tokenizer_dir), vocab_size=len(tokenizer),
-                            cache_root=Path(cache_dir).expanduser(), val_fraction=config.data.val_fraction if config else 0.05,
-                            split_seed=split_seed)
+        data = prepare_data(source, tokenizer=str(tokenizer_dir), vocab_size=len(tokenizer), cache_root=cache_dir,
+                            val_fraction=config.data.val_fraction if config else 0.05, split_seed=split_seed,
+                            max_documents=args.max_documents, documents_option="--max-documents {}")
     max_tokens = args.tokens or (config.eval_tokens if config else None)
     amp = autocast_dtype(config, device) if config else None  # a bf16 run is scored as it scored itself
     result = perplexity(model, data.val, seq_len=seq_len, batch_size=args.batch_size, max_tokens=max_tokens, device=device,
@@ -228,7 +229,8 @@ def _cmd_generate(args) -> int:
     device = pick_device(args.device)
     model, tokenizer, _ = load_any_model(args.path, device)
     torch.manual_seed(args.seed)
-    ids = tokenizer(args.prompt, return_tensors="pt").input_ids.to(device)
+    # As training read its text: a literal "<|endoftext|>" in the prompt is text, not the end of a document.
+    ids = tokenizer(args.prompt, return_tensors="pt", split_special_tokens=True).input_ids.to(device)
     if ids.shape[1] == 0:
         ids = torch.tensor([[tokenizer.eos_token_id]], device=device)
     context = context_length(model)
@@ -282,6 +284,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "run's, or 0 for a model directory; a finetune's is data.split_seed, which follows its seed)")
     p.add_argument("--cache-dir", help="with --data: where its tokens are cached (default: the run's data.cache_dir, "
                    f"or {DataConfig.cache_dir})")
+    p.add_argument("--max-documents", type=_at_least(1), metavar="N",
+                   help="with --data: read at most its first N documents (default: all; a hub stream needs it)")
     p.add_argument("--device", default="cpu")
     p = sub.add_parser("export", help="merge a POET run into a plain HF model directory")
     p.add_argument("run_dir")

@@ -56,7 +56,7 @@ class DataConfig:
     tokenizer: str | None = None     # HF tokenizer directory; None trains a byte-level BPE
     vocab_size: int = 4096           # tokens of the BPE trained when data.tokenizer is unset
     seq_len: int = 128               # tokens per training sequence (also the model's context length)
-    val_fraction: float = 0.05       # fraction of the documents held out for validation
+    val_fraction: float = 0.05       # share of the documents held out for validation (of the text, when one document is larger)
     max_documents: int | None = None  # read at most this many documents; null = all
     split_seed: int | None = None    # seeds the document-level train/val split; None = the run's seed
     cache_dir: str = "~/.cache/poetlm"  # tokenizers and token caches, shared by runs
@@ -497,12 +497,13 @@ def _build_train(values: dict) -> TrainConfig:
     return _build(TrainConfig, values)
 
 
-def make_dir(path: Path, key: str) -> None:
-    """Create the directory that config key `key` names (with its parents); a path that cannot be one is the key's error."""
+def make_dir(path: Path, key: str, error_type: type[Exception] = ConfigError) -> None:
+    """Create the directory that config key (or flag) `key` names, with its parents; a path that cannot be one is the
+    key's error, of `error_type`."""
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as error:  # a file in the way, /proc, no permission, …
-        raise ConfigError(f"{key}={str(path)!r} cannot be made a directory ({error.strerror}: {error.filename}); "
+        raise error_type(f"{key}={str(path)!r} cannot be made a directory ({error.strerror}: {error.filename}); "
                           f"choose another {key}") from None
 
 

@@ -39,12 +39,14 @@ BUNDLED_CORPORA: dict[str, str] = {
     "shakespeare": "shakespeare.txt.xz",
 }
 
-# Bump when the cache layout or packing changes so stale caches are never reused.
-_CACHE_VERSION = 1
+# Bump when the cache layout, packing or split changes so stale caches are never reused
+# (2: a corpus with a document longer than val_fraction of its text is split by share).
+_CACHE_VERSION = 2
 _FORMATS = (".txt", ".jsonl", ".parquet")
 _COMPRESSIONS = {".xz": lzma.open, ".gz": gzip.open}
 _INSTALL_DATA = "install the optional data dependencies: pip install 'poetlm[data]'"
 _TOKENIZE_BATCH = 1024
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class DataError(ValueError):
@@ -55,18 +57,19 @@ class DataError(ValueError):
 # Reading documents
 
 
-def read_documents(source: str, *, max_documents: int | None = None) -> list[str]:
+def read_documents(source: str, *, max_documents: int | None = None, documents_option: str = "data.max_documents={}") -> list[str]:
     """Read the documents of a bundled corpus, a local file/directory, or ``hf:NAME[:CONFIG]``.
 
     ``.txt`` documents are separated by blank lines and stripped; ``.jsonl``/``.parquet``/hf
-    texts are kept verbatim. Whitespace-only documents are dropped everywhere.
+    texts are kept verbatim. Whitespace-only documents are dropped everywhere. `documents_option`: how the
+    command in use sets max_documents, which a hub stream needs.
     """
     if max_documents is not None and max_documents < 1:
         raise DataError(f"max_documents must be at least 1, got {max_documents}")
     if source.startswith("hf:") and max_documents is None and not Path(source[3:]).expanduser().is_dir():
         # A hub stream such as C4 has no useful end: poetlm caches a fixed prefix of it, so its size must be chosen.
         raise DataError(f"{source} streams from the Hub: set how many documents to tokenize, "
-                        "e.g. data.max_documents=2000000")
+                        f"e.g. {documents_option.format(2000000)}")
     docs_iter = _iter_documents(source)
     try:
         docs = list(itertools.islice(docs_iter, max_documents))
@@ -202,6 +205,11 @@ def _text_field(record, where: str) -> str | None:
         raise DataError(
             f'{where}: "text" is a {type(text).__name__}, not a string; store the document as a string'
         )
+    if text and _SURROGATE.search(text):
+        raise DataError(
+            f'{where}: "text" contains an unpaired surrogate (an escape such as \\ud800 that JSON allows but that is '
+            "no character, so it cannot be encoded as UTF-8 text); clean that record"
+        )
     return text if text and text.strip() else None
 
 
@@ -246,11 +254,12 @@ def _iter_parquet(path: Path) -> Iterator[str]:
 
 
 def _split_hf_spec(spec: str) -> tuple[str, str | None]:
+    """(NAME, CONFIG) of hf:NAME[:CONFIG], a leading ~ expanded: datasets would look for a directory named "~"."""
     # A local directory may itself contain ':'; only split when it is not one.
     if Path(spec).expanduser().is_dir():
-        return spec, None
+        return str(Path(spec).expanduser()), None
     name, _, config = spec.partition(":")
-    return name, config or None
+    return str(Path(name).expanduser()) if name.startswith("~") else name, config or None
 
 
 def _iter_hf(spec: str) -> Iterator[str]:
@@ -291,11 +300,11 @@ def _iter_hf(spec: str) -> Iterator[str]:
 # Splitting
 
 
-def _passages(text: str) -> list[str]:
-    """`text` cut after the first line end past every PASSAGE_CHARS characters."""
+def _passages(text: str, size: int) -> list[str]:
+    """`text` cut after the first line end past every `size` characters."""
     passages, start = [], 0
     while start < len(text):
-        end = text.find("\n", start + PASSAGE_CHARS)
+        end = text.find("\n", start + size)
         end = len(text) if end < 0 else end + 1
         if text[start:end].strip():
             passages.append(text[start:end].strip())
@@ -308,30 +317,55 @@ def _unit_hash(seed: int, index: int) -> float:
     return int.from_bytes(digest[:8], "big") / 2.0**64
 
 
-PASSAGE_CHARS = 20_000  # a corpus that is one document is split as passages of about this size
+PASSAGE_CHARS = 20_000  # the longest passage a document is cut into when it is too large a share of the corpus
+
+
+def _held_out_by_share(units: list[str], val_fraction: float, scores: list[float]) -> list[bool]:
+    """Units in hash order until they hold `val_fraction` of the characters. One that would take the held-out
+    text past twice that is passed over: a passage that no line end could cut (one long line) is that large."""
+    target = val_fraction * sum(map(len, units))
+    in_val, held = [False] * len(units), 0
+    for i in sorted(range(len(units)), key=scores.__getitem__):
+        if held >= target:
+            break
+        if held + len(units[i]) <= 2 * target:
+            in_val[i] = True
+            held += len(units[i])
+    return in_val
 
 
 def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
     """Split whole documents into (train, val), deterministically from ``seed``.
 
-    Membership depends only on (seed, index), so it is stable across runs and machines.
-    Both splits get at least one document. A corpus whose text is mostly one document (a book, perhaps
-    after a title; a text with one sentence or verse per line and no blank lines) is first cut at line
-    ends into passages of about ``PASSAGE_CHARS`` characters, which are split instead: split whole, the
-    validation set could be the title alone.
+    Membership depends only on (seed, index), so it is stable across runs and machines: a document is held out
+    when its hash falls below ``val_fraction``. Both splits get at least one document. That holds out about
+    ``val_fraction`` of the text only while every document is a small share of it. A corpus with a document
+    longer than ``val_fraction`` of its text (a book, perhaps after a title; a text with one sentence or verse
+    per line and no blank lines; a few long documents) is instead cut at line ends into passages of at most
+    ``PASSAGE_CHARS`` characters and half the held-out share, split by their hashes alike. Where that holds out
+    less than half or more than twice ``val_fraction`` of the text (few passages: a small text), validation
+    instead takes passages in hash order until it holds ``val_fraction``: split whole, the validation set could
+    be the title alone, or most of the corpus. Large books (web, kjv) keep the membership by hash they always had.
     """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
-    if docs and 2 * max(map(len, docs)) > sum(map(len, docs)):
-        docs = [passage for doc in docs for passage in _passages(doc)]
+    total = sum(map(len, docs))
+    by_share = bool(docs) and max(map(len, docs)) > val_fraction * total
+    if by_share:
+        size = min(PASSAGE_CHARS, int(val_fraction * total / 2))
+        docs = [passage for doc in docs for passage in _passages(doc, size)]
     if len(docs) < 2:
         raise DataError(
-            f"the corpus is one document of {len(docs[0]) if docs else 0} characters that has no two passages "
-            f"of ~{PASSAGE_CHARS} characters, but a train/validation split needs at least 2 documents; "
-            "separate documents in a .txt file with blank lines, or use a larger corpus"
+            f"the corpus is one document of {len(docs[0]) if docs else 0} characters with no line end to cut it at, "
+            "but a train/validation split needs at least 2 documents; separate documents in a .txt file with blank "
+            "lines, or use a larger corpus"
         )
     scores = [_unit_hash(seed, i) for i in range(len(docs))]
     in_val = [s < val_fraction for s in scores]
+    if by_share:
+        held = sum(len(doc) for doc, v in zip(docs, in_val) if v) / sum(map(len, docs))
+        if not 0.5 * val_fraction <= held <= 2 * val_fraction:
+            in_val = _held_out_by_share(docs, val_fraction, scores)
     if not any(in_val):
         in_val[min(range(len(docs)), key=scores.__getitem__)] = True
     if all(in_val):
@@ -596,13 +630,14 @@ def prepare_data(
     val_fraction: float = 0.05,
     split_seed: int = 0,
     max_documents: int | None = None,
+    documents_option: str = "data.max_documents={}",
 ) -> TokenData:
     """Read, split, tokenize and cache ``data``; returns memory-mapped train/val token ids.
 
     The tokenizer (when trained here) and the token arrays are cached under ``cache_root`` and
     reused by later calls with the same inputs. A cache that fails validation (unparsable
     meta.json, wrong size, checksum mismatch, or a tokenizer_hash that differs from the
-    tokenizer in use) is rebuilt with a warning.
+    tokenizer in use) is rebuilt with a warning. `documents_option`: see read_documents.
     """
     cache_root = Path(cache_root).expanduser()
     identity = _data_identity(data)
@@ -612,7 +647,7 @@ def prepare_data(
     def get_splits() -> tuple[list[str], list[str]]:
         # Read lazily: with a warm cache the corpus (maybe a slow hf: stream) is never touched.
         if not splits:
-            docs = read_documents(data, max_documents=max_documents)
+            docs = read_documents(data, max_documents=max_documents, documents_option=documents_option)
             splits.append(split_documents(docs, val_fraction, split_seed))
         return splits[0]
 
@@ -656,6 +691,10 @@ def _open_cache(cache_dir: Path, tokenizer, identity: dict) -> TokenData:
     )
 
 
+# What TokenData.record holds: a data.json without all of it of these types is damaged.
+_RECORD = {"identity": dict, "cache_dir": str, "tokenizer_hash": str, "sha256_train": str, "sha256_val": str}
+
+
 def load_run_data(run_dir: Path, data: str, **options) -> TokenData:
     """The very tokens a run trained on, with its own tokenizer (run_dir/tokenizer), for resume and eval.
 
@@ -666,10 +705,12 @@ def load_run_data(run_dir: Path, data: str, **options) -> TokenData:
     run_dir = Path(run_dir)
     try:
         record = json.loads((run_dir / "data.json").read_text())
+        if not isinstance(record, dict) or any(not isinstance(record.get(key), kind) for key, kind in _RECORD.items()):
+            raise ValueError("not the record TokenData.record writes")
     except (OSError, ValueError) as e:
-        raise DataError(f"{run_dir / 'data.json'} is missing or unreadable ({type(e).__name__}): it records which tokens "
-                        "the run trained on, and without it the run cannot go on exactly. Restore the file (from a "
-                        "backup of the run directory), or start a new run") from None
+        raise DataError(f"{run_dir / 'data.json'} is missing, unreadable or damaged ({type(e).__name__}: {e}): it records "
+                        "which tokens the run trained on, and without it the run cannot go on exactly. Restore the file "
+                        "(from a backup of the run directory), or start a new run") from None
     tokenizer_dir = run_dir / "tokenizer"
     tokenizer = load_tokenizer(tokenizer_dir, hint=RUN_TOKENIZER)
     if _tokenizer_hash(tokenizer) != record["tokenizer_hash"]:

@@ -19,6 +19,8 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .config import make_dir
+
 
 class ReportError(ValueError):
     """A run directory is missing or its files cannot be read."""
@@ -67,9 +69,22 @@ def _read_json(path: Path) -> dict[str, Any] | None:
     return data
 
 
+# The metrics the report computes with: a record that holds anything but a number (or null) in one is damaged.
+_NUMERIC = ("step", "tokens", "loss", "val_loss", "val_ppl", "tokens_per_s", "peak_mem_mb", "spectrum_drift", "probe_cos")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _warn(message: str) -> None:
+    print(f"poetlm: warning: {message}", file=sys.stderr)
+
+
 def _read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
-    """Train and eval records; unreadable lines (a kill mid-write, damaged bytes) are dropped with a warning."""
-    train, evals, unreadable = [], [], []
+    """Train and eval records; unreadable lines (a kill mid-write, damaged bytes) and records with a non-numeric
+    metric (an edited file) are dropped with a warning."""
+    train, evals, unreadable, non_numeric = [], [], [], []
     for number, raw in enumerate(path.read_bytes().splitlines(), 1):
         if not raw.strip():
             continue
@@ -80,14 +95,32 @@ def _read_metrics(path: Path) -> tuple[list[dict], list[dict]]:
         except ValueError:  # UnicodeDecodeError and JSONDecodeError included
             unreadable.append(number)
             continue
-        if "loss" in record:
+        if any(record.get(key) is not None and not _is_number(record[key]) for key in _NUMERIC):
+            non_numeric.append(number)
+        elif "loss" in record:
             train.append(record)
         elif "val_loss" in record or "val_ppl" in record:
             evals.append(record)
-    if unreadable:
-        shown = ", ".join(map(str, unreadable[:10])) + (" …" if len(unreadable) > 10 else "")
-        print(f"poetlm: warning: skipped {len(unreadable)} unreadable line(s) of {path} (line {shown})", file=sys.stderr)
+    for numbers, what in ((unreadable, f"unreadable line(s) of {path}"), (non_numeric, f"line(s) of {path} with a non-numeric metric")):
+        if numbers:
+            shown = ", ".join(map(str, numbers[:10])) + (" …" if len(numbers) > 10 else "")
+            _warn(f"skipped {len(numbers)} {what} (line {shown})")
     return train, evals
+
+
+def _read_spectrum(path: Path) -> dict[str, Any] | None:
+    """spectrum.json; None, with a warning, when it is damaged: it feeds one plot, which is no reason to fail the report."""
+    try:
+        spectrum = _read_json(path)
+    except ReportError as error:
+        problem = str(error)
+    else:
+        if spectrum is None or all(spectrum.get(key) is None or (isinstance(spectrum[key], list) and all(map(_is_number, spectrum[key])))
+                                   for key in ("initial", "final")):
+            return spectrum
+        problem = f'{path}: "initial" and "final" must be lists of numbers'
+    _warn(f"{problem}; the spectrum plot leaves this run out")
+    return None
 
 
 def load_run(run_dir: str | Path) -> Run:
@@ -112,7 +145,7 @@ def load_run(run_dir: str | Path) -> Run:
         train=train,
         eval=evals,
         summary=summary,
-        spectrum=_read_json(run_dir / "spectrum.json"),
+        spectrum=_read_spectrum(run_dir / "spectrum.json"),
     )
 
 
@@ -153,7 +186,7 @@ def run_stats(run: Run) -> dict[str, float | None]:
         "total_tokens": max(tokens) if tokens else None,
         "spectrum_drift": _last(run.train, "spectrum_drift"),
     }
-    return {k: s.get(k) if s.get(k) is not None else v for k, v in derived.items()}
+    return {k: s[k] if _is_number(s.get(k)) else v for k, v in derived.items()}  # a damaged value as a missing one
 
 
 def _table(runs: list[Run]) -> list[str]:
@@ -288,7 +321,7 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
         raise ReportError("no run directories given")
     runs = [load_run(d) for d in run_dirs]  # fail before writing anything
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir, "--out", ReportError)
 
     lines = ["# Training report", "", *_table(runs), ""]
     for filename, caption, plot in PLOTS:
