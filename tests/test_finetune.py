@@ -251,3 +251,45 @@ def test_eval_reproduces_a_finetunes_initial_perplexity_with_its_split_seed(base
     assert main(["eval", str(base[0]), "--data", str(base[1]), "--tokens", "512", "--seq-len", "32", "--split-seed", "1",
                  "--cache-dir", str(tmp_path / "cache")]) == 0
     assert float(capsys.readouterr().out.split("perplexity:")[1].split()[0]) == pytest.approx(initial, rel=1e-3)
+
+
+def test_a_bf16_base_trains_in_fp32_master_weights_for_every_method(base, tmp_path):
+    """Most checkpoints are stored in bf16: POET must still fold into fp32 weights (it refused to run), and
+    AdamW's updates must not round away in bf16 weights (a third of the entries moved, and final/ was bf16)."""
+    bf16 = tmp_path / "bf16-base"
+    reload(base[0]).to(torch.bfloat16).save_pretrained(bf16)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(base[0] / name, bf16 / name)
+    stored = AutoModelForCausalLM.from_pretrained(bf16, dtype=torch.bfloat16).state_dict()
+    for method in ("poet", "adamw"):
+        assert main(finetune_args((bf16, base[1]), tmp_path, "--name", method, f"--method={method}", "optim.lr=1e-3")) == 0
+        final = AutoModelForCausalLM.from_pretrained(tmp_path / "runs" / method / "final", dtype="auto")
+        assert final.dtype == torch.float32
+        if method == "adamw":  # every weight took its updates; in bf16 most of them rounded back to the stored value
+            weight = final.state_dict()["model.layers.0.mlp.up_proj.weight"]
+            moved = (weight != stored["model.layers.0.mlp.up_proj.weight"].float()).float().mean()
+            assert moved > 0.95
+
+
+def test_settings_that_would_train_nothing_or_only_count_more_parameters_are_refused(base, tmp_path, capsys):
+    assert main(finetune_args(base, tmp_path, "--name", "rank", "--method=lora", "finetune.lora_rank=33")) == 1
+    err = capsys.readouterr().err
+    assert "finetune.lora_rank=33 exceeds min(in, out) = 32 of" in err and "Traceback" not in err
+    no_blocks = tmp_path / "no-blocks"
+    GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=0, n_head=2)).save_pretrained(no_blocks)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(base[0] / name, no_blocks / name)
+    assert main(finetune_args((no_blocks, base[1]), tmp_path, "--name", "muon", "--method=muon")) == 1
+    err = capsys.readouterr().err
+    assert "Muon trains the decoder blocks' 2-D weights, and this model has none" in err and "Traceback" not in err
+
+
+def test_a_base_smaller_than_its_own_tokenizer_is_named_as_damaged(base, tmp_path, capsys):
+    small = tmp_path / "small-vocab"
+    LlamaForCausalLM(LlamaConfig(vocab_size=200, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=64)).save_pretrained(small)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(base[0] / name, small / name)
+    assert main(finetune_args((small, base[1]), tmp_path)) == 1
+    err = capsys.readouterr().err
+    assert "embeds only 200: its own tokenizer and weights disagree" in err and "leave data.tokenizer unset" not in err

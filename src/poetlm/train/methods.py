@@ -139,6 +139,9 @@ class Muon(Method):
         opt = self.config.optim
         groups = param_groups(model, lr_base=opt.lr, lr_poet=opt.lr, weight_decay=opt.weight_decay)
         hidden = _hidden_matrices(model)
+        if not hidden:
+            raise ModelError("Muon trains the decoder blocks' 2-D weights, and this model has none to train: "
+                             "use --method adamw")
         # "match_rms_adamw" scales Muon's update to AdamW's RMS, so one learning-rate range serves both.
         muon = torch.optim.Muon([p for p in model.parameters() if id(p) in hidden], lr=opt.lr_muon or opt.lr,
                                 weight_decay=opt.weight_decay, adjust_lr_fn="match_rms_adamw")
@@ -147,6 +150,19 @@ class Muon(Method):
     def learning_rates(self, factor):
         opt = self.config.optim
         return {**super().learning_rates(factor), "lr_muon": (opt.lr_muon or opt.lr) * factor}  # the hidden matrices' lr
+
+
+def _refuse_useless_rank(model: nn.Module, rank: int) -> None:
+    """B·A of a rank above min(in, out) spans nothing more, but its parameters would count in the comparison."""
+    from peft.tuners.lora import LoraLayer
+
+    layers = [(name, layer.in_features, layer.out_features) for name, layer in model.named_modules()
+              if isinstance(layer, LoraLayer)]
+    name, fan_in, fan_out = min(layers, key=lambda layer: min(layer[1:]))
+    if rank > min(fan_in, fan_out):
+        raise ModelError(f"finetune.lora_rank={rank} exceeds min(in, out) = {min(fan_in, fan_out)} of {name} "
+                         f"({fan_in}→{fan_out}), where a larger rank adds parameters but no expressiveness; use "
+                         f"finetune.lora_rank={min(fan_in, fan_out)} or less, or target larger layers (finetune.lora_targets)")
 
 
 class LoRA(Method):
@@ -164,6 +180,7 @@ class LoRA(Method):
                                                      target_modules=targets, lora_dropout=0.0))
         except ValueError as error:
             raise ModelError(f"LoRA cannot wrap this model ({error}); set finetune.lora_targets to its linear layer names") from None
+        _refuse_useless_rank(model, finetune.lora_rank)
         _freeze_base(model, self.config, {id(p) for name, p in model.named_parameters() if "lora_" in name})
         return model
 

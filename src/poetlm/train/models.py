@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
@@ -219,14 +220,20 @@ def load_model(config: TrainConfig, vocab_size: int) -> nn.Module:
     source = config.finetune.base_model
     honor_offline_env()
     try:
-        model = AutoModelForCausalLM.from_pretrained(source)
+        # fp32 master weights whatever the checkpoint stores (most are bf16): POET folds rotations into them and
+        # keeps their spectrum only in fp32, and AdamW's small updates would round away in bf16. dtype=bf16 trains
+        # in bf16 through autocast, as pretraining does.
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
     except (OSError, ValueError) as error:
         where = "is not a model directory here" if not Path(source).exists() else "could not be loaded"
         raise ModelError(f"finetune.base_model={source!r} {where}: {error}. Offline, pass a local directory "
                          "written by save_pretrained (or by poetlm export); a hub id needs network access.") from None
     if model.get_input_embeddings().num_embeddings < vocab_size:
-        raise ModelError(f"the tokenizer has {vocab_size} tokens but {source} embeds only "
-                         f"{model.get_input_embeddings().num_embeddings}: use the model's own tokenizer (leave data.tokenizer unset)")
+        embeds = model.get_input_embeddings().num_embeddings
+        fix = ("its own tokenizer and weights disagree (a damaged or mismatched base): point data.tokenizer at the "
+               "tokenizer the model was trained with" if config.data.tokenizer is None else
+               "use the model's own tokenizer (leave data.tokenizer unset)")
+        raise ModelError(f"the tokenizer has {vocab_size} tokens but {source} embeds only {embeds}: {fix}")
     check_context(model, config.data.seq_len, "data.seq_len={}", source)
     return model
 
