@@ -218,3 +218,28 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[object]], ali
 
     rule = [{"l": "-" * w, "r": "-" * (w - 1) + ":", "c": ":" + "-" * (w - 2) + ":"}[a] for w, a in zip(widths, align)]
     return "\n".join([line(headers), "| " + " | ".join(rule) + " |"] + [line(row) for row in cells])
+
+
+def setting_differences(wanted: dict, have: dict, ignore: Sequence[str] = (), prefix: str = "") -> list[str]:
+    """Dotted keys ("data.seq_len") whose values differ between two nested settings dicts; a key on one side
+    only differs too. `ignore`: dotted keys left out (where a run writes its files, not what it computes)."""
+    differ = []
+    for key in sorted(set(wanted) | set(have)):
+        dotted = prefix + key
+        if dotted in ignore:
+            continue
+        a, b = wanted.get(key), have.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            differ += setting_differences(a, b, ignore, dotted + ".")
+        elif key not in wanted or key not in have or a != b:
+            differ.append(dotted)
+    return differ
+
+
+def refuse_other_settings(stale: Sequence[tuple[object, str]], out: object) -> None:
+    """One-line error naming (up to four of) the finished runs in `out` made with other settings, with why:
+    reusing them would label their results with settings they were not made with."""
+    if stale:
+        listing = "; ".join(f"{where} ({why})" for where, why in stale[:4])
+        raise SystemExit(f"{len(stale)} run(s) in {out} were made with other settings than these: {listing}. "
+                         "Use another --out, or the settings those runs were made with")

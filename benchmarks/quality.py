@@ -20,6 +20,7 @@ parameters, merges every poet.merge_every steps, CNP k=3). See docs/benchmarks.m
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -36,7 +37,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator
 
-from common import describe_machine, markdown_table
+from common import describe_machine, markdown_table, refuse_other_settings, setting_differences
 
 @dataclass(frozen=True)
 class Method:
@@ -58,6 +59,9 @@ METHODS = {
 # --lrs-poet); the rows between pin the paper form's block size (b=32 at tiny), so the last step to the
 # default ("poet") is the preset's block size.
 PAPER_SHAPE = ("poet.block_size=32",)
+# The rule's own rows ran with exact orthogonalization (docs/benchmarks.md); "auto" has since picked
+# Newton–Schulz below b=192 on a CPU, so they pin it for the command to reproduce them.
+EXACT = ("rule.orthogonalize='exact'",)
 ABLATION = {
     "abl-k4": Method("abl-k4", "+ CNP k=4 (spectrum-exact)", "optim.lr_poet", (4e-3,),
                      ("method='poet-paper'", "poet.neumann_terms=4")),
@@ -68,13 +72,14 @@ ABLATION = {
                                                   *PAPER_SHAPE)),
     "abl-ortho": Method("abl-ortho", "+ orthogonalized momentum (Muon on so(b)), lr = angle", "optim.lr_poet", (0.04,),
                         ("method='poet'", "rule.nesterov=false", "rule.alternate=false", "rule.transport=false",
-                         *PAPER_SHAPE)),
+                         *PAPER_SHAPE, *EXACT)),
     "abl-nesterov": Method("abl-nesterov", "+ Nesterov", "optim.lr_poet", (0.04,),
-                           ("method='poet'", "rule.alternate=false", "rule.transport=false", *PAPER_SHAPE)),
+                           ("method='poet'", "rule.alternate=false", "rule.transport=false", *PAPER_SHAPE,
+                            *EXACT)),
     "abl-alternate": Method("abl-alternate", "+ alternating sides", "optim.lr_poet", (0.04,),
-                            ("method='poet'", "rule.transport=false", *PAPER_SHAPE)),
+                            ("method='poet'", "rule.transport=false", *PAPER_SHAPE, *EXACT)),
     "abl-transport": Method("abl-transport", "+ momentum transported across redraws", "optim.lr_poet", (0.04,),
-                            ("method='poet'", *PAPER_SHAPE)),
+                            ("method='poet'", *PAPER_SHAPE, *EXACT)),
 }
 ABLATION_ROWS = ["poet-paper", *ABLATION, "poet"]
 ALL_METHODS = {**METHODS, **ABLATION}
@@ -124,17 +129,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--jobs, --threads and --steps must be >= 1")
     if args.methods is None:
         args.methods = list(ABLATION_ROWS if args.ablation else METHODS)
+    # A value given twice would start two runs of one spec in one directory at once and tabulate it twice.
+    args.methods, args.corpora, args.seeds = unique(args.methods), unique(args.corpora), unique(args.seeds)
+    for key in ALL_METHODS:
+        setattr(args, lrs_option(key), unique(getattr(args, lrs_option(key))))
+    unknown = [corpus for corpus in args.corpora if not corpus_exists(corpus)]
+    if unknown:
+        from poetlm.train.data import BUNDLED_CORPORA
+
+        parser.error(f"--corpora: {unknown[0]!r} is neither a bundled corpus ({', '.join(BUNDLED_CORPORA)}) nor an "
+                     "existing file or directory, nor hf:NAME[:CONFIG]")
+    # Absolute, so that the run paths and data.cache_dir in the runs' settings read alike however --out is spelled.
+    args.out = args.out.resolve()
     args.img = args.img or args.out / "img"
     if args.ablation:
         args.corpora, args.seeds = args.corpora[:1], args.seeds[:1]
+    args.corpus_dirs = corpus_dirs(args.corpora)
+    args.failed = set()  # run directories whose run failed in this invocation (not a result: retried when rerun)
     return args
+
+
+def unique(values: list) -> list:
+    return list(dict.fromkeys(values))
+
+
+def lrs_option(key: str) -> str:
+    return f"lrs_{key.replace('-', '_')}"
+
+
+def corpus_exists(corpus: str) -> bool:
+    """What poetlm reads as a corpus (hf: specs are checked when their run loads them)."""
+    from poetlm.train.data import BUNDLED_CORPORA
+
+    return corpus.startswith("hf:") or corpus in BUNDLED_CORPORA or Path(corpus).expanduser().exists()
+
+
+def corpus_dirs(corpora: list[str]) -> dict[str, str]:
+    """Each corpus's directory under OUT (and name in tables and plot files): its file stem, unless two corpora
+    share one (/a/data.txt and /b/data.txt, hf:a/x and hf:b/x): those get the stem and a hash of the corpus as
+    given, as one directory would hand the second corpus the first one's finished runs. (The hash is of the
+    spelling, not the resolved path: two spellings of one file are two runs, never two writers of one run.)"""
+    stems = [Path(corpus).stem for corpus in corpora]
+    return {corpus: stem if stems.count(stem) == 1 else f"{stem}-{hashlib.sha1(corpus.encode()).hexdigest()[:8]}"
+            for corpus, stem in zip(corpora, stems)}
 
 
 # ---------------------------------------------------------------- running
 
 
 def run_dir(spec: Spec, args: argparse.Namespace) -> Path:
-    return args.out / Path(spec.corpus).stem / spec.name
+    return args.out / args.corpus_dirs[spec.corpus] / spec.name
 
 
 def run_settings(spec: Spec, args: argparse.Namespace) -> list[str]:
@@ -167,8 +211,8 @@ def settings_mismatch(spec: Spec, args: argparse.Namespace) -> str | None:
     from poetlm.train.config import resolve_config
 
     wanted = resolve_config(args.preset, [f"name='{spec.name}'", *run_settings(spec, args)]).to_dict()
-    have = json.loads(saved.read_text())
-    differ = [key for key in wanted if key not in ("out_dir", "progress") and have.get(key) != wanted[key]]
+    # Where the run and its token cache live is not what it computed (a moved or differently spelled --out).
+    differ = setting_differences(wanted, json.loads(saved.read_text()), ignore=("out_dir", "progress", "data.cache_dir"))
     return f"{', '.join(differ)} differ" if differ else None
 
 
@@ -186,6 +230,7 @@ def run_one(spec: Spec, args: argparse.Namespace) -> str:
             return "diverged"
         shutil.rmtree(directory, ignore_errors=True)  # a resume would continue the diverged run as it was
         diverged_marker(spec, args).unlink()
+    args.failed.discard(directory)
     command = train_command(spec, args)
     if "--resume" not in command and directory.exists():
         shutil.rmtree(directory)  # started but never checkpointed: poetlm would otherwise pick NAME-2
@@ -211,16 +256,14 @@ def run_one(spec: Spec, args: argparse.Namespace) -> str:
         print(f"  {spec.corpus}/{spec.name}: diverged after {seconds:.0f} s", flush=True)
         return "diverged"
     print(f"  {spec.corpus}/{spec.name}: FAILED (exit {code}), see {log}", flush=True)
+    args.failed.add(directory)
     return "failed"
 
 
 def check_settings(specs: list[Spec], args: argparse.Namespace) -> None:
     """Refuse to mix runs made with other settings (steps, preset, --set, …) into these tables."""
-    stale = [(spec, why) for spec in specs if (why := settings_mismatch(spec, args))]
-    if stale:
-        listing = "; ".join(f"{run_dir(spec, args)} ({why})" for spec, why in stale[:4])
-        raise SystemExit(f"{len(stale)} run(s) in {args.out} were made with other settings than these: {listing}. "
-                         "Use another --out, or the settings those runs were made with")
+    refuse_other_settings([(run_dir(spec, args), why) for spec in specs if (why := settings_mismatch(spec, args))],
+                          args.out)
 
 
 def run_all(specs: list[Spec], args: argparse.Namespace) -> None:
@@ -345,15 +388,23 @@ def table(args, corpus: str, lrs: dict[str, list[float]], best: dict[str, float 
             params = finished[0]["block_linear_trainable_params"] if finished else None
             drift = max((r["spectrum_drift"] for r in finished if r.get("spectrum_drift") is not None), default=None)
             timed = [at_seconds(r["curve"], budget) for r in finished]
-            per_seed = ", ".join("div." if final_ppl(r) == math.inf else f"{final_ppl(r):.2f}" for r in done.values())
-            edge = len(lrs[key]) > 1 and lr in (min(lrs[key]), max(lrs[key]))  # only a bound: not bracketed
-            label = (" **best** (at the grid's edge)" if edge else " **best**") if lr == best[key] else ""
+            failed = [s for s in seeds if run_dir(Spec(method, lr, s, corpus), args) in args.failed]
+            per_seed = ", ".join(["div." if final_ppl(r) == math.inf else f"{final_ppl(r):.2f}" for r in done.values()]
+                                 + ["failed"] * len(failed))
+            final = fmt_ppl(values) if values or not failed else "failed"
+            if failed and values:  # a mean over the seeds that finished, said so
+                final += f" ({len(failed)} failed)"
+            label = ""
+            if lr == best[key]:  # one lr is not a sweep; a best at either end of one is only a bound
+                label = (" **best** (not swept)" if len(lrs[key]) == 1 else
+                         " **best** (at the grid's edge)" if lr in (min(lrs[key]), max(lrs[key])) else " **best**")
             rows.append([method.label + label, f"{method.lr_key}={lr:g}",
-                         len(done), fmt_ppl(values), per_seed or "—", fmt_ppl(timed) if timed else "—",
+                         len(done), final, per_seed or "—", fmt_ppl(timed) if timed else "—",
                          f"{drift:.1e}" if drift is not None else "—",
                          f"{params:,}" if params is not None else "—",
                          f"{statistics.median(r['train_seconds'] for r in finished):.0f}" if finished else "—"])
-    headers = ["method", "swept lr", "seeds", "final val ppl (mean ± sd)", "per seed", f"val ppl at {budget:.0f} s",
+    at = f"val ppl at {budget:.0f} s" if math.isfinite(budget) else "val ppl at equal time"  # no run finished
+    headers = ["method", "swept lr", "seeds", "final val ppl (mean ± sd)", "per seed", at,
                "spectrum drift (max)", "block-linear params", "train s"]
     return markdown_table(headers, rows, align="llrrrrrrr")
 
@@ -379,7 +430,7 @@ def _axes(title: str, xlabel: str, ylabel: str):
 def plot_curves(args, corpus: str, best, path: Path, axis: int) -> None:
     xlabel = "training tokens" if axis == 0 else "training seconds (1 CPU thread, evaluation excluded)"
     what = "tokens" if axis == 0 else "time"
-    fig, ax = _axes(f"{Path(corpus).stem}: validation perplexity at equal {what} ({args.preset}, {args.steps} steps)",
+    fig, ax = _axes(f"{args.corpus_dirs[corpus]}: validation perplexity at equal {what} ({args.preset}, {args.steps} steps)",
                     xlabel, "validation perplexity (mean over seeds)")
     if axis == 0:
         ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value / 1e6:g}M"))
@@ -414,7 +465,7 @@ def save(fig: Figure, ax, path: Path) -> None:
 
 
 def plot_lr(args, corpus: str, lrs, path: Path) -> None:
-    fig, ax = _axes(f"{Path(corpus).stem}: lr sweep, seed {args.seeds[0]} ({args.preset}, {args.steps} steps)",
+    fig, ax = _axes(f"{args.corpus_dirs[corpus]}: lr sweep, seed {args.seeds[0]} ({args.preset}, {args.steps} steps)",
                     "swept learning rate (each method's block-matrix lr)", "final validation perplexity")
     for key in args.methods:
         method = ALL_METHODS[key]
@@ -442,7 +493,7 @@ def benchmark(args: argparse.Namespace) -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     print(describe_machine(args.device), flush=True)
     start = time.perf_counter()
-    lrs = {c: {key: list(getattr(args, f"lrs_{key.replace('-', '_')}")) for key in args.methods} for c in args.corpora}
+    lrs = {c: {key: list(getattr(args, lrs_option(key))) for key in args.methods} for c in args.corpora}
     check_settings([Spec(ALL_METHODS[k], lr, seed, c) for c in args.corpora for k in args.methods for lr in lrs[c][k]
                     for seed in args.seeds], args)
     if not args.report_only:  # every corpus's sweep first, so two jobs always have work
@@ -459,7 +510,7 @@ def benchmark(args: argparse.Namespace) -> None:
                  if best[c][k] is not None for s in args.seeds[1:]], args)
     report = []
     for corpus in args.corpora:
-        stem = Path(corpus).stem
+        stem = args.corpus_dirs[corpus]
         report.append(f"### {stem}: {args.preset}, {args.steps} steps (best lr chosen on seed {args.seeds[0]}; "
                       f"sd over seeds {args.seeds})\n\n{table(args, corpus, lrs[corpus], best[corpus])}\n")
         prefix = "ablation" if args.ablation else "quality"
@@ -469,9 +520,17 @@ def benchmark(args: argparse.Namespace) -> None:
             plot_lr(args, corpus, lrs[corpus], args.img / f"{prefix}_{stem}_lr.png")
     text = "\n".join(report)
     print("\n" + text)
-    (args.out / ("ablation.md" if args.ablation else "quality.md")).write_text(text)
+    path = args.out / ("ablation.md" if args.ablation else "quality.md")
+    if any(load(Spec(ALL_METHODS[k], lr, s, c), args) for c in args.corpora for k in args.methods for lr in lrs[c][k]
+           for s in args.seeds):
+        path.write_text(text)
+    else:  # never replace a published table with an empty one
+        print(f"no run has a result, {path} left as it was")
     if hasattr(os, "getloadavg"):
         print(f"\nload average after the run: {os.getloadavg()[0]:.2f}; wall time {time.perf_counter() - start:.0f} s")
+    if args.failed:
+        logs = ", ".join(f"{d.parent / d.name}.log" for d in sorted(args.failed)[:4])
+        raise SystemExit(f"{len(args.failed)} run(s) failed (marked in the table), see {logs}")
 
 
 if __name__ == "__main__":

@@ -239,3 +239,151 @@ def test_numerics_judges_the_default_map_and_labels_columns_by_merge_count(bench
     # Second order at even k: √(1 + λ^{2k+2}) − 1 ≈ λ^{2k+2}/2, not the 0 that marks exact Cayley.
     assert numerics.predicted_singular_change(0.015, 4) == pytest.approx(0.015 ** 10 / 2, rel=1e-9, abs=0)
     assert numerics.predicted_singular_change(0.5, 2) == pytest.approx(math.sqrt(1 + 0.5 ** 6) - 1, rel=1e-12)
+
+
+# ---------------------------------------------------------------- the quality harness's bookkeeping
+
+
+def test_quality_gives_corpora_of_one_stem_directories_of_their_own(bench, tmp_path):
+    quality = bench("quality")
+    for folder in ("c1", "c2"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "data.txt").write_text("text\n")
+    a, b = str(tmp_path / "c1" / "data.txt"), str(tmp_path / "c2" / "data.txt")
+    args = quality.parse_args(["--corpora", "sotu", a, b, "hf:a/x", "hf:b/x", "--out", str(tmp_path / "q")])
+    dirs = {corpus: quality.run_dir(quality.Spec(quality.METHODS["poet"], 0.02, 0, corpus), args).parent
+            for corpus in args.corpora}
+    assert len(set(dirs.values())) == 5, dirs
+    assert dirs["sotu"] == tmp_path / "q" / "sotu"  # an unambiguous stem keeps its directory, as before
+
+
+def test_quality_refuses_a_missing_corpus_up_front(bench, tmp_path, capsys):
+    quality = bench("quality")
+    with pytest.raises(SystemExit) as exit:
+        quality.parse_args(["--corpora", "sotu", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "q")])
+    assert exit.value.code != 0 and "missing.txt" in capsys.readouterr().err
+
+
+def test_quality_marks_failed_runs_exits_nonzero_and_keeps_the_last_table(bench, tmp_path, monkeypatch, capsys):
+    quality = bench("quality")
+
+    def fail(command, stdout, **_):  # a `poetlm train` that stops with an error
+        stdout.write("error: something is wrong\n")
+        return subprocess.CompletedProcess(command, 1)
+
+    monkeypatch.setattr(quality.subprocess, "run", fail)
+    (tmp_path / "quality.md").write_text("the last good table")
+    with pytest.raises(SystemExit) as exit:
+        quality.main(["--methods", "adamw", "--corpora", "sotu", "--seeds", "0", "--lrs-adamw", "1e-3", "3e-3",
+                      "--extend", "0", "--out", str(tmp_path)])
+    assert exit.value.code not in (0, None) and "2 run(s) failed" in str(exit.value.code)
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| AdamW")]
+    assert len(rows) == 2 and all(row.split("|")[4].strip() == "failed" for row in rows), rows
+    assert (tmp_path / "quality.md").read_text() == "the last good table"
+
+
+def fake_result(ppl: float) -> dict:
+    return {"final_val_ppl": ppl, "curve": [(0, 0.0, ppl + 1), (8, 1.0, ppl)], "train_seconds": 1.0,
+            "block_linear_trainable_params": 10, "spectrum_drift": None}
+
+
+def test_quality_takes_each_value_once_and_calls_a_single_lr_not_swept(bench, tmp_path, monkeypatch):
+    quality = bench("quality")
+    args = quality.parse_args(["--methods", "adamw", "adamw", "--corpora", "sotu", "sotu", "--seeds", "0", "1", "0",
+                               "--lrs-adamw", "1e-3", "1e-3", "--out", str(tmp_path)])
+    assert (args.methods, args.corpora, args.seeds, args.lrs_adamw) == (["adamw"], ["sotu"], [0, 1], [1e-3])
+    monkeypatch.setattr(quality, "load", lambda spec, args: fake_result(50.0 + spec.seed))
+    row = quality.table(args, "sotu", {"adamw": args.lrs_adamw}, {"adamw": 1e-3}).splitlines()[2]
+    assert "(not swept)" in row and "edge" not in row and "50.50 ± 0.71" in row, row
+
+
+def test_quality_reuses_a_run_whatever_its_out_is_called_and_names_what_differs(bench, tmp_path, monkeypatch):
+    from poetlm.train.config import resolve_config
+
+    quality = bench("quality")
+    monkeypatch.chdir(tmp_path)
+    args = quality.parse_args(["--methods", "adamw", "--corpora", "sotu", "--out", "q"])
+    assert args.out == tmp_path / "q"
+    spec = quality.Spec(quality.METHODS["adamw"], 1e-3, 0, "sotu")
+    made = resolve_config(args.preset, [f"name='{spec.name}'", *quality.run_settings(spec, args)]).to_dict()
+    made["data"]["cache_dir"] = "q/cache"  # as a run made with the relative spelling recorded it
+    quality.run_dir(spec, args).mkdir(parents=True)
+    (quality.run_dir(spec, args) / "config.json").write_text(json.dumps(made))
+    assert quality.settings_mismatch(spec, args) is None
+    made["data"]["seq_len"] += 1
+    (quality.run_dir(spec, args) / "config.json").write_text(json.dumps(made))
+    assert quality.settings_mismatch(spec, args) == "data.seq_len differ"
+
+
+def test_quality_ablation_pins_exact_directions_where_the_docs_say_so(bench, tmp_path):
+    from poetlm.train.config import resolve_config
+
+    quality = bench("quality")
+    args = quality.parse_args(["--ablation", "--out", str(tmp_path)])
+    for key in ("abl-ortho", "abl-nesterov", "abl-alternate", "abl-transport"):
+        spec = quality.Spec(quality.ABLATION[key], 0.04, 0, "sotu")
+        config = resolve_config(args.preset, [f"name='{spec.name}'", *quality.run_settings(spec, args)])
+        assert config.rule.orthogonalize == "exact" and config.poet.block_size == 32, key
+
+
+# ---------------------------------------------------------------- finetune_sweep's bookkeeping
+
+
+def fake_poetlm(calls: list, outcomes: dict):
+    """A `poetlm` subprocess stand-in for finetune_sweep: finetunes named in `outcomes` diverge or fail."""
+
+    def run(command, stdout, cwd, **_):
+        sub, *rest = command[3:]
+        calls.append(sub)
+        name = rest[rest.index("--name") + 1] if "--name" in rest else None
+        if outcomes.get(name) == "diverged":
+            stdout.write("error: non-finite loss (nan) at step 3\n")
+            return subprocess.CompletedProcess(command, 1)
+        if outcomes.get(name) == "failed":
+            stdout.write("error: out of memory\n")
+            return subprocess.CompletedProcess(command, 1)
+        if sub == "finetune":
+            (pathlib.Path(cwd) / "runs" / name).mkdir(parents=True)
+            (pathlib.Path(cwd) / "runs" / name / "summary.json").write_text(json.dumps(
+                {"final_val_ppl": 20.0, "initial_val_ppl": 30.0, "block_linear_trainable_params": 10}))
+        if sub == "eval":
+            stdout.write("perplexity: 40.0\n")
+        return subprocess.CompletedProcess(command, 0)
+
+    return run
+
+
+def test_finetune_sweep_records_a_failed_run_and_finishes_the_others(bench, tmp_path, monkeypatch):
+    sweep = bench("finetune_sweep")
+    calls = []
+    monkeypatch.setattr(sweep.subprocess, "run", fake_poetlm(calls, {"lora-lr0.0003": "diverged",
+                                                                      "lora-lr0.001": "failed"}))
+    argv = ["--methods", "lora", "--out", str(tmp_path), "--plot", str(tmp_path / "plot.png")]
+    for _ in range(2):  # the rerun keeps the divergence and the finished run, and retries the failure
+        calls.clear()
+        with pytest.raises(SystemExit) as exit:
+            sweep.main(argv)
+        assert "1 run(s) failed" in str(exit.value.code) and "lora-lr0.001" in str(exit.value.code)
+        table = (tmp_path / "results.md").read_text()
+        cells = [[cell.strip() for cell in row.split("|")[3:5]] for row in table.splitlines()[2:]]
+        assert cells == [["diverged", "—"], ["failed", "—"], ["20.00", "40.00"]], table
+    assert calls == ["finetune"]
+
+
+def test_finetune_sweep_refuses_steps_finished_with_other_settings(bench, tmp_path, monkeypatch):
+    sweep = bench("finetune_sweep")
+    monkeypatch.setattr(sweep.subprocess, "run", fake_poetlm([], {}))
+    argv = ["--methods", "lora", "--out", str(tmp_path), "--plot", str(tmp_path / "plot.png"), "--pretrain-steps", "4"]
+    sweep.main(argv)
+    for changed in (["--steps", "5"], ["--eval-tokens", "99"], ["--pretrain-steps", "5"]):
+        with pytest.raises(SystemExit) as exit:
+            sweep.main([*argv, *changed, "--report-only"])
+        message = str(exit.value.code)
+        assert "made with other settings" in message and changed[0][2:].replace("-", "_") in message, (changed, message)
+
+
+def test_finetune_sweep_resolves_its_paths_for_the_subprocesses_it_runs_in_out(bench, tmp_path, monkeypatch):
+    sweep = bench("finetune_sweep")
+    monkeypatch.chdir(tmp_path)
+    args = sweep.parse_args(["--out", "o", "--plot", "p.png", "--base-run", "b"])
+    assert (args.out, args.plot, args.base_run) == (tmp_path / "o", tmp_path / "p.png", tmp_path / "b")
