@@ -8,7 +8,8 @@
 For each corpus, phase 1 trains every method at every lr of its grid with the first seed (a grid whose
 best lr is at an end gets one more lr beyond it, see --extend); phase 2 trains the remaining seeds at each
 method's best phase-1 lr. Every run gets the same preset, steps and batch, so the same tokens. Each run is a
-`poetlm train` subprocess writing to OUT/CORPUS/NAME; a run whose summary.json exists is skipped, an
+`poetlm train` subprocess writing to OUT/CORPUS/NAME (CORPUS: the corpus's file stem, with a hash where two
+corpora share one); a run whose summary.json exists is skipped, an
 interrupted one is resumed from its checkpoint, so rerunning the same command resumes the whole benchmark.
 
 What is swept is each method's block-matrix lr; embeddings, norms and head train with AdamW at the
