@@ -156,8 +156,9 @@ def load_checkpoint(run_dir: Path, map_location="cpu") -> dict:
             _verify(path)
             state = torch.load(path, map_location=map_location, weights_only=True)
         except Exception as error:  # damaged, truncated, or no checksum: try the one before it
-            blocked = [line.strip() for line in str(error).splitlines() if "Unsupported global" in line]
-            if isinstance(error, pickle.UnpicklingError) and blocked:  # weights_only refused a class: a planted file
+            # weights_only names the class or function it refused by its pickle opcode, GLOBAL: a planted file.
+            blocked = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line]
+            if isinstance(error, pickle.UnpicklingError) and blocked:
                 raise CheckpointError(
                     f"{path} holds Python objects other than tensors and plain data ({blocked[0]}); poetlm refuses to "
                     "unpickle it because that can run arbitrary code, and its own checkpoints hold nothing else. Remove "
