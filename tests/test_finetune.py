@@ -1,7 +1,9 @@
 """`poetlm finetune` on small pretrained models saved to disk (no hub)."""
 
 import json
+import os
 import shutil
+import signal
 
 import pytest
 import torch
@@ -293,3 +295,49 @@ def test_a_base_smaller_than_its_own_tokenizer_is_named_as_damaged(base, tmp_pat
     assert main(finetune_args((small, base[1]), tmp_path)) == 1
     err = capsys.readouterr().err
     assert "embeds only 200: its own tokenizer and weights disagree" in err and "leave data.tokenizer unset" not in err
+
+
+def test_a_poet_paper_finetune_resumed_on_a_changed_base_is_refused(base, tmp_path, capsys, monkeypatch):
+    from poetlm.train import loop
+
+    moved = tmp_path / "base"
+    shutil.copytree(base[0], moved)
+    original = loop.micro_batch_loss
+    calls = {"n": 0}
+
+    def stop_at_step_4(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "micro_batch_loss", stop_at_step_4)
+    assert main(finetune_args((moved, base[1]), tmp_path, "--method", "poet-paper", "--name", "ft")) == 128 + signal.SIGTERM
+    monkeypatch.undo()
+    other = reload(moved)
+    with torch.no_grad():
+        other.model.layers[0].mlp.down_proj.weight.mul_(1.5)
+    other.save_pretrained(moved)
+    capsys.readouterr()
+    run_dir = tmp_path / "runs" / "ft"
+    assert main(["train", "--resume", str(run_dir)]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and f"finetune.base_model='{moved}' changed since the run started" in err
+    assert "'model.layers.0.mlp.down_proj' differ" in err and not (run_dir / "adapter.safetensors").exists()
+
+
+@pytest.mark.parametrize("method", ["poet-paper", "lora"])
+def test_a_finished_finetune_is_read_without_its_base(base, tmp_path, capsys, method):
+    moved = tmp_path / "base"
+    shutil.copytree(base[0], moved)
+    assert main(finetune_args((moved, base[1]), tmp_path, "--method", method, "--name", "ft")) == 0
+    run_dir = tmp_path / "runs" / "ft"
+    ids = torch.randint(0, 300, (2, 12))
+    expected = load_run_model(run_dir)[0](ids).logits
+    shutil.rmtree(moved)
+    capsys.readouterr()
+    model, _, _ = load_run_model(run_dir)
+    assert "building the run's architecture from" in capsys.readouterr().err
+    torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=0)
+    assert main(["export", str(run_dir), str(tmp_path / "merged")]) == 0
+    torch.testing.assert_close(reload(tmp_path / "merged")(ids).logits, expected, rtol=1e-4, atol=1e-4)

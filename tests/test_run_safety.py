@@ -9,6 +9,7 @@ import statistics
 from pathlib import Path
 
 import pytest
+import torch
 
 from poetlm.cli import main
 from poetlm.train import checkpoint as ckpt
@@ -376,3 +377,111 @@ def test_generate_reads_a_literal_end_of_text_in_the_prompt_as_text(finished_run
     prompt = "Hello<|endoftext|>World"
     assert main(["generate", str(finished_run), "--temperature", "0", "--max-new-tokens", "5", "--prompt", prompt]) == 0
     assert capsys.readouterr().out.startswith(prompt)
+
+
+def _stopped_run(tiny, monkeypatch, name, *extra, step=4):
+    """A run stopped by SIGTERM during step `step` (checkpoints at 3 and `step`), for resume tests."""
+    stop_at_step(monkeypatch, step)
+    run_dir = Path(loop.train(resolve_config("tiny", tiny(f"name={name!r}", *extra)))["run_dir"])
+    monkeypatch.undo()
+    return run_dir
+
+
+def test_a_checkpoint_of_another_run_is_refused_by_resume_eval_export_and_generate(tiny, monkeypatch, tmp_path, capsys):
+    ours = _stopped_run(tiny, monkeypatch, "ours")
+    twin = _stopped_run(tiny, monkeypatch, "twin", step=5)  # the same settings and data: still another run
+    shutil.copy(ckpt.list_checkpoints(twin)[-1], ckpt.checkpoint_dir(ours))
+    shutil.copy(ckpt.checksum_path(ckpt.list_checkpoints(twin)[-1]), ckpt.checkpoint_dir(ours))
+    capsys.readouterr()
+    before = snapshot(ours)
+    for command in (["train", "--resume", str(ours)], *_commands(ours, tmp_path)):
+        assert main(command) == 1, command
+        _one_line_error(capsys, "step_00000005.pt belongs to another run", "Remove it")
+    assert snapshot(ours) == before and not (tmp_path / "out").exists()
+    for path in ckpt.list_checkpoints(ours)[-1], ckpt.checksum_path(ckpt.list_checkpoints(ours)[-1]):
+        path.unlink()
+    # Checkpoints written before they recorded their run resume as they did.
+    for path in ckpt.list_checkpoints(ours):
+        saved = torch.load(path, weights_only=True)
+        del saved["run"], saved["step"], saved["rng"]
+        path.unlink()
+        ckpt.save_checkpoint(ours, int(path.stem.split("_")[1]), saved, keep=3)
+    assert main(["train", "--resume", str(ours)]) == 0
+
+
+@pytest.mark.parametrize("edit,named", [
+    ({"data": {"seq_len": 16}}, "data.seq_len 32 → 16"),
+    ({"seed": 7, "batch_size": 2}, "batch_size 4 → 2, poet.seed 0 → 7, seed 0 → 7"),
+    ({"method": "adamw"}, "method 'poet' → 'adamw'"),
+    ({"model": {"hidden_size": 64}}, "model.hidden_size 32 → 64"),
+])
+def test_an_edited_run_config_is_refused_on_resume_naming_the_changed_keys(tiny, monkeypatch, capsys, edit, named):
+    run_dir = _stopped_run(tiny, monkeypatch, "edited")
+    original = json.loads((run_dir / "config.json").read_text())
+    edited = json.loads(json.dumps(original))
+    for key, value in edit.items():
+        edited[key] = {**edited[key], **value} if isinstance(value, dict) else value
+    if "seed" in edit:
+        edited["poet"]["seed"] = edit["seed"]
+    (run_dir / "config.json").write_text(json.dumps(edited))
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir)]) == 1
+    _one_line_error(capsys, f"changed since step_00000004.pt was written ({named})", "Restore those values")
+
+
+def test_steps_and_bookkeeping_may_change_on_resume(tiny, monkeypatch):
+    run_dir = _stopped_run(tiny, monkeypatch, "extended")
+    config = json.loads((run_dir / "config.json").read_text())
+    config.update(steps=8, eval_every=2, log_every=2, checkpoint_every=4, keep_checkpoints=3, progress=True,
+                  logging={**config["logging"], "tensorboard": False})
+    (run_dir / "config.json").write_text(json.dumps(config))
+    assert main(["train", "--resume", str(run_dir)]) == 0
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == 8
+
+
+def test_a_checkpoint_that_does_not_fit_the_run_is_a_one_line_error(tiny, monkeypatch, capsys):
+    run_dir = _stopped_run(tiny, monkeypatch, "misfit")
+    other = _stopped_run(tiny, monkeypatch, "other", "method='adamw'", "model.hidden_size=64")
+    for path in ckpt.list_checkpoints(run_dir):  # another run's states, this run's identity (past the identity check)
+        saved, theirs = torch.load(path, weights_only=True), torch.load(ckpt.list_checkpoints(other)[-1], weights_only=True)
+        saved.update(model=theirs["model"], optimizers=theirs["optimizers"])
+        del saved["step"], saved["rng"]
+        ckpt.save_checkpoint(run_dir, int(path.stem.split("_")[1]), saved, keep=3)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir)]) == 1
+    _one_line_error(capsys, "step_00000004.pt does not fit the model and optimizers this run builds",
+                    "1 optimizer states, the run builds 2")
+    assert main(["eval", str(run_dir)]) == 1
+    _one_line_error(capsys, "step_00000004.pt does not fit", "size mismatch")
+
+
+def test_unreadable_checkpoint_bytes_are_damage_and_the_older_checkpoint_is_used(tiny, monkeypatch, capsys):
+    run_dir = _stopped_run(tiny, monkeypatch, "noise")
+    newest = ckpt.list_checkpoints(run_dir)[-1]
+    for damage, reason in [(os.urandom(4096), "UnpicklingError: Unsupported operand"), (b"", "EOFError: the file ends")]:
+        newest.write_bytes(damage)
+        files.write_text(ckpt.checksum_path(newest), f"{files.sha256_file(newest)}  {newest.name}\n")  # a matching checksum
+        capsys.readouterr()
+        assert ckpt.load_checkpoint(run_dir)["step"] == 3
+        err = capsys.readouterr().err
+        assert f"poetlm: warning: {newest.name} is damaged or unreadable ({reason}" in err, err
+        assert "arbitrary code" not in err
+
+
+def test_export_force_removes_another_models_weights_of_any_format(finished_run, tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    target = tmp_path / "target"
+    target.mkdir()
+    other = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=2))
+    other.config.save_pretrained(target)
+    for name in ("pytorch_model.bin", "model.pt", "weights.pth"):  # what from_pretrained(use_safetensors=False) and others load
+        torch.save(other.state_dict(), target / name)
+    (target / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": {}}))
+    (target / "notes.txt").write_text("mine")
+    assert main(["export", str(finished_run), str(target), "--force"]) == 0
+    assert sorted(os.listdir(target)) == ["config.json", "generation_config.json", "model.safetensors", "notes.txt",
+                                          "tokenizer.json", "tokenizer_config.json"]
+    assert AutoModelForCausalLM.from_pretrained(target).config.num_hidden_layers == 2  # nothing else loads instead
+    assert (target / "notes.txt").read_text() == "mine"

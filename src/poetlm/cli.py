@@ -214,8 +214,9 @@ def _cmd_export(args) -> int:
     if out.is_file():
         out.unlink()
     dense = model.merge_and_unload() if hasattr(model, "merge_and_unload") else export_dense(model)  # LoRA via peft
+    if out.is_dir():  # --force over another model: none of its weights may stay beside (or load instead of) this one
+        remove_poetlm_files(out, all_weights=True)
     dense.save_pretrained(out)
-    remove_poetlm_files(out)  # --force over a poetlm save: its POET state would not match the exported weights
     tokenizer.save_pretrained(out)
     print(f"exported a dense {type(dense).__name__} to {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0

@@ -110,12 +110,23 @@ def _remove_stale_weights(directory: Path) -> None:
     (directory / WEIGHTS_NAME if current else index).unlink(missing_ok=True)
 
 
-def remove_poetlm_files(directory) -> None:
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth")
+
+
+def remove_poetlm_files(directory, all_weights: bool = False) -> None:
     """After a dense-only save into `directory`: remove what an earlier save there left beside it, whose POET
-    state (or weights) would no longer match the new weights."""
+    state (or weights) would no longer match the new weights.
+
+    all_weights=True, before a save over another model (`poetlm export --force`): also every weights file and
+    shard index in it, whatever wrote them, since transformers loads a leftover pytorch_model.bin as readily
+    as the new model.safetensors (use_safetensors=False, or another format's shards)."""
     directory = Path(directory)
     for stale in (CONFIG_NAME, STATE_NAME):
         (directory / stale).unlink(missing_ok=True)
+    if all_weights:
+        for path in directory.iterdir():
+            if path.is_file() and path.name.removesuffix(".index.json").endswith(WEIGHT_SUFFIXES):
+                path.unlink()
     _remove_stale_weights(directory)
 
 

@@ -12,6 +12,7 @@ recognised instead of loading as garbage weights.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import pickle
 import random
@@ -135,6 +136,15 @@ def _verify(path: Path) -> None:
         raise CheckpointError(f"{path.name} does not match its checksum: the file is damaged")
 
 
+def _reason(error: Exception) -> str:
+    """One line of a load error: torch's unpickling errors span paragraphs, an empty file's EOFError says nothing."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    detail = next((line for line in lines if line.startswith("Unsupported")), lines[0] if lines else "")
+    if isinstance(error, EOFError) and not detail:
+        detail = "the file ends before its data"
+    return f"{type(error).__name__}: {detail}"
+
+
 def load_checkpoint(run_dir: Path, map_location="cpu") -> dict:
     """The newest intact checkpoint of a run; a damaged newer one is reported and the previous one used."""
     candidates = list_checkpoints(run_dir)
@@ -145,14 +155,17 @@ def load_checkpoint(run_dir: Path, map_location="cpu") -> dict:
         try:
             _verify(path)
             state = torch.load(path, map_location=map_location, weights_only=True)
-        except pickle.UnpicklingError as error:
-            found = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line]
-            raise CheckpointError(
-                f"{path} holds Python objects other than tensors and plain data ({found[0] if found else 'unsupported object'}); "
-                "poetlm refuses to unpickle it because that can run arbitrary code, and its own checkpoints hold nothing "
-                "else. Remove the file unless you know where it came from") from None
         except Exception as error:  # damaged, truncated, or no checksum: try the one before it
-            problems.append(str(error) if isinstance(error, CheckpointError) else f"{path.name}: {error}")
+            # weights_only names the class or function it refused by its pickle opcode, GLOBAL: a planted file.
+            blocked = [line.strip() for line in str(error).splitlines() if "GLOBAL" in line]
+            if isinstance(error, pickle.UnpicklingError) and blocked:
+                raise CheckpointError(
+                    f"{path} holds Python objects other than tensors and plain data ({blocked[0]}); poetlm refuses to "
+                    "unpickle it because that can run arbitrary code, and its own checkpoints hold nothing else. Remove "
+                    "the file unless you know where it came from") from None
+            # Any other failure to read it (random bytes that match a rewritten checksum, an empty file) is damage.
+            problems.append(str(error) if isinstance(error, CheckpointError) else
+                            f"{path.name} is damaged or unreadable ({_reason(error)})")
             continue
         if problems:
             print(f"poetlm: warning: {'; '.join(problems)}; using the older checkpoint {path.name} (step {state['step']})",
@@ -161,3 +174,19 @@ def load_checkpoint(run_dir: Path, map_location="cpu") -> dict:
         return state
     raise CheckpointError(f"no usable checkpoint in {checkpoint_dir(run_dir)}: {'; '.join(problems)}. "
                           "Restore the files from a copy, or start the run again")
+
+
+@contextlib.contextmanager
+def restoring(path: Path):
+    """Around loading a checkpoint's states into what the run builds: a state that does not fit (another
+    method's optimizers, a model of other sizes) is one CheckpointError naming the checkpoint."""
+    try:
+        yield
+    except CheckpointError:
+        raise
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError) as error:
+        detail = " ".join(str(error).split())  # torch's size mismatches span lines
+        detail = detail if len(detail) <= 300 else detail[:300] + " …"
+        raise CheckpointError(f"{path} does not fit the model and optimizers this run builds ({type(error).__name__}: "
+                              f"{detail}): it was written by another run, method or model. Remove it to resume from an "
+                              "older checkpoint, or start a new run") from None

@@ -19,6 +19,7 @@ import shutil
 import signal
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from .metrics import MetricsLogger
 from .models import block_linears, data_tokenizer, load_model
 from .progress import make_progress
 from .report import write_report
-from .runs import data_options
+from .runs import check_identity, data_options, run_identity
 
 
 class TrainingError(RuntimeError):
@@ -257,6 +258,7 @@ class Run:
     logger: MetricsLogger | None = None
     spectrum: tuple[str, torch.Tensor] | None = None  # the plotted layer's singular values at the start
     last_eval: dict | None = None
+    identity: dict | None = None  # what its checkpoints record of the run (runs.run_identity); on the main process
 
     def evaluate(self) -> dict:
         config, runtime = self.config, self.runtime
@@ -269,7 +271,7 @@ class Run:
         if self.runtime.is_main:
             payload = {"model": model_state, "optimizers": optimizer_states,
                        "schedulers": [s.state_dict() for s in self.schedulers], "state": self.state.state_dict(),
-                       "method": self.method.state_dict()}
+                       "method": self.method.state_dict(), "run": self.identity}
             ckpt.save_checkpoint(self.run_dir, self.state.step, payload, self.config.keep_checkpoints)
         parallel.barrier(self.runtime)
 
@@ -320,20 +322,26 @@ def _setup(config: TrainConfig, runtime: parallel.Runtime, resuming: bool, run_d
               build_schedulers(optimizers, config), sharded, autocast_dtype(config, runtime.device))
     if resuming:
         saved = ckpt.load_checkpoint(run_dir, map_location="cpu" if sharded else runtime.device)
-        parallel.load_training_state(model, optimizers, saved["model"], saved["optimizers"], sharded)
-        for scheduler, s in zip(run.schedulers, saved["schedulers"], strict=True):
-            scheduler.load_state_dict(s)
-        run.state.load_state_dict(saved["state"])
+        run.identity = run_identity(config, run_dir)  # of config.json as it reads: keep_global_batch's grad_accum is this session's
+        check_identity(saved, run.identity, run_dir)
+        with ckpt.restoring(saved["path"]):
+            parallel.load_training_state(model, optimizers, saved["model"], saved["optimizers"], sharded)
+            for scheduler, s in zip(run.schedulers, saved["schedulers"], strict=True):
+                scheduler.load_state_dict(s)
+            run.state.load_state_dict(saved["state"])
+            method.load_state_dict(saved["method"])
+            ckpt.set_rng_state(saved["rng"])
         run.config = keep_global_batch(config, run.state, runtime)
-        method.load_state_dict(saved["method"])
-        ckpt.set_rng_state(saved["rng"])
     else:
         run.state.micro_batches = config.grad_accum * runtime.world_size
     if runtime.is_main and not resuming:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.json")
         data.tokenizer.save_pretrained(run_dir / "tokenizer")
-        files.write_text(run_dir / "data.json", json.dumps(data.record(), indent=2) + "\n")
+        # The run's own id: a run like it on the same data (same config, same tokens) is still another run.
+        record = {**data.record(), "run_id": uuid.uuid4().hex}
+        files.write_text(run_dir / "data.json", json.dumps(record, indent=2) + "\n")
+        run.identity = run_identity(config, run_dir)
     return run
 
 

@@ -16,7 +16,7 @@ import re
 import torch
 from torch import nn
 
-from ..adapter import MergeHistory, base_fingerprint, save_adapter
+from ..adapter import MergeHistory, base_fingerprint, fingerprint_mismatch, save_adapter
 from ..config import POETConfig
 from ..diagnostics import model_diagnostics
 from ..model import merge, param_groups, poet_layers, poetize, rotated_weights, rotation_parameters, step_weight_cache
@@ -25,6 +25,7 @@ from ..primitives import block_layout
 from ..serialization import save_pretrained
 from ..tuner import WEIGHTS_NAME, write_adapter_config
 from . import parallel
+from .checkpoint import CheckpointError
 from .config import TrainConfig
 from .models import ModelError, block_linears
 
@@ -246,14 +247,28 @@ class POETPaper(Method):
             _freeze_base(model, self.config, {id(p) for p in rotation_parameters(model)})
             # The adapter replays the run on the base: the pre-merge rotations of every merge, recorded here.
             self.history, self.fingerprint = MergeHistory(), base_fingerprint(model)
+            self.layer_sizes = {name: (module.weight0 if hasattr(module, "weight0") else module.weight).numel()
+                                for name, module in model.named_modules() if name in self.fingerprint}
         return model
 
     def state_dict(self) -> dict:
-        return {"history": self.history.state_dict()} if self.config.finetuning else {}
+        return {"history": self.history.state_dict(), "base_fingerprint": self.fingerprint} if self.config.finetuning else {}
 
     def load_state_dict(self, saved: dict) -> None:
-        if self.config.finetuning:
-            self.history.load_state_dict(saved["history"])
+        if not self.config.finetuning:
+            return
+        self.history.load_state_dict(saved["history"])
+        started = saved.get("base_fingerprint")  # None: a checkpoint from before it was recorded
+        if started is None:
+            return
+        # The adapter replays the merges on the base the run started from: a base changed since would be
+        # fingerprinted instead, and the adapter would rebuild another model.
+        sizes = {name: numel for name, numel in self.layer_sizes.items() if name in started}
+        mismatch = fingerprint_mismatch(self.fingerprint, started, sizes, "this run")
+        if mismatch:
+            raise CheckpointError(f"finetune.base_model={self.config.finetune.base_model!r} changed since the run "
+                                  f"started: {mismatch}")
+        self.fingerprint = started
 
     def save_final(self, model, directory):
         save_pretrained(model, directory, merged=True)  # every POET layer as the dense weight it computes

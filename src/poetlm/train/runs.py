@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from . import checkpoint as ckpt
 from .config import TrainConfig, load_config
 from .data import MODEL_TOKENIZER, RUN_TOKENIZER, DataError, load_tokenizer
 from .methods import prepare_model
-from .models import load_model
+from .models import ModelError, load_model
 
 
 def data_options(config: TrainConfig) -> dict:
@@ -20,6 +22,60 @@ def data_options(config: TrainConfig) -> dict:
     d = config.data
     return {"vocab_size": d.vocab_size, "cache_root": Path(d.cache_dir).expanduser(), "val_fraction": d.val_fraction,
             "split_seed": d.resolved_split_seed(config.seed), "max_documents": d.max_documents}
+
+
+# What may differ between a run's sessions: where its files are, how it is watched, what executes it, and how
+# many steps it takes (extending a run). Every other key defines what the run trains (model, data windows,
+# optimizer, schedule) or measures (eval_tokens), and a checkpoint is resumed only under its own values.
+RESUME_ADJUSTABLE = {"name", "out_dir", "steps", "eval_every", "log_every", "diagnostics_every", "checkpoint_every",
+                     "keep_checkpoints", "progress", "device", "dtype", "parallel", "activation_checkpointing", "compile",
+                     "data.data", "data.cache_dir", "data.tokenizer", "finetune.base_model"}
+
+
+def _flatten(values: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in values.items():
+        flat.update(_flatten(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return flat
+
+
+def _record_digest(run_dir: Path) -> str | None:
+    """sha256 of the run's data.json (its tokens and the run's own id); None where it is missing or unreadable."""
+    try:
+        record = json.loads((run_dir / "data.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
+
+
+def run_identity(config: TrainConfig, run_dir: Path) -> dict:
+    """What a checkpoint records of the run that wrote it: the config values that define the run (as config.json
+    reads them back) and a digest of its data.json."""
+    values = _flatten(json.loads(json.dumps(config.to_dict())))
+    defining = {key: value for key, value in values.items()
+                if key not in RESUME_ADJUSTABLE and not key.startswith("logging.")}
+    return {"config": defining, "data": _record_digest(Path(run_dir))}
+
+
+def check_identity(saved: dict, identity: dict, run_dir: Path) -> None:
+    """Refuse a checkpoint of another run, or one that config.json no longer describes. Checkpoints written
+    before they recorded their run carry no identity and are taken as they are."""
+    recorded, path = saved.get("run"), saved["path"]
+    if recorded is None:
+        return
+    if None not in (recorded["data"], identity["data"]) and recorded["data"] != identity["data"]:
+        raise ckpt.CheckpointError(f"{path} belongs to another run: it was not written for {run_dir}'s data.json. "
+                                   f"Remove it from {path.parent} (this run resumes from its own newest checkpoint)")
+    theirs, ours = recorded["config"], identity["config"]
+    # A key only one side knows came or went with a poetlm version; its default keeps the old behaviour.
+    changed = sorted(key for key in theirs.keys() & ours.keys() if theirs[key] != ours[key])
+    if changed:
+        shown = ", ".join(f"{key} {theirs[key]!r} → {ours[key]!r}" for key in changed[:4])
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        raise ckpt.CheckpointError(
+            f"{run_dir / 'config.json'} changed since {path.name} was written ({shown}{more}): a run goes on only with the "
+            "settings it was trained with. Restore those values (a resume may change steps and bookkeeping such as "
+            "eval_every or device, docs/design.md), or start a new run with them")
 
 
 def is_run_dir(path: Path) -> bool:
@@ -43,10 +99,30 @@ def load_run_model(run_dir: Path, device="cpu") -> tuple[nn.Module, object, Trai
     if not ckpt.list_checkpoints(run_dir) and (final := final_model_dir(run_dir, "no checkpoint left: loading")):
         return *load_model_dir(final, device), config
     tokenizer = load_tokenizer(run_dir / "tokenizer", hint=RUN_TOKENIZER)
-    model = prepare_model(load_model(config, len(tokenizer)), config)
     state = ckpt.load_checkpoint(run_dir, map_location=device)
-    model.load_state_dict(state["model"])
+    check_identity(state, run_identity(config, run_dir), run_dir)
+    model = prepare_model(_run_architecture(config, run_dir, len(tokenizer)), config)
+    with ckpt.restoring(state["path"]):
+        model.load_state_dict(state["model"])
     return model.to(device).eval(), tokenizer, config
+
+
+def _run_architecture(config: TrainConfig, run_dir: Path, vocab_size: int) -> nn.Module:
+    """The model a run's checkpoint loads into. A finetune's is its base model's; with the base gone, a finished
+    run's final/config.json describes the same architecture, and the checkpoint holds every weight (the base's
+    frozen ones too), so the base is not needed."""
+    try:
+        return load_model(config, vocab_size)
+    except ModelError:
+        final = run_dir / "final"
+        if not (config.finetuning and (final / "config.json").is_file()):
+            raise
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    print(f"poetlm: note: the base model {config.finetune.base_model} cannot be loaded; building the run's "
+          f"architecture from {final / 'config.json'}, with the checkpoint's weights", file=sys.stderr)
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(final), torch_dtype=torch.float32)
 
 
 def load_model_dir(path: Path, device="cpu") -> tuple[nn.Module, object]:
