@@ -207,6 +207,15 @@ def _check_matches_dense(directory: Path, name: str, layer: POETLinear, dense: t
                         "again with poetlm.save_pretrained")
 
 
+def dtype_argument(dtype) -> dict:
+    """transformers' `from_pretrained` / `from_config` keyword for the weights' dtype: `dtype` from 4.56 on (later
+    versions log a deprecation for the old name), `torch_dtype` before."""
+    import transformers
+    from packaging.version import Version
+
+    return {"dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype": dtype}
+
+
 def from_pretrained(directory, **kwargs) -> nn.Module:
     """Rebuild the POET model that `save_pretrained(model, directory)` wrote, exactly.
 
@@ -218,8 +227,8 @@ def from_pretrained(directory, **kwargs) -> nn.Module:
     info = _read_info(directory)
     state = _read_state(directory)
     model_class = getattr(transformers, info["architecture"], None) or transformers.AutoModelForCausalLM
-    if "dtype" not in kwargs:  # the dense weights' own dtype, the compute dtype the model was saved in
-        kwargs.setdefault("torch_dtype", "auto")  # the name transformers 4 knows; 5 reads it too
+    if "dtype" not in kwargs and "torch_dtype" not in kwargs:  # the dense weights' own dtype, as the model was saved
+        kwargs.update(dtype_argument("auto"))
     model = load_dense(model_class, directory, **kwargs)
     for name, entry in info["layers"].items():
         try:

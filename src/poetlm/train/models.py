@@ -11,6 +11,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
 from ..layer import POETLinear, is_conv1d
+from ..serialization import dtype_argument
 from .config import ModelConfig, TrainConfig
 from .data import DataError, is_hub_id, load_tokenizer
 from .hub import honor_offline_env
@@ -223,7 +224,7 @@ def load_model(config: TrainConfig, vocab_size: int) -> nn.Module:
         # fp32 master weights whatever the checkpoint stores (most are bf16): POET folds rotations into them and
         # keeps their spectrum only in fp32, and AdamW's small updates would round away in bf16. dtype=bf16 trains
         # in bf16 through autocast, as pretraining does.
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(source, **dtype_argument(torch.float32))
     except (OSError, ValueError) as error:
         where = "is not a model directory here" if not Path(source).exists() else "could not be loaded"
         raise ModelError(f"finetune.base_model={source!r} {where}: {error}. Offline, pass a local directory "

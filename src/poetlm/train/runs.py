@@ -9,7 +9,7 @@ from pathlib import Path
 
 from torch import nn
 
-from ..serialization import load_dense
+from ..serialization import dtype_argument, load_dense
 from . import checkpoint as ckpt
 from .config import TrainConfig, load_config
 from .data import MODEL_TOKENIZER, RUN_TOKENIZER, DataError, load_tokenizer
@@ -122,7 +122,7 @@ def _run_architecture(config: TrainConfig, run_dir: Path, vocab_size: int) -> nn
 
     print(f"poetlm: note: the base model {config.finetune.base_model} cannot be loaded; building the run's "
           f"architecture from {final / 'config.json'}, with the checkpoint's weights", file=sys.stderr)
-    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(final), torch_dtype=torch.float32)
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(final), **dtype_argument(torch.float32))
 
 
 def load_model_dir(path: Path, device="cpu") -> tuple[nn.Module, object]:
