@@ -231,3 +231,19 @@ def test_an_adapter_applies_to_its_base_loaded_in_another_dtype(tmp_path, base_d
     with pytest.raises(AdapterError, match=r"^\S+: the base was loaded as float16 but this adapter was made on bfloat16: "
                                            r"load the base with torch_dtype=torch.bfloat16$"):
         load_adapter(llama().to(torch.float16), tmp_path / "bf16.safetensors")
+
+
+def test_load_adapter_takes_the_directory_that_holds_one(tmp_path, base_dir, finetuned):
+    """A run directory holds adapter.safetensors, and POETModel.from_pretrained takes directories: so does load_adapter."""
+    import shutil
+
+    from poetlm.adapter import ADAPTER_FILE, AdapterError
+
+    model, path, _ = finetuned
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(path, run / ADAPTER_FILE)
+    torch.testing.assert_close(logits(load_adapter(load_base(base_dir), run)), logits(model), rtol=0, atol=1e-5)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AdapterError, match="a directory without adapter.safetensors"):
+        load_adapter(load_base(base_dir), tmp_path / "empty")

@@ -245,9 +245,15 @@ def save_adapter(model: nn.Module, path, *, history: MergeHistory, trained: list
         tmp.unlink(missing_ok=True)
 
 
+ADAPTER_FILE = "adapter.safetensors"  # its name in a run directory and in a POETModel.save_adapter directory
+
+
 def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    if path.is_dir() and (path / ADAPTER_FILE).is_file():  # a run's or save_adapter's directory, as from_pretrained takes
+        path = path / ADAPTER_FILE
     if not path.is_file():
-        raise AdapterError(f"{path}: no adapter file there; pass the path that poetlm.adapter.save_adapter wrote")
+        raise AdapterError(f"{path}: no adapter file there ({'a directory without ' + ADAPTER_FILE if path.is_dir() else 'no such file'}); "
+                           "pass the path that poetlm.adapter.save_adapter wrote")
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}

@@ -24,14 +24,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter import (VERSION, AdapterError, MergeHistory, base_fingerprint, check_base_layers, fingerprint_mismatch,
+from .adapter import (ADAPTER_FILE, VERSION, AdapterError, MergeHistory, base_fingerprint, check_base_layers, fingerprint_mismatch,
                       load_adapter, read_adapter_info, save_adapter)
 from .config import POETConfig, checked
 from .layer import is_conv1d
 from .model import merge, poet_layers, poetize, refuse_poetized, rotation_parameters, target_linears, unpoetize
 
 CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter.safetensors"
 
 
 def get_poet_model(base_model: nn.Module, config: POETConfig | None = None, trainable: list[str] | tuple | str = (),
@@ -107,7 +106,7 @@ def write_adapter_config(directory: Path, base_model: nn.Module, config: POETCon
     """adapter_config.json beside adapter.safetensors: what POETModel.from_pretrained reads back."""
     base_config = getattr(base_model, "config", None)
     settings = {"format": "poetlm-adapter", "version": VERSION, "poet_config": config.to_dict(),
-                "trainable": trainable, "merges": merges, "adapter_file": WEIGHTS_NAME,
+                "trainable": trainable, "merges": merges, "adapter_file": ADAPTER_FILE,
                 "base_model_name_or_path": getattr(base_config, "_name_or_path", None) or None}
     (Path(directory) / CONFIG_NAME).write_text(json.dumps(settings, indent=2) + "\n")
 
@@ -270,12 +269,12 @@ class POETModel(nn.Module):
         except (OSError, ValueError) as error:
             raise AdapterError(f"{directory} holds no readable {CONFIG_NAME} ({error}); pass the directory "
                                "POETModel.save_adapter wrote") from None
-        info = read_adapter_info(directory / WEIGHTS_NAME)
+        info = read_adapter_info(directory / ADAPTER_FILE)
         trainable = list(settings.get("trainable", []))
-        check_base_layers(base_model, info["layers"], directory / WEIGHTS_NAME)  # before _originals reads them
+        check_base_layers(base_model, info["layers"], directory / ADAPTER_FILE)  # before _originals reads them
         originals = _originals(base_model, list(info["layers"]), trainable, keep_base_weights)
         history = MergeHistory()
-        load_adapter(base_model, directory / WEIGHTS_NAME, history=history)
+        load_adapter(base_model, directory / ADAPTER_FILE, history=history)
         model = cls.__new__(cls)
         nn.Module.__init__(model)
         model._setup(base_model, info["config"], trainable, originals, history, info["base_fingerprint"])
@@ -305,7 +304,7 @@ class POETModel(nn.Module):
         directory.mkdir(parents=True, exist_ok=True)
         rotations = {id(p) for p in rotation_parameters(self.base_model)}
         trained = [n for n, p in self.base_model.named_parameters() if p.requires_grad and id(p) not in rotations]
-        save_adapter(self.base_model, directory / WEIGHTS_NAME, history=self.history, trained=trained,
+        save_adapter(self.base_model, directory / ADAPTER_FILE, history=self.history, trained=trained,
                      base_fingerprint=self.fingerprint)
         write_adapter_config(directory, self.base_model, self.poet_config, self.trainable, len(self.history))
 

@@ -16,14 +16,14 @@ import re
 import torch
 from torch import nn
 
-from ..adapter import MergeHistory, base_fingerprint, fingerprint_mismatch, save_adapter
+from ..adapter import ADAPTER_FILE, MergeHistory, base_fingerprint, fingerprint_mismatch, save_adapter
 from ..config import POETConfig
 from ..diagnostics import model_diagnostics
 from ..model import merge, param_groups, poet_layers, poetize, rotated_weights, rotation_parameters, step_weight_cache
 from ..optim import POET, adamw
 from ..primitives import block_layout
 from ..serialization import save_pretrained
-from ..tuner import WEIGHTS_NAME, write_adapter_config
+from ..tuner import write_adapter_config
 from . import parallel
 from .checkpoint import CheckpointError
 from .config import TrainConfig
@@ -277,7 +277,7 @@ class POETPaper(Method):
         if self.config.finetuning:
             rotation_ids = {id(p) for p in rotation_parameters(model)}
             trained = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in rotation_ids]
-            save_adapter(model, run_dir / WEIGHTS_NAME, history=self.history, trained=trained,
+            save_adapter(model, run_dir / ADAPTER_FILE, history=self.history, trained=trained,
                          base_fingerprint=self.fingerprint)
             # The run directory then opens as an adapter directory: POETModel.from_pretrained(base, run_dir).
             layer_config = next(poet_layers(model))[1].config
