@@ -184,3 +184,33 @@ def test_each_optimizer_group_logs_its_learning_rate():
     assert muon.learning_rates(0.5) == {"lr": 0.005, "lr_muon": 0.01}
     assert make_method(resolved_quietly("method='muon'")).learning_rates(1.0)["lr_muon"] == 0.01
     assert make_method(resolved_quietly("method='adamw'", "optim.lr_hidden=1e-3")).learning_rates(1.0) == {"lr": 0.01, "lr_hidden": 1e-3}
+
+
+@pytest.mark.parametrize("override,key", [
+    ("model.num_kv_heads=null", "model.num_kv_heads"), ("optim.lr_muon=None method='muon'", "optim.lr_muon"),
+    ("data.max_documents=null", "data.max_documents"), ("data.split_seed=null", "data.split_seed"),
+    ("logging.wandb_mode=null", "logging.wandb_mode"), ("data.tokenizer=null", "data.tokenizer"),
+    ("poet.target_modules=null", "poet.target_modules"),
+])
+def test_null_on_the_command_line_unsets_a_key(override, key):
+    from poetlm.train.config import config_value
+
+    assert config_value(resolved_quietly(*override.split()), key) is None
+
+
+def test_a_quoted_null_is_a_string_and_a_key_without_null_says_so():
+    assert resolved_quietly('data.tokenizer="null"').data.tokenizer == "null"
+    with pytest.raises(ConfigError, match="steps cannot be null"):
+        resolved_quietly("steps=null")
+
+
+@pytest.mark.parametrize("override,hint", [
+    ("activation_checkpointing=True", "activation_checkpointing=true"),
+    ("poet.exclude_modules=mlp", """poet.exclude_modules='["mlp"]'"""),
+    ("optim.lr=.001", "optim.lr=0.001"),
+    ("name=123", """name='"123"'"""),
+])
+def test_type_errors_say_how_to_write_the_value(override, hint):
+    with pytest.raises(ConfigError) as info:
+        resolved_quietly(override)
+    assert hint in str(info.value) and "\n" not in str(info.value)

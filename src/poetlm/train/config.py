@@ -235,9 +235,28 @@ def _check_type(key: str, value, annotation):
         if typing.get_origin(kind) is list and isinstance(value, list):
             return value
     names = " or ".join("null" if k is type(None) else getattr(k, "__name__", str(k)) for k in allowed)
-    # On the command line an unquoted 123 or true is read as TOML, not as the string it was meant to be.
-    quote = f" (a string goes in quotes: {key}='\"{value}\"')" if str in allowed and not isinstance(value, (dict, list)) else ""
-    raise ConfigError(f"config value {key}={value!r} has the wrong type: expected {names}{quote}")
+    raise ConfigError(f"config value {key}={value!r} has the wrong type: expected {names}{_type_hint(key, value, allowed)}")
+
+
+def _type_hint(key: str, value, allowed: tuple) -> str:
+    """How to write the value meant, for the natural mistakes of a KEY=VALUE written by hand ('' if none applies)."""
+    if value is None:
+        return f" ({key} cannot be null: give a value, or leave it out for its default)"
+    if not isinstance(value, str):
+        # On the command line an unquoted 123 or true is read as TOML, not as the string it was meant to be.
+        return f" (a string goes in quotes: {key}='\"{value}\"')" if str in allowed and not isinstance(value, (dict, list)) else ""
+    # An override TOML cannot read is kept as the text typed: say how TOML writes what it looks like.
+    if bool in allowed and value.lower() in ("true", "false"):
+        return f" (TOML writes booleans lowercase: {key}={value.lower()})"
+    if any(typing.get_origin(kind) is list for kind in allowed):
+        return f" (write a TOML list, e.g. {key}='[\"{value}\"]')"
+    if float in allowed or int in allowed:
+        try:
+            number = float(value)
+        except ValueError:
+            return ""
+        return f" (TOML needs a digit on both sides of a decimal point: {key}={number!r})" if math.isfinite(number) else ""
+    return ""
 
 
 def config_key_names(cls=None, prefix: str = "") -> list[str]:
@@ -323,11 +342,17 @@ def load_toml(path_or_preset: str) -> dict:
         raise ConfigError(f"{source} is not valid TOML: {error}") from None
 
 
+# How an override unsets a key (as `poetlm config` and --print-config show it; None as Python writes it).
+NULL_WORDS = ("null", "None")
+
+
 def parse_override(item: str) -> tuple[list[str], object]:
-    """`optim.lr=3e-3` -> (["optim", "lr"], 0.003). Values are read as TOML, else kept as strings."""
+    """`optim.lr=3e-3` -> (["optim", "lr"], 0.003). Values are read as TOML, else kept as strings; null is None."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. optim.lr=3e-3)")
+    if raw.strip() in NULL_WORDS:  # TOML has no null; the quoted '"null"' is still the string
+        return key.strip().split("."), None
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
