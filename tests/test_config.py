@@ -214,3 +214,20 @@ def test_type_errors_say_how_to_write_the_value(override, hint):
     with pytest.raises(ConfigError) as info:
         resolved_quietly(override)
     assert hint in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("argv,example", [
+    (["train", "--lr", "1e-3"], "e.g. optim.lr=1e-3 "), (["train", "--optim.lr=3e-3"], "e.g. optim.lr=3e-3 "),
+    (["finetune", "--model", "m", "--data", "d", "--warmup-steps", "5"], "e.g. optim.warmup_steps=5 "),
+])
+def test_a_setting_given_as_a_flag_is_shown_as_key_equals_value(argv, example, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert example in capsys.readouterr().err
+
+
+def test_config_lists_lora_without_a_base_model_which_a_lora_run_still_needs(capsys):
+    assert main(["config", "--config", "finetune", "--method", "lora"]) == 0
+    assert "finetune.lora_rank" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="lora needs finetune.base_model"):
+        resolved_quietly("method='lora'", preset="finetune")

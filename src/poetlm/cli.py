@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from .train.checkpoint import CheckpointError
-from .train.config import METHODS, ConfigError, ConfigWarning, DataConfig, load_config, make_dir, preset_names, resolve_config
+from .train.config import (METHODS, ConfigError, ConfigWarning, DataConfig, closest_keys, load_config, make_dir, preset_names,
+                           resolve_config)
 from .train.data import DataError
 
 class CommandError(RuntimeError):
@@ -309,6 +310,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _settings_hint(extra: list[str], words: list[str]) -> str:
+    """For a setting given as a flag (--lr 1e-3, --optim.lr=3e-3): how to give it, as KEY=VALUE."""
+    flag = next((item for item in extra if item.startswith("--")), None)
+    if flag is None:
+        return ""
+    name, _, value = flag[2:].partition("=")
+    if not value:  # --lr 1e-3: argparse took the value for an override of its own
+        after = words.index(flag) + 1
+        following = words[after:after + 1]
+        value = following[0] if following and not following[0].startswith("-") and "=" not in following[0] else "VALUE"
+    close = closest_keys(name.replace("-", "_"))
+    example = f"{close[0]}={value}" if close else "optim.lr=3e-3"
+    return f"; settings are given as KEY=VALUE, e.g. {example} (poetlm config lists the keys)"
+
+
 _plain_format = warnings.formatwarning
 
 
@@ -336,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:
         if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            parser.error(f"unrecognized arguments: {' '.join(extra)}{_settings_hint(extra, argv or sys.argv[1:]) if hasattr(args, 'overrides') else ''}")
         args.overrides = [*args.overrides, *extra]
     if args.command is None:  # `poetlm` alone: show what there is
         parser.print_help()

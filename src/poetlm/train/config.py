@@ -269,11 +269,16 @@ def config_key_names(cls=None, prefix: str = "") -> list[str]:
     return names
 
 
-def _suggestion(key: str) -> str:
-    """' (did you mean optim.warmup_steps?)': the keys of that name in other sections, else the closest spellings."""
+def closest_keys(key: str) -> list[str]:
+    """The config keys `key` may have meant: those of its name in any section, else the closest spellings."""
     known = config_key_names()
     name = key.rpartition(".")[2]
-    close = [k for k in known if k.rpartition(".")[2] == name] or difflib.get_close_matches(key, known, n=2, cutoff=0.6)
+    return [k for k in known if k.rpartition(".")[2] == name] or difflib.get_close_matches(key, known, n=2, cutoff=0.6)
+
+
+def _suggestion(key: str) -> str:
+    """' (did you mean optim.warmup_steps?)', or '' when no key is close."""
+    close = closest_keys(key)
     return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
