@@ -231,3 +231,14 @@ def test_config_lists_lora_without_a_base_model_which_a_lora_run_still_needs(cap
     assert "finetune.lora_rank" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="lora needs finetune.base_model"):
         resolved_quietly("method='lora'", preset="finetune")
+
+
+def test_resume_takes_the_settings_a_resume_may_change_and_refuses_the_others(tmp_path, capsys):
+    from poetlm.train.config import save_config
+
+    save_config(resolved_quietly(), tmp_path / "config.json")
+    assert main(["train", "--resume", str(tmp_path), "steps=14", "--no-progress", "--device", "cpu", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "steps = 14" in printed and "progress = false" in printed and 'device = "cpu"' in printed
+    assert main(["train", "--resume", str(tmp_path), "optim.lr=1e-3"]) == 2
+    assert "--resume cannot change optim.lr: " in capsys.readouterr().err

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 
 from .train.checkpoint import CheckpointError
-from .train.config import (METHODS, ConfigError, ConfigWarning, DataConfig, closest_keys, load_config, make_dir, preset_names,
-                           resolve_config)
+from .train.config import (METHODS, ConfigError, ConfigWarning, DataConfig, closest_keys, load_config, make_dir, override_config,
+                           parse_overrides, preset_names, resolve_config, save_config)
 from .train.data import DataError
 
 class CommandError(RuntimeError):
@@ -86,16 +86,32 @@ def _cmd_train(args) -> int:
     from .train.loop import train
 
     if args.resume:
-        flags = [f"--{flag.replace('_', '-')}" for flag in ("config", *TRAIN_SHORTCUTS) if getattr(args, flag, None) is not None]
-        if args.overrides or flags or args.no_progress:
-            dropped = " ".join([*flags, *(["--no-progress"] if args.no_progress else []), *map(str, args.overrides)])
-            raise ConfigError(f"--resume continues a run with the config saved in it; drop {dropped} "
-                              "(or start a new run with them)")
-        if args.print_config:
-            return _print_config(load_config(Path(args.resume) / "config.json"))
-        return _finish(train(resume=args.resume))
+        return _resume(args)
     config = resolve_config(args.config or "tiny", [*shortcut_overrides(args), *args.overrides])
     return _print_config(config) if args.print_config else _finish(train(config))
+
+
+def _resume(args) -> int:
+    """Continue a run with its saved config, in which the overrides may change what RESUME_ADJUSTABLE allows."""
+    from .train.loop import train
+    from .train.runs import RESUME_ADJUSTABLE
+
+    if args.config is not None:
+        raise ConfigError("--resume continues a run with the config saved in it; drop --config (or start a new run with it)")
+    parsed = parse_overrides([*shortcut_overrides(args), *args.overrides])
+    refused = [key for key in (".".join(keys) for keys, _ in parsed) if key not in RESUME_ADJUSTABLE and not key.startswith("logging.")]
+    if refused:
+        raise ConfigError(f"--resume cannot change {', '.join(refused)}: they define what the run trains (start a new run "
+                          f"to change them). A resume may change {', '.join(sorted(RESUME_ADJUSTABLE))} and logging.*")
+    path = Path(args.resume) / "config.json"
+    config = load_config(path)
+    if parsed:
+        config = override_config(config, parsed)
+    if args.print_config:
+        return _print_config(config)
+    if parsed:  # saved for this session and the next ones, as an edit of config.json would be (raising steps extends the run)
+        save_config(config, path)
+    return _finish(train(resume=args.resume))
 
 
 def shortcut_overrides(args) -> list[tuple[str, object]]:

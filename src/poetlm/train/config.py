@@ -26,6 +26,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from ..config import POETConfig
+from . import files
 from ..update_rules import RuleConfig
 
 METHODS = ("poet", "poet-paper", "adamw", "muon", "lora")
@@ -365,6 +366,19 @@ def parse_override(item: str) -> tuple[list[str], object]:
     return key.strip().split("."), value
 
 
+def parse_overrides(overrides: list) -> list[tuple[list[str], object]]:
+    """"section.key=value" strings or ("section.key", value) pairs as (["section", "key"], value)."""
+    return [parse_override(item) if isinstance(item, str) else (item[0].split("."), item[1]) for item in overrides]
+
+
+def override_config(config: TrainConfig, parsed: list[tuple[list[str], object]]) -> TrainConfig:
+    """`config` (a run's saved one: nothing derived) with the parsed overrides set, checked as any config."""
+    values = config.to_dict()
+    for keys, value in parsed:
+        _deep_update(values, keys, value)
+    return config_from_dict(values)
+
+
 def _deep_update(base: dict, keys: list[str], value) -> None:
     for key in keys[:-1]:
         base = base.setdefault(key, {})
@@ -433,7 +447,7 @@ def resolve_config(preset: str = "tiny", overrides: list | None = None) -> Train
     top = load_toml(preset)
     tables = _method_tables(top, preset)
     name_prefix = _check_type("name_prefix", top.pop("name_prefix", Path(preset).stem), str)
-    parsed = [parse_override(item) if isinstance(item, str) else (item[0].split("."), item[1]) for item in overrides or []]
+    parsed = parse_overrides(overrides or [])
     for keys, value in parsed:
         _deep_update(top, keys, value)
         for table in tables.values():
@@ -538,7 +552,8 @@ def make_dir(path: Path, key: str, error_type: type[Exception] = ConfigError) ->
 
 
 def save_config(config: TrainConfig, path: Path) -> None:
-    path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    # Atomic: every process of a resumed torchrun job writes the same adjusted config.json, and each then reads it.
+    files.write_text(path, json.dumps(config.to_dict(), indent=2) + "\n")
 
 
 def load_config(path: Path) -> TrainConfig:
