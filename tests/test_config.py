@@ -184,3 +184,61 @@ def test_each_optimizer_group_logs_its_learning_rate():
     assert muon.learning_rates(0.5) == {"lr": 0.005, "lr_muon": 0.01}
     assert make_method(resolved_quietly("method='muon'")).learning_rates(1.0)["lr_muon"] == 0.01
     assert make_method(resolved_quietly("method='adamw'", "optim.lr_hidden=1e-3")).learning_rates(1.0) == {"lr": 0.01, "lr_hidden": 1e-3}
+
+
+@pytest.mark.parametrize("override,key", [
+    ("model.num_kv_heads=null", "model.num_kv_heads"), ("optim.lr_muon=None method='muon'", "optim.lr_muon"),
+    ("data.max_documents=null", "data.max_documents"), ("data.split_seed=null", "data.split_seed"),
+    ("logging.wandb_mode=null", "logging.wandb_mode"), ("data.tokenizer=null", "data.tokenizer"),
+    ("poet.target_modules=null", "poet.target_modules"),
+])
+def test_null_on_the_command_line_unsets_a_key(override, key):
+    from poetlm.train.config import config_value
+
+    assert config_value(resolved_quietly(*override.split()), key) is None
+
+
+def test_a_quoted_null_is_a_string_and_a_key_without_null_says_so():
+    assert resolved_quietly('data.tokenizer="null"').data.tokenizer == "null"
+    with pytest.raises(ConfigError, match="steps cannot be null"):
+        resolved_quietly("steps=null")
+
+
+@pytest.mark.parametrize("override,hint", [
+    ("activation_checkpointing=True", "activation_checkpointing=true"),
+    ("poet.exclude_modules=mlp", """poet.exclude_modules='["mlp"]'"""),
+    ("optim.lr=.001", "optim.lr=0.001"),
+    ("name=123", """name='"123"'"""),
+])
+def test_type_errors_say_how_to_write_the_value(override, hint):
+    with pytest.raises(ConfigError) as info:
+        resolved_quietly(override)
+    assert hint in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("argv,example", [
+    (["train", "--lr", "1e-3"], "e.g. optim.lr=1e-3 "), (["train", "--optim.lr=3e-3"], "e.g. optim.lr=3e-3 "),
+    (["finetune", "--model", "m", "--data", "d", "--warmup-steps", "5"], "e.g. optim.warmup_steps=5 "),
+])
+def test_a_setting_given_as_a_flag_is_shown_as_key_equals_value(argv, example, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert example in capsys.readouterr().err
+
+
+def test_config_lists_lora_without_a_base_model_which_a_lora_run_still_needs(capsys):
+    assert main(["config", "--config", "finetune", "--method", "lora"]) == 0
+    assert "finetune.lora_rank" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="lora needs finetune.base_model"):
+        resolved_quietly("method='lora'", preset="finetune")
+
+
+def test_resume_takes_the_settings_a_resume_may_change_and_refuses_the_others(tmp_path, capsys):
+    from poetlm.train.config import save_config
+
+    save_config(resolved_quietly(), tmp_path / "config.json")
+    assert main(["train", "--resume", str(tmp_path), "steps=14", "--no-progress", "--device", "cpu", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "steps = 14" in printed and "progress = false" in printed and 'device = "cpu"' in printed
+    assert main(["train", "--resume", str(tmp_path), "optim.lr=1e-3"]) == 2
+    assert "--resume cannot change optim.lr: " in capsys.readouterr().err

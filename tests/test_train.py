@@ -232,11 +232,9 @@ def test_data_and_resume_errors(tiny, tmp_path, capsys):
     assert "empty.txt" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "nowhere")]) == 2
     assert "nowhere" in capsys.readouterr().err
-    assert main(["train", "--resume", str(tmp_path), "steps=5"]) == 2
-    assert "drop steps=5 " in capsys.readouterr().err
-    # The shortcut flags are overrides too: a resumed run must not silently ignore them.
-    assert main(["train", "--resume", str(tmp_path), "--steps", "100", "--data", "shakespeare", "--method", "adamw"]) == 2
-    assert "drop --method --data --steps " in capsys.readouterr().err
+    # The shortcut flags are overrides too: a resumed run must not silently ignore those it cannot change.
+    assert main(["train", "--resume", str(tmp_path), "--steps", "100", "--data", "shakespeare", "--method", "adamw", "seed=5"]) == 2
+    assert "--resume cannot change method, seed: " in capsys.readouterr().err
 
 
 def test_settings_that_fail_only_at_run_time_are_one_line_errors_naming_the_key(tiny, tmp_path, capsys):
@@ -309,3 +307,10 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_one(tiny, capsys):
     newest.write_bytes(newest.read_bytes()[:100])
     model, _, _ = load_run_model(run_dir)  # loads step 3 instead of failing
     assert all(int(layer.merge_count) == 1 for _, layer in poetlm.poet_layers(model))
+
+
+def test_a_resume_extends_a_run_with_more_steps_on_another_device_setting(tiny, capsys):
+    first = loop.train(resolve_config("tiny", tiny(steps=3)))
+    assert main(["train", "--resume", first["run_dir"], "steps=5", "--no-progress", "--device", "cpu"]) == 0
+    assert json.loads((Path(first["run_dir"]) / "config.json").read_text())["steps"] == 5
+    assert [r["step"] for r in metrics(first["run_dir"])[1]][-1] == 5

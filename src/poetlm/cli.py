@@ -12,7 +12,8 @@ from pathlib import Path
 import torch
 
 from .train.checkpoint import CheckpointError
-from .train.config import METHODS, ConfigError, ConfigWarning, DataConfig, load_config, make_dir, preset_names, resolve_config
+from .train.config import (METHODS, ConfigError, ConfigWarning, DataConfig, closest_keys, load_config, make_dir, override_config,
+                           parse_overrides, preset_names, resolve_config, save_config)
 from .train.data import DataError
 
 class CommandError(RuntimeError):
@@ -85,16 +86,32 @@ def _cmd_train(args) -> int:
     from .train.loop import train
 
     if args.resume:
-        flags = [f"--{flag.replace('_', '-')}" for flag in ("config", *TRAIN_SHORTCUTS) if getattr(args, flag, None) is not None]
-        if args.overrides or flags or args.no_progress:
-            dropped = " ".join([*flags, *(["--no-progress"] if args.no_progress else []), *map(str, args.overrides)])
-            raise ConfigError(f"--resume continues a run with the config saved in it; drop {dropped} "
-                              "(or start a new run with them)")
-        if args.print_config:
-            return _print_config(load_config(Path(args.resume) / "config.json"))
-        return _finish(train(resume=args.resume))
+        return _resume(args)
     config = resolve_config(args.config or "tiny", [*shortcut_overrides(args), *args.overrides])
     return _print_config(config) if args.print_config else _finish(train(config))
+
+
+def _resume(args) -> int:
+    """Continue a run with its saved config, in which the overrides may change what RESUME_ADJUSTABLE allows."""
+    from .train.loop import train
+    from .train.runs import RESUME_ADJUSTABLE
+
+    if args.config is not None:
+        raise ConfigError("--resume continues a run with the config saved in it; drop --config (or start a new run with it)")
+    parsed = parse_overrides([*shortcut_overrides(args), *args.overrides])
+    refused = [key for key in (".".join(keys) for keys, _ in parsed) if key not in RESUME_ADJUSTABLE and not key.startswith("logging.")]
+    if refused:
+        raise ConfigError(f"--resume cannot change {', '.join(refused)}: they define what the run trains (start a new run "
+                          f"to change them). A resume may change {', '.join(sorted(RESUME_ADJUSTABLE))} and logging.*")
+    path = Path(args.resume) / "config.json"
+    config = load_config(path)
+    if parsed:
+        config = override_config(config, parsed)
+    if args.print_config:
+        return _print_config(config)
+    if parsed:  # saved for this session and the next ones, as an edit of config.json would be (raising steps extends the run)
+        save_config(config, path)
+    return _finish(train(resume=args.resume))
 
 
 def shortcut_overrides(args) -> list[tuple[str, object]]:
@@ -309,6 +326,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _settings_hint(extra: list[str], words: list[str]) -> str:
+    """For a setting given as a flag (--lr 1e-3, --optim.lr=3e-3): how to give it, as KEY=VALUE."""
+    flag = next((item for item in extra if item.startswith("--")), None)
+    if flag is None:
+        return ""
+    name, _, value = flag[2:].partition("=")
+    if not value:  # --lr 1e-3: argparse took the value for an override of its own
+        after = words.index(flag) + 1
+        following = words[after:after + 1]
+        value = following[0] if following and not following[0].startswith("-") and "=" not in following[0] else "VALUE"
+    close = closest_keys(name.replace("-", "_"))
+    example = f"{close[0]}={value}" if close else "optim.lr=3e-3"
+    return f"; settings are given as KEY=VALUE, e.g. {example} (poetlm config lists the keys)"
+
+
 _plain_format = warnings.formatwarning
 
 
@@ -336,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     if extra:
         if not hasattr(args, "overrides") or any(item.startswith("-") or "=" not in item for item in extra):
-            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+            parser.error(f"unrecognized arguments: {' '.join(extra)}{_settings_hint(extra, argv or sys.argv[1:]) if hasattr(args, 'overrides') else ''}")
         args.overrides = [*args.overrides, *extra]
     if args.command is None:  # `poetlm` alone: show what there is
         parser.print_help()

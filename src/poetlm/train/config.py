@@ -26,6 +26,7 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from ..config import POETConfig
+from . import files
 from ..update_rules import RuleConfig
 
 METHODS = ("poet", "poet-paper", "adamw", "muon", "lora")
@@ -235,9 +236,28 @@ def _check_type(key: str, value, annotation):
         if typing.get_origin(kind) is list and isinstance(value, list):
             return value
     names = " or ".join("null" if k is type(None) else getattr(k, "__name__", str(k)) for k in allowed)
-    # On the command line an unquoted 123 or true is read as TOML, not as the string it was meant to be.
-    quote = f" (a string goes in quotes: {key}='\"{value}\"')" if str in allowed and not isinstance(value, (dict, list)) else ""
-    raise ConfigError(f"config value {key}={value!r} has the wrong type: expected {names}{quote}")
+    raise ConfigError(f"config value {key}={value!r} has the wrong type: expected {names}{_type_hint(key, value, allowed)}")
+
+
+def _type_hint(key: str, value, allowed: tuple) -> str:
+    """How to write the value meant, for the natural mistakes of a KEY=VALUE written by hand ('' if none applies)."""
+    if value is None:
+        return f" ({key} cannot be null: give a value, or leave it out for its default)"
+    if not isinstance(value, str):
+        # On the command line an unquoted 123 or true is read as TOML, not as the string it was meant to be.
+        return f" (a string goes in quotes: {key}='\"{value}\"')" if str in allowed and not isinstance(value, (dict, list)) else ""
+    # An override TOML cannot read is kept as the text typed: say how TOML writes what it looks like.
+    if bool in allowed and value.lower() in ("true", "false"):
+        return f" (TOML writes booleans lowercase: {key}={value.lower()})"
+    if any(typing.get_origin(kind) is list for kind in allowed):
+        return f" (write a TOML list, e.g. {key}='[\"{value}\"]')"
+    if float in allowed or int in allowed:
+        try:
+            number = float(value)
+        except ValueError:
+            return ""
+        return f" (TOML needs a digit on both sides of a decimal point: {key}={number!r})" if math.isfinite(number) else ""
+    return ""
 
 
 def config_key_names(cls=None, prefix: str = "") -> list[str]:
@@ -250,11 +270,16 @@ def config_key_names(cls=None, prefix: str = "") -> list[str]:
     return names
 
 
-def _suggestion(key: str) -> str:
-    """' (did you mean optim.warmup_steps?)': the keys of that name in other sections, else the closest spellings."""
+def closest_keys(key: str) -> list[str]:
+    """The config keys `key` may have meant: those of its name in any section, else the closest spellings."""
     known = config_key_names()
     name = key.rpartition(".")[2]
-    close = [k for k in known if k.rpartition(".")[2] == name] or difflib.get_close_matches(key, known, n=2, cutoff=0.6)
+    return [k for k in known if k.rpartition(".")[2] == name] or difflib.get_close_matches(key, known, n=2, cutoff=0.6)
+
+
+def _suggestion(key: str) -> str:
+    """' (did you mean optim.warmup_steps?)', or '' when no key is close."""
+    close = closest_keys(key)
     return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
@@ -323,16 +348,35 @@ def load_toml(path_or_preset: str) -> dict:
         raise ConfigError(f"{source} is not valid TOML: {error}") from None
 
 
+# How an override unsets a key (as `poetlm config` and --print-config show it; None as Python writes it).
+NULL_WORDS = ("null", "None")
+
+
 def parse_override(item: str) -> tuple[list[str], object]:
-    """`optim.lr=3e-3` -> (["optim", "lr"], 0.003). Values are read as TOML, else kept as strings."""
+    """`optim.lr=3e-3` -> (["optim", "lr"], 0.003). Values are read as TOML, else kept as strings; null is None."""
     key, sep, raw = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {item!r} is not of the form section.key=value (e.g. optim.lr=3e-3)")
+    if raw.strip() in NULL_WORDS:  # TOML has no null; the quoted '"null"' is still the string
+        return key.strip().split("."), None
     try:
         value = tomllib.loads(f"v = {raw}")["v"]
     except tomllib.TOMLDecodeError:
         value = raw
     return key.strip().split("."), value
+
+
+def parse_overrides(overrides: list) -> list[tuple[list[str], object]]:
+    """"section.key=value" strings or ("section.key", value) pairs as (["section", "key"], value)."""
+    return [parse_override(item) if isinstance(item, str) else (item[0].split("."), item[1]) for item in overrides]
+
+
+def override_config(config: TrainConfig, parsed: list[tuple[list[str], object]]) -> TrainConfig:
+    """`config` (a run's saved one: nothing derived) with the parsed overrides set, checked as any config."""
+    values = config.to_dict()
+    for keys, value in parsed:
+        _deep_update(values, keys, value)
+    return config_from_dict(values)
 
 
 def _deep_update(base: dict, keys: list[str], value) -> None:
@@ -403,7 +447,7 @@ def resolve_config(preset: str = "tiny", overrides: list | None = None) -> Train
     top = load_toml(preset)
     tables = _method_tables(top, preset)
     name_prefix = _check_type("name_prefix", top.pop("name_prefix", Path(preset).stem), str)
-    parsed = [parse_override(item) if isinstance(item, str) else (item[0].split("."), item[1]) for item in overrides or []]
+    parsed = parse_overrides(overrides or [])
     for keys, value in parsed:
         _deep_update(top, keys, value)
         for table in tables.values():
@@ -508,7 +552,8 @@ def make_dir(path: Path, key: str, error_type: type[Exception] = ConfigError) ->
 
 
 def save_config(config: TrainConfig, path: Path) -> None:
-    path.write_text(json.dumps(config.to_dict(), indent=2) + "\n")
+    # Atomic: every process of a resumed torchrun job writes the same adjusted config.json, and each then reads it.
+    files.write_text(path, json.dumps(config.to_dict(), indent=2) + "\n")
 
 
 def load_config(path: Path) -> TrainConfig:

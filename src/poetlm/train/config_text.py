@@ -16,7 +16,7 @@ import io
 import re
 import tokenize
 
-from .config import METHODS, TrainConfig, config_value, methods_using, resolve_config
+from .config import METHODS, TrainConfig, config_value, load_toml, methods_using, resolve_config
 
 # A docstring table entry: "name: text" or "name, other: text" at the start of a line.
 _ENTRY = re.compile(r"(\w+(?:, \w+)*): (.*)")
@@ -80,7 +80,8 @@ def config_keys(config: TrainConfig | None = None) -> list[tuple[str, object, st
 def describe_config(preset: str = "tiny", method: str | None = None) -> str:
     """Every config key with its value under `preset` and `method` (by default what plain `poetlm train` runs) and
     its description: what `poetlm config` prints."""
-    config = resolve_config(preset, [("method", method)] if method else [])
+    placeholder = _needs_base_model(preset, method)
+    config = resolve_config(preset, [*([("method", method)] if method else []), *placeholder])
     rows = config_keys(config)
     width = max(len(key) for key, _, _ in rows)
     shown = {key: "null" if value is None else toml_value(value) for key, value, _ in rows}
@@ -92,6 +93,9 @@ def describe_config(preset: str = "tiny", method: str | None = None) -> str:
              "[M]: only method(s) M read the key (a run of another method that sets it warns).",
              "Set keys in a TOML file (--config FILE; `poetlm train --print-config` writes one) or as KEY=VALUE arguments, "
              "e.g. optim.lr=3e-3."]
+    if placeholder:
+        lines.append(f"finetune.base_model {BASE_MODEL_PLACEHOLDER!r} stands for the model lora finetunes "
+                     "(poetlm finetune --model MODEL sets it).")
     section = ""
     for key, _, text in rows:
         head = key.rpartition(".")[0]
@@ -101,6 +105,18 @@ def describe_config(preset: str = "tiny", method: str | None = None) -> str:
         tag = _users(key) if methods_using(key) != methods_using(head + ".") else ""
         lines.append(f"  {key:<{width}}  {shown[key]:<{value_width}}  {tag}{text}")
     return "\n".join(lines) + "\n"
+
+
+# lora only finetunes (a run without finetune.base_model is refused); its listing shows this in its place.
+BASE_MODEL_PLACEHOLDER = "MODEL"
+
+
+def _needs_base_model(preset: str, method: str | None) -> list[tuple[str, str]]:
+    """The override that lets `poetlm config` list a lora config whose base model only `finetune --model` would set."""
+    values = load_toml(preset)
+    if (method or values.get("method")) != "lora" or values.get("finetune", {}).get("base_model") is not None:
+        return []
+    return [("finetune.base_model", BASE_MODEL_PLACEHOLDER)]
 
 
 def _users(key: str) -> str:
