@@ -228,7 +228,8 @@ def test_a_setting_given_as_a_flag_is_shown_as_key_equals_value(argv, example, c
 
 def test_config_lists_lora_without_a_base_model_which_a_lora_run_still_needs(capsys):
     assert main(["config", "--config", "finetune", "--method", "lora"]) == 0
-    assert "finetune.lora_rank" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "finetune.lora_rank" in out and "(what `poetlm finetune --model MODEL --data DATA --config finetune --method lora` runs" in out
     with pytest.raises(ConfigError, match="lora needs finetune.base_model"):
         resolved_quietly("method='lora'", preset="finetune")
 

@@ -87,7 +87,9 @@ def describe_config(preset: str = "tiny", method: str | None = None) -> str:
     shown = {key: "null" if value is None else toml_value(value) for key, value, _ in rows}
     value_width = min(20, max(map(len, shown.values())))
     sections = field_descriptions(TrainConfig)
-    command = f"poetlm train{'' if preset == 'tiny' else ' --config ' + preset}{' --method ' + method if method else ''}"
+    # A finetuning method runs only from `poetlm finetune`, which names the base model.
+    verb = f"finetune --model {BASE_MODEL_PLACEHOLDER} --data DATA" if placeholder else "train"
+    command = f"poetlm {verb}{'' if preset == 'tiny' else ' --config ' + preset}{' --method ' + method if method else ''}"
     lines = [f"Config keys, their values in preset {preset!r} with method {config.method!r} (what `{command}` runs; "
              "`poetlm config --config NAME --method M` shows another) and what they do.",
              "[M]: only method(s) M read the key (a run of another method that sets it warns).",
