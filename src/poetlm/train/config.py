@@ -26,8 +26,8 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from ..config import POETConfig
-from . import files
 from ..update_rules import RuleConfig
+from . import files
 
 METHODS = ("poet", "poet-paper", "adamw", "muon", "lora")
 
