@@ -361,6 +361,27 @@ def test_load_tokenizer_errors(tmp_path):
         load_tokenizer(tmp_path / "noeos")
 
 
+def test_load_tokenizer_refuses_a_directory_without_a_usable_tokenizer(tmp_path):
+    """transformers builds a tokenizer anyway (from a model's config.json, or from an empty vocabulary) that encodes
+    every text to no tokens: evaluating or training with it would read only end-of-text tokens."""
+    from transformers import AutoTokenizer, GPT2Config
+
+    weights_only = tmp_path / "weights-only"
+    GPT2Config(vocab_size=300).save_pretrained(weights_only)
+    assert AutoTokenizer.from_pretrained(weights_only)("the king", add_special_tokens=False)["input_ids"] == []
+    with pytest.raises(DataError, match=f"^{weights_only} has no tokenizer files .*; pass a directory written by"):
+        load_tokenizer(weights_only)
+
+    empty = tmp_path / "empty-vocabulary"
+    empty.mkdir()
+    (empty / "vocab.json").write_text(json.dumps({"<|endoftext|>": 0}))
+    (empty / "merges.txt").write_text("#version: 0.2\n")
+    (empty / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "GPT2Tokenizer", "eos_token": "<|endoftext|>"}))
+    assert AutoTokenizer.from_pretrained(empty)("the king", add_special_tokens=False)["input_ids"] == []
+    with pytest.raises(DataError, match=f"^tokenizer {empty} encodes text to no tokens"):
+        load_tokenizer(empty)
+
+
 def test_vocab_too_small(tmp_path):
     with pytest.raises(DataError, match="vocab_size"):
         train_tokenizer(["abc"], 100, tmp_path / "t")

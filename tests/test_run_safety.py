@@ -295,6 +295,21 @@ def test_a_damaged_model_directory_fails_eval_export_and_generate_in_one_line(fi
     assert "device='bogus' is not a device torch knows: use auto, cpu, cuda" in capsys.readouterr().err
 
 
+def test_a_model_directory_without_tokenizer_files_is_refused_by_eval_generate_and_train(tiny, tmp_path, capsys):
+    """From a GPT-2 config.json alone transformers builds a tokenizer that encodes every text to no tokens: eval
+    scored end-of-text tokens only, generate printed an empty line."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    weights_only = tmp_path / "weights-only"
+    GPT2LMHeadModel(GPT2Config(vocab_size=300, n_positions=64, n_embd=32, n_layer=1, n_head=2)).save_pretrained(weights_only)
+    for command in (["eval", str(weights_only), "--data", str(tiny.corpus), "--tokens", "512", "--cache-dir", str(tiny.cache)],
+                    ["generate", str(weights_only), "--max-new-tokens", "4"]):
+        assert main(command) == 1, command
+        _one_line_error(capsys, f"{weights_only} has no tokenizer files", "restore the tokenizer files")
+    assert main(["train", "--tokenizer", str(weights_only), *tiny("name='notok'")]) == 1
+    _one_line_error(capsys, f"{weights_only} has no tokenizer files", "pass a directory written by save_pretrained")
+
+
 def test_export_force_over_a_poetlm_save_leaves_only_the_exported_model(finished_run, tmp_path):
     import poetlm
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM

@@ -424,10 +424,15 @@ RUN_TOKENIZER = "it is the run's own tokenizer: restore it from a backup of the 
 MODEL_TOKENIZER = ("a model directory holds its tokenizer beside the weights: restore the tokenizer files from a copy "
                    "of the directory, or export the model again (poetlm export RUN_DIR DIR)")
 
+_PROBE_TEXT = "The quick brown fox jumps over the lazy dog."  # any usable tokenizer encodes it to some tokens
+# A directory saved with a tokenizer holds one of these (save_pretrained always writes tokenizer_config.json).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
 
 def load_tokenizer(path: str | Path, hint: str = CHOOSE_TOKENIZER) -> "PreTrainedTokenizerFast":
     """Load a Hugging Face tokenizer: a local directory, or a hub id (needs network). It must define an eos
-    token (used to separate documents). `hint`: what the user can do when a directory cannot be loaded."""
+    token (used to separate documents) and encode text to tokens. `hint`: what the user can do when a
+    directory cannot be loaded."""
     name, path = str(path), Path(path).expanduser()
     from transformers import AutoTokenizer
 
@@ -441,6 +446,9 @@ def load_tokenizer(path: str | Path, hint: str = CHOOSE_TOKENIZER) -> "PreTraine
             raise DataError(f"{name!r} is not a local directory, and the Hugging Face Hub could not provide a tokenizer "
                             f"for it ({type(e).__name__}: {e}); offline, pass a local directory") from None
     else:
+        # Without tokenizer files transformers still builds one (from config.json) that encodes every text to nothing.
+        if not any((path / file).is_file() for file in TOKENIZER_FILES):
+            raise DataError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); {hint}")
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path))
         except Exception as e:  # transformers raises assorted types for a broken directory
@@ -451,6 +459,8 @@ def load_tokenizer(path: str | Path, hint: str = CHOOSE_TOKENIZER) -> "PreTraine
             f"tokenizer {path} has no eos token, which is needed to separate documents: "
             f"set eos_token in its tokenizer_config.json; {hint}"
         )
+    if not tokenizer(_PROBE_TEXT, add_special_tokens=False)["input_ids"]:
+        raise DataError(f"tokenizer {path} encodes text to no tokens (its vocabulary is empty or damaged); {hint}")
     return tokenizer
 
 

@@ -13,7 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig
 from ..layer import POETLinear, is_conv1d
 from ..serialization import dtype_argument
 from .config import ModelConfig, TrainConfig
-from .data import DataError, is_hub_id, load_tokenizer
+from .data import TOKENIZER_FILES, DataError, is_hub_id, load_tokenizer
 from .hub import honor_offline_env
 
 
@@ -251,9 +251,6 @@ def check_context(model: nn.Module, seq_len: int, setting: str, source) -> None:
     if context is not None and seq_len > context:
         raise ModelError(f"{setting.format(seq_len)} is longer than the context of {source} ({context} tokens, its "
                          f"max_position_embeddings); use {setting.format(context)} or less")
-
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
 
 def data_tokenizer(config: TrainConfig) -> str | None:
