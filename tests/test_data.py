@@ -149,6 +149,31 @@ def test_hf_home_directory_is_expanded_for_datasets_too(tmp_path, monkeypatch):
     assert read_documents("hf:~/hfd") == ["a", "b"]
 
 
+def test_hf_local_directory_without_documents_or_a_train_split_says_so(tmp_path):
+    """Both were reported as a dataset that does not exist or a Hub that is unreachable."""
+    pytest.importorskip("datasets")
+    for name, text in (("empty", ""), ("blank", '{"text": "  "}\n')):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "train.jsonl").write_text(text)
+        with pytest.raises(DataError) as hf:
+            read_documents(f"hf:{tmp_path / name}")
+        with pytest.raises(DataError) as plain:  # what --data DIR says
+            read_documents(str(tmp_path / name))
+        assert str(hf.value).replace("hf:", "") == str(plain.value)
+        assert str(hf.value).startswith(f"no documents found in 'hf:{tmp_path / name}'")
+    (tmp_path / "held-out").mkdir()
+    write_jsonl(tmp_path / "held-out" / "validation.jsonl", ["a", "b"])
+    with pytest.raises(DataError, match=r"^hf:\S+held-out has no train split \(found: validation\): .* name the training "
+                                        r"files train\.\*") as info:
+        read_documents(f"hf:{tmp_path / 'held-out'}")
+    assert "Hub" not in str(info.value)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.md").write_text("no data here")
+    with pytest.raises(DataError, match=r"^datasets cannot read the directory hf:\S+notes \(.*\); fix its files, or use "
+                                        r"--data PATH"):
+        read_documents(f"hf:{tmp_path / 'notes'}")
+
+
 # --------------------------------------------------------------------------- read errors
 
 

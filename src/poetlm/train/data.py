@@ -273,6 +273,9 @@ def _iter_hf(spec: str) -> Iterator[str]:
     honor_offline_env()
 
     def unreachable(e: Exception) -> DataError:
+        if Path(name).is_dir():  # no Hub involved: the directory's files are what datasets could not read
+            return DataError(f"datasets cannot read the directory hf:{spec} ({type(e).__name__}: {e}); fix its files, "
+                             "or use --data PATH, which reads .txt/.jsonl/.parquet files and directories of them")
         return DataError(
             f"cannot load Hugging Face dataset hf:{spec} ({type(e).__name__}: {e}); it does not exist "
             "or the Hub is unreachable (no network is available by default). Use --data PATH with "
@@ -280,9 +283,19 @@ def _iter_hf(spec: str) -> Iterator[str]:
         )
 
     try:
-        ds = datasets.load_dataset(name, config, split="train", streaming=True)
-        examples = iter(ds)
+        builder = datasets.load_dataset_builder(name, config)  # what load_dataset builds, before it picks the split
     except Exception as e:  # datasets raises many unrelated types for "not there"
+        raise unreachable(e) from e
+    splits = [str(split) for split in builder.config.data_files or {}]  # None: the dataset's own script chooses
+    if splits and "train" not in splits:
+        raise DataError(f"hf:{spec} has no train split (found: {', '.join(splits)}): poetlm trains on a dataset's train "
+                        "split and holds out its own validation from it; name the training files train.* (or pass "
+                        "them with --data PATH)")
+    try:
+        examples = iter(builder.as_streaming_dataset(split="train"))
+    except StopIteration:  # a format builder found no record to read the columns from: the split is empty
+        return
+    except Exception as e:
         raise unreachable(e) from e
     for i in itertools.count():
         try:
