@@ -168,6 +168,68 @@ def test_fold_every_step_equals_the_layer_form_merging_every_step():
     torch.testing.assert_close(linear.weight.detach(), layer.effective_weight().detach(), atol=1e-10, rtol=1e-10)
 
 
+def test_fold_every_step_equals_the_layer_form_merging_every_step_for_a_conv1d():
+    """The same for transformers' Conv1D, stored (in, out): the optimizer told so by `transposed_names` draws and
+    turns its input side on the rows (it turned the input features as if they were the output ones: 0.026 apart)."""
+    from transformers.pytorch_utils import Conv1D
+
+    from poetlm import poetize
+    from poetlm.model import transposed_names
+
+    config = POETConfig(variant="bs", block_size=4, parameterization="cayley", seed=3)
+    inputs, targets = (t.double() for t in regression(out=10, inp=9))
+    layered, plain = (nn.Sequential(Conv1D(10, 9).double()) for _ in range(2))
+    layered = poetize(layered, config)
+    layer, conv = layered[0], plain[0]
+    with torch.no_grad():
+        conv.weight.copy_(layer.weight)  # the layer's W0 in Conv1D's (in, out) layout
+        conv.bias.copy_(layer.bias)
+    start = conv.weight.detach().clone()
+    lr, betas, eps = 3e-3, (0.9, 0.99), 1e-8
+    adam = torch.optim.AdamW(layer.rotation_parameters(), lr=lr, betas=betas, eps=eps, weight_decay=0.0)
+    rule = RuleConfig(name="lie_adam", beta1=betas[0], beta2=betas[1], eps=eps, redraw_every=1, alternate=False)
+    named = [("0.weight", conv.weight)]
+    assert transposed_names(plain, named) == ["0.weight"]
+    poet = POET(named, lr=2 * lr, poet=config, rule=rule, transposed=transposed_names(plain, named))
+    for _ in range(5):
+        for module, optimizer in ((layered, adam), (plain, poet)):
+            ((module(inputs) - targets) ** 2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        merge(layered, adam)
+    assert (conv.weight.detach() - start).norm() > 1e-3
+    torch.testing.assert_close(conv.weight.detach(), layer.weight.detach(), atol=1e-10, rtol=1e-10)
+
+
+def test_poet_optimizer_turns_a_gpt2_conv1d_on_its_output_side_first():
+    """Alternation turns the output side on even steps: for a Conv1D's (in, out) weight W ← W·Rᵀ, which keeps the
+    Gram matrix of its rows, W·Wᵀ, and turns that of its columns."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from poetlm.optim import poet_optimizer
+
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=16, n_layer=1, n_head=2))
+    optimizer = poet_optimizer(model, lr_poet=0.05, poet=POETConfig(block_size=4), rule=RuleConfig(alternate=True))
+    weights = {name: weight for group in optimizer.optimizers[0].param_groups
+               for name, weight in zip(group["param_names"], group["params"])}
+    assert set(weights) == {f"transformer.h.0.{name}.weight" for name in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")}
+    before = {name: weight.detach().clone() for name, weight in weights.items()}
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(1))
+    model(ids, labels=ids).loss.backward()
+    optimizer.step()
+    for name, weight in weights.items():
+        old, new = before[name].double(), weight.detach().double()
+        torch.testing.assert_close(new @ new.T, old @ old.T, atol=1e-5, rtol=0, msg=name)
+        assert (new.T @ new - old.T @ old).abs().max() > 1e-4, name
+
+
+def test_poet_refuses_transposed_names_of_no_parameter():
+    weight = nn.Parameter(torch.randn(8, 8))
+    with pytest.raises(ValueError, match=r"^POET\(transposed=…\) names 'lin\.weight', which is not the name of a parameter"):
+        POET([weight], poet=POETConfig(block_size=4), transposed=["lin.weight"])
+
+
 @pytest.mark.parametrize("orthogonalize", ["exact", "newton_schulz"])
 def test_an_orthogonalized_step_turns_every_plane_by_the_same_angle(orthogonalize):
     inputs, targets = regression(out=8, inp=8)

@@ -207,6 +207,11 @@ def rotated_weights(model: nn.Module, config: POETConfig | None = None,
     return weights
 
 
+def transposed_names(model: nn.Module, named: list[tuple[str, nn.Parameter]]) -> list[str]:
+    """The names among `named` (`rotated_weights`'s) of weights stored as (in, out), Conv1D's: `POET(transposed=)`."""
+    return [name for name, _ in named if is_conv1d(model.get_submodule(name.removesuffix(".weight")))]
+
+
 def merge(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, rule: MergeRule | None = None, *,
           gather: Callable[[nn.Module], contextlib.AbstractContextManager] | None = None) -> int:
     """Merge every POET layer (fold rotations into W0, reset, redraw); returns how many were merged.

@@ -202,18 +202,33 @@ class POET(torch.optim.Optimizer):
     compile: a torch.compile backend (e.g. "inductor") for the block math, the rule's orthogonalization and
         the map: elementwise passes fused, fewer launches. Chunks of a new size compile once more, then
         sizes become dynamic; learning rates and redraws never recompile.
+    transposed: the names of the parameters stored as (in, out), such as transformers' Conv1D weights
+        (`poet_optimizer` finds them). Their rows are the input side: its coordinates are drawn and its turns
+        alternate as a `POETConv1D`'s do. A side's state stays keyed by the stored tensor ("out": its rows,
+        "in": its columns), so checkpoints read the same either way.
     """
 
     def __init__(self, params, lr: float = 0.02, poet: POETConfig | None = None, rule: RuleConfig | None = None,
                  gather: Callable[[torch.Tensor], contextlib.AbstractContextManager] | None = None, split=None,
-                 compile: str | None = None) -> None:
+                 compile: str | None = None, transposed=()) -> None:
         self.poet = checked(poet or POETConfig(), POETConfig)  # before torch's __init__: add_param_group checks against it
         super().__init__(params, {"lr": lr})
         self.gather, self.split, self.compile_backend = gather, split, compile
         self.rule_config = checked(rule or RuleConfig(), RuleConfig)
+        self.transposed = self._checked_transposed(transposed)
         self._build()
 
-    _SETTINGS = ("poet", "rule_config", "gather", "split", "compile_backend")
+    _SETTINGS = ("poet", "rule_config", "gather", "split", "compile_backend", "transposed")
+
+    def _checked_transposed(self, transposed) -> frozenset:
+        """`transposed` as a set of names, refusing one that is not a parameter's: that weight would turn the wrong sides."""
+        transposed = frozenset([transposed] if isinstance(transposed, str) else transposed)
+        names = {name for group in self.param_groups for name in group.get("param_names", ())}
+        unknown = sorted(transposed - names)
+        if unknown:
+            raise ValueError(f"POET(transposed=…) names {unknown[0]!r}, which is not the name of a parameter it trains: "
+                             "give the parameters with their names (model.named_parameters()) and use those names")
+        return transposed
 
     def _build(self) -> None:
         """The rule and the block math, made from the settings: by the constructor, and again by a copy
@@ -286,43 +301,47 @@ class POET(torch.optim.Optimizer):
             cached = self._derived[key] = (index, padded_index(index, width), torch.argsort(index) if permutation else None)
         return cached[1:]
 
-    def _draw(self, key: int, side: str, dim: int, draws: int, device) -> torch.Tensor:
+    def _draw(self, key: int, sides: tuple[str, str], side: str, dim: int, draws: int, device) -> torch.Tensor:
         _, sizes = self._layout(dim)
-        generator = seeded_generator(self.poet.seed, key, draws, side)
+        # Seeded by the layer form's name of the side (`sides`: see _keys), so the coordinates are a POET layer's.
+        generator = seeded_generator(self.poet.seed, key, draws, SIDES[sides.index(side)])
         return draw_index(self.poet.variant, dim, sum(sizes), generator).to(device)
 
     def _keys(self):
-        """(seed key, group, parameter): the same coordinates on every rank and after every resume.
+        """(seed key, sides, group, parameter): the same coordinates on every rank and after every resume.
 
         Given named parameters (`POET(model.named_parameters() …)` or `rotated_weights`), the key of
         "a.b.weight" is the module name "a.b" (`seed_name`), so coordinates and W0 match a POETLinear named
-        "a.b" with the same seed; otherwise it is the parameter's position.
+        "a.b" with the same seed; otherwise it is the parameter's position. `sides`: the stored tensor's
+        sides ("out": rows, "in": columns) in the layer form's order, the output side first: ("in", "out")
+        for a weight stored transposed.
         """
         position = 0
         for group in self.param_groups:
             names = group.get("param_names") or [None] * len(group["params"])
             for name, param in zip(names, group["params"]):
-                yield (seed_name(name.removesuffix(".weight")) if name else position), group, param
+                sides = SIDES[::-1] if name in self.transposed else SIDES
+                yield (seed_name(name.removesuffix(".weight")) if name else position), sides, group, param
                 position += 1
 
     @staticmethod
     def _side_view(weight: torch.Tensor, side: str) -> torch.Tensor:
         return weight if side == "out" else weight.t()
 
-    def _init_state(self, key: int, param: torch.Tensor, state: dict) -> None:
+    def _init_state(self, key: int, sides: tuple[str, str], param: torch.Tensor, state: dict) -> None:
         state["step"] = 0
         state["draws"] = 0
         state["initial_spectrum"] = singular_values(param)
         for side in SIDES:
             dim = self._side_view(param, side).shape[0]
-            state[side] = {"index": self._draw(key, side, dim, 0, param.device), "rule": {}}
+            state[side] = {"index": self._draw(key, sides, side, dim, 0, param.device), "rule": {}}
 
-    def _redraw(self, key: int, param: torch.Tensor, state: dict) -> None:
+    def _redraw(self, key: int, sides: tuple[str, str], param: torch.Tensor, state: dict) -> None:
         state["draws"] += 1
         for side in SIDES:
             side_state = state[side]
             dim = self._side_view(param, side).shape[0]
-            old, new = side_state["index"], self._draw(key, side, dim, state["draws"], param.device)
+            old, new = side_state["index"], self._draw(key, sides, side, dim, state["draws"], param.device)
             self.rule.after_redraw(side_state["rule"], lambda blocks: transport_blocks(blocks, old, new, dim))
             side_state["index"] = new
 
@@ -330,23 +349,23 @@ class POET(torch.optim.Optimizer):
     def step(self, closure=None):
         loss = _evaluate(closure)
         batches: dict[tuple, list] = {}
-        for key, group, param in self._keys():
+        for key, sides, group, param in self._keys():
             if param.grad is not None:
                 self._check_precision(param)
-                # Weights with one shape, lr and step count turn as one batch of blocks (one set of products).
-                batch = (tuple(param.shape), param.dtype, param.device, group["lr"], self.state[param].get("step", 0))
+                # Weights with one shape, orientation, lr and step count turn as one batch of blocks (one set of products).
+                batch = (tuple(param.shape), sides, param.dtype, param.device, group["lr"], self.state[param].get("step", 0))
                 batches.setdefault(batch, []).append((key, param))
         _require_finite([param.grad for params in batches.values() for _, param in params])
         scratch, folded_by, count = Scratch(), [], 0
-        for (*_, lr, step), params in batches.items():
+        for (_, sides, *_, lr, step), params in batches.items():
             example = params[0][1]
             spread = self.split.world if self.split else 1
             for chunk in _chunks(params, example, self._side_block_elements(example), spread):
                 owner = count % self.split.world if self.split else None
                 count += 1
                 with contextlib.ExitStack() as whole:  # sharded weights: rotated whole, shards written back on exit
-                    members = [self._member(key, param, whole) for key, param in chunk]
-                    self._rotate(members, lr, step, scratch, fold=owner is None or owner == self.split.rank)
+                    members = [self._member(key, sides, param, whole) for key, param in chunk]
+                    self._rotate(members, sides, lr, step, scratch, fold=owner is None or owner == self.split.rank)
                 folded_by += [(param, owner) for _, param in chunk]
         if self.split:
             self.split.broadcast(folded_by)
@@ -360,13 +379,14 @@ class POET(torch.optim.Optimizer):
                              "gather= (e.g. POET(..., gather=poetlm.train.parallel.whole_tensor))")
         return stack.enter_context(self.gather(tensor))
 
-    def _member(self, key, param: torch.Tensor, stack: contextlib.ExitStack) -> tuple[torch.Tensor, torch.Tensor, dict]:
+    def _member(self, key, sides: tuple[str, str], param: torch.Tensor,
+                stack: contextlib.ExitStack) -> tuple[torch.Tensor, torch.Tensor, dict]:
         """(whole weight, whole gradient, state) of a parameter, its coordinates drawn or redrawn if due."""
         weight, state = self._whole(param, stack), self.state[param]
         if not state:
-            self._init_state(key, weight, state)
+            self._init_state(key, sides, weight, state)
         elif state["step"] % self.rule_config.redraw_every == 0:
-            self._redraw(key, weight, state)
+            self._redraw(key, sides, weight, state)
         return weight, whole_value(param.grad), state  # read only: nothing to write back
 
     def _side_block_elements(self, param: torch.Tensor) -> int:
@@ -374,9 +394,10 @@ class POET(torch.optim.Optimizer):
         sizes = [self._layout(self._side_view(param, side).shape[0]) for side in SIDES]
         return max(block * block * len(blocks) for block, blocks in sizes)
 
-    def _rotate(self, members: list[tuple[torch.Tensor, torch.Tensor, dict]], lr: float, step: int, scratch: Scratch,
-                fold: bool = True) -> None:
-        """One step of a chunk of same-shaped weights; without `fold`, the momenta only (another process folds).
+    def _rotate(self, members: list[tuple[torch.Tensor, torch.Tensor, dict]], sides: tuple[str, str], lr: float, step: int,
+                scratch: Scratch, fold: bool = True) -> None:
+        """One step of a chunk of same-shaped weights (`sides`: see _keys); without `fold`, the momenta only (another
+        process folds).
 
         Where steps are launch-bound (`primitives.stacks`: GPUs), a chunk's weights and gradients are
         stacked so that each gather, product and write-back is one op for the whole chunk; elsewhere each
@@ -386,7 +407,7 @@ class POET(torch.optim.Optimizer):
         layouts = {side: self._side(members[0][0], side, members[0][2]) for side in SIDES}
         # A side of one coordinate (or none: fs with β·dim < 2) cannot turn: alternation skips it, or every
         # other step would do nothing. `require_rotations` leaves at least one side that can.
-        turning = [side for side in SIDES if layouts[side][1] >= 2]
+        turning = [side for side in sides if layouts[side][1] >= 2]  # the output side first: it turns on even steps
         active = () if not fold else tuple(turning) if not rule_cfg.alternate else (turning[step % len(turning)],)
         stacked = len(members) > 1 and stacks(members[0][0])
         increments, gathered = {}, {}
@@ -572,7 +593,7 @@ class POET(torch.optim.Optimizer):
         """max over parameters of max_i |σ_i(W) − σ_i(W at its first step)| / σ_max(W at its first step).
         Collective for sharded weights: every rank calls it."""
         drifts = [0.0]
-        for _, _, param in self._keys():
+        for *_, param in self._keys():
             state = self.state.get(param)
             if state:
                 initial = state["initial_spectrum"].cpu()  # a loaded state sits on the parameter's device
@@ -680,7 +701,7 @@ def poet_optimizer(model: torch.nn.Module, lr_poet: float = 0.02, lr: float = 3e
     loop (Trainer, accelerate, a hand-written one) can use POET by swapping its optimizer for this one.
     `split`: as for `POET`, to spread the rotations over the processes of a data-parallel job.
     """
-    from .model import param_groups, rotated_weights
+    from .model import param_groups, rotated_weights, transposed_names
 
     poet = poet or POETConfig()
     named = rotated_weights(model, poet, whole_model=True)
@@ -688,7 +709,7 @@ def poet_optimizer(model: torch.nn.Module, lr_poet: float = 0.02, lr: float = 3e
     groups = [{**g, "params": [p for p in g["params"] if id(p) not in rotated]}
               for g in param_groups(model, lr_base=lr, lr_poet=lr, weight_decay=weight_decay)]
     rest = [g for g in groups if g["params"]]
-    optimizers = [POET(named, lr=lr_poet, poet=poet, rule=rule, split=split)]
+    optimizers = [POET(named, lr=lr_poet, poet=poet, rule=rule, split=split, transposed=transposed_names(model, named))]
     if rest:
         optimizers.append(adamw(rest, betas=betas))
     return Chained(optimizers)

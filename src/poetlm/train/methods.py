@@ -19,7 +19,8 @@ from torch import nn
 from ..adapter import ADAPTER_FILE, MergeHistory, base_fingerprint, fingerprint_mismatch, save_adapter
 from ..config import POETConfig
 from ..diagnostics import model_diagnostics
-from ..model import merge, param_groups, poet_layers, poetize, rotated_weights, rotation_parameters, step_weight_cache
+from ..model import (merge, param_groups, poet_layers, poetize, rotated_weights, rotation_parameters, step_weight_cache,
+                     transposed_names)
 from ..optim import POET, adamw
 from ..primitives import block_layout
 from ..serialization import save_pretrained
@@ -198,6 +199,7 @@ class POETFold(Method):
         try:
             self.named_weights = rotated_weights(model, poet_config(self.config))
             self.weights = [weight for _, weight in self.named_weights]
+            self.transposed = transposed_names(model, self.named_weights)
         except ValueError as error:
             raise ModelError(str(error)) from None
         if self.config.finetuning:
@@ -214,7 +216,7 @@ class POETFold(Method):
         groups = param_groups(model, lr_base=cfg.optim.lr, lr_poet=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
         try:
             rotations = POET(self.named_weights, lr=cfg.optim.lr_poet, poet=poet_config(cfg), rule=cfg.rule,
-                             gather=parallel.whole_tensor, split=parallel.rank_split(model))
+                             gather=parallel.whole_tensor, split=parallel.rank_split(model), transposed=self.transposed)
         except ValueError as error:  # e.g. an "fs" fraction too small to rotate a weight: as the layer form says it
             raise ModelError(str(error)) from None
         rest = _split_groups(groups, ids)
