@@ -771,6 +771,13 @@ def sample_offsets(n_tokens: int, step: int, n_rows: int, seq_len: int, seed: in
     return rng.integers(0, n_tokens - seq_len, n_rows)
 
 
+def micro_batch_seed(seed: int, step: int, index: int) -> int:
+    """The seed of the randomness (dropout) of micro-batch `index` of optimizer step `step`'s global batch; a pure
+    function of its arguments, so each micro-batch draws its own masks wherever it runs: on any rank, on any number
+    of processes, in a resumed run."""
+    return int(np.random.SeedSequence([seed, step, index]).generate_state(1, np.uint64)[0])
+
+
 def make_batch(tokens: np.ndarray, offsets: np.ndarray, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Inputs and next-token targets, each (rows, seq_len) int64."""
     idx = np.asarray(offsets, dtype=np.int64)[:, None] + np.arange(seq_len + 1)

@@ -32,7 +32,7 @@ from . import checkpoint as ckpt
 from . import files, parallel
 from .acceleration import accelerate
 from .config import ConfigError, TrainConfig, load_config, make_dir, save_config
-from .data import TokenData, load_run_data, make_batch, prepare_data, sample_offsets, val_windows
+from .data import TokenData, load_run_data, make_batch, micro_batch_seed, prepare_data, sample_offsets, val_windows
 from .evaluate import perplexity
 from .methods import Method, build_schedulers, lr_factor, make_method
 from .metrics import MetricsLogger
@@ -152,7 +152,9 @@ def train_step(method: Method, model, raw_model, optimizers, data: TokenData, co
     total = 0.0
     with method.step_context(raw_model, sharded):
         for micro in range(config.grad_accum):
-            start = (micro * runtime.world_size + runtime.rank) * rows
+            index = micro * runtime.world_size + runtime.rank  # the micro-batch's place in the global batch
+            torch.manual_seed(micro_batch_seed(config.seed, state.step, index))
+            start = index * rows
             inputs, targets = make_batch(data.train, offsets[start: start + rows], config.data.seq_len)
             inputs, targets = inputs.to(runtime.device), targets.to(runtime.device)
             last = micro == config.grad_accum - 1
