@@ -127,6 +127,24 @@ def test_dropout_draws_per_micro_batch_so_any_number_of_processes_trains_alike(t
     assert json.loads((run_dir / "summary.json").read_text())["final_val_ppl"] == pytest.approx(one["final_val_ppl"], rel=1e-4)
 
 
+def test_a_run_resumed_under_fsdp2_from_one_process_keeps_its_global_batch(tmp_path):
+    """One process, then two FSDP2 ranks from the middle checkpoint: its optimizer states, numbered as
+    optimizer.state_dict() numbers them, load into the sharded run (they failed: KeyError 'state.0.step')."""
+    (tmp_path / "plays.txt").write_text("\n\n".join(read_documents("shakespeare", max_documents=300)))
+    losses, summary, _ = run(tmp_path, "one", 1, "grad_accum=2", "keep_checkpoints=2")
+    run_dir = tmp_path / "runs" / "one"
+    (run_dir / "checkpoints" / "step_00000006.pt").unlink()
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    result = subprocess.run([torchrun, "--standalone", "--nproc_per_node", "2", "-m", "poetlm", "train", "--resume",
+                             str(run_dir), "parallel='fsdp'"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "grad_accum 2 → 1 keeps the run's 8 sequences per step" in result.stderr
+    resumed = json.loads((run_dir / "summary.json").read_text())
+    assert resumed["total_tokens"] == summary["total_tokens"] and resumed["world_size"] == 2
+    assert resumed["final_val_ppl"] == pytest.approx(summary["final_val_ppl"], rel=1e-4)
+    assert resumed["spectrum_drift"] < 1e-5  # the POET optimizer went on with its loaded state on whole weights
+
+
 def test_fsdp2_finetune_writes_an_adapter_that_rebuilds_the_run_on_its_base(tmp_path):
     """The merge history is gathered from the shards on every rank, the adapter written from the whole model."""
     from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM

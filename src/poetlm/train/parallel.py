@@ -230,7 +230,20 @@ def load_training_state(model: nn.Module, optimizers, model_state: dict, optimiz
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, model_state, options=options)
     for optimizer, state in zip(optimizers, optimizer_states):
-        set_optimizer_state_dict(model, optimizer, state, options=options)
+        set_optimizer_state_dict(model, optimizer, by_name(model, optimizer, state), options=options)
+
+
+def by_name(model: nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> dict:
+    """An optimizer state as `set_optimizer_state_dict` reads it: keyed by parameter names. One that
+    `optimizer.state_dict()` wrote (one process, DDP) numbers the parameters in the optimizer's order instead,
+    which is this optimizer's too (the run builds the same one); an FSDP2 checkpoint's is keyed by name already."""
+    if not all(isinstance(key, int) for group in state["param_groups"] for key in group["params"]):
+        return state
+    names = {id(param): name for name, param in model.named_parameters()}
+    order = [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
+    return {"state": {order[index]: value for index, value in state["state"].items()},
+            "param_groups": [{**group, "params": [order[index] for index in group["params"]]}
+                             for group in state["param_groups"]]}
 
 
 class RankSplit:
