@@ -71,8 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", default="llama-60m")
     parser.add_argument("--blocks", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--orthogonalize", nargs="+", default=["newton_schulz", "exact"], choices=["newton_schulz", "exact", "auto"])
-    parser.add_argument("--direction-dtypes", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
-                        help="rule.direction_dtype values to time (bf16 is for GPUs)")
+    parser.add_argument("--direction-dtypes", nargs="+", default=["auto"], choices=["auto", "fp32", "bf16"],
+                        help="rule.direction_dtype values to time (auto: bf16 on CPUs with AMX, else fp32)")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps, rounded up to even")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
     parser.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
@@ -95,15 +95,15 @@ def main(argv: list[str] | None = None) -> None:
     rows.append(["AdamW", f"{adamw:.3f}", "1.00", dispatched_ops(reference)])
     for block in args.blocks:
         for method in args.orthogonalize:
-            for dtype in args.direction_dtypes if method == "newton_schulz" else ["fp32"]:
+            for dtype in args.direction_dtypes if method != "exact" else ["auto"]:
                 compiled = args.compile and method == "newton_schulz" and dtype == "fp32"  # each compile takes a while
                 for backend in [None] + ([args.compile] if compiled else []):
                     # Only non-default options are passed, so older src/ (the docs' "before") runs.
                     poet = POET(block_weights(args.preset, device=args.device), lr=0.02, poet=POETConfig(block_size=block),
-                                rule=RuleConfig(orthogonalize=method, **({} if dtype == "fp32" else {"direction_dtype": dtype})),
+                                rule=RuleConfig(orthogonalize=method, **({} if dtype == "auto" else {"direction_dtype": dtype})),
                                 **({"compile": backend} if backend else {}))
                     seconds = median_step(poet, args.repeats, sync)
-                    label = (f"POET b={block}, {method}" + (f" ({dtype})" if len(args.direction_dtypes) > 1 else "")
+                    label = (f"POET b={block}, {method}" + (f" ({dtype})" if method != "exact" else "")
                              + (f", compiled ({backend})" if backend else ""))
                     if args.profile:
                         print(f"{label}:\n{top_ops(poet, sync)}\n")

@@ -33,7 +33,7 @@ from common import (CHUNKS_HELP, DTYPES, announce, batch_rotations_as, cpu_alloc
 from cost_model import cnp_build_macs, fold_block_products
 from poetlm import merge, poet_layers
 from poetlm.optim import POET
-from poetlm.orthogonal import choose_orthogonalizer
+from poetlm.orthogonal import choose_direction
 from poetlm.primitives import block_layout
 from poetlm.train.acceleration import accelerate, decoder_blocks
 from poetlm.train.config import TrainConfig, resolve_config
@@ -55,6 +55,8 @@ METHODS = {
     "paper-b64": ("POET-paper bs b=64", ["method='poet-paper'", "poet.variant='bs'", "poet.block_size=64"]),
     "paper-b256": ("POET-paper bs b=256", ["method='poet-paper'", "poet.variant='bs'", "poet.block_size=256"]),
     "paper-fs": ("POET-paper fs β=½", ["method='poet-paper'", "poet.variant='fs'", "poet.fraction=0.5"]),
+    "poet-b256-fp32": ("POET bs b=256 fp32 direction",  # the CPU default before bf16 directions on AMX CPUs
+                       ["method=poet", "poet.variant='bs'", "poet.block_size=256", "rule.direction_dtype='fp32'"]),
     "poet-b256-bf16": ("POET bs b=256 bf16 direction",
                        ["method=poet", "poet.variant='bs'", "poet.block_size=256", "rule.direction_dtype='bf16'"]),
     "paper-b256-bf16": ("POET-paper bs b=256 bf16 build",
@@ -74,8 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=default_device(), help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="bf16 = the loop's bf16 autocast (fp32 master weights)")
     parser.add_argument("--presets", nargs="+", default=["tiny", "llama-60m"])
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="default: all but the bf16 build, which "
-                        "only pays off on a GPU", default=[key for key in METHODS if not key.endswith("-bf16")])
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="default: all but the pinned precisions "
+                        "(-bf16, -fp32), which compare against the defaults",
+                        default=[key for key in METHODS if not key.endswith(("-bf16", "-fp32"))])
     parser.add_argument("--accum", type=int, nargs="+", default=[1, 4], help="micro-batches per optimizer step")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per contender and accumulation, rounded up to even")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before the first accumulation setting")
@@ -259,7 +262,7 @@ def fold_macs(c: Contender) -> int:
             for dim, other in ((p.shape[0], p.shape[1]), (p.shape[1], p.shape[0])):
                 block, sizes = block_layout(cfg.variant, dim, cfg.block_size, cfg.fraction)
                 rotate = other * sum(size * size for size in sizes)
-                products = fold_block_products(choose_orthogonalizer(rule.orthogonalize, block, p.device), cfg.neumann_terms)
+                products = fold_block_products(choose_direction(rule.orthogonalize, rule.direction_dtype, block, p.device)[0], cfg.neumann_terms)
                 per_block = products * len(sizes) * block ** 3  # a short last block runs zero-padded to b×b
                 total += rotate + (rotate + per_block) // (2 if rule.alternate else 1)
     return total

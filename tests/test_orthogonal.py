@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from poetlm.orthogonal import (cayley, cayley_neumann, choose_orthogonalizer, gram_singular_values, isometry_increment, orthogonal_map,
+from poetlm import orthogonal
+from poetlm.orthogonal import (cayley, cayley_neumann, choose_direction, gram_singular_values, isometry_increment, orthogonal_map,
                                orthogonalize_skew, rotation_increment, skew_from_packed)
 from reference import cnp_formula, exact_cayley, skew_from_triangle_loop
 
@@ -79,12 +80,39 @@ def test_the_closed_form_map_of_an_exact_direction_is_the_map_itself(name, terms
     assert (rotation.mT @ rotation - eye).abs().max() <= 2 * (general.mT @ general - eye).abs().max() + 1e-7
 
 
-def test_auto_orthogonalizes_exactly_only_for_large_blocks_on_a_cpu():
+def test_auto_orthogonalizes_exactly_only_for_large_blocks_on_a_cpu_without_fast_bf16(monkeypatch):
+    monkeypatch.setattr(orthogonal, "fast_bf16_products", lambda device: False)
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert choose_orthogonalizer("auto", 256, cpu) == choose_orthogonalizer("auto", 384, cpu) == "exact"
-    assert choose_orthogonalizer("auto", 64, cpu) == choose_orthogonalizer("auto", 256, cuda) == "newton_schulz"
-    assert choose_orthogonalizer("newton_schulz", 512, cpu) == "newton_schulz"
-    assert choose_orthogonalizer("exact", 8, cuda) == "exact"
+    assert choose_direction("auto", "auto", 256, cpu) == choose_direction("auto", "fp32", 384, cpu) == ("exact", "fp32")
+    assert choose_direction("auto", "auto", 64, cpu) == choose_direction("auto", "auto", 256, cuda) == ("newton_schulz", "fp32")
+    # bf16 asked for where it is slow: the products would be emulated, so auto keeps the exact path
+    assert choose_direction("auto", "bf16", 256, cpu) == ("exact", "bf16")
+    assert choose_direction("newton_schulz", "auto", 512, cpu) == ("newton_schulz", "fp32")
+    assert choose_direction("exact", "bf16", 8, cuda) == ("exact", "bf16")
+    a = torch.stack([random_skew(200, 1.0, seed=s) for s in range(2)])
+    assert torch.equal(orthogonalize_skew(a, "auto"), orthogonalize_skew(a, "exact"))
+
+
+def test_fast_bf16_products_is_a_property_of_cpus_with_amx_only(monkeypatch):
+    assert orthogonal.fast_bf16_products(torch.device("cuda")) is False  # launch-bound there: fp32 stays
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True, raising=False)
+    assert orthogonal.fast_bf16_products(torch.device("cpu")) is torch.backends.mkldnn.is_available()
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert orthogonal.fast_bf16_products(torch.device("cpu")) is False
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")  # an older torch: no claim of speed
+    assert orthogonal.fast_bf16_products(torch.device("cpu")) is False
+
+
+def test_auto_takes_bf16_newton_schulz_where_bf16_products_are_fast(monkeypatch):
+    monkeypatch.setattr(orthogonal, "fast_bf16_products", lambda device: device.type == "cpu")
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    for block in (128, 256, 384):
+        assert choose_direction("auto", "auto", block, cpu) == ("newton_schulz", "bf16")
+    assert choose_direction("auto", "auto", 64, cpu) == ("newton_schulz", "fp32")  # small blocks: bf16 gains nothing
+    assert choose_direction("auto", "fp32", 256, cpu) == ("exact", "fp32")  # fp32 asked for: LAPACK is the faster
+    assert choose_direction("exact", "auto", 256, cpu) == ("exact", "bf16")  # the exact path ignores the precision
+    assert choose_direction("auto", "auto", 256, cuda) == ("newton_schulz", "fp32")
+    # orthogonalize_skew on fp32 blocks reads "auto" as fp32 products: exact at 256 on any CPU
     a = torch.stack([random_skew(200, 1.0, seed=s) for s in range(2)])
     assert torch.equal(orthogonalize_skew(a, "auto"), orthogonalize_skew(a, "exact"))
 

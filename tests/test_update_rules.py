@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from poetlm import POETConfig, POETLinear, merge
-from poetlm import optim, primitives
+from poetlm import optim, orthogonal, primitives
 from poetlm.optim import POET, side_blocks, skew_gradient
 from poetlm.orthogonal import orthogonalize_skew, unpack_skew
 from poetlm.primitives import block_layout, draw_index, seeded_generator, transport_blocks
@@ -86,11 +86,32 @@ def dense_block_embedding(blocks, index, dim):
 
 def test_a_bf16_direction_is_skew_and_the_fp32_direction_to_bf16_precision():
     grad = random_skew(6, 64, 64, dtype=torch.float32)
-    fp32 = make_rule(RuleConfig()).direction(grad, {})
+    fp32 = make_rule(RuleConfig(direction_dtype="fp32")).direction(grad, {})
     bf16 = make_rule(RuleConfig(direction_dtype="bf16")).direction(grad, {})
     assert bf16.dtype == torch.float32 and torch.equal(bf16, -bf16.transpose(-1, -2))
     cosine = (bf16 * fp32).sum((-1, -2)) / (bf16.norm(dim=(-1, -2)) * fp32.norm(dim=(-1, -2)))
     assert cosine.min() > 0.99 and (bf16 - fp32).abs().max() > 1e-4  # it did run in bf16
+
+
+def test_the_auto_direction_is_bf16_newton_schulz_where_bf16_products_are_fast(monkeypatch):
+    inputs, targets = regression(out=24, inp=20)
+    start = torch.randn(24, 20) / 5
+    weights = {}
+    monkeypatch.setattr(orthogonal, "BF16_ON_CPU_FROM", 8)  # this weight's blocks of 8 count as large
+    for fast in (True, False):
+        monkeypatch.setattr(orthogonal, "fast_bf16_products", lambda device, fast=fast: fast)
+        for name, rule in (("auto", RuleConfig()), ("bf16", RuleConfig(orthogonalize="newton_schulz", direction_dtype="bf16")),
+                           ("fp32", RuleConfig(orthogonalize="newton_schulz", direction_dtype="fp32"))):
+            weight = nn.Parameter(start.clone())
+            optimizer = POET([weight], lr=0.02, poet=POETConfig(block_size=8), rule=rule)
+            for _ in range(5):
+                ((inputs @ weight.T - targets) ** 2).mean().backward()
+                optimizer.step()
+                optimizer.zero_grad()
+            weights[fast, name] = weight.detach()
+    assert torch.equal(weights[True, "auto"], weights[True, "bf16"])
+    assert torch.equal(weights[False, "auto"], weights[False, "fp32"])
+    assert (weights[True, "auto"] - weights[False, "auto"]).abs().max() > 1e-6  # the two paths differ
 
 
 @pytest.mark.parametrize("variant, side", [("bs", "out"), ("bs", "in"), ("fs", "out"), ("fs", "in")])
@@ -271,7 +292,8 @@ def test_exact_directions_fold_the_same_rotation_through_the_closed_form_map(blo
 
 
 @pytest.mark.parametrize("rule", [RuleConfig(), RuleConfig(name="lie_adam"), RuleConfig(orthogonalize="newton_schulz", alternate=False),
-                                  RuleConfig(direction_dtype="bf16"), RuleConfig(orthogonalize="exact")])
+                                  RuleConfig(direction_dtype="fp32"), RuleConfig(direction_dtype="bf16"),
+                                  RuleConfig(orthogonalize="exact")])
 @pytest.mark.parametrize("variant", ["bs", "fs"])
 def test_many_steps_keep_the_spectrum_while_the_weight_moves(rule, variant):
     inputs, targets = regression(out=24, inp=20)
@@ -415,6 +437,21 @@ def test_a_non_finite_gradient_changes_nothing_and_training_goes_on_from_before_
         untouched.step()
     for weight, copied in zip(weights, untouched_weights):
         assert torch.equal(weight.detach(), copied.detach()) and torch.isfinite(weight).all()
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("-inf")])
+def test_huge_finite_gradients_step_and_a_nan_among_them_is_refused(bad):
+    """The finiteness check reads each gradient's sum; a sum that overflows from finite entries is not a NaN."""
+    weight = nn.Parameter(torch.randn(8, 6, generator=torch.Generator().manual_seed(0)) / 10)
+    optimizer = POET([weight], lr=0.05, poet=POETConfig(block_size=4))
+    weight.grad = torch.full((8, 6), 1e37)  # the sum overflows, the skew gradient (2·H·Xᵀ) does not
+    assert not torch.isfinite(weight.grad.sum())
+    before = weight.detach().clone()
+    optimizer.step()
+    assert torch.isfinite(weight).all() and not torch.equal(weight.detach(), before)
+    weight.grad[1, 2] = bad
+    with pytest.raises(ValueError, match="non-finite gradient"):
+        optimizer.step()
 
 
 def test_poet_optimizer_refuses_vectors_and_low_precision_weights():

@@ -12,6 +12,7 @@ INITS = ("normalized_gaussian", "standard", "xavier", "uniform_spectrum", "keep"
 FORWARD_MODES = ("auto", "weight", "input")
 ORTHOGONALIZERS = ("auto", "exact", "newton_schulz")
 BUILD_DTYPES = ("fp32", "bf16")
+DIRECTION_DTYPES = ("auto", *BUILD_DTYPES)
 
 
 def checked(value, kind: type):

@@ -157,20 +157,42 @@ def generator_scale(parameterization: str) -> float:
 
 
 EXACT_ON_CPU_FROM = 192  # block size from which "auto" orthogonalizes exactly on a CPU (docs/benchmarks.md)
+BF16_ON_CPU_FROM = 128  # block size from which "auto" takes bf16 products where they are fast (below: no faster)
 
 
-def choose_orthogonalizer(method: str, block: int, device: torch.device) -> str:
-    """"auto" → the faster of the two for (n, block, block) blocks on `device`; any other method as it is.
+def fast_bf16_products(device: torch.device) -> bool:
+    """Whether bf16 matrix products run several times faster than fp32 ones on `device`.
 
-    On a CPU, LAPACK's eigendecomposition plus three products beats Newton–Schulz's twelve at b = 256 and
-    loses at b = 64 (llama-60m's optimizer, one core: 0.93 vs 0.99 s and 0.32 vs 0.28 s, docs/benchmarks.md),
-    and its directions are exact partial isometries, so the map then takes one product instead of three
-    (`isometry_increment`). On GPUs batched `eigh` is 10–20× slower than Newton–Schulz (H200, "GPU" there),
-    so they keep the products.
+    CPUs with AMX tiles (Sapphire Rapids and later) multiply bf16 blocks 3–5× faster than fp32 ones at
+    b = 128–384 (oneDNN; docs/benchmarks.md, "bf16 directions on AMX CPUs"); other CPUs emulate bf16
+    slowly. On GPUs POET's direction is bound by kernel launches, not flops (H200: bf16 directions were no
+    faster), so they keep fp32.
     """
-    if method != "auto":
-        return method
-    return "exact" if device.type == "cpu" and block >= EXACT_ON_CPU_FROM else "newton_schulz"
+    if device.type != "cpu":
+        return False
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private and recent: absent means "do not know"
+    return bool(amx and amx()) and torch.backends.mkldnn.is_available()
+
+
+def choose_direction(method: str, dtype: str, block: int, device: torch.device) -> tuple[str, str]:
+    """(orthogonalizer, precision of its products) for (n, block, block) blocks on `device`, resolving "auto".
+
+    Precision "auto" is bf16 where bf16 products are fast (`fast_bf16_products`) from b = BF16_ON_CPU_FROM
+    (smaller blocks gain nothing: conversions and per-call overhead eat it), else fp32; it applies to
+    Newton–Schulz only (the exact path always works in at least fp32). Orthogonalizer "auto" is the faster
+    one: Newton–Schulz, except on a CPU without fast bf16 products from b = EXACT_ON_CPU_FROM, where
+    LAPACK's eigendecomposition plus three products beats Newton–Schulz's twelve fp32 ones (llama-60m's
+    optimizer, one core: 0.93 vs 0.99 s at b = 256, 0.32 vs 0.28 s at b = 64) and its directions, exact
+    partial isometries, let the map take one product instead of three (`isometry_increment`). On GPUs
+    batched `eigh` is 10–20× slower than Newton–Schulz (H200, "GPU" there).
+    """
+    if dtype == "auto":
+        dtype = "bf16" if block >= BF16_ON_CPU_FROM and fast_bf16_products(device) else "fp32"
+    if method == "auto":
+        fast_products = dtype == "bf16" and fast_bf16_products(device)
+        exact = device.type == "cpu" and block >= EXACT_ON_CPU_FROM and not fast_products
+        method = "exact" if exact else "newton_schulz"
+    return method, dtype
 
 
 def orthogonalize_skew(a: torch.Tensor, method: str = "exact", eps: float | None = None) -> torch.Tensor:
@@ -182,9 +204,9 @@ def orthogonalize_skew(a: torch.Tensor, method: str = "exact", eps: float | None
     below eps·σ_max stay zero (the kernel of an odd-sized block, and in float32 what eigh cannot resolve:
     eps defaults to 1e-3 there, 1e-7 in float64). "newton_schulz" runs Muon's quintic iteration (4 steps
     from a tighter start, see `_newton_schulz`), an odd polynomial in A (so the result is skew too) whose
-    singular values land in ≈[0.7, 1.2]. "auto": see `choose_orthogonalizer`.
+    singular values land in ≈[0.7, 1.2]. "auto": see `choose_direction`.
     """
-    method = choose_orthogonalizer(method, a.shape[-1], a.device)
+    method = choose_direction(method, "bf16" if a.dtype == torch.bfloat16 else "fp32", a.shape[-1], a.device)[0]
     # The result does not depend on A's scale, but AᵀA and Newton–Schulz's norms overflow or underflow at
     # extreme ones (fp32 momenta of 1e19 or 1e-23): every block starts from entries of at most 1.
     a = a / a.abs().amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)

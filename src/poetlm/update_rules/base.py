@@ -8,7 +8,7 @@ from typing import Callable, Protocol
 
 import torch
 
-from ..config import BUILD_DTYPES, ORTHOGONALIZERS, is_integer, is_number
+from ..config import DIRECTION_DTYPES, ORTHOGONALIZERS, is_integer, is_number
 
 RULES = ("orthogonalized", "lie_adam")
 
@@ -31,13 +31,13 @@ class RuleConfig:
     transport: at a redraw, keep the momentum of every plane whose two coordinates share a block before
         and after (False: start the momentum from zero). lie_adam always restarts its moments.
     orthogonalize: "newton_schulz" (Muon's quintic, 4 steps: matrix products only, fast on GPUs), "exact"
-        (eigendecomposition; its directions let the map take one product instead of three) or "auto" (exact
-        on CPUs from b = 192, where it is the faster, else Newton–Schulz: `orthogonal.choose_orthogonalizer`).
-        At tiny, 1000 steps, exact and Newton–Schulz reached the same val ppl (54.0 vs 54.3).
-    direction_dtype: precision of the Newton–Schulz products, "fp32" or "bf16" (tensor-core speed on
-        GPUs; CPUs without bf16 units emulate it slowly). Only the direction is computed there: it is made
-        skew again in fp32, and the map and the fold stay in the weight's precision, so the spectrum is
-        kept either way.
+        (eigendecomposition; its directions let the map take one product instead of three) or "auto" (the
+        faster on the device: `orthogonal.choose_direction`; exact only on CPUs without fast bf16 products,
+        from b = 192). At tiny, 1000 steps, exact and Newton–Schulz reached the same val ppl (54.0 vs 54.3).
+    direction_dtype: precision of the Newton–Schulz products, "fp32", "bf16" or "auto" (bf16 on CPUs with
+        AMX from b = 128, where bf16 products run 3–5× faster; fp32 elsewhere, GPUs included, whose
+        direction is launch-bound). Only the direction is computed there: it is made skew again in fp32,
+        and the map and the fold stay in the weight's precision, so the spectrum is kept either way.
     """
 
     name: str = "orthogonalized"
@@ -49,7 +49,7 @@ class RuleConfig:
     redraw_every: int = 50
     transport: bool = True
     orthogonalize: str = "auto"
-    direction_dtype: str = "fp32"
+    direction_dtype: str = "auto"
 
     def __post_init__(self) -> None:
         checks = [
@@ -62,7 +62,7 @@ class RuleConfig:
             ("redraw_every", is_integer(self.redraw_every) and self.redraw_every >= 1, "must be an integer >= 1 (e.g. 50)"),
             ("transport", isinstance(self.transport, bool), "must be True or False"),
             ("orthogonalize", self.orthogonalize in ORTHOGONALIZERS, f"choose one of {ORTHOGONALIZERS}"),
-            ("direction_dtype", self.direction_dtype in BUILD_DTYPES, f"choose one of {BUILD_DTYPES}"),
+            ("direction_dtype", self.direction_dtype in DIRECTION_DTYPES, f"choose one of {DIRECTION_DTYPES}"),
         ]
         for key, ok, allowed in checks:
             if not ok:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..orthogonal import choose_orthogonalizer, orthogonalize_skew, pack_skew, unpack_skew
+from ..orthogonal import choose_direction, orthogonalize_skew, pack_skew, unpack_skew
 
 
 class Orthogonalized:
@@ -33,8 +33,8 @@ class Orthogonalized:
         if not active:
             return None
         ahead = unpack_skew(packed_grad.add(packed, alpha=cfg.beta1) if cfg.nesterov else packed)
-        method = choose_orthogonalizer(cfg.orthogonalize, ahead.shape[-1], ahead.device)
-        if cfg.direction_dtype == "bf16" and method == "newton_schulz":
+        method, dtype = choose_direction(cfg.orthogonalize, cfg.direction_dtype, ahead.shape[-1], ahead.device)
+        if dtype == "bf16" and method == "newton_schulz":
             direction = self.orthogonalize(ahead.bfloat16(), method).to(ahead.dtype)
             return 0.5 * (direction - direction.transpose(-1, -2))  # bf16 rounding leaves it only nearly skew
         return self.orthogonalize(ahead, method)
@@ -42,7 +42,8 @@ class Orthogonalized:
     def isometric(self, direction: torch.Tensor) -> bool:
         """Whether `direction` (as returned) is an exact partial isometry, so the map may take its closed
         form (`isometry_increment`)."""
-        return choose_orthogonalizer(self.config.orthogonalize, direction.shape[-1], direction.device) == "exact"
+        cfg = self.config
+        return choose_direction(cfg.orthogonalize, cfg.direction_dtype, direction.shape[-1], direction.device)[0] == "exact"
 
     def after_redraw(self, state: dict, transport) -> None:
         if self.config.transport and "momentum" in state:
