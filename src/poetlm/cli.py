@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -38,7 +39,9 @@ def _at_least(low: int | float, kind=int):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
-        if not value >= low:  # also refuses nan
+        if not math.isfinite(value):  # nan compares as no number, and inf samples uniformly (as temperature)
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number: use a value of at least {low}")
+        if value < low:
             raise argparse.ArgumentTypeError(f"{text} is below {low}: use a value of at least {low}")
         return value
     return parse
