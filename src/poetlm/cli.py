@@ -97,7 +97,8 @@ def _cmd_train(args) -> int:
 def _resume(args) -> int:
     """Continue a run with its saved config, in which the overrides may change what RESUME_ADJUSTABLE allows."""
     from .train.loop import train
-    from .train.runs import RESUME_ADJUSTABLE
+    from .train.checkpoint import list_checkpoints
+    from .train.runs import RESUME_ADJUSTABLE, check_steps
 
     if args.config is not None:
         raise ConfigError("--resume continues a run with the config saved in it; drop --config (or start a new run with it)")
@@ -110,6 +111,9 @@ def _resume(args) -> int:
     config = load_config(path)
     if parsed:
         config = override_config(config, parsed)
+    checkpoints = list_checkpoints(Path(args.resume))
+    if checkpoints:  # before config.json is written; the loop checks the checkpoint it resumes (an older one if this is damaged)
+        check_steps(config, checkpoints[-1])
     if args.print_config:
         return _print_config(config)
     if parsed:  # saved for this session and the next ones, as an edit of config.json would be (raising steps extends the run)

@@ -39,7 +39,7 @@ from .metrics import MetricsLogger
 from .models import block_linears, data_tokenizer, load_model
 from .progress import make_progress
 from .report import write_report
-from .runs import check_identity, data_options, run_identity
+from .runs import check_identity, check_steps, data_options, run_identity
 
 
 class TrainingError(RuntimeError):
@@ -326,6 +326,7 @@ def _setup(config: TrainConfig, runtime: parallel.Runtime, resuming: bool, run_d
         saved = ckpt.load_checkpoint(run_dir, map_location="cpu" if sharded else runtime.device)
         run.identity = run_identity(config, run_dir)  # of config.json as it reads: keep_global_batch's grad_accum is this session's
         check_identity(saved, run.identity, run_dir)
+        check_steps(config, saved["path"])
         with ckpt.restoring(saved["path"]):
             parallel.load_training_state(model, optimizers, saved["model"], saved["optimizers"], sharded)
             for scheduler, s in zip(run.schedulers, saved["schedulers"], strict=True):
