@@ -229,6 +229,7 @@ def _check_export_target(out: Path, force: bool) -> None:
 
 def _cmd_export(args) -> int:
     from .model import export_dense
+    from .train.loop import warn_if_reloaded_otherwise
     from .serialization import remove_poetlm_files
     from .train.runs import load_any_model
 
@@ -242,6 +243,7 @@ def _cmd_export(args) -> int:
         remove_poetlm_files(out, all_weights=True)
     dense.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    warn_if_reloaded_otherwise(out, tokenizer)
     print(f"exported a dense {type(dense).__name__} to {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
 
