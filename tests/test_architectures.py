@@ -224,6 +224,18 @@ def test_model_config_rope_theta_is_applied_or_refused():
         hf_model_config(sized("gpt2", rope_theta=5.0), 300, 48)
 
 
+@pytest.mark.parametrize("model_type,hidden,rotary,fits", [("qwen2", 10, 5, 12), ("phi", 12, 3, 16)])
+def test_an_odd_rotary_dimension_is_refused_in_one_line_and_rope_free_models_take_any_head_size(model_type, hidden, rotary, fits):
+    from poetlm.train.models import ModelError, build_model
+
+    ids = torch.zeros(1, 8, dtype=torch.long)
+    with pytest.raises(ModelError, match=rf"^a {model_type} model's rotary position embedding needs an even number of rotary "
+                                         rf"dimensions, and heads of {hidden // 2} .* have {rotary}; e.g. model.hidden_size={fits}$"):
+        build_model(sized(model_type, hidden_size=hidden, num_heads=2), 300, 48)
+    build_model(sized(model_type, hidden_size=fits, num_heads=2), 300, 48)(ids)  # the size suggested runs
+    build_model(sized("gpt2", hidden_size=hidden, num_heads=2), 300, 48)(ids)  # no RoPE: an odd head size is fine
+
+
 def test_model_config_refuses_sizes_it_cannot_set_and_transformers_errors_in_one_line(tmp_path, capsys):
     from poetlm.cli import main
     from poetlm.train.models import ModelError, hf_model_config

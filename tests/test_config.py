@@ -1,12 +1,13 @@
 """POETConfig, and the training config: resolution, validation, warnings and the files it writes."""
 
+import re
 import warnings
 
 import pytest
 
 from poetlm import POETConfig
 from poetlm.cli import main
-from poetlm.train.config import ConfigError, resolve_config
+from poetlm.train.config import ConfigError, config_value, resolve_config
 from poetlm.train.config_text import to_toml
 
 
@@ -115,6 +116,10 @@ def test_poetlm_config_says_which_methods_read_a_key(capsys):
     ("finetune.lora_alpha=nan", "finetune.lora_alpha=nan is invalid: must be a finite number > 0"),
     ("finetune.lora_alpha=-1", "finetune.lora_alpha=-1.0 is invalid"),
     ("data.tokenizer=''", "data.tokenizer='' is invalid: must name a tokenizer directory or hub id, or be null"),
+    ("optim.weight_decay=inf", "optim.weight_decay=inf is invalid: must be a finite number >= 0"),
+    ("optim.weight_decay=nan", "optim.weight_decay=nan is invalid: must be a finite number >= 0"),
+    ("poet.init_scale=inf", "POETConfig.init_scale=inf is invalid: must be a finite number > 0"),
+    ("rule.eps=inf", "RuleConfig.eps=inf is invalid: must be a finite number > 0"),
     ("name=123", """name=123 has the wrong type: expected str (a string goes in quotes: name='"123"')"""),
     ("warmup_steps=5", "'warmup_steps' (did you mean optim.warmup_steps?)"),
     ("optim.lrr=1", "'optim.lrr' (did you mean optim.lr"),
@@ -123,6 +128,39 @@ def test_bad_values_and_keys_are_config_errors_that_name_the_key_and_the_fix(ove
     with pytest.raises(ConfigError) as info:
         resolve_config("tiny", [override])
     assert message in str(info.value)
+
+
+@pytest.mark.parametrize("override,why,meant", [
+    ('steps="12"', "an integer is written without quotes or a decimal point", 12),
+    ("steps=12.", "an integer is written without quotes or a decimal point", 12),
+    ('steps="1e3"', "an integer is written without quotes or a decimal point", 1000),
+    ('optim.lr="1e-3"', "a number goes without quotes", 1e-3),
+    ('optim.lr_muon="3"', "a number goes without quotes", 3.0),
+    ("optim.lr=.5", "TOML needs a digit on both sides of a decimal point", 0.5),
+])
+def test_a_number_written_as_text_gets_a_hint_whose_value_the_key_takes(override, why, meant):
+    with pytest.raises(ConfigError) as info:
+        resolve_config("tiny", [override])
+    hint = re.search(r"\((.*): (\S+=\S+)\)$", str(info.value))
+    assert hint[1] == why
+    key, _, value = hint[2].partition("=")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # steps=12 is below the tiny preset's warmup
+        followed = resolve_config("tiny", [hint[2]])
+    assert config_value(followed, key) == meant and type(config_value(followed, key)) is type(meant)
+
+
+def test_an_odd_head_size_is_refused_for_rope_architectures_only():
+    from transformers import LlamaConfig
+
+    with pytest.raises(Exception, match="RoPE requires an even rotary dimension"):  # what LLaMA would meet after the tokenizer
+        LlamaConfig(hidden_size=10, num_attention_heads=2)
+    with pytest.raises(ConfigError, match=r"^config value model.hidden_size=10 is invalid: LLaMA's rotary position embedding "
+                                          r"needs an even head size, not model.hidden_size / model.num_heads = 5; "
+                                          r"e.g. model.hidden_size=12$"):
+        resolve_config("tiny", ["model.hidden_size=10", "model.num_heads=2"])
+    LlamaConfig(hidden_size=12, num_attention_heads=2)  # the size suggested builds
+    assert resolve_config("tiny", ["model.hidden_size=10", "model.num_heads=2", "model.hf_config='gpt2'"]).model.hidden_size == 10
 
 
 def test_warmup_longer_than_the_run_warns():

@@ -714,3 +714,27 @@ def test_a_wrong_shaped_data_record_is_damaged(tmp_path, record):
     (tmp_path / "data.json").write_text(record)
     with pytest.raises(DataError, match="data.json is missing, unreadable or damaged.*Restore the file"):
         D.load_run_data(tmp_path, "sotu")
+
+
+@pytest.mark.parametrize("model_type,reloads_otherwise", [("qwen2", True), ("llama", False), ("gpt2", False)])
+def test_a_model_directory_whose_tokenizer_transformers_reloads_otherwise_is_warned_about(model_type, reloads_otherwise,
+                                                                                         tmp_path, capsys):
+    from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
+
+    from poetlm.train.loop import warn_if_reloaded_otherwise
+
+    docs = [f"In {1700 + i}, {i * 37} people paid {i * 1234} coins at the café; naïve? ☃ «yes»!" for i in range(200)]
+    trained = train_tokenizer(docs, 400, tmp_path / "tokenizer")
+    model_dir = tmp_path / "model"
+    AutoConfig.for_model(model_type).save_pretrained(model_dir)
+    trained.save_pretrained(model_dir)
+    ours = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")(D.RELOAD_PROBE).input_ids  # the run's own: no config.json
+    assert (AutoTokenizer.from_pretrained(model_dir)(D.RELOAD_PROBE).input_ids != ours) == reloads_otherwise
+    assert PreTrainedTokenizerFast.from_pretrained(model_dir)(D.RELOAD_PROBE).input_ids == ours  # what the warning advises
+    warn_if_reloaded_otherwise(model_dir, trained)
+    err = capsys.readouterr().err
+    assert bool(err) == reloads_otherwise
+    if reloads_otherwise:
+        assert err.startswith(f"poetlm: warning: transformers.AutoTokenizer.from_pretrained({str(model_dir)!r}) loads a "
+                              "Qwen2Tokenizer, which encodes text into other tokens than the model was trained on")
+        assert err.count("\n") == 1 and "PreTrainedTokenizerFast.from_pretrained" in err

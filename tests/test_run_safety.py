@@ -14,7 +14,7 @@ import torch
 from poetlm.cli import main
 from poetlm.train import checkpoint as ckpt
 from poetlm.train import files, loop
-from poetlm.train.config import resolve_config
+from poetlm.train.config import ConfigError, resolve_config
 from poetlm.train.data import read_documents
 
 pytestmark = pytest.mark.slow
@@ -452,6 +452,27 @@ def test_steps_and_bookkeeping_may_change_on_resume(tiny, monkeypatch):
     (run_dir / "config.json").write_text(json.dumps(config))
     assert main(["train", "--resume", str(run_dir)]) == 0
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 8
+
+
+def test_steps_below_the_checkpoints_step_are_refused_on_resume_and_config_json_keeps_its_steps(tiny, monkeypatch, capsys):
+    run_dir = _stopped_run(tiny, monkeypatch, "shortened")
+    reached = torch.load(ckpt.list_checkpoints(run_dir)[-1], weights_only=True)["step"]
+    assert reached == 4
+    before = snapshot(run_dir)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir), "steps=2"]) == 2
+    message = ("steps=2 is below step 4, where this run's checkpoint step_00000004.pt is: a run cannot be shortened. "
+               "Resume with steps of at least 4 (steps=4 ends it there)")
+    assert capsys.readouterr().err.strip() == f"poetlm: config error: {message}"
+    assert snapshot(run_dir) == before  # config.json still says the run's steps; nothing written, nothing removed
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, "steps": 3}))  # an edit, as the docs allow for steps
+    edited = snapshot(run_dir)
+    with pytest.raises(ConfigError, match=r"^steps=3 is below step 4, where this run's checkpoint step_00000004.pt is"):
+        loop.train(resume=run_dir)
+    assert snapshot(run_dir) == edited
+    assert main(["train", "--resume", str(run_dir), f"steps={reached}"]) == 0  # the checkpoint's own step: it finishes there
+    assert json.loads((run_dir / "summary.json").read_text())["steps"] == json.loads((run_dir / "config.json").read_text())["steps"] == 4
 
 
 def test_a_checkpoint_that_does_not_fit_the_run_is_a_one_line_error(tiny, monkeypatch, capsys):

@@ -264,6 +264,14 @@ def test_cli_arguments_out_of_range_are_usage_errors(capsys):
         assert "argument --" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "NaN", "Infinity"])
+def test_generate_refuses_a_temperature_that_is_no_finite_number(value, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["generate", "run", "--temperature", value])
+    assert stop.value.code == 2
+    assert f"argument --temperature: {value!r} is not a finite number: use a value of at least 0.0" in capsys.readouterr().err
+
+
 def test_run_names_stay_under_out_dir_and_learning_rates_are_finite():
     with pytest.raises(ConfigError, match="name='../../etc' is invalid: must be a plain directory name"):
         resolve_config("tiny", ["name='../../etc'"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import signal
 import sys
@@ -38,7 +39,9 @@ def _at_least(low: int | float, kind=int):
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
-        if not value >= low:  # also refuses nan
+        if not math.isfinite(value):  # nan compares as no number, and inf samples uniformly (as temperature)
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number: use a value of at least {low}")
+        if value < low:
             raise argparse.ArgumentTypeError(f"{text} is below {low}: use a value of at least {low}")
         return value
     return parse
@@ -94,7 +97,8 @@ def _cmd_train(args) -> int:
 def _resume(args) -> int:
     """Continue a run with its saved config, in which the overrides may change what RESUME_ADJUSTABLE allows."""
     from .train.loop import train
-    from .train.runs import RESUME_ADJUSTABLE
+    from .train.checkpoint import list_checkpoints
+    from .train.runs import RESUME_ADJUSTABLE, check_steps
 
     if args.config is not None:
         raise ConfigError("--resume continues a run with the config saved in it; drop --config (or start a new run with it)")
@@ -107,6 +111,9 @@ def _resume(args) -> int:
     config = load_config(path)
     if parsed:
         config = override_config(config, parsed)
+    checkpoints = list_checkpoints(Path(args.resume))
+    if checkpoints:  # before config.json is written; the loop checks the checkpoint it resumes (an older one if this is damaged)
+        check_steps(config, checkpoints[-1])
     if args.print_config:
         return _print_config(config)
     if parsed:  # saved for this session and the next ones, as an edit of config.json would be (raising steps extends the run)
@@ -222,6 +229,7 @@ def _check_export_target(out: Path, force: bool) -> None:
 
 def _cmd_export(args) -> int:
     from .model import export_dense
+    from .train.loop import warn_if_reloaded_otherwise
     from .serialization import remove_poetlm_files
     from .train.runs import load_any_model
 
@@ -235,6 +243,7 @@ def _cmd_export(args) -> int:
         remove_poetlm_files(out, all_weights=True)
     dense.save_pretrained(out)
     tokenizer.save_pretrained(out)
+    warn_if_reloaded_otherwise(out, tokenizer)
     print(f"exported a dense {type(dense).__name__} to {out} (load with transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
 

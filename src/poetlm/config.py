@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass, field
 
@@ -95,8 +96,8 @@ class POETConfig:
             raise _invalid("neumann_terms", self.neumann_terms, "must be an integer >= 1 (k=0 does not converge; default 4)")
         if not is_integer(self.merge_every) or self.merge_every < 1:
             raise _invalid("merge_every", self.merge_every, "must be an integer >= 1 (optimizer steps; paper uses 200-400)")
-        if not is_number(self.init_scale) or not self.init_scale > 0:
-            raise _invalid("init_scale", self.init_scale, "must be a number > 0 (1.0 = unit-norm rows for normalized_gaussian)")
+        if not is_number(self.init_scale) or not 0 < self.init_scale < math.inf:
+            raise _invalid("init_scale", self.init_scale, "must be a finite number > 0 (1.0 = unit-norm rows for normalized_gaussian)")
         if self.init not in INITS:
             raise _invalid("init", self.init, f"choose one of {INITS}")
         if self.forward_mode not in FORWARD_MODES:

@@ -132,6 +132,7 @@ class TrainConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)  # where metrics go besides metrics.jsonl
 
     def __post_init__(self) -> None:
+        head_size = self.model.hidden_size // max(self.model.num_heads, 1)
         checks = [
             ("name", self.name in ("", Path(self.name).name) and self.name not in (".", ".."),
              "must be a plain directory name (no path separators); choose where runs go with out_dir"),
@@ -158,6 +159,11 @@ class TrainConfig:
             ("model.hidden_size", self.model.num_heads < 1 or self.model.hidden_size % self.model.num_heads == 0,
              f"must be divisible by model.num_heads={self.model.num_heads}"),
             ("model.hidden_size", self.model.hidden_size >= 1, "must be >= 1"),
+            # RoPE turns pairs of a head's dimensions. Only LLaMA (hf_config null) is known here; another
+            # architecture may have no RoPE (GPT-2), and models.py checks it once its config is built.
+            ("model.hidden_size", self.model.hf_config is not None or head_size % 2 == 0,
+             f"LLaMA's rotary position embedding needs an even head size, not model.hidden_size / model.num_heads = "
+             f"{head_size}; e.g. model.hidden_size={self.model.num_heads * (head_size + 1)}"),
             ("model.intermediate_size", self.model.intermediate_size >= 1, "must be >= 1"),
             ("model.num_kv_heads", self.model.num_kv_heads is None
              or (self.model.num_kv_heads >= 1 and self.model.num_heads % self.model.num_kv_heads == 0),
@@ -176,7 +182,7 @@ class TrainConfig:
              "must be a finite number > 0 (or null = optim.lr)"),
             ("optim.lr_muon", self.optim.lr_muon is None or _positive_finite(self.optim.lr_muon),
              "must be a finite number > 0 (or null = optim.lr)"),
-            ("optim.weight_decay", self.optim.weight_decay >= 0, "must be >= 0"),
+            ("optim.weight_decay", 0 <= self.optim.weight_decay < math.inf, "must be a finite number >= 0"),
             ("optim.beta1", 0 <= self.optim.beta1 < 1, "must be in [0, 1) (default 0.9)"),
             ("optim.beta2", 0 <= self.optim.beta2 < 1, "must be in [0, 1) (default 0.999)"),
             ("optim.warmup_steps", self.optim.warmup_steps >= 0, "must be >= 0"),
@@ -252,12 +258,32 @@ def _type_hint(key: str, value, allowed: tuple) -> str:
     if any(typing.get_origin(kind) is list for kind in allowed):
         return f" (write a TOML list, e.g. {key}='[\"{value}\"]')"
     if float in allowed or int in allowed:
-        try:
-            number = float(value)
-        except ValueError:
-            return ""
-        return f" (TOML needs a digit on both sides of a decimal point: {key}={number!r})" if math.isfinite(number) else ""
+        return _number_hint(key, value, allowed)
     return ""
+
+
+def _number_hint(key: str, text: str, allowed: tuple) -> str:
+    """For a number kept as text: one quoted ("12"), or one TOML cannot read (1., .5). The value suggested is
+    one the key takes: a whole number for an int key."""
+    try:
+        number = float(text)
+    except ValueError:
+        return ""
+    if not math.isfinite(number):
+        return ""
+    if float in allowed:
+        why = "a number goes without quotes" if _reads_as_number(text) else "TOML needs a digit on both sides of a decimal point"
+        return f" ({why}: {key}={number!r})"
+    return f" (an integer is written without quotes or a decimal point: {key}={int(number)})" if number.is_integer() else ""
+
+
+def _reads_as_number(text: str) -> bool:
+    """Whether TOML reads `text` unquoted as a number (then the text came quoted)."""
+    try:
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return False
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def config_key_names(cls=None, prefix: str = "") -> list[str]:

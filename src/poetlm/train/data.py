@@ -477,6 +477,28 @@ def load_tokenizer(path: str | Path, hint: str = CHOOSE_TOKENIZER) -> "PreTraine
     return tokenizer
 
 
+# Numbers, punctuation, accents, symbols and whitespace: where pre-tokenizers differ (digits split one by one, NFC, …).
+RELOAD_PROBE = "In 1790, the 3rd of 12,345 «cafés» ☃ naïve!? \n\tend"
+
+
+def reload_warning(directory: Path, tokenizer) -> str | None:
+    """A warning when `AutoTokenizer.from_pretrained(directory)` (a model directory just written) encodes text
+    otherwise than `tokenizer`, else None. transformers 5 picks the tokenizer class of some model types (qwen2)
+    from config.json's model_type whatever tokenizer_config.json says, and that class builds its own
+    pre-tokenization around the saved vocabulary: other token ids than the model was trained on."""
+    from transformers import AutoTokenizer
+
+    reloaded = AutoTokenizer.from_pretrained(str(directory))
+    ours = tokenizer(RELOAD_PROBE, add_special_tokens=False)["input_ids"]
+    theirs = reloaded(RELOAD_PROBE, add_special_tokens=False)["input_ids"]
+    if theirs == ours:
+        return None
+    return (f"transformers.AutoTokenizer.from_pretrained({str(directory)!r}) loads a {type(reloaded).__name__}, which encodes "
+            f"text into other tokens than the model was trained on ({len(theirs)} tokens where it had {len(ours)} for "
+            f"{RELOAD_PROBE!r}); load its tokenizer with transformers.PreTrainedTokenizerFast.from_pretrained, which "
+            "keeps tokenizer.json as saved")
+
+
 def _tokenizer_hash(tokenizer) -> str:
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is not None:

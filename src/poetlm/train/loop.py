@@ -32,14 +32,14 @@ from . import checkpoint as ckpt
 from . import files, parallel
 from .acceleration import accelerate
 from .config import ConfigError, TrainConfig, load_config, make_dir, save_config
-from .data import TokenData, load_run_data, make_batch, micro_batch_seed, prepare_data, sample_offsets, val_windows
+from .data import TokenData, load_run_data, make_batch, micro_batch_seed, prepare_data, reload_warning, sample_offsets, val_windows
 from .evaluate import perplexity
 from .methods import Method, build_schedulers, lr_factor, make_method
 from .metrics import MetricsLogger
 from .models import block_linears, data_tokenizer, load_model
 from .progress import make_progress
 from .report import write_report
-from .runs import check_identity, data_options, run_identity
+from .runs import check_identity, check_steps, data_options, run_identity
 
 
 class TrainingError(RuntimeError):
@@ -326,6 +326,7 @@ def _setup(config: TrainConfig, runtime: parallel.Runtime, resuming: bool, run_d
         saved = ckpt.load_checkpoint(run_dir, map_location="cpu" if sharded else runtime.device)
         run.identity = run_identity(config, run_dir)  # of config.json as it reads: keep_global_batch's grad_accum is this session's
         check_identity(saved, run.identity, run_dir)
+        check_steps(config, saved["path"])
         with ckpt.restoring(saved["path"]):
             parallel.load_training_state(model, optimizers, saved["model"], saved["optimizers"], sharded)
             for scheduler, s in zip(run.schedulers, saved["schedulers"], strict=True):
@@ -521,6 +522,14 @@ def write_final(method: Method, model: nn.Module, tokenizer, run_dir: Path) -> N
     tokenizer.save_pretrained(tmp)
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
+    warn_if_reloaded_otherwise(final, tokenizer)
+
+
+def warn_if_reloaded_otherwise(model_dir: Path, tokenizer) -> None:
+    """Say so when a model directory just written would give transformers users another tokenizer (data.reload_warning)."""
+    problem = reload_warning(model_dir, tokenizer)
+    if problem is not None:
+        print(f"poetlm: warning: {problem}", file=sys.stderr)
 
 
 def _progress(config: TrainConfig, runtime: parallel.Runtime, start: int, stream=None):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from pathlib import Path
@@ -168,7 +169,23 @@ def hf_model_config(model: ModelConfig, vocab_size: int, max_seq_len: int) -> Pr
     except Exception as error:  # transformers raises assorted types
         raise _build_error(model_type, error) from None
     _check_sizes(config, model_type, sizes, source_layers, model.num_layers)
+    _check_rotary(config, model_type)
     return config
+
+
+def _check_rotary(config: PretrainedConfig, model_type: str) -> None:
+    """Refuse an odd rotary dimension (RoPE turns pairs of dimensions), which some architectures (qwen2, phi)
+    only meet in their first forward pass, as a tensor size mismatch."""
+    rope = getattr(config, "rope_parameters", None)
+    if not isinstance(rope, dict):  # no RoPE (GPT-2): any head size
+        return
+    head = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    factor = rope.get("partial_rotary_factor") or getattr(config, "partial_rotary_factor", None) or 1.0
+    if int(head * factor) % 2:
+        fits = next(size for size in itertools.count(head + 1) if int(size * factor) % 2 == 0)
+        raise ModelError(f"a {model_type} model's rotary position embedding needs an even number of rotary dimensions, and "
+                         f"heads of {head} (model.hidden_size / model.num_heads) have {int(head * factor)}; "
+                         f"e.g. model.hidden_size={config.num_attention_heads * fits}")
 
 
 def _fit_layer_lists(values: dict, config_class, setting, num_layers: int) -> None:

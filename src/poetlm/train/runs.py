@@ -11,7 +11,7 @@ from torch import nn
 
 from ..serialization import dtype_argument, load_dense
 from . import checkpoint as ckpt
-from .config import TrainConfig, load_config
+from .config import ConfigError, TrainConfig, load_config
 from .data import MODEL_TOKENIZER, RUN_TOKENIZER, DataError, load_tokenizer
 from .methods import prepare_model
 from .models import ModelError, load_model
@@ -30,6 +30,15 @@ def data_options(config: TrainConfig) -> dict:
 RESUME_ADJUSTABLE = {"name", "out_dir", "steps", "eval_every", "log_every", "diagnostics_every", "checkpoint_every",
                      "keep_checkpoints", "progress", "device", "dtype", "parallel", "activation_checkpointing", "compile",
                      "data.data", "data.cache_dir", "data.tokenizer", "finetune.base_model"}
+
+
+def check_steps(config: TrainConfig, checkpoint: Path) -> None:
+    """Refuse a `steps` below the step a resumed checkpoint is at: the run would go on past its own end (or
+    stop there, with config.json and summary.json disagreeing on its length)."""
+    step = int(ckpt.CHECKPOINT_PATTERN.search(checkpoint.name).group(1))
+    if config.steps < step:
+        raise ConfigError(f"steps={config.steps} is below step {step}, where this run's checkpoint {checkpoint.name} is: a run "
+                          f"cannot be shortened. Resume with steps of at least {step} (steps={step} ends it there)")
 
 
 def _flatten(values: dict, prefix: str = "") -> dict:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -56,7 +57,7 @@ class RuleConfig:
             ("name", self.name in RULES, f"choose one of {RULES}"),
             ("beta1", is_number(self.beta1) and 0 <= self.beta1 < 1, "must be a number in [0, 1) (e.g. 0.95)"),
             ("beta2", is_number(self.beta2) and 0 <= self.beta2 < 1, "must be a number in [0, 1) (e.g. 0.999)"),
-            ("eps", is_number(self.eps) and self.eps > 0, "must be a number > 0 (e.g. 1e-8)"),
+            ("eps", is_number(self.eps) and 0 < self.eps < math.inf, "must be a finite number > 0 (e.g. 1e-8)"),
             ("nesterov", isinstance(self.nesterov, bool), "must be True or False"),
             ("alternate", isinstance(self.alternate, bool), "must be True or False"),
             ("redraw_every", is_integer(self.redraw_every) and self.redraw_every >= 1, "must be an integer >= 1 (e.g. 50)"),
