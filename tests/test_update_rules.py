@@ -164,6 +164,22 @@ def regression(seed=0, out=12, inp=12):
     return torch.randn(64, inp, generator=g), torch.randn(64, out, generator=g)
 
 
+def train_layer_form_beside_fold_form(layered, layer, plain, named, config, inputs, targets, transposed=()) -> None:
+    """Five steps of the layer form (AdamW on `layer`'s skew parameters, merged every step) and of the fold form
+    (lie_adam on `plain`'s `named` weights, redrawn every step): the same recipe, if the two agree."""
+    lr, betas, eps = 3e-3, (0.9, 0.99), 1e-8
+    adam = torch.optim.AdamW(layer.rotation_parameters(), lr=lr, betas=betas, eps=eps, weight_decay=0.0)
+    rule = RuleConfig(name="lie_adam", beta1=betas[0], beta2=betas[1], eps=eps, redraw_every=1, alternate=False)
+    # Cayley and CNP are I + 2Q near 0: the layer's step Q = −lr·D turns by 2·lr, so the optimizer's angle is 2·lr.
+    poet = POET(named, lr=2 * lr, poet=config, rule=rule, transposed=transposed)
+    for _ in range(5):
+        for module, optimizer in ((layered, adam), (plain, poet)):
+            ((module(inputs) - targets) ** 2).mean().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        merge(layered, adam)
+
+
 def test_fold_every_step_equals_the_layer_form_merging_every_step():
     """lie_adam with a redraw (and state reset) every step is the paper's recipe with merge_every=1 (with the
     exact Cayley map: the fold maps lie_adam's unbounded directions by it whatever the parameterization)."""
@@ -174,17 +190,7 @@ def test_fold_every_step_equals_the_layer_form_merging_every_step():
     with torch.no_grad():
         linear.weight.copy_(layer.weight0)
     start = layer.weight0.detach().clone()
-    lr, betas, eps = 3e-3, (0.9, 0.99), 1e-8
-    adam = torch.optim.AdamW(layer.rotation_parameters(), lr=lr, betas=betas, eps=eps, weight_decay=0.0)
-    rule = RuleConfig(name="lie_adam", beta1=betas[0], beta2=betas[1], eps=eps, redraw_every=1, alternate=False)
-    # Cayley and CNP are I + 2Q near 0: the layer's step Q = −lr·D turns by 2·lr, so the optimizer's angle is 2·lr.
-    poet = POET([("lin.weight", linear.weight)], lr=2 * lr, poet=config, rule=rule)
-    for _ in range(5):
-        for module, optimizer in ((layer, adam), (linear, poet)):
-            ((module(inputs) - targets) ** 2).mean().backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        merge(layer, adam)
+    train_layer_form_beside_fold_form(layer, layer, linear, [("lin.weight", linear.weight)], config, inputs, targets)
     assert (linear.weight.detach() - start).norm() > 1e-3
     torch.testing.assert_close(linear.weight.detach(), layer.effective_weight().detach(), atol=1e-10, rtol=1e-10)
 
@@ -206,18 +212,10 @@ def test_fold_every_step_equals_the_layer_form_merging_every_step_for_a_conv1d()
         conv.weight.copy_(layer.weight)  # the layer's W0 in Conv1D's (in, out) layout
         conv.bias.copy_(layer.bias)
     start = conv.weight.detach().clone()
-    lr, betas, eps = 3e-3, (0.9, 0.99), 1e-8
-    adam = torch.optim.AdamW(layer.rotation_parameters(), lr=lr, betas=betas, eps=eps, weight_decay=0.0)
-    rule = RuleConfig(name="lie_adam", beta1=betas[0], beta2=betas[1], eps=eps, redraw_every=1, alternate=False)
     named = [("0.weight", conv.weight)]
     assert transposed_names(plain, named) == ["0.weight"]
-    poet = POET(named, lr=2 * lr, poet=config, rule=rule, transposed=transposed_names(plain, named))
-    for _ in range(5):
-        for module, optimizer in ((layered, adam), (plain, poet)):
-            ((module(inputs) - targets) ** 2).mean().backward()
-            optimizer.step()
-            optimizer.zero_grad()
-        merge(layered, adam)
+    train_layer_form_beside_fold_form(layered, layer, plain, named, config, inputs, targets,
+                                      transposed=transposed_names(plain, named))
     assert (conv.weight.detach() - start).norm() > 1e-3
     torch.testing.assert_close(conv.weight.detach(), layer.weight.detach(), atol=1e-10, rtol=1e-10)
 
