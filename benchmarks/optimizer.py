@@ -71,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--preset", default="llama-60m")
     parser.add_argument("--blocks", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--orthogonalize", nargs="+", default=["newton_schulz", "exact"], choices=["newton_schulz", "exact", "auto"])
-    parser.add_argument("--direction-dtypes", nargs="+", default=["auto"], choices=["auto", "fp32", "bf16"],
+    parser.add_argument("--direction-dtypes", nargs="+", default=["fp32"], choices=["fp32", "bf16", "auto"],
                         help="rule.direction_dtype values to time (auto: bf16 on CPUs with AMX, else fp32)")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps, rounded up to even")
     parser.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
@@ -95,12 +95,12 @@ def main(argv: list[str] | None = None) -> None:
     rows.append(["AdamW", f"{adamw:.3f}", "1.00", dispatched_ops(reference)])
     for block in args.blocks:
         for method in args.orthogonalize:
-            for dtype in args.direction_dtypes if method != "exact" else ["auto"]:
+            for dtype in args.direction_dtypes if method != "exact" else ["fp32"]:
                 compiled = args.compile and method == "newton_schulz" and dtype == "fp32"  # each compile takes a while
                 for backend in [None] + ([args.compile] if compiled else []):
                     # Only non-default options are passed, so older src/ (the docs' "before") runs.
                     poet = POET(block_weights(args.preset, device=args.device), lr=0.02, poet=POETConfig(block_size=block),
-                                rule=RuleConfig(orthogonalize=method, **({} if dtype == "auto" else {"direction_dtype": dtype})),
+                                rule=RuleConfig(orthogonalize=method, **({} if dtype == "fp32" else {"direction_dtype": dtype})),
                                 **({"compile": backend} if backend else {}))
                     seconds = median_step(poet, args.repeats, sync)
                     label = (f"POET b={block}, {method}" + (f" ({dtype})" if method != "exact" else "")

@@ -55,8 +55,8 @@ METHODS = {
     "paper-b64": ("POET-paper bs b=64", ["method='poet-paper'", "poet.variant='bs'", "poet.block_size=64"]),
     "paper-b256": ("POET-paper bs b=256", ["method='poet-paper'", "poet.variant='bs'", "poet.block_size=256"]),
     "paper-fs": ("POET-paper fs β=½", ["method='poet-paper'", "poet.variant='fs'", "poet.fraction=0.5"]),
-    "poet-b256-fp32": ("POET bs b=256 fp32 direction",  # the CPU default before bf16 directions on AMX CPUs
-                       ["method=poet", "poet.variant='bs'", "poet.block_size=256", "rule.direction_dtype='fp32'"]),
+    "poet-b256-auto": ("POET bs b=256 auto direction",  # bf16 products on CPUs with AMX
+                       ["method=poet", "poet.variant='bs'", "poet.block_size=256", "rule.direction_dtype='auto'"]),
     "poet-b256-bf16": ("POET bs b=256 bf16 direction",
                        ["method=poet", "poet.variant='bs'", "poet.block_size=256", "rule.direction_dtype='bf16'"]),
     "paper-b256-bf16": ("POET-paper bs b=256 bf16 build",
@@ -76,9 +76,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default=default_device(), help="cpu, cuda or cuda:N")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="bf16 = the loop's bf16 autocast (fp32 master weights)")
     parser.add_argument("--presets", nargs="+", default=["tiny", "llama-60m"])
-    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="default: all but the pinned precisions "
-                        "(-bf16, -fp32), which compare against the defaults",
-                        default=[key for key in METHODS if not key.endswith(("-bf16", "-fp32"))])
+    parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="default: all but the other precisions "
+                        "(-bf16, -auto), which compare against the defaults",
+                        default=[key for key in METHODS if not key.endswith(("-bf16", "-auto"))])
     parser.add_argument("--accum", type=int, nargs="+", default=[1, 4], help="micro-batches per optimizer step")
     parser.add_argument("--repeats", type=int, default=3, help="timed steps per contender and accumulation, rounded up to even")
     parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before the first accumulation setting")

@@ -33,12 +33,14 @@ class RuleConfig:
         and after (False: start the momentum from zero). lie_adam always restarts its moments.
     orthogonalize: "newton_schulz" (Muon's quintic, 4 steps: matrix products only, fast on GPUs), "exact"
         (eigendecomposition; its directions let the map take one product instead of three) or "auto" (the
-        faster on the device: `orthogonal.choose_direction`; exact only on CPUs without fast bf16 products,
-        from b = 192). At tiny, 1000 steps, exact and Newton–Schulz reached the same val ppl (54.0 vs 54.3).
-    direction_dtype: precision of the Newton–Schulz products, "fp32", "bf16" or "auto" (bf16 on CPUs with
-        AMX from b = 128, where bf16 products run 3–5× faster; fp32 elsewhere, GPUs included, whose
-        direction is launch-bound). Only the direction is computed there: it is made skew again in fp32,
-        and the map and the fold stay in the weight's precision, so the spectrum is kept either way.
+        faster on the device: `orthogonal.choose_direction`; with fp32 products, exact on CPUs from b = 192).
+        At tiny, 1000 steps, exact and Newton–Schulz reached the same val ppl (54.0 vs 54.3).
+    direction_dtype: precision of the Newton–Schulz products: "fp32" (the default), "bf16" (tensor cores;
+        CPUs without bf16 units emulate it slowly) or "auto" (bf16 on CPUs with AMX from b = 128, where bf16
+        products run 3–5× faster, fp32 elsewhere: one thread at llama-60m b=256, 10–13% off a 256-token step,
+        but no faster at tiny on two threads and +0.27 val ppl on four corpora, docs/benchmarks.md "Fifth
+        pass"). Only the direction is computed there: it is made skew again in fp32, and the map and the
+        fold stay in the weight's precision, so the spectrum is kept either way.
     """
 
     name: str = "orthogonalized"
@@ -50,7 +52,7 @@ class RuleConfig:
     redraw_every: int = 50
     transport: bool = True
     orthogonalize: str = "auto"
-    direction_dtype: str = "auto"
+    direction_dtype: str = "fp32"
 
     def __post_init__(self) -> None:
         checks = [
