@@ -87,6 +87,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's)")
     parser.add_argument("--threads", type=int, help="torch threads (default on CPU: 1, see docs/benchmarks.md)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory step")
+    parser.add_argument("--flush-denormal", action="store_true", help="CPU: treat subnormal floats as zero "
+                        "(torch.set_flush_denormal); AdamW's small-init LLaMA meets many in its forward and backward "
+                        "passes, which cost it 12-35%% per micro-batch on this CPU (docs/benchmarks.md, \"Fifth pass\")")
     parser.add_argument("--merges", type=int, default=1, help="timed merges per POET contender (0: none)")
     parser.add_argument("--profile", action="store_true", help="also split one step into phases and list the top ops")
     parser.add_argument("--compile", nargs="?", const="on", default="off", choices=["off", "on", "both"],
@@ -589,7 +592,11 @@ def targets(results: list[dict]) -> list[str]:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     batch_rotations_as(args.chunks)
+    if args.flush_denormal and not torch.set_flush_denormal(True):
+        raise SystemExit("step.py: --flush-denormal: this CPU cannot flush subnormal floats (it needs SSE3)")
     announce("step.py", argv, args.device, args.threads)
+    if args.flush_denormal:
+        print("subnormal floats are flushed to zero (--flush-denormal)")
     print(f"device {args.device}, dtype {args.dtype}, accum {args.accum}, {timed_rounds(args.repeats)} timed rounds after "
           f"{args.warmup} warmup round(s), methods {args.methods}\n", flush=True)
     start = time.perf_counter()

@@ -75,8 +75,9 @@ def test_optimizer_benchmark_times_every_orthogonalization():
 def test_step_benchmark_measures_and_profiles_each_form():
     out = run_script("step.py", "--presets", "tiny", "--methods", "adamw", "poet", "paper", "--accum", "1", "2",
                      "--repeats", "1", "--warmup", "0", "--merges", "1", "--micro-batch", "2", "--seq-len", "32",
-                     "--profile", "--activation-checkpointing", "both")
-    for text in ("AdamW", "POET (preset)", "POET-paper", "optimizer step", "ops dispatched in the step", "× AdamW"):
+                     "--profile", "--activation-checkpointing", "both", "--flush-denormal")
+    for text in ("AdamW", "POET (preset)", "POET-paper", "optimizer step", "ops dispatched in the step", "× AdamW",
+                 "subnormal floats are flushed to zero"):
         assert text in out, out
 
 
