@@ -164,7 +164,7 @@ def fast_bf16_products(device: torch.device) -> bool:
     """Whether bf16 matrix products run several times faster than fp32 ones on `device`.
 
     CPUs with AMX tiles (Sapphire Rapids and later) multiply bf16 blocks 3–5× faster than fp32 ones at
-    b = 128–384 (oneDNN; docs/benchmarks.md, "bf16 directions on AMX CPUs"); other CPUs emulate bf16
+    b = 128–384 (oneDNN; docs/benchmarks.md, "Fifth pass"); other CPUs emulate bf16
     slowly. On GPUs POET's direction is bound by kernel launches, not flops (H200: bf16 directions were no
     faster), so they keep fp32.
     """
@@ -186,11 +186,11 @@ def choose_direction(method: str, dtype: str, block: int, device: torch.device) 
     partial isometries, let the map take one product instead of three (`isometry_increment`). On GPUs
     batched `eigh` is 10–20× slower than Newton–Schulz (H200, "GPU" there).
     """
+    fast = "auto" in (method, dtype) and fast_bf16_products(device)
     if dtype == "auto":
-        dtype = "bf16" if block >= BF16_ON_CPU_FROM and fast_bf16_products(device) else "fp32"
+        dtype = "bf16" if fast and block >= BF16_ON_CPU_FROM else "fp32"
     if method == "auto":
-        fast_products = dtype == "bf16" and fast_bf16_products(device)
-        exact = device.type == "cpu" and block >= EXACT_ON_CPU_FROM and not fast_products
+        exact = device.type == "cpu" and block >= EXACT_ON_CPU_FROM and not (fast and dtype == "bf16")
         method = "exact" if exact else "newton_schulz"
     return method, dtype
 
