@@ -721,17 +721,16 @@ def test_a_model_directory_whose_tokenizer_transformers_reloads_otherwise_is_war
                                                                                          tmp_path, capsys):
     from transformers import AutoConfig, AutoTokenizer, PreTrainedTokenizerFast
 
-    from poetlm.train.loop import warn_if_reloaded_otherwise
 
     docs = [f"In {1700 + i}, {i * 37} people paid {i * 1234} coins at the café; naïve? ☃ «yes»!" for i in range(200)]
     trained = train_tokenizer(docs, 400, tmp_path / "tokenizer")
     model_dir = tmp_path / "model"
     AutoConfig.for_model(model_type).save_pretrained(model_dir)
     trained.save_pretrained(model_dir)
-    ours = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")(D.RELOAD_PROBE).input_ids  # the run's own: no config.json
-    assert (AutoTokenizer.from_pretrained(model_dir)(D.RELOAD_PROBE).input_ids != ours) == reloads_otherwise
-    assert PreTrainedTokenizerFast.from_pretrained(model_dir)(D.RELOAD_PROBE).input_ids == ours  # what the warning advises
-    warn_if_reloaded_otherwise(model_dir, trained)
+    ours = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")(D.PROBE_TEXT).input_ids  # the run's own: no config.json
+    assert (AutoTokenizer.from_pretrained(model_dir)(D.PROBE_TEXT).input_ids != ours) == reloads_otherwise
+    assert PreTrainedTokenizerFast.from_pretrained(model_dir)(D.PROBE_TEXT).input_ids == ours  # what the warning advises
+    D.warn_if_reloaded_otherwise(model_dir, trained)
     err = capsys.readouterr().err
     assert bool(err) == reloads_otherwise
     if reloads_otherwise:

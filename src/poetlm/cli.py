@@ -229,7 +229,7 @@ def _check_export_target(out: Path, force: bool) -> None:
 
 def _cmd_export(args) -> int:
     from .model import export_dense
-    from .train.loop import warn_if_reloaded_otherwise
+    from .train.data import warn_if_reloaded_otherwise
     from .serialization import remove_poetlm_files
     from .train.runs import load_any_model
 

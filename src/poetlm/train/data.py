@@ -437,7 +437,9 @@ RUN_TOKENIZER = "it is the run's own tokenizer: restore it from a backup of the 
 MODEL_TOKENIZER = ("a model directory holds its tokenizer beside the weights: restore the tokenizer files from a copy "
                    "of the directory, or export the model again (poetlm export RUN_DIR DIR)")
 
-_PROBE_TEXT = "The quick brown fox jumps over the lazy dog."  # any usable tokenizer encodes it to some tokens
+# Any usable tokenizer encodes it to some tokens; numbers, punctuation, accents, symbols and whitespace are where
+# pre-tokenizers differ (digits split one by one, NFC, …).
+PROBE_TEXT = "In 1790, the 3rd of 12,345 «cafés» ☃ naïve!? \n\tend"
 # A directory saved with a tokenizer holds one of these (save_pretrained always writes tokenizer_config.json).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
 
@@ -472,31 +474,26 @@ def load_tokenizer(path: str | Path, hint: str = CHOOSE_TOKENIZER) -> "PreTraine
             f"tokenizer {path} has no eos token, which is needed to separate documents: "
             f"set eos_token in its tokenizer_config.json; {hint}"
         )
-    if not tokenizer(_PROBE_TEXT, add_special_tokens=False)["input_ids"]:
+    if not tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]:
         raise DataError(f"tokenizer {path} encodes text to no tokens (its vocabulary is empty or damaged); {hint}")
     return tokenizer
 
 
-# Numbers, punctuation, accents, symbols and whitespace: where pre-tokenizers differ (digits split one by one, NFC, …).
-RELOAD_PROBE = "In 1790, the 3rd of 12,345 «cafés» ☃ naïve!? \n\tend"
-
-
-def reload_warning(directory: Path, tokenizer) -> str | None:
-    """A warning when `AutoTokenizer.from_pretrained(directory)` (a model directory just written) encodes text
-    otherwise than `tokenizer`, else None. transformers 5 picks the tokenizer class of some model types (qwen2)
-    from config.json's model_type whatever tokenizer_config.json says, and that class builds its own
+def warn_if_reloaded_otherwise(directory: Path, tokenizer) -> None:
+    """Warn when `AutoTokenizer.from_pretrained(directory)` (a model directory just written) encodes text
+    otherwise than `tokenizer`. transformers 5 picks the tokenizer class of some model types (qwen2) from
+    config.json's model_type whatever tokenizer_config.json says, and that class builds its own
     pre-tokenization around the saved vocabulary: other token ids than the model was trained on."""
     from transformers import AutoTokenizer
 
     reloaded = AutoTokenizer.from_pretrained(str(directory))
-    ours = tokenizer(RELOAD_PROBE, add_special_tokens=False)["input_ids"]
-    theirs = reloaded(RELOAD_PROBE, add_special_tokens=False)["input_ids"]
-    if theirs == ours:
-        return None
-    return (f"transformers.AutoTokenizer.from_pretrained({str(directory)!r}) loads a {type(reloaded).__name__}, which encodes "
-            f"text into other tokens than the model was trained on ({len(theirs)} tokens where it had {len(ours)} for "
-            f"{RELOAD_PROBE!r}); load its tokenizer with transformers.PreTrainedTokenizerFast.from_pretrained, which "
-            "keeps tokenizer.json as saved")
+    ours = tokenizer(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+    theirs = reloaded(PROBE_TEXT, add_special_tokens=False)["input_ids"]
+    if theirs != ours:
+        print(f"poetlm: warning: transformers.AutoTokenizer.from_pretrained({str(directory)!r}) loads a "
+              f"{type(reloaded).__name__}, which encodes text into other tokens than the model was trained on "
+              f"({len(theirs)} tokens where it had {len(ours)} for {PROBE_TEXT!r}); load its tokenizer with "
+              "transformers.PreTrainedTokenizerFast.from_pretrained, which keeps tokenizer.json as saved", file=sys.stderr)
 
 
 def _tokenizer_hash(tokenizer) -> str:

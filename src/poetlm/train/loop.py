@@ -32,7 +32,8 @@ from . import checkpoint as ckpt
 from . import files, parallel
 from .acceleration import accelerate
 from .config import ConfigError, TrainConfig, load_config, make_dir, save_config
-from .data import TokenData, load_run_data, make_batch, micro_batch_seed, prepare_data, reload_warning, sample_offsets, val_windows
+from .data import (TokenData, load_run_data, make_batch, micro_batch_seed, prepare_data, sample_offsets, val_windows,
+                   warn_if_reloaded_otherwise)
 from .evaluate import perplexity
 from .methods import Method, build_schedulers, lr_factor, make_method
 from .metrics import MetricsLogger
@@ -523,13 +524,6 @@ def write_final(method: Method, model: nn.Module, tokenizer, run_dir: Path) -> N
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     warn_if_reloaded_otherwise(final, tokenizer)
-
-
-def warn_if_reloaded_otherwise(model_dir: Path, tokenizer) -> None:
-    """Say so when a model directory just written would give transformers users another tokenizer (data.reload_warning)."""
-    problem = reload_warning(model_dir, tokenizer)
-    if problem is not None:
-        print(f"poetlm: warning: {problem}", file=sys.stderr)
 
 
 def _progress(config: TrainConfig, runtime: parallel.Runtime, start: int, stream=None):
