@@ -157,14 +157,14 @@ def generator_scale(parameterization: str) -> float:
 
 
 EXACT_ON_CPU_FROM = 192  # block size from which "auto" orthogonalizes exactly on a CPU (docs/benchmarks.md)
-BF16_ON_CPU_FROM = 128  # block size from which "auto" takes bf16 products where they are fast (below: no faster)
+BF16_ON_CPU_FROM = 128  # block size from which "auto" takes bf16 products where they are fast (below: a small gain at best)
 
 
 def fast_bf16_products(device: torch.device) -> bool:
     """Whether bf16 matrix products run several times faster than fp32 ones on `device`.
 
-    CPUs with AMX tiles (Sapphire Rapids and later) multiply bf16 blocks 3–5× faster than fp32 ones at
-    b = 128–384 (oneDNN; docs/benchmarks.md, "Fifth pass"); other CPUs emulate bf16
+    CPUs with AMX tiles (Sapphire Rapids and later) multiply bf16 matrices several times faster than fp32
+    ones (oneDNN; llama-60m's optimizer at b = 256: 25% faster, docs/benchmarks.md, "Fifth pass"); other CPUs emulate bf16
     slowly. On GPUs POET's direction is bound by kernel launches, not flops (H200: bf16 directions were no
     faster), so they keep fp32.
     """
@@ -178,7 +178,7 @@ def choose_direction(method: str, dtype: str, block: int, device: torch.device) 
     """(orthogonalizer, precision of its products) for (n, block, block) blocks on `device`, resolving "auto".
 
     Precision "auto" is bf16 where bf16 products are fast (`fast_bf16_products`) from b = BF16_ON_CPU_FROM
-    (smaller blocks gain nothing: conversions and per-call overhead eat it), else fp32; it applies to
+    (smaller blocks gain little: conversions and per-call overhead eat it), else fp32; it applies to
     Newton–Schulz only (the exact path always works in at least fp32). Orthogonalizer "auto" is the faster
     one: Newton–Schulz, except on a CPU without fast bf16 products from b = EXACT_ON_CPU_FROM, where
     LAPACK's eigendecomposition plus three products beats Newton–Schulz's twelve fp32 ones (llama-60m's

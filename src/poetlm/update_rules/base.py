@@ -37,7 +37,7 @@ class RuleConfig:
         At tiny, 1000 steps, exact and Newton–Schulz reached the same val ppl (54.0 vs 54.3).
     direction_dtype: precision of the Newton–Schulz products: "fp32" (the default), "bf16" (tensor cores;
         CPUs without bf16 units emulate it slowly) or "auto" (bf16 on CPUs with AMX from b = 128, where bf16
-        products run 3–5× faster, fp32 elsewhere: one thread at llama-60m b=256, 10–13% off a 256-token step,
+        products run several times faster, fp32 elsewhere: one thread at llama-60m b=256, 10–13% off a 256-token step,
         but no faster at tiny on two threads and +0.27 val ppl on four corpora, docs/benchmarks.md "Fifth
         pass"). Only the direction is computed there: it is made skew again in fp32, and the map and the
         fold stay in the weight's precision, so the spectrum is kept either way.
