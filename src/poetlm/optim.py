@@ -27,7 +27,7 @@ import torch
 
 from .config import POETConfig, checked, is_number
 from .layer import is_shard, whole_value
-from .orthogonal import generator_scale, isometry_increment, rotation_increment, singular_values
+from .orthogonal import PartialIsometry, generator_scale, isometry_increment, rotation_increment, singular_values
 from .primitives import batch_entries, block_layout, draw_index, index_problem, require_rotations, seed_name, seeded_generator, stacks, transport_blocks
 from .update_rules import RuleConfig, make_rule
 
@@ -136,13 +136,15 @@ def stack_rows(tensors: list[torch.Tensor], side: str) -> torch.Tensor:
     return torch.stack(tensors if side == "out" else [tensor.t() for tensor in tensors]).flatten(0, 1)
 
 
-def skew_gradient(x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-    """∂loss/∂Q_k = 2·(H_k X_kᵀ − X_k H_kᵀ) from a side's weight blocks X and gradient blocks H (module docstring)."""
+def skew_gradient(x: torch.Tensor, h: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """∂loss/∂Q_k = 2·(H_k X_kᵀ − X_k H_kᵀ) from a side's (n, b, cols) weight blocks X and gradient blocks H
+    (module docstring), into `out` if given (a chunk's joined blocks: no concatenation after)."""
     if x.dtype != h.dtype or x.dtype not in (torch.float32, torch.float64):  # a no-op cast is a dispatch too
         wide = torch.promote_types(x.dtype, torch.float32)
         x, h = x.to(wide), h.to(wide)
-    product = h @ x.transpose(-1, -2)
-    return (product - product.transpose(-1, -2)).mul_(2)
+    # beta=0: the input is never read, so an empty one will do; the 2 costs no pass of its own
+    product = torch.baddbmm(h.new_empty(()), h, x.transpose(-1, -2), beta=0, alpha=2)
+    return torch.sub(product, product.transpose(-1, -2), out=out)
 
 
 def _join(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -422,22 +424,23 @@ class POET(torch.optim.Optimizer):
                 if active[:1] == (side,):  # the first side to fold sees these weights still unchanged
                     gathered[side] = x
             else:
-                parts = []
-                for weight, grad, state in members:
+                grads = None if len(members) == 1 else members[0][0].new_empty(len(members) * n_blocks, block, block)
+                for i, (weight, grad, state) in enumerate(members):
                     index = state[side]["index"]
                     padded, _ = self._index_forms(state, side, weight, n_blocks * block)
                     x = side_blocks(weight, side, index, block, n_blocks, scratch, "weight", padded)
-                    parts.append(skew_gradient(x, side_blocks(grad, side, index, block, n_blocks, scratch, "spare", padded)))
-                grads = torch.cat(parts) if len(parts) > 1 else parts[0]
+                    h = side_blocks(grad, side, index, block, n_blocks, scratch, "spare", padded)
+                    part = skew_gradient(x, h, None if grads is None else grads[i * n_blocks: (i + 1) * n_blocks])
+                grads = part if grads is None else grads
             states = [state[side]["rule"] for _, _, state in members]
             direction = self._direction(grads, n_blocks, states, side in active)
             if direction is not None:
-                scale, direction = -lr * generator_scale(cfg.parameterization), direction.to(members[0][0].dtype)
+                scale = -lr * generator_scale(cfg.parameterization)
                 folding = self._fold_map(scale)
-                if getattr(self.rule, "isometric", lambda _: False)(direction):
+                if isinstance(direction, PartialIsometry):
                     increments[side] = isometry_increment(direction, scale, folding, cfg.neumann_terms)
                 else:
-                    increments[side] = self._increment(scale * direction, folding, cfg.neumann_terms)
+                    increments[side] = self._increment(scale * direction.to(members[0][0].dtype), folding, cfg.neumann_terms)
         for side in active:  # in turn: the second side sees the weight after the first side's rotation
             if side not in increments:
                 continue
