@@ -697,16 +697,37 @@ def test_compiled_block_math_matches_eager_and_does_not_recompile_for_lrs_or_red
     assert (eager.detach() - start).norm() > 1e-2
 
 
-def test_adamw_takes_foreach_on_cpu_only_where_it_holds_fewer_temporaries():
+def test_adamw_is_fused_for_plain_parameters_and_steps_as_torchs_loop():
+    torch.manual_seed(0)
+    start = [torch.randn(300, 8), torch.randn(8)]
+    fused_params, loop_params = ([nn.Parameter(t.clone()) for t in start] for _ in range(2))
+    fused = optim.adamw([{"params": fused_params[:1]}, {"params": fused_params[1:], "weight_decay": 0.0}], betas=(0.9, 0.95))
+    assert all(group["fused"] for group in fused.param_groups)
+    loop = torch.optim.AdamW([{"params": loop_params[:1]}, {"params": loop_params[1:], "weight_decay": 0.0}], betas=(0.9, 0.95),
+                             foreach=False)
+    for _ in range(5):
+        grads = [torch.randn_like(t) for t in start]
+        for params, optimizer in ((fused_params, fused), (loop_params, loop)):
+            for param, grad in zip(params, grads):
+                param.grad = grad.clone()
+            optimizer.step()
+    for mine, reference in zip(fused_params, loop_params):
+        assert (mine - start[0 if mine.dim() == 2 else 1]).abs().max() > 1e-3
+        torch.testing.assert_close(mine, reference, rtol=0, atol=1e-6)
+
+
+def test_adamw_takes_foreach_for_sharded_cpu_parameters_only_where_it_holds_fewer_temporaries(monkeypatch):
+    monkeypatch.setattr(optim, "is_shard", lambda tensor: True)  # FSDP2's DTensors: no fused form for them here
     embedding, head = nn.Parameter(torch.zeros(1000, 8)), nn.Parameter(torch.zeros(8, 1000))
     norms = [nn.Parameter(torch.zeros(8)) for _ in range(4)]
     blocks = [nn.Parameter(torch.zeros(40, 40)) for _ in range(10)]
     beside_poet = optim.adamw([{"params": [embedding, head]}, {"params": norms, "weight_decay": 0.0}])
     assert beside_poet.param_groups[0]["foreach"] is True  # the group: 2 of its largest, the loop holds 3
+    assert not beside_poet.param_groups[0]["fused"]
     everything = optim.adamw([{"params": [embedding, head, *blocks]}])
     assert everything.param_groups[0]["foreach"] is False  # foreach would hold a copy of all of it
     elsewhere = optim.adamw([{"params": [nn.Parameter(torch.zeros(8, 8, device="meta"))]}])
-    assert elsewhere.param_groups[0]["foreach"] is None  # off the CPU torch chooses (foreach on GPUs)
+    assert elsewhere.param_groups[0]["foreach"] is None and not elsewhere.param_groups[0]["fused"]  # torch chooses
     for parameter in (embedding, head, *norms):  # and either form takes AdamW's step
         parameter.grad = torch.ones_like(parameter)
     beside_poet.step()
