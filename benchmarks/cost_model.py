@@ -181,13 +181,16 @@ def activation_bytes(shape: Shape, c: Counts, bf16: bool, checkpointing: bool) -
             "loss_transient": tokens * shape.vocab * 8}
 
 
-def adam_transient(shape: Shape, c: Counts, method: Method, gpu: bool) -> int:
+def adam_transient(shape: Shape, c: Counts, method: Method, gpu: bool, sharded: bool) -> int:
     """Temporaries of torch's AdamW step over the parameters it holds (decayed matrices in one group).
 
-    foreach (torch's CUDA default; on CPU `poetlm.optim.adamw` takes it where no group is larger than three
-    of its largest parameter): √v of a whole group at once. Otherwise (one tensor at a time): √v and √v/c
-    of the current tensor while the previous tensor's denominator is still referenced.
+    `poetlm.optim.adamw` takes the fused form, which has none, for plain parameters on a CPU or GPU; FSDP2's
+    sharded ones get foreach (torch's CUDA default; on CPU where no group is larger than three of its
+    largest parameter): √v of a whole group at once, or else (one tensor at a time) √v and √v/c of the
+    current tensor while the previous tensor's denominator is still referenced.
     """
+    if not sharded:
+        return 0
     if method.kind == "adamw":  # embedding, every block matrix, head: one group, in model order
         order = [shape.vocab * shape.hidden] + [o * i for o, i in shape.linears()] + ([] if shape.tied else [c.head])
         group = c.block + c.other
@@ -202,7 +205,7 @@ def adam_transient(shape: Shape, c: Counts, method: Method, gpu: bool) -> int:
 def model_bytes(shape: Shape, method: Method, gpu: bool, world: int, checkpointing: bool, bf16: bool | None = None) -> dict:
     """Per-process bytes of one optimizer step at the shape's micro-batch (accumulation as the shape's).
 
-    gpu: CUDA's optimizer (foreach AdamW); bf16: autocast (default: on a GPU, as the loop's dtype=auto).
+    gpu: CUDA's batching of POET's chunks; bf16: autocast (default: on a GPU, as the loop's dtype=auto).
     """
     bf16 = gpu if bf16 is None else bf16
     c = counts(shape, method)
@@ -239,9 +242,9 @@ def model_bytes(shape: Shape, method: Method, gpu: bool, world: int, checkpointi
         # On one GPU a chunk goes stacked: its weights, their gathered rows and the rotated rows at once.
         rows = 12 * c.stacked if gpu and world == 1 else 8 * c.largest_layer
         optimizer = max(grads + gathered + rows + 4 * c.slots // (7 * shape.layers),
-                        4 * c.other // shard + adam_transient(shape, c, method, gpu) // shard)
+                        4 * c.other // shard + adam_transient(shape, c, method, gpu, world > 1) // shard)
     else:
-        optimizer = grads + adam_transient(shape, c, method, gpu) // shard
+        optimizer = grads + adam_transient(shape, c, method, gpu, world > 1) // shard
     live_grads = grads if shape.accum > 1 else 4 * c.head // shard  # accum 1: the head's is the first one made
     live_cache = cache if shape.accum > 1 else cache // 2           # the cache's gradients appear in backward too
     backward = acts["kept"] + max(acts["final"] + acts["loss_transient"], acts["recompute"]) + live_grads + live_cache + fsdp
