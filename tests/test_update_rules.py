@@ -280,7 +280,7 @@ def test_exact_directions_fold_the_same_rotation_through_the_closed_form_map(blo
         weight = nn.Parameter(start.clone())
         optimizer = POET([weight], lr=0.05, poet=POETConfig(block_size=block), rule=RuleConfig(orthogonalize="exact"))
         if not closed_form:
-            monkeypatch.setattr(optimizer.rule, "orthogonalize", orthogonalize_skew)  # a plain tensor: the general map
+            monkeypatch.setattr(optimizer.rule, "isometric", lambda direction: False)
         for _ in range(6):
             ((inputs @ weight.T - targets) ** 2).mean().backward()
             optimizer.step()
@@ -306,6 +306,23 @@ def test_many_steps_keep_the_spectrum_while_the_weight_moves(rule, variant):
     assert (weight.detach() - start).norm() / start.norm() > 0.1
     assert optimizer.spectrum_drift() < 1e-5
     torch.testing.assert_close(torch.linalg.svdvals(weight.detach()), torch.linalg.svdvals(start), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("block", [32, 64])
+def test_exact_fp32_directions_keep_the_spectrum_where_the_momentum_has_a_long_tail(block):
+    """Nearly rank-6 inputs give skew momenta whose small planes sit near the orthogonalization's cutoff,
+    where fp32 eigenvectors are least accurate and the direction is only nearly a partial isometry. The map
+    must stay orthogonal there (a closed form that assumed D² from the eigenvectors drifted 4e-5–1e-4 here)."""
+    torch.manual_seed(0)
+    weight = nn.Parameter(torch.randn(96, 80) / 80**0.5)
+    basis = torch.randn(6, 80)
+    optimizer = POET([weight], lr=0.02, poet=POETConfig(block_size=block), rule=RuleConfig(orthogonalize="exact"))
+    for _ in range(200):
+        inputs = torch.randn(64, 6) @ basis + 0.01 * torch.randn(64, 80)
+        ((inputs @ weight.T - torch.randn(64, 96)) ** 2).mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert optimizer.spectrum_drift() < 3e-6
 
 
 @pytest.mark.parametrize("rule, variant", [(RuleConfig(redraw_every=3), "bs"), (RuleConfig(name="lie_adam", redraw_every=3), "bs"),

@@ -27,7 +27,7 @@ import torch
 
 from .config import POETConfig, checked, is_number
 from .layer import is_shard, whole_value
-from .orthogonal import PartialIsometry, generator_scale, isometry_increment, rotation_increment, singular_values
+from .orthogonal import generator_scale, isometry_increment, rotation_increment, singular_values
 from .primitives import batch_entries, block_layout, draw_index, index_problem, require_rotations, seed_name, seeded_generator, stacks, transport_blocks
 from .update_rules import RuleConfig, make_rule
 
@@ -424,23 +424,24 @@ class POET(torch.optim.Optimizer):
                 if active[:1] == (side,):  # the first side to fold sees these weights still unchanged
                     gathered[side] = x
             else:
-                grads = None if len(members) == 1 else members[0][0].new_empty(len(members) * n_blocks, block, block)
+                joined = None if len(members) == 1 else members[0][0].new_empty(len(members) * n_blocks, block, block)
                 for i, (weight, grad, state) in enumerate(members):
                     index = state[side]["index"]
                     padded, _ = self._index_forms(state, side, weight, n_blocks * block)
                     x = side_blocks(weight, side, index, block, n_blocks, scratch, "weight", padded)
                     h = side_blocks(grad, side, index, block, n_blocks, scratch, "spare", padded)
-                    part = skew_gradient(x, h, None if grads is None else grads[i * n_blocks: (i + 1) * n_blocks])
-                grads = part if grads is None else grads
+                    grads = skew_gradient(x, h, None if joined is None else joined[i * n_blocks: (i + 1) * n_blocks])
+                if joined is not None:
+                    grads = joined
             states = [state[side]["rule"] for _, _, state in members]
             direction = self._direction(grads, n_blocks, states, side in active)
             if direction is not None:
-                scale = -lr * generator_scale(cfg.parameterization)
+                scale, direction = -lr * generator_scale(cfg.parameterization), direction.to(members[0][0].dtype)
                 folding = self._fold_map(scale)
-                if isinstance(direction, PartialIsometry):
+                if getattr(self.rule, "isometric", lambda _: False)(direction):
                     increments[side] = isometry_increment(direction, scale, folding, cfg.neumann_terms)
                 else:
-                    increments[side] = self._increment(scale * direction.to(members[0][0].dtype), folding, cfg.neumann_terms)
+                    increments[side] = self._increment(scale * direction, folding, cfg.neumann_terms)
         for side in active:  # in turn: the second side sees the weight after the first side's rotation
             if side not in increments:
                 continue

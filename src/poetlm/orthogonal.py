@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import NamedTuple
 
 import torch
 
@@ -115,22 +114,10 @@ def rotation_increment(q: torch.Tensor, parameterization: str = "cayley_neumann"
     raise ValueError(f"parameterization {parameterization!r} is not one of {PARAMETERIZATIONS}")
 
 
-class PartialIsometry(NamedTuple):
-    """An exactly orthogonalized skew direction D (D³ = −D: every singular value 0 or 1) with an orthonormal
-    basis N (…, b, k) of its kernel, k ≥ 0: D² = −(I − N·Nᵀ), the projector onto D's planes, negated.
-
-    The eigendecomposition that made D gives N for free, so its map needs no product of D with itself
-    (`isometry_increment`)."""
-
-    matrix: torch.Tensor
-    kernel: torch.Tensor
-
-
-def isometry_increment(d: torch.Tensor | PartialIsometry, scale: float, parameterization: str = "cayley_neumann",
+def isometry_increment(d: torch.Tensor, scale: float, parameterization: str = "cayley_neumann",
                        terms: int = 3) -> torch.Tensor:
     """orthogonal_map(scale·D) − I for a skew partial isometry D (D³ = −D: every singular value 0 or 1, as
-    `orthogonalize_skew(…, "exact")` returns), as α·D + β·D²: one product instead of the map's three, and
-    none at all for a `PartialIsometry`, whose D² comes from its kernel (k columns: a b×k product).
+    `orthogonalize_skew(…, "exact")` returns), as α·D + β·D²: one product instead of the map's three.
 
     Every map is a power series (or rational function) of Q whose powers of D cycle through ±D and ±D², so
     the map of D is fixed by two scalars, and these are the map's own on the 2×2 plane generator J (J² = −I,
@@ -140,11 +127,6 @@ def isometry_increment(d: torch.Tensor | PartialIsometry, scale: float, paramete
     plane = rotation_increment(torch.tensor([[0.0, scale], [-scale, 0.0]], dtype=torch.float64),
                                parameterization, terms)
     alpha, beta = float(plane[0, 1]), -float(plane[0, 0])
-    if isinstance(d, PartialIsometry):  # α·D − β·(I − N·Nᵀ)
-        increment = torch.add(_eye(d.matrix).mul_(-beta), d.matrix, alpha=alpha)
-        if d.kernel.shape[-1]:
-            increment += beta * d.kernel @ d.kernel.transpose(-1, -2)
-        return increment
     flat = d.reshape(-1, *d.shape[-2:])
     return torch.baddbmm(flat, flat, flat, beta=alpha, alpha=beta).view(d.shape)
 
@@ -213,20 +195,6 @@ def choose_direction(method: str, dtype: str, block: int, device: torch.device) 
     return method, dtype
 
 
-def skew_direction(a: torch.Tensor, method: str = "exact", eps: float | None = None) -> torch.Tensor | PartialIsometry:
-    """`orthogonalize_skew`, with an exact result as a `PartialIsometry` (its kernel comes with it)."""
-    method = choose_direction(method, "bf16" if a.dtype == torch.bfloat16 else "fp32", a.shape[-1], a.device)[0]
-    # The result does not depend on A's scale, but AᵀA and Newton–Schulz's norms overflow or underflow at
-    # extreme ones (fp32 momenta of 1e19 or 1e-23): every block starts from entries of at most 1. A skew
-    # block's largest entry is its largest magnitude (each entry comes with its negative): no abs pass.
-    a = a / a.amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
-    if method == "exact":
-        return _skew_polar(a.to(torch.promote_types(a.dtype, torch.float32)), eps)
-    if method == "newton_schulz":
-        return _newton_schulz(a.reshape(-1, *a.shape[-2:])).view(a.shape)  # baddbmm wants one batch dimension
-    raise ValueError(f"orthogonalization {method!r} is not one of {ORTHOGONALIZERS}")
-
-
 def orthogonalize_skew(a: torch.Tensor, method: str = "exact", eps: float | None = None) -> torch.Tensor:
     """Skew (..., b, b) -> the skew matrix with the same eigenplanes and every nonzero singular value 1.
 
@@ -238,29 +206,31 @@ def orthogonalize_skew(a: torch.Tensor, method: str = "exact", eps: float | None
     from a tighter start, see `_newton_schulz`), an odd polynomial in A (so the result is skew too) whose
     singular values land in ≈[0.7, 1.2]. "auto": see `choose_direction`.
     """
-    direction = skew_direction(a, method, eps)
-    return direction.matrix.to(a.dtype) if isinstance(direction, PartialIsometry) else direction
-
-
-def _skew_polar(a: torch.Tensor, eps: float | None) -> PartialIsometry:
-    """The exact path of `orthogonalize_skew` on blocks with entries of at most 1 (float32 or wider)."""
-    if eps is None:
-        eps = 1e-7 if a.dtype == torch.float64 else 1e-3
-    try:
-        values, vectors = torch.linalg.eigh(a.transpose(-1, -2) @ a)  # ascending: the kernel's columns first
-    except torch.linalg.LinAlgError as error:  # LAPACK's message blames conditioning, whatever the cause
-        if not torch.isfinite(a).all():
-            raise ValueError("cannot orthogonalize skew matrices that hold NaN or inf: a non-finite gradient "
-                             "reached POET (check the loss; poetlm's training loop stops at such a step)") from error
-        raise
-    floor = eps**2 * values.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
-    kept = values > floor
-    # ½·(AᵀA)^(−1/2) on the kept planes: the halves of the polar factor P and of −Pᵀ make it skew to the last bit
-    half_inv_sqrt = torch.where(kept, values.clamp_min(floor).rsqrt().mul_(0.5), torch.zeros_like(values))
-    polar = a @ (vectors * half_inv_sqrt.unsqueeze(-2)) @ vectors.transpose(-1, -2)
-    nullity = int((~kept).sum(-1).max()) if kept.numel() else 0
-    kernel = vectors[..., :nullity] * (~kept[..., :nullity]).unsqueeze(-2)  # blocks with a smaller kernel: zero columns
-    return PartialIsometry(polar - polar.transpose(-1, -2), kernel)
+    method = choose_direction(method, "bf16" if a.dtype == torch.bfloat16 else "fp32", a.shape[-1], a.device)[0]
+    # The result does not depend on A's scale, but AᵀA and Newton–Schulz's norms overflow or underflow at
+    # extreme ones (fp32 momenta of 1e19 or 1e-23): every block starts from entries of at most 1. A skew
+    # block's largest entry is its largest magnitude (each entry comes with its negative): no abs pass.
+    a = a / a.amax(dim=(-2, -1), keepdim=True).clamp_min(torch.finfo(a.dtype).tiny)
+    if method == "exact":
+        wide = a.to(torch.promote_types(a.dtype, torch.float32))
+        if eps is None:
+            eps = 1e-7 if wide.dtype == torch.float64 else 1e-3
+        gram = wide.transpose(-1, -2) @ wide
+        try:
+            values, vectors = torch.linalg.eigh(gram)
+        except torch.linalg.LinAlgError as error:  # LAPACK's message blames conditioning, whatever the cause
+            if not torch.isfinite(a).all():
+                raise ValueError("cannot orthogonalize skew matrices that hold NaN or inf: a non-finite gradient "
+                                 "reached POET (check the loss; poetlm's training loop stops at such a step)") from error
+            raise
+        floor = eps**2 * values.amax(dim=-1, keepdim=True).clamp_min(torch.finfo(wide.dtype).tiny)
+        # ½·(AᵀA)^(−1/2): the halves of the polar factor P and of −Pᵀ make it skew to the last bit
+        half_inv_sqrt = torch.where(values > floor, values.clamp_min(floor).rsqrt().mul_(0.5), torch.zeros_like(values))
+        polar = wide @ (vectors * half_inv_sqrt.unsqueeze(-2)) @ vectors.transpose(-1, -2)
+        return (polar - polar.transpose(-1, -2)).to(a.dtype)
+    if method == "newton_schulz":
+        return _newton_schulz(a.reshape(-1, *a.shape[-2:])).view(a.shape)  # baddbmm wants one batch dimension
+    raise ValueError(f"orthogonalization {method!r} is not one of {ORTHOGONALIZERS}")
 
 
 NEWTON_SCHULZ_STEPS = 4

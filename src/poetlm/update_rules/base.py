@@ -10,7 +10,6 @@ from typing import Callable, Protocol
 import torch
 
 from ..config import DIRECTION_DTYPES, ORTHOGONALIZERS, is_integer, is_number
-from ..orthogonal import PartialIsometry
 
 RULES = ("orthogonalized", "lie_adam")
 
@@ -82,12 +81,11 @@ class RotationRule(Protocol):
     `direction` gets one side's skew gradient blocks (n, b, b) — ∂loss/∂Q for the rotation orthogonal_map(Q)
     folded at Q = 0 — and that side's state dict (empty at the start), updates the state and, if the side
     turns this step (`active`), returns the skew direction D (else None: alternating sides skip the costly
-    part), or D as an `orthogonal.PartialIsometry` where it is exactly one (its map then takes a closed
-    form); the optimizer then folds the rotation with Q = −lr·c·D. `after_redraw` is called when the side's
+    part); the optimizer then folds the rotation with Q = −lr·c·D. `after_redraw` is called when the side's
     coordinates are redrawn, with a function that carries (n, b, b) blocks to the new ones.
     """
 
-    def direction(self, grad: torch.Tensor, state: dict, active: bool = True) -> torch.Tensor | PartialIsometry | None: ...
+    def direction(self, grad: torch.Tensor, state: dict, active: bool = True) -> torch.Tensor | None: ...
 
     def after_redraw(self, state: dict, transport: Callable[[torch.Tensor], torch.Tensor]) -> None: ...
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..orthogonal import PartialIsometry, choose_direction, pack_skew, skew_direction, unpack_skew
+from ..orthogonal import choose_direction, orthogonalize_skew, pack_skew, unpack_skew
 
 
 class Orthogonalized:
@@ -20,10 +20,9 @@ class Orthogonalized:
 
     def __init__(self, config) -> None:
         self.config = config
-        self.orthogonalize = skew_direction  # POET(compile=) swaps in a compiled one
+        self.orthogonalize = orthogonalize_skew  # POET(compile=) swaps in a compiled one
 
-    def direction(self, grad: torch.Tensor, state: dict, active: bool = True) -> torch.Tensor | PartialIsometry | None:
-        """Exact directions come as a `PartialIsometry`, which the optimizer maps in closed form."""
+    def direction(self, grad: torch.Tensor, state: dict, active: bool = True) -> torch.Tensor | None:
         cfg = self.config
         if "momentum" not in state:
             state["momentum"] = pack_skew(torch.zeros_like(grad))
@@ -39,6 +38,12 @@ class Orthogonalized:
             direction = self.orthogonalize(ahead.bfloat16(), method).to(ahead.dtype)
             return 0.5 * (direction - direction.transpose(-1, -2))  # bf16 rounding leaves it only nearly skew
         return self.orthogonalize(ahead, method)
+
+    def isometric(self, direction: torch.Tensor) -> bool:
+        """Whether `direction` (as returned) is an exact partial isometry, so the map may take its closed
+        form (`isometry_increment`)."""
+        cfg = self.config
+        return choose_direction(cfg.orthogonalize, cfg.direction_dtype, direction.shape[-1], direction.device)[0] == "exact"
 
     def after_redraw(self, state: dict, transport) -> None:
         if self.config.transport and "momentum" in state:
