@@ -686,11 +686,11 @@ def adamw(groups: list[dict], betas=(0.9, 0.999)) -> torch.optim.AdamW:
     That is the fused form (one kernel per parameter, no temporaries) for plain float parameters on a CPU
     or a CUDA device: on this project's CPU at llama-60m it takes AdamW's step over the whole model in
     110 ms instead of the loop's 478, and over the embedding and head beside POET in 70 ms instead of
-    foreach's 311 (docs/benchmarks.md, "Sixth pass"). Elsewhere (sharded
-    parameters, other devices) the form with fewer temporaries: on CPUs torch loops over the parameters,
-    and the loop still references one parameter's √v̂ while it makes the next one's (up to three times the
-    largest parameter); its foreach form makes every √v̂ of a group at once (the group's size). So foreach
-    is taken where no group is larger than three of its largest parameter, the loop otherwise.
+    foreach's 311 (docs/benchmarks.md, "Sixth pass"). Elsewhere (FSDP2's sharded parameters, other
+    devices) it is the form with fewer temporaries: on CPUs torch loops over the parameters, and the loop
+    still references one parameter's √v̂ while it makes the next one's (up to three times the largest
+    parameter); its foreach form makes every √v̂ of a group at once (the group's size). So foreach is
+    taken where no group is larger than three of its largest parameter, the loop otherwise.
     """
     params = [p for group in groups for p in group["params"]]
     if params and all(p.device.type in FUSED_ADAMW_DEVICES and p.is_floating_point() and not is_shard(p) for p in params) \
