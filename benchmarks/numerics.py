@@ -167,7 +167,7 @@ def calibrate(args: argparse.Namespace) -> str:
     data = load_data(config, runtime)
     torch.manual_seed(config.seed)
     method = make_method(config)
-    model = method.prepare(load_model(config, data.vocab_size))
+    model = method.prepare(load_model(config, data.tokenizer))
     optimizers = method.optimizers(model)
     schedulers = build_schedulers(optimizers, config)
     state = TrainState()

@@ -93,8 +93,8 @@ def test_resume_of_a_file_is_a_clear_error(tmp_path, capsys):
 
 def test_an_explicit_poet_seed_is_honoured():
     from poetlm.train.methods import prepare_model
-    from poetlm.train.models import load_model
+    from poetlm.train.models import build_model
 
     config = resolve_config("tiny", ["method='poet-paper'", "seed=3", "poet.seed=7", "model.num_layers=1"])
-    model = prepare_model(load_model(config, 300), config)
+    model = prepare_model(build_model(config.model, 300, config.data.seq_len), config)
     assert {layer.config.seed for _, layer in poetlm.poet_layers(model)} == {7}

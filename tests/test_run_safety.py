@@ -83,6 +83,26 @@ def test_a_resumed_run_keeps_its_tokenizer_and_tokens_when_the_data_changes(tiny
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 6
 
 
+def test_a_resume_refuses_other_data_while_the_runs_own_is_there_and_takes_a_moved_copy(tiny, monkeypatch, tmp_path, capsys):
+    stop_at_step(monkeypatch, 2)
+    run_dir = Path(loop.train(resolve_config("tiny", tiny("name='moved'")))["run_dir"])
+    monkeypatch.undo()
+    other = tmp_path / "other.txt"
+    other.write_text("Another text entirely, never this run's data.\n\n" * 50)
+    before = snapshot(run_dir)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir), "--data", str(other)]) == 1
+    err = capsys.readouterr().err
+    assert f"data.data={str(other)!r} is not this run's data" in err and "Resume without --data" in err
+    assert snapshot(run_dir) == before  # config.json still names the run's own data
+    moved = tmp_path / "moved.txt"
+    shutil.copy(tiny.corpus, moved)
+    tiny.corpus.rename(tiny.corpus.with_name("gone"))
+    assert main(["train", "--resume", str(run_dir), "--data", str(moved)]) == 0
+    assert f"{moved} is not the data this run started on ({tiny.corpus.resolve()})" in capsys.readouterr().err
+    assert json.loads((run_dir / "config.json").read_text())["data"]["data"] == str(moved)
+
+
 def test_resuming_a_finished_run_changes_nothing(tiny, capsys):
     summary = loop.train(resolve_config("tiny", tiny("name='done'", steps=3)))
     run_dir = Path(summary["run_dir"])
@@ -392,6 +412,27 @@ def test_generate_reads_a_literal_end_of_text_in_the_prompt_as_text(finished_run
     prompt = "Hello<|endoftext|>World"
     assert main(["generate", str(finished_run), "--temperature", "0", "--max-new-tokens", "5", "--prompt", prompt]) == 0
     assert capsys.readouterr().out.startswith(prompt)
+
+
+def test_generate_stops_at_the_tokenizers_end_of_text_in_a_model_saved_with_llamas_default(finished_run, tmp_path,
+                                                                                            monkeypatch, capsys):
+    """Models saved before the fix name LLaMA's eos (2: a byte token here, '"'); generate stops at the
+    tokenizer's end-of-text instead, and keeps a model's own stops when they include it."""
+    from transformers import AutoTokenizer, GenerationMixin
+
+    assert main(["export", str(finished_run), str(tmp_path / "old")]) == 0
+    for name in ("config.json", "generation_config.json"):
+        path = tmp_path / "old" / name
+        path.write_text(json.dumps({**json.loads(path.read_text()), "bos_token_id": 1, "eos_token_id": 2}))
+    asked = []
+    original = GenerationMixin.generate
+    monkeypatch.setattr(GenerationMixin, "generate", lambda self, *a, **k: asked.append(k) or original(self, *a, **k))
+    for directory in (tmp_path / "old", finished_run):
+        assert main(["generate", str(directory), "--temperature", "0", "--max-new-tokens", "3", "--prompt", "A"]) == 0
+    eos = AutoTokenizer.from_pretrained(finished_run / "tokenizer").eos_token_id
+    assert asked[0]["eos_token_id"] == eos != 2
+    assert "eos_token_id" not in asked[1]  # the run's model names the tokenizer's own: nothing to replace
+    capsys.readouterr()
 
 
 def _stopped_run(tiny, monkeypatch, name, *extra, step=4):

@@ -186,7 +186,7 @@ def test_export_round_trip_and_eval_generate_report(tiny, tmp_path, capsys):
     run_dir = Path(summary["run_dir"])
     poet_model, _, _ = load_run_model(run_dir)
     assert main(["export", str(run_dir), str(tmp_path / "dense")]) == 0
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
     ids = torch.randint(0, 300, (2, 16))
@@ -203,6 +203,13 @@ def test_export_round_trip_and_eval_generate_report(tiny, tmp_path, capsys):
     assert dense_ppl == pytest.approx(ppl, rel=1e-3)
     assert main(["generate", str(run_dir), "--prompt", "To be", "--max-new-tokens", "5"]) == 0
     assert capsys.readouterr().out.startswith("To be")
+    # The saved model's special tokens are the tokenizer's end-of-text, where documents end in training (not
+    # LLaMA's defaults 1 and 2: byte tokens of poetlm's tokenizer, at which generation used to stop)
+    eos = AutoTokenizer.from_pretrained(tmp_path / "dense").eos_token_id
+    for directory in (run_dir / "final", tmp_path / "dense"):
+        for name in ("config.json", "generation_config.json"):
+            saved = json.loads((directory / name).read_text())
+            assert [saved[f"{kind}_token_id"] for kind in ("bos", "eos", "pad")] == [eos] * 3, (directory, name)
     other = loop.train(resolve_config("tiny", tiny("name='exp-adamw'", "method='adamw'")))
     assert main(["report", str(run_dir), other["run_dir"], "--out", str(tmp_path / "cmp")]) == 0
     report = (tmp_path / "cmp" / "report.md").read_text()

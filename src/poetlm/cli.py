@@ -98,6 +98,7 @@ def _resume(args) -> int:
     """Continue a run with its saved config, in which the overrides may change what RESUME_ADJUSTABLE allows."""
     from .train.loop import train
     from .train.checkpoint import list_checkpoints
+    from .train.data import check_resume_data
     from .train.runs import RESUME_ADJUSTABLE, check_steps
 
     if args.config is not None:
@@ -108,9 +109,11 @@ def _resume(args) -> int:
         raise ConfigError(f"--resume cannot change {', '.join(refused)}: they define what the run trains (start a new run "
                           f"to change them). A resume may change {', '.join(sorted(RESUME_ADJUSTABLE))} and logging.*")
     path = Path(args.resume) / "config.json"
-    config = load_config(path)
+    config = recorded = load_config(path)
     if parsed:
         config = override_config(config, parsed)
+        if config.data.data != recorded.data.data:
+            check_resume_data(Path(args.resume), recorded.data.data, config.data.data)
     checkpoints = list_checkpoints(Path(args.resume))
     if checkpoints:  # before config.json is written; the loop checks the checkpoint it resumes (an older one if this is damaged)
         check_steps(config, checkpoints[-1])
@@ -270,10 +273,14 @@ def _cmd_generate(args) -> int:
             print(f"poetlm: note: the prompt has {ids.shape[1]} tokens; keeping its last {room} (context {context} "
                   f"minus --max-new-tokens {args.max_new_tokens})", file=sys.stderr)
             ids = ids[:, -room:]
+    stops = getattr(model.generation_config, "eos_token_id", None)
+    # The tokenizer's end-of-text always ends the text. Models saved by poetlm before 2026-11-30 name LLaMA's
+    # default eos instead (id 2, a byte token such as '"'): for them the tokenizer's id replaces it.
+    eos = {} if tokenizer.eos_token_id in (stops if isinstance(stops, list) else [stops]) else {"eos_token_id": tokenizer.eos_token_id}
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                              temperature=args.temperature if args.temperature > 0 else None, top_k=args.top_k,
-                             pad_token_id=tokenizer.eos_token_id)
+                             pad_token_id=tokenizer.eos_token_id, **eos)
     print(tokenizer.decode(out[0], skip_special_tokens=True))
     return 0
 

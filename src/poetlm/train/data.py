@@ -737,6 +737,34 @@ def _open_cache(cache_dir: Path, tokenizer, identity: dict) -> TokenData:
 _RECORD = {"identity": dict, "cache_dir": str, "tokenizer_hash": str, "sha256_train": str, "sha256_val": str}
 
 
+def _how_it_differs(data: str, identity: dict) -> str:
+    """How `data` differs from the source a run recorded (its data.json identity), for messages: the same
+    source changed, or another one."""
+    def where(found: dict):  # an identity without what changes with the content (sizes, times)
+        return [entry[0] for entry in found["files"]] if "files" in found else {k: v for k, v in found.items() if k != "size"}
+
+    if where(_data_identity(data)) == where(identity):
+        return "changed since this run started"
+    files = identity.get("files")
+    recorded = (files[0][0] + (f" and {len(files) - 1} more files" if len(files) > 1 else "") if files else
+                str(identity.get("bundled") or identity.get("hf") or identity.get("unknown")))
+    return f"is not the data this run started on ({recorded})"
+
+
+def check_resume_data(run_dir: Path, recorded: str, new: str) -> None:
+    """Refuse a resume's new data location where the run's own data is still there as recorded: the new
+    one is then another source (a new location is for data that moved). Its tokens are checked anyway
+    (`load_run_data`); this keeps config.json from naming a source the run never trained on."""
+    try:
+        identity = json.loads((Path(run_dir) / "data.json").read_text())["identity"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # load_run_data reports a missing or damaged record
+    if _data_identity(recorded) == identity and _data_identity(new) != identity:
+        raise DataError(f"data.data={new!r} is not this run's data: it trained on {recorded}, which is still there "
+                        "unchanged. Resume without --data (a new location is for data that moved), or start a new run "
+                        "on the new data")
+
+
 def load_run_data(run_dir: Path, data: str, **options) -> TokenData:
     """The very tokens a run trained on, with its own tokenizer (run_dir/tokenizer), for resume and eval.
 
@@ -763,12 +791,12 @@ def load_run_data(run_dir: Path, data: str, **options) -> TokenData:
         meta = json.loads((cache_dir / "meta.json").read_text())
         if all(meta[f"sha256_{split}"] == digest for split, digest in sums.items()):
             if _data_identity(data) != record["identity"]:
-                print(f"poetlm: note: {data} changed since this run started; the run goes on with the tokens it "
-                      f"started with ({cache_dir})", file=sys.stderr)
+                print(f"poetlm: note: {data} {_how_it_differs(data, record['identity'])}; the run goes on with the "
+                      f"tokens it started with ({cache_dir})", file=sys.stderr)
             return _open_cache(cache_dir, tokenizer, record["identity"])
     tokens = prepare_data(data, tokenizer=str(tokenizer_dir), **options)
     if any(tokens.record()[f"sha256_{split}"] != digest for split, digest in sums.items()):
-        raise DataError(f"{data} changed since this run started: it no longer gives the tokens the run trained on, and "
+        raise DataError(f"{data} {_how_it_differs(data, record['identity'])}: it does not give the tokens the run trained on, and "
                         f"the run's token cache {cache_dir} is gone or damaged. Restore the original data to continue this run, "
                         "or start a new run on the new data")
     return tokens

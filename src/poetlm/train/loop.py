@@ -318,7 +318,7 @@ def _setup(config: TrainConfig, runtime: parallel.Runtime, resuming: bool, run_d
     sharded = parallel.is_sharded(runtime, config.parallel)
     if sharded and not method.supports_fsdp:
         raise ConfigError(f"method {config.method!r} does not run under FSDP (parallel='fsdp'); use parallel='ddp'")
-    model = accelerate(method.prepare(load_model(config, data.vocab_size)).to(runtime.device), config)
+    model = accelerate(method.prepare(load_model(config, data.tokenizer)).to(runtime.device), config)
     wrapped = parallel.parallelize(model, runtime, config.parallel)  # FSDP2 swaps in sharded parameters: before the optimizers
     optimizers = method.optimizers(model)
     run = Run(config, runtime, run_dir, resuming, data, method, model, wrapped, optimizers,

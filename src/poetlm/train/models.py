@@ -22,8 +22,23 @@ class ModelError(ValueError):
     """The model to finetune cannot be loaded or does not fit the data."""
 
 
-def llama_config(model: ModelConfig, vocab_size: int, max_seq_len: int) -> LlamaConfig:
+def token_ids(tokenizer) -> dict[str, int]:
+    """The config's bos/eos/pad ids for a model trained from scratch on `tokenizer`'s tokens.
+
+    Documents reach the model separated by the tokenizer's end-of-text, so that id ends generation and
+    starts it without a prompt; a tokenizer without its own bos or pad token gets it there too. (A
+    model's own defaults, LLaMA's 1 and 2, are ordinary tokens of poetlm's tokenizers: byte tokens
+    such as '"', at which generation would stop.)
+    """
+    eos = int(tokenizer.eos_token_id)
+    return {"eos_token_id": eos,
+            "bos_token_id": eos if tokenizer.bos_token_id is None else int(tokenizer.bos_token_id),
+            "pad_token_id": eos if tokenizer.pad_token_id is None else int(tokenizer.pad_token_id)}
+
+
+def llama_config(model: ModelConfig, vocab_size: int, max_seq_len: int, ids: dict[str, int] | None = None) -> LlamaConfig:
     return LlamaConfig(
+        **(ids or {}),
         vocab_size=vocab_size,
         hidden_size=model.hidden_size,
         intermediate_size=model.intermediate_size,
@@ -36,8 +51,8 @@ def llama_config(model: ModelConfig, vocab_size: int, max_seq_len: int) -> Llama
     )
 
 
-def build_llama(model: ModelConfig, vocab_size: int, max_seq_len: int) -> LlamaForCausalLM:
-    return LlamaForCausalLM(llama_config(model, vocab_size, max_seq_len))
+def build_llama(model: ModelConfig, vocab_size: int, max_seq_len: int, ids: dict[str, int] | None = None) -> LlamaForCausalLM:
+    return LlamaForCausalLM(llama_config(model, vocab_size, max_seq_len, ids))
 
 
 def _read_hf_config(source: str) -> dict:
@@ -122,8 +137,9 @@ def _preset_sizes(model: ModelConfig, model_type: str, defaults: PretrainedConfi
     return sizes
 
 
-def hf_model_config(model: ModelConfig, vocab_size: int, max_seq_len: int) -> PretrainedConfig:
-    """The architecture of model.hf_config with the preset's sizes, vocabulary and context length.
+def hf_model_config(model: ModelConfig, vocab_size: int, max_seq_len: int, ids: dict[str, int] | None = None) -> PretrainedConfig:
+    """The architecture of model.hf_config with the preset's sizes, vocabulary and context length, and the
+    special token ids `ids` (`token_ids`: the source's belong to another vocabulary).
 
     Every size is applied or refused: a config that would build another size than the preset's is a ModelError.
     """
@@ -161,9 +177,7 @@ def hf_model_config(model: ModelConfig, vocab_size: int, max_seq_len: int) -> Pr
         values[field(name, name)] = value
     _fit_layer_lists(values, config_class, setting, model.num_layers)
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        token = values.get(name, getattr(defaults, name, None))
-        if isinstance(token, int) and token >= vocab_size:
-            values[name] = None  # an id of the original vocabulary, outside poetlm's tokenizer
+        values[name] = (ids or {}).get(name)  # the source's ids are of its own vocabulary, not poetlm's tokenizer's
     try:
         config = config_class(**{k: v for k, v in values.items() if k not in ("model_type", "transformers_version", "architectures")})
     except Exception as error:  # transformers raises assorted types
@@ -216,23 +230,25 @@ def _check_sizes(config: PretrainedConfig, model_type: str, sizes: dict, source_
                              f"with {num_layers} entries in each and pass it as --model-config")
 
 
-def build_model(model: ModelConfig, vocab_size: int, max_seq_len: int) -> nn.Module:
-    """A fresh causal LM of the configured architecture and size."""
+def build_model(model: ModelConfig, vocab_size: int, max_seq_len: int, ids: dict[str, int] | None = None) -> nn.Module:
+    """A fresh causal LM of the configured architecture and size (`ids`: its special tokens, `token_ids`)."""
     if model.hf_config is None:
-        return build_llama(model, vocab_size, max_seq_len)
+        return build_llama(model, vocab_size, max_seq_len, ids)
     from transformers import AutoModelForCausalLM
 
-    config = hf_model_config(model, vocab_size, max_seq_len)
+    config = hf_model_config(model, vocab_size, max_seq_len, ids)
     try:
         return AutoModelForCausalLM.from_config(config)
     except Exception as error:  # transformers raises assorted types
         raise _build_error(config.model_type, error) from None
 
 
-def load_model(config: TrainConfig, vocab_size: int) -> nn.Module:
-    """The pretrained model to finetune (finetune.base_model), or a fresh model built from config.model."""
+def load_model(config: TrainConfig, tokenizer) -> nn.Module:
+    """The pretrained model to finetune (finetune.base_model), or a fresh model built from config.model for
+    `tokenizer`'s tokens."""
+    vocab_size = len(tokenizer)
     if not config.finetuning:
-        return build_model(config.model, vocab_size, config.data.seq_len)
+        return build_model(config.model, vocab_size, config.data.seq_len, token_ids(tokenizer))
     from transformers import AutoModelForCausalLM
 
     source = config.finetune.base_model

@@ -110,18 +110,18 @@ def load_run_model(run_dir: Path, device="cpu") -> tuple[nn.Module, object, Trai
     tokenizer = load_tokenizer(run_dir / "tokenizer", hint=RUN_TOKENIZER)
     state = ckpt.load_checkpoint(run_dir, map_location=device)
     check_identity(state, run_identity(config, run_dir), run_dir)
-    model = prepare_model(_run_architecture(config, run_dir, len(tokenizer)), config)
+    model = prepare_model(_run_architecture(config, run_dir, tokenizer), config)
     with ckpt.restoring(state["path"]):
         model.load_state_dict(state["model"])
     return model.to(device).eval(), tokenizer, config
 
 
-def _run_architecture(config: TrainConfig, run_dir: Path, vocab_size: int) -> nn.Module:
+def _run_architecture(config: TrainConfig, run_dir: Path, tokenizer) -> nn.Module:
     """The model a run's checkpoint loads into. A finetune's is its base model's; with the base gone, a finished
     run's final/config.json describes the same architecture, and the checkpoint holds every weight (the base's
     frozen ones too), so the base is not needed."""
     try:
-        return load_model(config, vocab_size)
+        return load_model(config, tokenizer)
     except ModelError:
         final = run_dir / "final"
         if not (config.finetuning and (final / "config.json").is_file()):
