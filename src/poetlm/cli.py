@@ -273,10 +273,11 @@ def _cmd_generate(args) -> int:
             print(f"poetlm: note: the prompt has {ids.shape[1]} tokens; keeping its last {room} (context {context} "
                   f"minus --max-new-tokens {args.max_new_tokens})", file=sys.stderr)
             ids = ids[:, -room:]
-    stops = getattr(model.generation_config, "eos_token_id", None)
     # The tokenizer's end-of-text always ends the text. Models saved by poetlm before 2026-11-30 name LLaMA's
     # default eos instead (id 2, a byte token such as '"'): for them the tokenizer's id replaces it.
-    eos = {} if tokenizer.eos_token_id in (stops if isinstance(stops, list) else [stops]) else {"eos_token_id": tokenizer.eos_token_id}
+    stops = model.generation_config.eos_token_id
+    stops = stops if isinstance(stops, list) else [stops]
+    eos = {} if tokenizer.eos_token_id in stops else {"eos_token_id": tokenizer.eos_token_id}
     with torch.no_grad():
         out = model.generate(ids, max_new_tokens=args.max_new_tokens, do_sample=args.temperature > 0,
                              temperature=args.temperature if args.temperature > 0 else None, top_k=args.top_k,

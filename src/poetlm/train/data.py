@@ -737,13 +737,27 @@ def _open_cache(cache_dir: Path, tokenizer, identity: dict) -> TokenData:
 _RECORD = {"identity": dict, "cache_dir": str, "tokenizer_hash": str, "sha256_train": str, "sha256_val": str}
 
 
-def _how_it_differs(data: str, identity: dict) -> str:
-    """How `data` differs from the source a run recorded (its data.json identity), for messages: the same
-    source changed, or another one."""
+def _run_record(run_dir: Path) -> dict:
+    """run_dir/data.json, checked: which tokens the run trained on (`TokenData.record`)."""
+    path = Path(run_dir) / "data.json"
+    try:
+        record = json.loads(path.read_text())
+        if not isinstance(record, dict) or any(not isinstance(record.get(key), kind) for key, kind in _RECORD.items()):
+            raise ValueError("not the record TokenData.record writes")
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path} is missing, unreadable or damaged ({type(e).__name__}: {e}): it records "
+                        "which tokens the run trained on, and without it the run cannot go on exactly. Restore the file "
+                        "(from a backup of the run directory), or start a new run") from None
+    return record
+
+
+def _how_it_differs(current: dict, identity: dict) -> str:
+    """How a source (its `_data_identity`) differs from the one a run recorded in data.json, for messages:
+    the same source changed, or another one."""
     def where(found: dict):  # an identity without what changes with the content (sizes, times)
         return [entry[0] for entry in found["files"]] if "files" in found else {k: v for k, v in found.items() if k != "size"}
 
-    if where(_data_identity(data)) == where(identity):
+    if where(current) == where(identity):
         return "changed since this run started"
     files = identity.get("files")
     recorded = (files[0][0] + (f" and {len(files) - 1} more files" if len(files) > 1 else "") if files else
@@ -755,10 +769,7 @@ def check_resume_data(run_dir: Path, recorded: str, new: str) -> None:
     """Refuse a resume's new data location where the run's own data is still there as recorded: the new
     one is then another source (a new location is for data that moved). Its tokens are checked anyway
     (`load_run_data`); this keeps config.json from naming a source the run never trained on."""
-    try:
-        identity = json.loads((Path(run_dir) / "data.json").read_text())["identity"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return  # load_run_data reports a missing or damaged record
+    identity = _run_record(run_dir)["identity"]
     if _data_identity(recorded) == identity and _data_identity(new) != identity:
         raise DataError(f"data.data={new!r} is not this run's data: it trained on {recorded}, which is still there "
                         "unchanged. Resume without --data (a new location is for data that moved), or start a new run "
@@ -773,14 +784,7 @@ def load_run_data(run_dir: Path, data: str, **options) -> TokenData:
     corpus must never silently change what a resumed run trains on. `options` are prepare_data's.
     """
     run_dir = Path(run_dir)
-    try:
-        record = json.loads((run_dir / "data.json").read_text())
-        if not isinstance(record, dict) or any(not isinstance(record.get(key), kind) for key, kind in _RECORD.items()):
-            raise ValueError("not the record TokenData.record writes")
-    except (OSError, ValueError) as e:
-        raise DataError(f"{run_dir / 'data.json'} is missing, unreadable or damaged ({type(e).__name__}: {e}): it records "
-                        "which tokens the run trained on, and without it the run cannot go on exactly. Restore the file "
-                        "(from a backup of the run directory), or start a new run") from None
+    record = _run_record(run_dir)
     tokenizer_dir = run_dir / "tokenizer"
     tokenizer = load_tokenizer(tokenizer_dir, hint=RUN_TOKENIZER)
     if _tokenizer_hash(tokenizer) != record["tokenizer_hash"]:
@@ -790,13 +794,14 @@ def load_run_data(run_dir: Path, data: str, **options) -> TokenData:
     if cache_dir.is_dir() and _check_cache(cache_dir, record["tokenizer_hash"]) is None:
         meta = json.loads((cache_dir / "meta.json").read_text())
         if all(meta[f"sha256_{split}"] == digest for split, digest in sums.items()):
-            if _data_identity(data) != record["identity"]:
-                print(f"poetlm: note: {data} {_how_it_differs(data, record['identity'])}; the run goes on with the "
+            current = _data_identity(data)
+            if current != record["identity"]:
+                print(f"poetlm: note: {data} {_how_it_differs(current, record['identity'])}; the run goes on with the "
                       f"tokens it started with ({cache_dir})", file=sys.stderr)
             return _open_cache(cache_dir, tokenizer, record["identity"])
     tokens = prepare_data(data, tokenizer=str(tokenizer_dir), **options)
     if any(tokens.record()[f"sha256_{split}"] != digest for split, digest in sums.items()):
-        raise DataError(f"{data} {_how_it_differs(data, record['identity'])}: it does not give the tokens the run trained on, and "
+        raise DataError(f"{data} {_how_it_differs(_data_identity(data), record['identity'])}: it does not give the tokens the run trained on, and "
                         f"the run's token cache {cache_dir} is gone or damaged. Restore the original data to continue this run, "
                         "or start a new run on the new data")
     return tokens

@@ -22,6 +22,9 @@ class ModelError(ValueError):
     """The model to finetune cannot be loaded or does not fit the data."""
 
 
+SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
 def token_ids(tokenizer) -> dict[str, int]:
     """The config's bos/eos/pad ids for a model trained from scratch on `tokenizer`'s tokens.
 
@@ -31,14 +34,18 @@ def token_ids(tokenizer) -> dict[str, int]:
     such as '"', at which generation would stop.)
     """
     eos = int(tokenizer.eos_token_id)
-    return {"eos_token_id": eos,
-            "bos_token_id": eos if tokenizer.bos_token_id is None else int(tokenizer.bos_token_id),
-            "pad_token_id": eos if tokenizer.pad_token_id is None else int(tokenizer.pad_token_id)}
+    return {name: eos if getattr(tokenizer, name) is None else int(getattr(tokenizer, name)) for name in SPECIAL_TOKENS}
+
+
+def _special_tokens(ids: dict[str, int] | None) -> dict[str, int | None]:
+    """A fresh model's special token ids: `ids` (`token_ids`), or none at all; never an architecture's
+    defaults, which are ids of another vocabulary."""
+    return {name: (ids or {}).get(name) for name in SPECIAL_TOKENS}
 
 
 def llama_config(model: ModelConfig, vocab_size: int, max_seq_len: int, ids: dict[str, int] | None = None) -> LlamaConfig:
     return LlamaConfig(
-        **(ids or {}),
+        **_special_tokens(ids),
         vocab_size=vocab_size,
         hidden_size=model.hidden_size,
         intermediate_size=model.intermediate_size,
@@ -176,8 +183,7 @@ def hf_model_config(model: ModelConfig, vocab_size: int, max_seq_len: int, ids: 
     for name, value in sizes.items():
         values[field(name, name)] = value
     _fit_layer_lists(values, config_class, setting, model.num_layers)
-    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
-        values[name] = (ids or {}).get(name)  # the source's ids are of its own vocabulary, not poetlm's tokenizer's
+    values.update(_special_tokens(ids))
     try:
         config = config_class(**{k: v for k, v in values.items() if k not in ("model_type", "transformers_version", "architectures")})
     except Exception as error:  # transformers raises assorted types
