@@ -67,6 +67,10 @@ def test_target_modules_list_and_regex_and_no_match_error():
         poetlm.poetize(llama(), POETConfig(target_modules=["embed_tokens"]))
     with pytest.raises(ValueError, match="no nn.Linear"):
         poetlm.poetize(nn.Sequential(nn.Conv1d(2, 2, 1)), POETConfig())
+    with pytest.raises(ValueError, match="must match a layer's whole name, e.g. '.\\*\\(q_proj\\|v_proj\\)'"):
+        poetlm.poetize(llama(), POETConfig(target_modules="q_proj|v_proj"))  # an alternation, not the whole names
+    with pytest.raises(ValueError, match="entry 'lin' matches no module of the model: use a module's name or the end of one, e.g. '0'$"):
+        poetlm.poetize(nn.Sequential(nn.Linear(8, 8)), POETConfig(target_modules=["lin"]))  # the example named once
 
 
 @pytest.mark.parametrize("variant", ["bs", "fs"])
@@ -207,6 +211,25 @@ def test_step_weight_cache_refuses_to_nest():
     assert all(p.grad is not None for p in poetlm.rotation_parameters(model))  # the outer block still delivered
 
 
+def test_an_optimizer_step_inside_step_weight_cache_is_refused_before_anything_changes():
+    model = poetlm.poetize(llama(), POETConfig(block_size=8))
+    ids = torch.randint(0, 64, (2, 10))
+    optimizer = torch.optim.SGD(poetlm.param_groups(model, 1e-2, 1e-1, 0.0))
+    other = torch.optim.SGD([torch.nn.Parameter(torch.ones(2))])  # holds none of the model's rotations
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    with pytest.raises(RuntimeError, match=r"optimizer.step\(\) inside step_weight_cache.*after the `with` block"):
+        with poetlm.step_weight_cache(model):
+            model(ids, labels=ids).loss.backward()
+            other.step()
+            optimizer.step()
+    assert all(torch.equal(v, before[k]) for k, v in model.named_parameters())
+    optimizer.zero_grad()
+    with poetlm.step_weight_cache(model):
+        model(ids, labels=ids).loss.backward()
+    optimizer.step()  # the documented order; and the refusal ended with its block
+    assert not torch.equal(model.model.layers[0].self_attn.q_proj.rotation_in.skew, before["model.layers.0.self_attn.q_proj.rotation_in.skew"])
+
+
 def test_diagnostics_under_autocast_are_the_fp32_ones():
     model = poetlm.poetize(llama(), POETConfig(block_size=8, parameterization="cayley"))
     randomize_rotations(model, scale=0.1)
@@ -272,6 +295,24 @@ def test_distinct_layers_sharing_one_weight_are_refused_and_rotated_once_by_the_
     torch.testing.assert_close(torch.linalg.svdvals(net[0].weight.detach()), before)
 
 
+def test_a_layer_tied_to_a_module_left_unwrapped_is_refused_not_untied():
+    class EncoderDecoder(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.enc, self.dec = nn.Linear(8, 8, bias=False), nn.Linear(8, 8, bias=False)
+            self.dec.weight = self.enc.weight
+
+    model = EncoderDecoder()
+    with pytest.raises(ValueError, match="layer 'enc' shares its weight with 'dec.weight' \\(tied\\).*exclude_modules=\\['enc'\\]"):
+        poetlm.poetize(model, POETConfig(block_size=4, exclude_modules=["dec"]))
+    assert type(model.enc) is nn.Linear and model.dec.weight is model.enc.weight  # nothing was wrapped
+    tied = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
+                                        num_attention_heads=4, tie_word_embeddings=True))
+    with pytest.raises(ValueError, match="layer 'lm_head' shares its weight with 'model.embed_tokens.weight'.*tie_word_embeddings=False"):
+        poetlm.poetize(tied, POETConfig(block_size=8, target_modules=["lm_head", "q_proj"]))
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+
+
 def test_poetize_settings_errors_name_the_fix():
     with pytest.raises(TypeError, match="POETConfig\\(\\*\\*settings\\)"):
         poetlm.poetize(llama(), {"block_size": 8})
@@ -279,6 +320,20 @@ def test_poetize_settings_errors_name_the_fix():
         POETConfig(target_modules="(")
     with pytest.raises(ValueError, match="exclude_modules=\\['0'\\]"):
         poetlm.poetize(nn.Sequential(nn.Linear(8, 8)), POETConfig(block_size=4, exclude_modules=["0"]))
+
+
+def test_a_poet_layers_weight_cannot_be_set_and_a_dense_state_dict_is_refused_even_unstrict():
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 4))
+    model = poetlm.poetize(copy.deepcopy(dense), POETConfig(block_size=4))
+    with pytest.raises(AttributeError, match="weight is computed from W0 and the rotations and cannot be set"):
+        model[0].weight = nn.Parameter(torch.zeros(8, 8))
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(RuntimeError, match="0.weight: a dense weight without POET's W0.*init='keep'"):
+        model.load_state_dict(dense.state_dict(), strict=False)
+    saved = model.state_dict()  # a POET layer's own state dict (which holds the dense weight too) loads as always
+    assert "0.weight" in saved and not model.load_state_dict(saved).unexpected_keys
+    torch.testing.assert_close(model.state_dict(), before, rtol=0, atol=0, equal_nan=True)  # the refused load changed nothing
 
 
 def test_exclude_modules_covers_what_an_excluded_module_contains():

@@ -82,6 +82,41 @@ def test_plain_transformers_loaders_get_the_dense_model_never_random_weights(tmp
     assert {p.name for p in (tmp_path / "poet").iterdir()} >= {"config.json", "model.safetensors", CONFIG_NAME, STATE_NAME}
 
 
+def test_a_compiled_model_or_block_saves_under_the_plain_models_names(tmp_path):
+    model = trained(llama())
+    expected = model.state_dict()
+    block = model.model.layers[1]
+    model.model.layers[1] = torch.compile(block)  # its keys and names gain "_orig_mod." parts
+    for name, saved in (("whole", torch.compile(model)), ("block", model)):
+        poetlm.save_pretrained(saved, tmp_path / name)
+        plain, info = AutoModelForCausalLM.from_pretrained(tmp_path / name, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"]
+        loaded = poetlm.from_pretrained(tmp_path / name).state_dict()
+        assert loaded.keys() == expected.keys() and all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+
+def test_parts_poetized_one_at_a_time_draw_as_the_whole_model_with_their_prefix_and_save_their_seeds(tmp_path):
+    config = poetlm.POETConfig(block_size=8)
+    whole, parts, unnamed = poetlm.poetize(llama(), config), llama(), llama()
+    for i, (part, same_part) in enumerate(zip(parts.model.layers, unnamed.model.layers)):
+        poetlm.poetize(part, config, prefix=f"model.layers.{i}")
+        poetlm.poetize(same_part, config)  # both blocks' layers named "self_attn.q_proj", …
+    for name, layer in poetlm.poet_layers(whole):
+        assert torch.equal(parts.get_submodule(name).weight0, layer.weight0), name
+    q0, q1 = (block.self_attn.q_proj for block in unnamed.model.layers)
+    assert torch.equal(q0.weight0, q1.weight0)  # what the prefix is for, and what merges warn of:
+    with pytest.warns(UserWarning, match="seeded by 'self_attn.q_proj'.*prefix='model.layers.3'"):
+        poetlm.merge(unnamed)
+    poetlm.save_pretrained(unnamed, tmp_path)
+    loaded = poetlm.from_pretrained(tmp_path)
+    with pytest.warns(UserWarning):
+        poetlm.merge(loaded)
+    with pytest.warns(UserWarning):
+        poetlm.merge(unnamed)
+    ours, theirs = unnamed.state_dict(), loaded.state_dict()  # the same next draws: seeded as before the save
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+
 def test_merged_save_is_a_plain_model(tmp_path):
     model = trained(gpt2())
     poetlm.save_pretrained(model, tmp_path)

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from .config import POETConfig
 from .orthogonal import singular_values
-from .primitives import RotationSide, make_side, require_rotations, rotate_weight, seed_name, seeded_generator
+from .primitives import RotationSide, make_side, require_rotations, rotate_weight, plain_name, seeded_generator
 
 
 def is_shard(tensor: torch.Tensor) -> bool:
@@ -68,9 +68,9 @@ class POETLinear(nn.Module):
         self.config = config
         self.name = name
         # W0, the probe and every permutation are drawn from (config.seed, this key): a model's layers by
-        # their names (poetize; as `seed_name` reads them, so a compiled model's too), a layer built on its
+        # their names (poetize; as `plain_name` reads them, so a compiled model's too), a layer built on its
         # own from torch's generator, so that two of them differ and torch.manual_seed reproduces them.
-        self.seed_key = seed_name(name) or f"unnamed:{int(torch.randint(2**62, ()))}"
+        self.seed_key = plain_name(name) or f"unnamed:{int(torch.randint(2**62, ()))}"
         dtype = dtype or torch.get_default_dtype()
         self.weight_dtype = dtype  # what export_dense gives back
         # W0 stays in fp32 (or wider) whatever the compute dtype, so merges do not erode the spectrum.
@@ -124,10 +124,18 @@ class POETLinear(nn.Module):
 
         For code that reads `.weight` directly (nn.MultiheadAttention's out_proj, fused fast paths). It is
         computed, differentiable in the rotations, and not a parameter: parameter counts, optimizers and
-        FSDP see only weight0 and the skew parameters.
+        FSDP see only weight0 and the skew parameters. Writing into it changes nothing (it is a new tensor
+        each time); setting it is refused.
         """
         weight = self.step_weight if self.step_weight is not None else self.effective_weight()
         return self._oriented(weight.to(self.weight_dtype))
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "weight":  # nn.Module's own refusal says only that the attribute exists
+            raise AttributeError(f"POETLinear {self.name!r}: weight is computed from W0 and the rotations and cannot be set; "
+                                 "to change W0 write weight0 (under torch.no_grad()), or edit the weights of the plain "
+                                 "model that poetlm.export_dense(model) returns")
+        super().__setattr__(name, value)
 
     @torch.no_grad()
     def to_dense(self) -> nn.Module:
@@ -155,6 +163,10 @@ class POETLinear(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
         if prefix + "weight" in unexpected_keys:  # derived from W0 and the rotations, which are what gets loaded
             unexpected_keys.remove(prefix + "weight")
+            if prefix + "weight0" not in state_dict:  # even with strict=False: the dense weight would be dropped unseen
+                error_msgs.append(f"{prefix}weight: a dense weight without POET's W0 and rotations (a plain model's state "
+                                  "dict), which a POET layer cannot take; load it into the plain model and poetize that "
+                                  "with init='keep' (or poetlm.get_poet_model) to start POET from these weights")
 
     def _apply(self, fn, recurse=True):
         # model.to(torch.bfloat16) or .half() casts every floating tensor. W0, the skew parameters and the
@@ -299,6 +311,13 @@ class POETConv1D(POETLinear):
 
     def _oriented(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.t()
+
+    def __setattr__(self, name: str, value) -> None:
+        if name == "weight":  # nn.Module's own refusal says only that the attribute exists
+            raise AttributeError(f"POETLinear {self.name!r}: weight is computed from W0 and the rotations and cannot be set; "
+                                 "to change W0 write weight0 (under torch.no_grad()), or edit the weights of the plain "
+                                 "model that poetlm.export_dense(model) returns")
+        super().__setattr__(name, value)
 
     @torch.no_grad()
     def to_dense(self) -> nn.Module:

@@ -13,11 +13,12 @@ from typing import Callable, Iterator
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from .config import POETConfig, checked, is_number
 from .layer import POETLinear, draw_weight, is_conv1d, wrap_module
-from .orthogonal import orthogonal_map
-from .primitives import batch_entries, seed_name
+from .orthogonal import orthogonal_map, singular_values
+from .primitives import batch_entries, plain_name
 from .update_rules import MergeRule, ResetState
 
 
@@ -88,29 +89,49 @@ def _refuse_unmatched(model: nn.Module, setting: str, entries: list[str]) -> Non
         candidates = sorted({part for name in names for part in (name, name.rsplit(".", 1)[-1]) if part})
         close = difflib.get_close_matches(pattern, candidates, n=3)
         example = next((name for name, m in model.named_modules() if _linear_like(m)), names[-1])
+        examples = " or ".join(map(repr, dict.fromkeys((example, example.rsplit(".", 1)[-1]))))
         hint = (f"did you mean {' or '.join(map(repr, close))}?" if close else
-                f"use a module's name or the end of one, e.g. {example!r} or {example.rsplit('.', 1)[-1]!r}")
+                f"use a module's name or the end of one, e.g. {examples}")
         raise ValueError(f"{setting} entry {pattern!r} matches no module of the model: {hint}")
 
 
-def poetize(model: nn.Module, config: POETConfig | None = None, *, strict: bool = False) -> nn.Module:
+def poetize(model: nn.Module, config: POETConfig | None = None, *, strict: bool = False, prefix: str = "") -> nn.Module:
     """Replace the targeted nn.Linear / Conv1D layers of `model` (in place) by POET layers; returns the model.
 
-    Their weights become the fixed W0 (a frozen parameter), the rotation parameters are trainable, and
-    every other parameter (biases of the wrapped layers included) keeps its values and requires_grad.
+    Each gets a fixed W0 (a frozen parameter): drawn afresh by `config.init` (the default: pretraining, the
+    layers' current weights are discarded), or their current weights with init="keep" (finetuning; what
+    `get_poet_model` does). The rotation parameters are trainable, and every other parameter (biases of the
+    wrapped layers included) keeps its values and requires_grad.
 
     Targeted weights that are not nn.Linear or Conv1D modules (e.g. Mixtral's fused 3-D expert weights,
     nn.MultiheadAttention's in_proj_weight) stay dense: a warning names them, `strict=True` refuses before
     anything is wrapped, and `poetlm.coverage(model)` reports what is wrapped and what is not.
+
+    Every layer draws its W0 and coordinates from (config.seed, its name). Wrapping parts of a model one
+    call at a time, pass each part's name in the whole model as `prefix` (e.g. "model.layers.3"): without
+    it the layers of every part are named alike and draw alike.
     """
     config = config or POETConfig()
     refuse_poetized(model)
     targets = target_linears(model, config)
-    _refuse_shared_weights(targets)
+    _refuse_shared_weights(model, targets)
     _check_coverage(model, config, strict)
     for name, module in targets:
-        model = replace_module(model, name, wrap_module(module, config, name))
+        model = replace_module(model, name, wrap_module(module, config, ".".join(filter(None, (prefix, name)))))
     return model
+
+
+def _warn_of_shared_draws(layers: list[POETLinear]) -> None:
+    """Two layers of one model seeded alike draw the same W0 and coordinates: parts poetized one at a time."""
+    seen: dict[tuple[int, str], POETLinear] = {}
+    for layer in layers:
+        other = seen.setdefault((layer.config.seed, layer.seed_key), layer)
+        if other is not layer:
+            warnings.warn(f"POET layers of one model draw the same W0 and coordinates (both seeded by {layer.seed_key!r}): "
+                          "parts of the model were poetized one call at a time without their names; pass each part's "
+                          "name as poetize(part, config, prefix='model.layers.3'), or poetize the whole model once",
+                          stacklevel=3)
+            return
 
 
 def refuse_poetized(model: nn.Module) -> None:
@@ -135,15 +156,25 @@ def replace_module(model: nn.Module, name: str, new: nn.Module) -> nn.Module:
     return model
 
 
-def _refuse_shared_weights(targets: list[tuple[str, nn.Module]]) -> None:
-    """POET layers own their W0: two wrapped modules sharing one weight would silently stop sharing it."""
-    owners: dict[int, str] = {}
+def _refuse_shared_weights(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> None:
+    """POET layers own their W0: a wrapped module sharing its weight with another module (wrapped or not, e.g.
+    a head tied to the embedding) would silently stop sharing it."""
+    holders: dict[int, list[tuple[str, nn.Module]]] = {}  # a module registered under several names holds once
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for param_name, param in module.named_parameters(recurse=False):
+            holders.setdefault(id(param), []).append((".".join(filter(None, (module_name, param_name))), module))
+    wrapped = {f"{name}.weight": name for name, _ in targets}
     for name, module in targets:
-        other = owners.setdefault(id(module.weight), name)
-        if other != name:
-            raise ValueError(f"layers {other!r} and {name!r} share one weight, which POET layers would untie (each its "
-                             f"own W0 and rotations): exclude one of them (exclude_modules=[{name!r}]), or train the "
-                             "model with the POET optimizer (poetlm.optim.poet_optimizer), which rotates a shared weight once")
+        others = [holder for holder, owner in holders.get(id(module.weight), []) if owner is not module]
+        if not others:
+            continue
+        if others[0] in wrapped:
+            raise ValueError(f"layers {name!r} and {wrapped[others[0]]!r} share one weight, which POET layers would untie "
+                             f"(each its own W0 and rotations): exclude one of them (exclude_modules=[{wrapped[others[0]]!r}]), or train "
+                             "the model with the POET optimizer (poetlm.optim.poet_optimizer), which rotates a shared weight once")
+        raise ValueError(f"layer {name!r} shares its weight with {others[0]!r} (tied), which wrapping it would untie: "
+                         f"exclude it (exclude_modules=[{name!r}]), or untie the two before poetize (for a transformers "
+                         "model: tie_word_embeddings=False in its config)")
 
 
 def _check_coverage(model: nn.Module, config: POETConfig, strict: bool) -> None:
@@ -173,6 +204,8 @@ def target_linears(model: nn.Module, config: POETConfig, whole_model: bool = Fal
         linears = [name for name, m in model.named_modules() if _linear_like(m)]
         hint = f"its nn.Linear / Conv1D layers are {linears[:8]}" if linears else "it has no nn.Linear or Conv1D layers"
         excluded = f" and exclude_modules={config.exclude_modules!r}" if config.exclude_modules else ""
+        if isinstance(config.target_modules, str):
+            hint += " (a target_modules string is a regular expression that must match a layer's whole name, e.g. '.*(q_proj|v_proj)')"
         raise ValueError(f"POET found no layer to wrap with target_modules={config.target_modules!r}{excluded}: {hint}")
     return targets
 
@@ -197,14 +230,31 @@ def rotated_weights(model: nn.Module, config: POETConfig | None = None,
         seen.add(id(linear.weight))
         if config.init != "keep":
             if is_conv1d(linear):  # weight stored as (in, out)
-                linear.weight.copy_(draw_weight(config, *reversed(linear.weight.shape), seed_name(name)).t())
+                drawn = draw_weight(config, *reversed(linear.weight.shape), plain_name(name)).t()
             else:
-                linear.weight.copy_(draw_weight(config, linear.out_features, linear.in_features, seed_name(name)))
+                drawn = draw_weight(config, linear.out_features, linear.in_features, plain_name(name))
+            _refuse_discarding_rotations(name, linear.weight, drawn)
+            linear.weight.copy_(drawn)
         weights.append((f"{name}.weight", linear.weight))
     if not weights:
         raise ValueError(f"every layer POET would rotate is frozen ({', '.join(name for name, _ in targets[:4])}"
                          f"{', …' if len(targets) > 4 else ''}): unfreeze them (requires_grad_(True)) or train the model without POET")
     return weights
+
+
+def _refuse_discarding_rotations(name: str, weight: torch.Tensor, drawn: torch.Tensor) -> None:
+    """Refuse to redraw a weight that is this very W0 already rotated (trained by POET, then loaded into the
+    model before its optimizer was built): the redraw would silently put back the untrained W0. A rotation
+    keeps the Frobenius norm, so only a weight of W0's norm needs the spectra compared."""
+    weight, drawn = weight.detach().float(), drawn.to(weight.device, torch.float32)
+    if torch.equal(weight, drawn) or not math.isclose(float(weight.norm()), float(drawn.norm()), rel_tol=1e-4):
+        return
+    sigma, sigma0 = singular_values(weight), singular_values(drawn)
+    if float((sigma - sigma0).abs().max()) <= 1e-4 * float(sigma0.max()):
+        raise ValueError(f"{name}.weight has the singular values of the W0 POET would draw for it, rotated: it was trained "
+                         "with POET, and building the optimizer now would redraw W0 and discard that training. To resume, "
+                         "build the optimizer with poet=POETConfig(..., init='keep'), or build it before loading the "
+                         "trained weights (then load the optimizer's state)")
 
 
 def transposed_names(model: nn.Module, named: list[tuple[str, nn.Parameter]]) -> list[str]:
@@ -224,6 +274,7 @@ def merge(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, rule
     time, so a merge never holds more than one whole layer.
     """
     layers = [layer for _, layer in poet_layers(model)]
+    _warn_of_shared_draws(layers)
     if optimizer is not None:
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
         missing = [p for layer in layers for p in layer.rotation_parameters() if p.requires_grad and id(p) not in held]
@@ -363,6 +414,14 @@ def step_weight_cache(model: nn.Module):
     if any(layer.step_weight is not None for layer in layers):  # the inner block would drop the outer one's gradients
         raise RuntimeError("step_weight_cache is already active for this model: use one block per optimizer step, "
                            "around all of its micro-batches (nested blocks would lose the outer block's gradients)")
+    rotations = {id(p) for layer in layers for p in layer.rotation_parameters()}
+
+    def refuse_step_inside(optimizer, args, kwargs):
+        if any(id(p) in rotations for group in optimizer.param_groups for p in group["params"]):
+            raise RuntimeError("optimizer.step() inside step_weight_cache: the rotations' gradients arrive only when the "
+                               "block exits, so this step would miss them; call optimizer.step() after the `with` block")
+
+    hook = register_optimizer_step_pre_hook(refuse_step_inside)
     try:
         with torch.no_grad():
             for chunk in _layer_chunks(layers):
@@ -379,6 +438,7 @@ def step_weight_cache(model: nn.Module):
                 full_precision.enter_context(torch.autocast(device_type, enabled=False))
             _backpropagate_step_weights(layers)
     finally:
+        hook.remove()
         for layer in layers:
             layer.step_weight = None
 

@@ -28,7 +28,7 @@ import torch
 from .config import POETConfig, checked, is_number
 from .layer import is_shard, whole_value
 from .orthogonal import generator_scale, isometry_increment, rotation_increment, singular_values
-from .primitives import batch_entries, block_layout, draw_index, index_problem, require_rotations, seed_name, seeded_generator, stacks, transport_blocks
+from .primitives import batch_entries, block_layout, draw_index, index_problem, require_rotations, plain_name, seeded_generator, stacks, transport_blocks
 from .update_rules import RuleConfig, make_rule
 
 SIDES = ("out", "in")
@@ -316,7 +316,7 @@ class POET(torch.optim.Optimizer):
         """(seed key, sides, group, parameter): the same coordinates on every rank and after every resume.
 
         Given named parameters (`POET(model.named_parameters() …)` or `rotated_weights`), the key of
-        "a.b.weight" is the module name "a.b" (`seed_name`), so coordinates and W0 match a POETLinear named
+        "a.b.weight" is the module name "a.b" (`plain_name`), so coordinates and W0 match a POETLinear named
         "a.b" with the same seed; otherwise it is the parameter's position. `sides`: the stored tensor's
         sides ("out": rows, "in": columns) in the layer form's order, the output side first: ("in", "out")
         for a weight stored transposed.
@@ -326,7 +326,7 @@ class POET(torch.optim.Optimizer):
             names = group.get("param_names") or [None] * len(group["params"])
             for name, param in zip(names, group["params"]):
                 sides = SIDES[::-1] if name in self.transposed else SIDES
-                yield (seed_name(name.removesuffix(".weight")) if name else position), sides, group, param
+                yield (plain_name(name.removesuffix(".weight")) if name else position), sides, group, param
                 position += 1
 
     @staticmethod

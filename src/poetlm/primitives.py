@@ -27,9 +27,10 @@ def seeded_generator(*key) -> torch.Generator:
     return generator
 
 
-def seed_name(name: str) -> str:
-    """A module's name as seeds read it: without the `_orig_mod` parts that torch.compile's wrapper adds to
-    names, so a compiled model draws the W0 and coordinates of the plain one."""
+def plain_name(name: str) -> str:
+    """A module's (or a state-dict key's) name in the plain model: without the `_orig_mod` parts that
+    torch.compile's wrapper adds, so a compiled model draws the W0 and coordinates of the plain one and
+    saves under the plain one's names."""
     return ".".join(part for part in name.split(".") if part != "_orig_mod")
 
 

@@ -28,6 +28,7 @@ from torch import nn
 from .config import POETConfig
 from .layer import POETConv1D, POETLinear, wrap_module
 from .model import poet_layers, replace_module
+from .primitives import plain_name
 from .tuner import POETModel
 
 CONFIG_NAME = "poetlm_config.json"
@@ -65,15 +66,16 @@ def save_pretrained(model: nn.Module, directory, merged: bool = False, **kwargs)
     """
     if isinstance(model, POETModel):  # its state-dict keys carry the wrapper's prefix
         model = model.base_model
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: keys and names are the plain model's
     if not callable(getattr(model, "save_pretrained", None)):
         raise TypeError(f"poetlm.save_pretrained saves transformers models; {type(model).__name__} has no save_pretrained. "
                         "For another nn.Module save model.state_dict(): it holds W0, the rotations and the coordinates, "
                         "and loads into a poetized copy with load_state_dict")
-    layers = dict(poet_layers(model))
+    layers = {plain_name(name): layer for name, layer in poet_layers(model)}
     if not layers:
         raise ValueError("the model has no POET layers: save it with its own save_pretrained")
     directory = Path(directory)
-    state = model.state_dict()
+    state = {plain_name(key): tensor for key, tensor in model.state_dict().items()}  # compiled blocks inside, too
     poet_keys = {key for name, layer in layers.items() for key in _layer_keys(name, layer, state)}
     model.save_pretrained(directory, state_dict={k: v for k, v in state.items() if k not in poet_keys}, **kwargs)
     if merged:
@@ -88,9 +90,10 @@ def save_pretrained(model: nn.Module, directory, merged: bool = False, **kwargs)
         "format": FORMAT, "version": VERSION, "architecture": type(model).__name__,
         "configs": [c.to_dict() for c in configs],
         "layers": {name: {"config": configs.index(layer.config), "conv1d": isinstance(layer, POETConv1D),
-                          "in_features": layer.in_features, "out_features": layer.out_features}
+                          "in_features": layer.in_features, "out_features": layer.out_features,
+                          "seed_key": layer.seed_key}  # what its next merges draw from: not always its name
                    for name, layer in layers.items()},
-        "trainable": [name for name, p in model.named_parameters() if p.requires_grad],
+        "trainable": [plain_name(name) for name, p in model.named_parameters() if p.requires_grad],
     }
     tensors = {key: state[key].detach().to("cpu").contiguous() for key in sorted(poet_keys)}
     _atomic_write(directory / STATE_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
@@ -144,6 +147,8 @@ def _read_info(directory: Path) -> dict:
         info["configs"] = [POETConfig.from_dict(c) for c in info["configs"]]
         for entry in info["layers"].values():
             entry["config"] = info["configs"][int(entry["config"])]
+            if not isinstance(entry.get("seed_key", ""), str):
+                raise TypeError(f"seed_key {entry['seed_key']!r} is not a string")
         return info
     except LoadError:
         raise
@@ -239,6 +244,7 @@ def from_pretrained(directory, **kwargs) -> nn.Module:
         # W0 comes from the saved state below; wrapping with init="keep" avoids drawing a random one first.
         layer = wrap_module(module, POETConfig.from_dict({**entry["config"].to_dict(), "init": "keep"}), name)
         layer.config = entry["config"]
+        layer.seed_key = entry.get("seed_key", layer.seed_key)  # older saves: seeded by name
         prefix = name + "."
         local = {key[len(prefix):]: t for key, t in state.items() if key.startswith(prefix)}
         if layer.bias is not None:
