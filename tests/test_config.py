@@ -70,6 +70,50 @@ def test_poetlm_config_shows_the_values_plain_train_runs_and_another_preset_or_m
     assert listed(["--config", "small"], "steps", capsys) == "600"
 
 
+def test_the_presets_train_each_baseline_at_its_tuned_lr_and_an_explicit_value_wins(capsys):
+    for preset in ("tiny", "small", "llama-60m", "llama-1b"):
+        assert listed(["--config", preset, "--method", "adamw"], "optim.lr_hidden", capsys) == "0.001", preset
+        assert listed(["--config", preset, "--method", "muon"], "optim.lr_muon", capsys) == "0.003", preset
+    assert resolve_config("tiny", ["method='adamw'", "optim.lr_hidden=3e-4"]).optim.lr_hidden == 3e-4
+    assert resolve_config("tiny", ["method='muon'"]).optim.lr == 1e-2  # the embeddings and head: every method's
+
+
+def test_a_key_under_a_section_that_does_not_exist_is_matched_by_its_name():
+    with pytest.raises(ConfigError, match="unknown config key\\(s\\) 'train' \\(did you mean grad_accum\\?\\)"):
+        resolve_config("tiny", ["train.grad_accum=2"])
+
+
+def test_a_toml_file_builds_on_the_preset_its_base_names(tmp_path):
+    (tmp_path / "plays.toml").write_text('base = "tiny"\nsteps = 40\n[data]\ndata = "shakespeare"\n[poet]\nblock_size = 64\n')
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "short.toml").write_text('base = "../plays.toml"\nsteps = 20\n[methods.poet-paper.optim]\nlr_poet = 5e-3\n')
+    tiny = resolve_config("tiny")
+    for method in ("poet", "poet-paper", "adamw"):
+        preset = resolve_config("tiny", [f"method={method!r}"])
+        plays = resolve_config(str(tmp_path / "plays.toml"), [f"method={method!r}"])
+        short = resolve_config(str(tmp_path / "sub" / "short.toml"), [f"method={method!r}"])
+        assert (plays.steps, plays.data.data, plays.poet.block_size, short.steps) == (40, "shakespeare", 64, 20)
+        assert plays.optim == preset.optim and plays.model == tiny.model  # the rest is tiny's, its method tables too
+        assert short.optim.lr_poet == (5e-3 if method == "poet-paper" else preset.optim.lr_poet)
+    assert resolve_config(str(tmp_path / "plays.toml")).name == "plays-poet"
+    (tmp_path / "loop.toml").write_text('base = "loop.toml"\n')
+    with pytest.raises(ConfigError, match="leads back to itself"):
+        resolve_config(str(tmp_path / "loop.toml"))
+    (tmp_path / "typed.toml").write_text("base = 3\n")
+    with pytest.raises(ConfigError, match="base=3 must be a preset name"):
+        resolve_config(str(tmp_path / "typed.toml"))
+    (tmp_path / "missing.toml").write_text('base = "nowhere.toml"\n')
+    with pytest.raises(ConfigError, match="no preset or config file named .*nowhere.toml"):
+        resolve_config(str(tmp_path / "missing.toml"))
+
+
+def test_a_file_without_base_takes_each_methods_own_default_angle_or_lr_for_poet(tmp_path):
+    (tmp_path / "bare.toml").write_text('[data]\ndata = "sotu"\n')
+    assert resolve_config(str(tmp_path / "bare.toml")).optim.lr_poet == 0.02  # an angle, radians per step
+    assert resolve_config(str(tmp_path / "bare.toml"), ["method='poet-paper'"]).optim.lr_poet == 1e-3  # AdamW's lr on Q
+    assert resolve_config(str(tmp_path / "bare.toml"), ["method='poet-paper'", "optim.lr_poet=2e-3"]).optim.lr_poet == 2e-3
+
+
 @pytest.mark.parametrize("method,keys,users", [
     ("poet", ["poet.merge_every=7", "poet.forward_mode='input'", "poet.build_dtype='bf16'", "optim.merge_clip_steps=3"],
      "method poet-paper only"),

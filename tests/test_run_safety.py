@@ -203,6 +203,28 @@ def finished_run(tiny):
     return Path(loop.train(resolve_config("tiny", tiny("name='exp'", steps=3)))["run_dir"])
 
 
+def test_eval_scores_a_run_as_it_scored_itself_and_refuses_data_flags_without_data(finished_run, tmp_path, capsys):
+    summary = json.loads((finished_run / "summary.json").read_text())
+    capsys.readouterr()
+    assert main(["eval", str(finished_run)]) == 0  # batched as the run (batch_size=4) batched its windows
+    assert f"validation perplexity: {summary['final_val_ppl']:.3f} " in capsys.readouterr().out
+    assert main(["eval", str(finished_run), "--split-seed", "9", "--max-documents", "1"]) == 1
+    _one_line_error(capsys, "--split-seed, --max-documents choose how --data is read, and there is no --data")
+
+
+def test_misplaced_paths_are_named_for_what_they_are(finished_run, tmp_path, capsys):
+    assert main(["train", "--resume", str(finished_run / "final")]) == 2
+    err = capsys.readouterr().err
+    assert f"{finished_run / 'final'} is a model directory, not a poetlm run directory; it is the final model of the run " \
+           f"{finished_run}: give that" in err and "unknown config key" not in err
+    text = tmp_path / "notes.txt"
+    text.write_text("not a tokenizer\n")
+    assert main(["train", "--tokenizer", str(text), "--out", str(tmp_path / "runs"), "steps=1"]) == 1
+    _one_line_error(capsys, f"{text} is a file, not a tokenizer directory")
+    assert main(["finetune", "--model", str(text), "--data", "sotu", "--out", str(tmp_path / "runs"), "steps=1"]) == 1
+    _one_line_error(capsys, f"finetune.base_model={str(text)!r} is a file: pass a model directory")
+
+
 def test_export_never_overwrites_silently_and_never_writes_into_a_run(finished_run, tmp_path, capsys):
     run_dir = finished_run
     config = (run_dir / "config.json").read_bytes()
@@ -483,6 +505,44 @@ def test_an_edited_run_config_is_refused_on_resume_naming_the_changed_keys(tiny,
     capsys.readouterr()
     assert main(["train", "--resume", str(run_dir)]) == 1
     _one_line_error(capsys, f"changed since step_00000004.pt was written ({named})", "Restore those values")
+
+
+def test_a_run_another_process_holds_is_refused_and_free_again_when_that_process_ends(tiny, monkeypatch, capsys):
+    import subprocess
+    import sys
+
+    run_dir = _stopped_run(tiny, monkeypatch, "held")
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from poetlm.train.files import exclusive\n"
+                               f"with exclusive({str(run_dir)!r}):\n    print('held', flush=True); time.sleep(120)"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        before = snapshot(run_dir)
+        capsys.readouterr()
+        assert main(["train", "--resume", str(run_dir), "steps=7"]) == 1
+        _one_line_error(capsys, f"{run_dir} is in use by another poetlm process (PID {holder.pid})")
+        assert snapshot(run_dir) == before  # config.json kept its steps
+        with pytest.raises(loop.TrainingError, match="in use by another poetlm process"):
+            loop.train(resume=run_dir)
+    finally:
+        holder.kill()
+        holder.wait()
+    with files.exclusive(run_dir), files.exclusive(run_dir):  # a killed holder leaves nothing behind; nesting holds once
+        pass
+    assert main(["train", "--resume", str(run_dir)]) == 0
+
+
+@pytest.mark.parametrize("flags, named", [(["--name", "renamed"], "name='renamed'"), (["--out", "elsewhere"], "out_dir="),
+                                          (["--tokenizer", "/nowhere/tokenizer"], "data.tokenizer='/nowhere/tokenizer'")])
+def test_a_resume_refuses_a_new_name_place_or_tokenizer_it_would_only_record(tiny, monkeypatch, capsys, flags, named):
+    run_dir = _stopped_run(tiny, monkeypatch, "placed")
+    before = snapshot(run_dir)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(run_dir), *flags]) == 2  # a config error
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and named in err and ("drop --tokenizer" in err or "drop --name / --out" in err), err
+    assert snapshot(run_dir) == before
+    assert main(["train", "--resume", str(run_dir), "--name", "placed", "--out", str(tiny.runs)]) == 0  # its own values
 
 
 def test_steps_and_bookkeeping_may_change_on_resume(tiny, monkeypatch):

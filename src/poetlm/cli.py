@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import signal
@@ -16,6 +17,7 @@ from .train.checkpoint import CheckpointError
 from .train.config import (METHODS, ConfigError, ConfigWarning, DataConfig, closest_keys, load_config, make_dir, override_config,
                            parse_overrides, preset_names, resolve_config, save_config)
 from .train.data import DataError
+from .train.files import DirectoryInUse, exclusive
 
 class CommandError(RuntimeError):
     """A command cannot do what was asked as asked; the message says why and what to do instead."""
@@ -99,7 +101,7 @@ def _resume(args) -> int:
     from .train.loop import train
     from .train.checkpoint import list_checkpoints
     from .train.data import check_resume_data
-    from .train.runs import RESUME_ADJUSTABLE, check_steps
+    from .train.runs import FIXED_ON_RESUME, RESUME_ADJUSTABLE, check_steps, refuse_new_places
 
     if args.config is not None:
         raise ConfigError("--resume continues a run with the config saved in it; drop --config (or start a new run with it)")
@@ -107,11 +109,13 @@ def _resume(args) -> int:
     refused = [key for key in (".".join(keys) for keys, _ in parsed) if key not in RESUME_ADJUSTABLE and not key.startswith("logging.")]
     if refused:
         raise ConfigError(f"--resume cannot change {', '.join(refused)}: they define what the run trains (start a new run "
-                          f"to change them). A resume may change {', '.join(sorted(RESUME_ADJUSTABLE))} and logging.*")
+                          f"to change them). A resume may change {', '.join(sorted(RESUME_ADJUSTABLE - set(FIXED_ON_RESUME)))} "
+                          "and logging.*")
     path = Path(args.resume) / "config.json"
     config = recorded = load_config(path)
     if parsed:
         config = override_config(config, parsed)
+        refuse_new_places(recorded, config, Path(args.resume))
         if config.data.data != recorded.data.data:
             check_resume_data(Path(args.resume), recorded.data.data, config.data.data)
     checkpoints = list_checkpoints(Path(args.resume))
@@ -119,9 +123,11 @@ def _resume(args) -> int:
         check_steps(config, checkpoints[-1])
     if args.print_config:
         return _print_config(config)
-    if parsed:  # saved for this session and the next ones, as an edit of config.json would be (raising steps extends the run)
-        save_config(config, path)
-    return _finish(train(resume=args.resume))
+    # Held from before config.json is written (rank 0 of a torchrun job; train() holds it again, for every caller).
+    with exclusive(args.resume) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext():
+        if parsed:  # saved for this session and the next ones, as an edit of config.json would be (raising steps extends the run)
+            save_config(config, path)
+        return _finish(train(resume=args.resume))
 
 
 def shortcut_overrides(args) -> list[tuple[str, object]]:
@@ -190,6 +196,11 @@ def _cmd_eval(args) -> int:
     from .train.runs import data_options, load_any_model
     from .train.models import check_context, context_length
 
+    unused = [flag for flag, value in (("--split-seed", args.split_seed), ("--cache-dir", args.cache_dir),
+                                       ("--max-documents", args.max_documents)) if value is not None]
+    if args.data is None and unused:
+        raise CommandError(f"{', '.join(unused)} {'chooses' if len(unused) == 1 else 'choose'} how --data is read, and there is no --data: eval then scores the "
+                           "run's own validation tokens, exactly as the run did. Pass --data, or drop them")
     device = pick_device(args.device)
     model, tokenizer, config = load_any_model(args.path, device)
     if args.data is None and config is None:
@@ -210,7 +221,8 @@ def _cmd_eval(args) -> int:
                             max_documents=args.max_documents, documents_option="--max-documents {}")
     max_tokens = args.tokens or (config.eval_tokens if config else None)
     amp = autocast_dtype(config, device) if config else None  # a bf16 run is scored as it scored itself
-    result = perplexity(model, data.val, seq_len=seq_len, batch_size=args.batch_size, max_tokens=max_tokens, device=device,
+    batch_size = args.batch_size or (config.batch_size if config else 8)  # a run's own: its windows batched as it scored them
+    result = perplexity(model, data.val, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens, device=device,
                         autocast_dtype=amp)
     print(f"validation perplexity: {result['val_ppl']:.3f} (loss {result['val_loss']:.4f} over {result['val_tokens']} tokens of {source})")
     return 0
@@ -314,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="predicted tokens to score (default: the run's eval_tokens, or the whole validation split)")
     p.add_argument("--seq-len", type=_at_least(2), default=None,
                    help="tokens per scored window (default: the run's data.seq_len, else 256 or the model's context if shorter)")
-    p.add_argument("--batch-size", type=_at_least(1), default=8)
+    p.add_argument("--batch-size", type=_at_least(1), default=None,
+                   help="windows scored at once (default: the run's batch_size, else 8)")
     p.add_argument("--split-seed", type=int, help="with --data: the seed of its train/validation split (default: the "
                    "run's, or 0 for a model directory; a finetune's is data.split_seed, which follows its seed)")
     p.add_argument("--cache-dir", help="with --data: where its tokens are cached (default: the run's data.cache_dir, "
@@ -380,6 +393,9 @@ def main(argv: list[str] | None = None) -> int:
     from .train.report import ReportError
 
     warnings.formatwarning = _format_warning
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # its per-file loading and saving bars, around poetlm's own output
     parser = build_parser()
     # KEY=VALUE overrides may come before or after flags; argparse alone stops collecting them at the first flag.
     args, extra = parser.parse_known_args(argv)
@@ -401,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         if not echo:
             print(f"poetlm: config error: {error}", file=sys.stderr)
         return 2
-    except (DataError, CheckpointError, LoadError, TrainingError, ReportError, AdapterError, ModelError, CommandError) as error:
+    except (DataError, CheckpointError, LoadError, TrainingError, ReportError, AdapterError, ModelError, CommandError,
+            DirectoryInUse) as error:
         print(f"poetlm: error: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as stop:  # outside the step loop (whose handler checkpoints first): stop without a traceback

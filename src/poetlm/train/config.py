@@ -33,6 +33,7 @@ METHODS = ("poet", "poet-paper", "adamw", "muon", "lora")
 
 
 PAPER_NEUMANN_TERMS = 3  # the paper's CNP k; drifts the spectrum by ~‖Q‖⁴ per merge (POETConfig explains)
+PAPER_LR_POET = 1e-3  # AdamW's lr on the skew parameters in the paper's recipe (its LLaMA-60m value)
 
 
 class ConfigError(ValueError):
@@ -71,7 +72,7 @@ class DataConfig:
 @dataclass
 class OptimConfig:
     lr: float = 3e-3                  # ordinary parameters (AdamW's lr, Muon's AdamW part)
-    lr_poet: float = 1e-3             # POET's rotations: radians per step (poet) or AdamW's lr on Q (poet-paper)
+    lr_poet: float = 0.02             # POET's rotations: radians per step (poet) or AdamW's lr on Q (poet-paper; unset: 1e-3)
     lr_muon: float | None = None      # Muon's hidden matrices; None = lr
     lr_hidden: float | None = None    # AdamW's block matrices; None = lr (embeddings, norms, head keep lr)
     weight_decay: float = 0.01        # AdamW's decoupled weight decay (never on POET's rotations)
@@ -303,9 +304,12 @@ def closest_keys(key: str) -> list[str]:
     return [k for k in known if k.rpartition(".")[2] == name] or difflib.get_close_matches(key, known, n=2, cutoff=0.6)
 
 
-def _suggestion(key: str) -> str:
-    """' (did you mean optim.warmup_steps?)', or '' when no key is close."""
+def _suggestion(key: str, value=None) -> str:
+    """' (did you mean optim.warmup_steps?)', or '' when no key is close. An unknown section (`value` a table,
+    e.g. train.grad_accum) is matched by the keys in it."""
     close = closest_keys(key)
+    if not close and isinstance(value, dict):
+        close = list(dict.fromkeys(k for inner in value for k in closest_keys(inner)))
     return f" (did you mean {' or '.join(close)}?)" if close else ""
 
 
@@ -317,7 +321,7 @@ def _known_fields(cls, values, prefix: str) -> dict:
     fields = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - fields)
     if unknown:
-        named = ", ".join(repr(prefix + k) + _suggestion(prefix + k) for k in unknown)
+        named = ", ".join(repr(prefix + k) + _suggestion(prefix + k, values[k]) for k in unknown)
         raise ConfigError(f"unknown config key(s) {named}; known keys in this section: {sorted(fields)}")
     return hints
 
@@ -447,6 +451,33 @@ def _method_tables(values: dict, source: str) -> dict:
     return tables
 
 
+def _load_layered(path_or_preset: str, below: tuple[str, ...] = ()) -> tuple[dict, dict]:
+    """(top level, [methods.NAME] tables) of a preset or TOML file, laid over the preset or file its `base`
+    key names (a path relative to the file): its keys then override the base's, for every method as
+    explicit overrides do, and its method tables add to the base's."""
+    top = load_toml(path_or_preset)
+    tables = _method_tables(top, path_or_preset)
+    base = top.pop("base", None)
+    if base is None:
+        return top, tables
+    if not isinstance(base, str):
+        raise ConfigError(f"{path_or_preset}: base={base!r} must be a preset name ({', '.join(preset_names())}) or "
+                          "the path of another TOML file, as a string")
+    if base not in preset_names():
+        base = str(Path(path_or_preset).parent / base)
+    if base in below + (path_or_preset,):
+        raise ConfigError(f"{path_or_preset}: base={base!r} leads back to itself ({' -> '.join(below + (path_or_preset, base))})")
+    values, base_tables = _load_layered(base, below + (path_or_preset,))
+    for keys, value in _flatten(top):
+        _deep_update(values, keys, value)
+        for table in base_tables.values():
+            _discard(table, keys)
+    for name, table in tables.items():
+        for keys, value in _flatten(table):
+            _deep_update(base_tables.setdefault(name, {}), keys, value)
+    return values, base_tables
+
+
 @dataclass
 class Resolution:
     """How a resolved config came about, for writing it as a file that keeps derived values derived (to_toml).
@@ -470,8 +501,7 @@ def resolve_config(preset: str = "tiny", overrides: list | None = None) -> Train
     they apply over the preset's top level when that method runs, and explicit overrides apply over them.
     The result carries its `Resolution` as `config.resolution`.
     """
-    top = load_toml(preset)
-    tables = _method_tables(top, preset)
+    top, tables = _load_layered(preset)
     name_prefix = _check_type("name_prefix", top.pop("name_prefix", Path(preset).stem), str)
     parsed = parse_overrides(overrides or [])
     for keys, value in parsed:
@@ -488,6 +518,10 @@ def resolve_config(preset: str = "tiny", overrides: list | None = None) -> Train
         derived["poet.neumann_terms"] = f"unset: {PAPER_NEUMANN_TERMS} with method poet-paper, else {POETConfig.neumann_terms}"
         if method == "poet-paper":
             values.setdefault("poet", {})["neumann_terms"] = PAPER_NEUMANN_TERMS
+    if "lr_poet" not in values.get("optim", {}):  # one key, two scales: an angle, or AdamW's lr on Q
+        derived["optim.lr_poet"] = f"unset: {PAPER_LR_POET} with method poet-paper, else {OptimConfig.lr_poet}"
+        if method == "poet-paper":
+            values.setdefault("optim", {})["lr_poet"] = PAPER_LR_POET
     if not values.get("name"):  # runs/tiny-poet, runs/tiny-adamw, runs/finetune-lora, …
         values["name"] = top["name"] = f"{name_prefix}-{method}"
         derived["name"] = "unset: NAME_PREFIX-METHOD"
@@ -584,7 +618,13 @@ def save_config(config: TrainConfig, path: Path) -> None:
 
 def load_config(path: Path) -> TrainConfig:
     try:
-        return config_from_dict(json.loads(path.read_text()))
+        values = json.loads(path.read_text())
+        if isinstance(values, dict) and "model_type" in values:  # a Hugging Face model's config.json
+            owner = path.parent.parent
+            hint = (f"it is the final model of the run {owner}: give that" if (owner / "config.json").is_file() else
+                    "give a run directory (runs/NAME)")
+            raise ConfigError(f"{path.parent} is a model directory, not a poetlm run directory; {hint}")
+        return config_from_dict(values)
     except FileNotFoundError:
         raise ConfigError(f"{path} not found: is {path.parent} a poetlm run directory?") from None
     except NotADirectoryError:

@@ -453,7 +453,8 @@ def load_tokenizer(path: str | Path, hint: str = CHOOSE_TOKENIZER) -> "PreTraine
 
     if not path.is_dir():
         if path.exists() or not is_hub_id(name):
-            raise DataError(f"tokenizer directory {path} does not exist; {hint}")
+            raise DataError(f"{path} is a file, not a tokenizer directory; {hint}" if path.exists() else
+                            f"tokenizer directory {path} does not exist; {hint}")
         honor_offline_env()
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)

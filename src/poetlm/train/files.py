@@ -8,6 +8,7 @@ content, never a mix or nothing, and two processes never write the same temporar
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
 import secrets
@@ -15,6 +16,45 @@ import shutil
 from pathlib import Path
 
 TEMP_SUFFIX = ".tmp"
+LOCK_NAME = ".lock"
+_held: dict[Path, int] = {}  # directories this process holds, and how many nested `exclusive` blocks hold each
+
+
+class DirectoryInUse(RuntimeError):
+    """Another process holds the run directory; the message names its PID."""
+
+
+@contextlib.contextmanager
+def exclusive(directory: str | Path):
+    """Hold `directory` for this process while the block runs: another process asking for it meanwhile gets
+    DirectoryInUse (two processes training one run would interleave its checkpoints and metrics). An advisory
+    flock on directory/.lock, which the kernel drops when the process ends however it ends, so a killed run
+    leaves nothing to clean up. Nested blocks in one process hold it once."""
+    directory = Path(directory).resolve()
+    if directory in _held:
+        _held[directory] += 1
+        try:
+            yield
+        finally:
+            _held[directory] -= 1
+        return
+    fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise DirectoryInUse(f"{directory} is in use by another poetlm process (PID {holder}), which is training it: "
+                                 "wait for it to end, or stop it, then resume") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        _held[directory] = 1
+        try:
+            yield
+        finally:
+            del _held[directory]
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def temp_path(path: Path) -> Path:

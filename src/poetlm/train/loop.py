@@ -227,7 +227,8 @@ def train(config: TrainConfig | None = None, resume: str | Path | None = None, r
     try:
         if run_dir is None:
             run_dir = claimed = _claim_shared_run_dir(config, runtime)
-        summary = _train(config, runtime, resume is not None, Path(run_dir))
+        with _held_by_main(Path(run_dir), runtime):
+            summary = _train(config, runtime, resume is not None, Path(run_dir))
         clean = True
         return summary
     except BaseException:
@@ -239,6 +240,23 @@ def train(config: TrainConfig | None = None, resume: str | Path | None = None, r
         raise
     finally:
         parallel.teardown(runtime, clean)
+
+
+@contextlib.contextmanager
+def _held_by_main(run_dir: Path, runtime: parallel.Runtime):
+    """The run directory held by rank 0 for the whole run (`files.exclusive`); every rank stops if another
+    process holds it."""
+    with contextlib.ExitStack() as held:
+        refusal = None
+        if runtime.is_main:
+            try:
+                held.enter_context(files.exclusive(run_dir))
+            except files.DirectoryInUse as error:
+                refusal = str(error)
+        refusal = parallel.from_main(refusal, runtime)
+        if refusal:
+            raise TrainingError(refusal)
+        yield
 
 
 @dataclass

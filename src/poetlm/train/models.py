@@ -307,9 +307,9 @@ def data_tokenizer(config: TrainConfig) -> str | None:
             raise ModelError(f"finetune.base_model={base!r} has no tokenizer files (tokenizer.json, …): pass a model "
                              "directory written with its tokenizer (poetlm export writes both; for a run directory, "
                              "its final/), or set data.tokenizer to the tokenizer the model was trained with")
-        if not base_dir.exists() and not is_hub_id(base):
-            raise ModelError(f"finetune.base_model={base!r} does not exist: pass a model directory (save_pretrained, "
-                             "poetlm export, or a run directory's final/) or a hub id")
+        if base_dir.is_file() or not (base_dir.exists() or is_hub_id(base)):
+            raise ModelError(f"finetune.base_model={base!r} {'is a file' if base_dir.is_file() else 'does not exist'}: pass "
+                             "a model directory (save_pretrained, poetlm export, or a run directory's final/) or a hub id")
         return base  # a model directory, or a hub id whose tokenizer comes from the hub too
     if not own_tokenizer:
         return given

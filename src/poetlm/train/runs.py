@@ -32,6 +32,29 @@ RESUME_ADJUSTABLE = {"name", "out_dir", "steps", "eval_every", "log_every", "dia
                      "data.data", "data.cache_dir", "data.tokenizer", "finetune.base_model"}
 
 
+# Of those, the keys that only place a new run (name, out_dir) or pick the tokenizer it trains (data.tokenizer):
+# a resumed run goes on in its directory with its own tokenizer, so a resume may not record other values.
+FIXED_ON_RESUME = ("name", "out_dir", "data.tokenizer")
+
+
+def refuse_new_places(recorded: TrainConfig, config: TrainConfig, run_dir: Path) -> None:
+    """Refuse a resume's --name, --out or --tokenizer that differ from the run's: config.json would record what
+    the run does not do (report.md would label it by the new name, the tokenizer would name one it never used)."""
+    def place(value):  # the same directory however it is written (relative, ~, absolute)
+        return None if value is None else Path(str(value)).expanduser().resolve()
+
+    for key in FIXED_ON_RESUME:
+        section, _, field = key.rpartition(".")
+        before, after = (getattr(getattr(c, section) if section else c, field) for c in (recorded, config))
+        if place(before) == place(after):
+            continue
+        if key == "data.tokenizer":
+            raise ConfigError(f"--resume goes on with the run's own tokenizer ({run_dir / 'tokenizer'}), so it cannot take "
+                              f"data.tokenizer={after!r}: drop --tokenizer (a new tokenizer needs a new run)")
+        raise ConfigError(f"--resume goes on in {run_dir}, so it cannot take {key}={after!r}, which places a new run: drop "
+                          "--name / --out (to rename or move a run, move its directory)")
+
+
 def check_steps(config: TrainConfig, checkpoint: Path) -> None:
     """Refuse a `steps` below the step a resumed checkpoint is at: the run would go on past its own end (or
     stop there, with config.json and summary.json disagreeing on its length)."""
