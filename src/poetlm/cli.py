@@ -199,7 +199,8 @@ def _cmd_eval(args) -> int:
     unused = [flag for flag, value in (("--split-seed", args.split_seed), ("--cache-dir", args.cache_dir),
                                        ("--max-documents", args.max_documents)) if value is not None]
     if args.data is None and unused:
-        raise CommandError(f"{', '.join(unused)} {'chooses' if len(unused) == 1 else 'choose'} how --data is read, and there is no --data: eval then scores the "
+        verb = "chooses" if len(unused) == 1 else "choose"
+        raise CommandError(f"{', '.join(unused)} {verb} how --data is read, and there is no --data: eval then scores the "
                            "run's own validation tokens, exactly as the run did. Pass --data, or drop them")
     device = pick_device(args.device)
     model, tokenizer, config = load_any_model(args.path, device)
