@@ -312,13 +312,6 @@ class POETConv1D(POETLinear):
     def _oriented(self, weight: torch.Tensor) -> torch.Tensor:
         return weight.t()
 
-    def __setattr__(self, name: str, value) -> None:
-        if name == "weight":  # nn.Module's own refusal says only that the attribute exists
-            raise AttributeError(f"POETLinear {self.name!r}: weight is computed from W0 and the rotations and cannot be set; "
-                                 "to change W0 write weight0 (under torch.no_grad()), or edit the weights of the plain "
-                                 "model that poetlm.export_dense(model) returns")
-        super().__setattr__(name, value)
-
     @torch.no_grad()
     def to_dense(self) -> nn.Module:
         from transformers.pytorch_utils import Conv1D
