@@ -50,7 +50,7 @@ def test_transformer_encoder_layer_and_multihead_attention_read_the_effective_we
     # The inference fast path of nn.TransformerEncoderLayer reads the weights directly too.
     with torch.no_grad():
         torch.testing.assert_close(layer.eval()(x), out, rtol=1e-5, atol=1e-5)
-    with pytest.raises(KeyError, match="already exists"):
+    with pytest.raises(AttributeError, match="weight is computed from W0 and the rotations and cannot be set"):
         out_proj.weight = nn.Parameter(torch.zeros(32, 32))
 
 

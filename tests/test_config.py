@@ -264,7 +264,8 @@ def test_each_optimizer_group_logs_its_learning_rate():
 
     muon = make_method(resolved_quietly("method='muon'", "optim.lr_muon=0.02"))
     assert muon.learning_rates(0.5) == {"lr": 0.005, "lr_muon": 0.01}
-    assert make_method(resolved_quietly("method='muon'")).learning_rates(1.0)["lr_muon"] == 0.01
+    assert make_method(resolved_quietly("method='muon'")).learning_rates(1.0)["lr_muon"] == 3e-3  # tiny's tuned value
+    assert make_method(resolved_quietly("method='muon'", "optim.lr_muon=null")).learning_rates(1.0)["lr_muon"] == 0.01  # = lr
     assert make_method(resolved_quietly("method='adamw'", "optim.lr_hidden=1e-3")).learning_rates(1.0) == {"lr": 0.01, "lr_hidden": 1e-3}
 
 

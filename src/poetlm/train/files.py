@@ -46,8 +46,10 @@ def exclusive(directory: str | Path):
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             raise DirectoryInUse(f"{directory} is in use by another poetlm process (PID {holder}), which is training it: "
                                  "wait for it to end, or stop it, then resume") from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        pid = str(os.getpid()).encode()
+        if os.pread(fd, 32, 0) != pid:  # rewritten only for a new holder: holding it again changes no file
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, pid, 0)
         _held[directory] = 1
         try:
             yield
