@@ -20,7 +20,7 @@ from torch.nn import functional as F
 
 from .config import POETConfig
 from .orthogonal import singular_values
-from .primitives import RotationSide, make_side, require_rotations, rotate_weight, plain_name, seeded_generator
+from .primitives import RotationSide, make_side, plain_name, require_rotations, rotate_weight, seeded_generator
 
 
 def is_shard(tensor: torch.Tensor) -> bool:

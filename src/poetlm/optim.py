@@ -28,7 +28,7 @@ import torch
 from .config import POETConfig, checked, is_number
 from .layer import is_shard, whole_value
 from .orthogonal import generator_scale, isometry_increment, rotation_increment, singular_values
-from .primitives import batch_entries, block_layout, draw_index, index_problem, require_rotations, plain_name, seeded_generator, stacks, transport_blocks
+from .primitives import batch_entries, block_layout, draw_index, index_problem, plain_name, require_rotations, seeded_generator, stacks, transport_blocks
 from .update_rules import RuleConfig, make_rule
 
 SIDES = ("out", "in")

@@ -451,6 +451,13 @@ def _method_tables(values: dict, source: str) -> dict:
     return tables
 
 
+def _override(top: dict, tables: dict, keys: list[str], value) -> None:
+    """Set a key explicitly: at the top level, and for every method (out of each [methods.NAME] table)."""
+    _deep_update(top, keys, value)
+    for table in tables.values():
+        _discard(table, keys)
+
+
 def _load_layered(path_or_preset: str, below: tuple[str, ...] = ()) -> tuple[dict, dict]:
     """(top level, [methods.NAME] tables) of a preset or TOML file, laid over the preset or file its `base`
     key names (a path relative to the file): its keys then override the base's, for every method as
@@ -469,9 +476,7 @@ def _load_layered(path_or_preset: str, below: tuple[str, ...] = ()) -> tuple[dic
         raise ConfigError(f"{path_or_preset}: base={base!r} leads back to itself ({' -> '.join(below + (path_or_preset, base))})")
     values, base_tables = _load_layered(base, below + (path_or_preset,))
     for keys, value in _flatten(top):
-        _deep_update(values, keys, value)
-        for table in base_tables.values():
-            _discard(table, keys)
+        _override(values, base_tables, keys, value)
     for name, table in tables.items():
         for keys, value in _flatten(table):
             _deep_update(base_tables.setdefault(name, {}), keys, value)
@@ -505,9 +510,7 @@ def resolve_config(preset: str = "tiny", overrides: list | None = None) -> Train
     name_prefix = _check_type("name_prefix", top.pop("name_prefix", Path(preset).stem), str)
     parsed = parse_overrides(overrides or [])
     for keys, value in parsed:
-        _deep_update(top, keys, value)
-        for table in tables.values():
-            _discard(table, keys)
+        _override(top, tables, keys, value)
     _check_keys(TrainConfig, top, "")
     method = top.get("method", TrainConfig.method)
     values = copy.deepcopy(top)

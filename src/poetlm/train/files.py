@@ -17,7 +17,7 @@ from pathlib import Path
 
 TEMP_SUFFIX = ".tmp"
 LOCK_NAME = ".lock"
-_held: dict[Path, int] = {}  # directories this process holds, and how many nested `exclusive` blocks hold each
+_held: set[Path] = set()  # directories this process holds (by its outermost `exclusive` block)
 
 
 class DirectoryInUse(RuntimeError):
@@ -32,11 +32,7 @@ def exclusive(directory: str | Path):
     leaves nothing to clean up. Nested blocks in one process hold it once."""
     directory = Path(directory).resolve()
     if directory in _held:
-        _held[directory] += 1
-        try:
-            yield
-        finally:
-            _held[directory] -= 1
+        yield
         return
     fd = os.open(directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
     try:
@@ -50,11 +46,11 @@ def exclusive(directory: str | Path):
         if os.pread(fd, 32, 0) != pid:  # rewritten only for a new holder: holding it again changes no file
             os.ftruncate(fd, 0)
             os.pwrite(fd, pid, 0)
-        _held[directory] = 1
+        _held.add(directory)
         try:
             yield
         finally:
-            del _held[directory]
+            _held.discard(directory)
     finally:
         os.close(fd)  # releases the lock
 

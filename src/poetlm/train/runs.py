@@ -11,7 +11,7 @@ from torch import nn
 
 from ..serialization import dtype_argument, load_dense
 from . import checkpoint as ckpt
-from .config import ConfigError, TrainConfig, load_config
+from .config import ConfigError, TrainConfig, config_value, load_config
 from .data import MODEL_TOKENIZER, RUN_TOKENIZER, DataError, load_tokenizer
 from .methods import prepare_model
 from .models import ModelError, load_model
@@ -44,8 +44,7 @@ def refuse_new_places(recorded: TrainConfig, config: TrainConfig, run_dir: Path)
         return None if value is None else Path(str(value)).expanduser().resolve()
 
     for key in FIXED_ON_RESUME:
-        section, _, field = key.rpartition(".")
-        before, after = (getattr(getattr(c, section) if section else c, field) for c in (recorded, config))
+        before, after = config_value(recorded, key), config_value(config, key)
         if place(before) == place(after):
             continue
         if key == "data.tokenizer":
