@@ -181,3 +181,22 @@ def test_an_output_path_that_cannot_be_a_directory_is_a_report_error(tmp_path):
         with pytest.raises(ReportError, match=r"--out=.* cannot be made a directory .*; choose another --out"):
             write_report([run], out)
     assert (tmp_path / "afile").read_text() == "mine"
+
+
+def test_a_run_given_twice_is_one_row(three_runs, tmp_path, capsys):
+    first = three_runs[0]
+    again = first.parent / "." / first.name
+    text = write_report([first, again, three_runs[1]], tmp_path / "out").read_text(encoding="utf-8")
+    table_row(text, "poet-bs")  # exactly one row
+    assert "given again" in capsys.readouterr().err
+
+
+def test_a_comparison_never_replaces_a_runs_own_report(three_runs):
+    a, b = three_runs[:2]
+    (b / "report.md").write_text("b's own report")
+    with pytest.raises(ReportError, match=r"--out .* is a run directory.*--out report"):
+        write_report([a, b], b)
+    with pytest.raises(ReportError, match="is a run directory"):
+        write_report([a], b)
+    assert (b / "report.md").read_text() == "b's own report"
+    assert write_report([b], b).read_text(encoding="utf-8").startswith("# Training report")

@@ -350,7 +350,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p = sub.add_parser("report", help="markdown + PNG comparison of runs")
     p.add_argument("run_dirs", nargs="+")
-    p.add_argument("--out", help="output directory (default: the run directory for one run, ./report for several)")
+    p.add_argument("--out", help="output directory (default: the run directory for one run, ./report for several; "
+                   "never another run's directory)")
     p = sub.add_parser("config", help="every config key with its default and what it does (set keys in a TOML file or as KEY=VALUE)")
     p.add_argument("--config", "--preset", dest="config", default="tiny", help="show the values of this preset or TOML file (default: tiny)")
     p.add_argument("--method", choices=METHODS, help="show the values under this method (default: the preset's)")

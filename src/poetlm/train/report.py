@@ -316,11 +316,32 @@ PLOTS = (
 )
 
 
+def _distinct(run_dirs: list[Path]) -> list[Path]:
+    """The run directories, each once: a run named twice (`report A A`, or `A` and `./A`) would be two equal rows."""
+    seen: dict[Path, Path] = {}
+    for run_dir in map(Path, run_dirs):
+        first = seen.setdefault(run_dir.resolve(), run_dir)
+        if first is not run_dir:
+            _warn(f"{run_dir} is the run {first} given again; it is reported once")
+    return list(seen.values())
+
+
+def _refuse_other_run(out_dir: Path, runs: list[Run]) -> None:
+    """A run directory's report.md and plots are that run's own: only a report of that run alone may replace them."""
+    if not (out_dir / "metrics.jsonl").is_file():
+        return
+    if len(runs) == 1 and runs[0].path.resolve() == out_dir.resolve():
+        return
+    raise ReportError(f"--out {out_dir} is a run directory, whose report.md is that run's own report: "
+                      "write a comparison to another directory (e.g. --out report)")
+
+
 def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
     if not run_dirs:
         raise ReportError("no run directories given")
-    runs = [load_run(d) for d in run_dirs]  # fail before writing anything
+    runs = [load_run(d) for d in _distinct(run_dirs)]  # fail before writing anything
     out_dir = Path(out_dir)
+    _refuse_other_run(out_dir, runs)
     make_dir(out_dir, "--out", ReportError)
 
     lines = ["# Training report", "", *_table(runs), ""]
