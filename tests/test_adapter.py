@@ -247,3 +247,46 @@ def test_load_adapter_takes_the_directory_that_holds_one(tmp_path, base_dir, fin
     (tmp_path / "empty").mkdir()
     with pytest.raises(AdapterError, match="a directory without adapter.safetensors"):
         load_adapter(load_base(base_dir), tmp_path / "empty")
+
+
+def _edited(path, tmp_path, edit_info=None, edit_tensors=None):
+    """A copy of the adapter at `path` with its metadata and tensors edited."""
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+        tensors = {key: f.get_tensor(key) for key in f.keys()}
+    info = json.loads(metadata["poetlm_adapter"])
+    (edit_info or (lambda info: None))(info)
+    (edit_tensors or (lambda tensors: None))(tensors)
+    out = tmp_path / f"edited{len(list(tmp_path.iterdir()))}.safetensors"
+    save_file(tensors, str(out), metadata={**metadata, "poetlm_adapter": json.dumps(info)})
+    return out
+
+
+def _nan_rotation(tensors):
+    key = next(key for key in tensors if key.startswith("current."))
+    tensors[key] = torch.full_like(tensors[key], float("nan"))
+
+
+@pytest.mark.parametrize("edit_info,edit_tensors,match", [
+    (lambda info: info.update(merges=1), None, r"records 1 merge\(s\) but holds the rotations of merge\(s\) \[0, 1\]"),
+    (lambda info: info.update(merges=-1), None, "records -1 merges"),
+    (None, _nan_rotation, "holds NaN or inf"),
+    (lambda info: info["base_fingerprint"].pop("model.layers.0.self_attn.q_proj"), None,
+     r"no valid entry for layer 'model\.layers\.0\.self_attn\.q_proj'"),
+    (lambda info: info["base_fingerprint"].update({"model.layers.0.self_attn.q_proj": 7}), None, "no valid entry"),
+])
+def test_an_adapter_that_disagrees_with_itself_is_refused(tmp_path, base_dir, finetuned, edit_info, edit_tensors, match):
+    """A replay of edited metadata would build another model than the one trained, or fail deep inside."""
+    edited = _edited(finetuned[1], tmp_path, edit_info, edit_tensors)
+    with pytest.raises(AdapterError, match=match + ".*save the adapter again"):
+        load_adapter(load_base(base_dir), edited)
+
+
+def test_a_base_without_a_trained_parameter_is_refused_before_it_is_wrapped(tmp_path, base_dir, finetuned):
+    edited = _edited(finetuned[1], tmp_path, lambda info: info["trained"].append("model.extra.weight"),
+                     lambda tensors: tensors.update({"trained.model.extra.weight": torch.zeros(3)}))
+    base = load_base(base_dir)
+    with pytest.raises(AdapterError, match="trained 'model.extra.weight', which the base model does not have"):
+        load_adapter(base, edited)
+    assert not list(poetlm.poet_layers(base))  # untouched: another adapter can go on it
+    torch.testing.assert_close(logits(load_adapter(base, finetuned[1])), logits(finetuned[0]), rtol=0, atol=0)

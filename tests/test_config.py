@@ -139,6 +139,10 @@ def test_finetuning_warns_about_model_sizes_and_pretraining_about_finetune_keys(
         resolve_config("finetune", ["finetune.base_model='some/model'", "model.hidden_size=64"])
     with pytest.warns(UserWarning, match=r"finetune.lora_rank \(finetuning only"):
         resolve_config("tiny", ["finetune.lora_rank=4"])
+    for method in ("poet", "poet-paper"):  # a finetune's W0 is the base weight, whatever init draws
+        with pytest.warns(UserWarning, match=r"poet.init \(a finetune's W0 is the base model's weight\), poet.init_scale"):
+            resolve_config("finetune", ["finetune.base_model='some/model'", f"method={method!r}",
+                                        "poet.init='normalized_gaussian'", "poet.init_scale=0.5"])
 
 
 def test_poetlm_config_says_which_methods_read_a_key(capsys):

@@ -341,3 +341,37 @@ def test_a_finished_finetune_is_read_without_its_base(base, tmp_path, capsys, me
     torch.testing.assert_close(model(ids).logits, expected, rtol=0, atol=0)
     assert main(["export", str(run_dir), str(tmp_path / "merged")]) == 0
     torch.testing.assert_close(reload(tmp_path / "merged")(ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("damage", ["more_layers", "other_architecture", "truncated", "pickled_code"])
+def test_a_base_that_would_load_in_part_at_random_is_refused_before_training(base, tmp_path, capsys, damage):
+    """finetune loads its base as eval and generate do: no weight silently drawn at random, no traceback."""
+    broken = tmp_path / "broken"
+    shutil.copytree(base[0], broken)
+    config = json.loads((broken / "config.json").read_text())
+    if damage == "more_layers":
+        config["num_hidden_layers"] = 3
+    elif damage == "other_architecture":
+        config.update(model_type="gpt2", architectures=["GPT2LMHeadModel"])
+    elif damage == "truncated":
+        weights = broken / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])
+    else:
+        (broken / "model.safetensors").unlink()
+        torch.save({"evil": signal.SIGTERM}, broken / "pytorch_model.bin")  # an object that is not a tensor
+    (broken / "config.json").write_text(json.dumps(config))
+    assert main(finetune_args((broken, base[1]), tmp_path)) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "weights_only" not in err
+    assert "poetlm: error: finetune.base_model:" in err and str(broken) in err
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("final"))
+
+
+def test_lora_targets_as_one_name_wraps_that_layer(base, tmp_path, capsys):
+    """A plain name as a string is that name (peft alone would read it as a regex of whole module names)."""
+    common = ["--method", "lora", "steps=2", "eval_every=2", "checkpoint_every=2"]
+    assert main(finetune_args(base, tmp_path, *common, "--name", "q", "finetune.lora_targets='q_proj'")) == 0
+    summary = json.loads((tmp_path / "runs" / "q" / "summary.json").read_text())
+    assert summary["block_linear_trainable_params"] == 2 * 8 * (32 + 32)  # r=8 on q_proj of 2 layers
+    assert main(finetune_args(base, tmp_path, *common, "--name", "x", "finetune.lora_targets='no_such_layer'")) == 1
+    assert 'a list such as ["q_proj", "v_proj"], or a regex that matches whole module names' in capsys.readouterr().err

@@ -102,6 +102,19 @@ def test_model_merge_preserves_logits():
     assert (after - before).norm() / before.norm() <= 1e-5
 
 
+def test_a_merge_never_folds_nan_rotations_into_w0():
+    model = poetlm.poetize(llama(), POETConfig(block_size=8))
+    randomize_rotations(model)
+    weights = {name: layer.weight0.clone() for name, layer in poetlm.poet_layers(model)}
+    last = list(poetlm.poet_layers(model))[-1][1]
+    with torch.no_grad():
+        last.rotation_out.skew[0] = float("nan")
+    with pytest.raises(FloatingPointError, match=f"{last.name!r}: its rotation parameters hold NaN or inf.*nothing was merged"):
+        poetlm.merge(model)
+    for name, layer in poetlm.poet_layers(model):  # not even the layers before it
+        assert torch.equal(layer.weight0, weights[name]) and int(layer.merge_count) == 0
+
+
 @pytest.mark.parametrize("make_opt", [
     lambda groups: torch.optim.AdamW(groups),
     lambda groups: torch.optim.SGD(groups, momentum=0.9),

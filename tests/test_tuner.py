@@ -236,3 +236,82 @@ def test_a_state_dict_loads_only_into_a_model_that_replays_it_alike(base_dir, tm
     older = get_poet_model(base(base_dir), POETConfig(block_size=8, seed=0))
     older.load_state_dict({k: v for k, v in state.items() if k != "poet_replay"})
     torch.testing.assert_close(logits(older), logits(model), rtol=0, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def saved_adapter(base_dir, tmp_path_factory):
+    model = train(get_poet_model(base(base_dir), POETConfig(block_size=8), trainable=["norm"]), steps=4)
+    directory = tmp_path_factory.mktemp("adapter")
+    model.save_pretrained(directory)  # PEFT's name: the adapter, not a dense model
+    assert sorted(path.name for path in directory.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+    return directory, logits(model)
+
+
+def _with_settings(saved, tmp_path, **changes):
+    directory = tmp_path / "edited"
+    directory.mkdir()
+    (directory / "adapter.safetensors").write_bytes((saved / "adapter.safetensors").read_bytes())
+    settings = json.loads((saved / "adapter_config.json").read_text())
+    settings.update(changes)
+    (directory / "adapter_config.json").write_text(json.dumps(settings))
+    return directory
+
+
+@pytest.mark.parametrize("changes,match", [
+    ({"trainable": ["proj"]}, r"'proj' matches .*the weight of a layer POET wraps"),
+    ({"trainable": ["("]}, r"'\(' is not a regular expression"),
+    ({"trainable": ["no_such_parameter"]}, "matches no parameter"),
+    ({"format": "other"}, r"format='other', but the adapter beside it .* has format='poetlm-adapter'"),
+    ({"merges": 7}, "merges=7, but the adapter beside it"),
+    ({"adapter_file": "x.safetensors"}, "adapter_file='x.safetensors'"),
+    ({"version": 99}, "version 99; this poetlm reads adapters up to version"),
+    ({"poet_config": {**POETConfig(block_size=8, init="keep").to_dict(), "block_size": 16}},
+     r"poet_config.block_size=16, but the adapter beside it was trained with block_size=8"),
+])
+def test_an_edited_adapter_config_is_refused(base_dir, saved_adapter, tmp_path, changes, match):
+    """adapter_config.json is read as get_poet_model reads its arguments: a `trainable` that reaches W0 would
+    change the spectrum POET keeps, and settings that disagree with the adapter file would mislead."""
+    directory = _with_settings(saved_adapter[0], tmp_path, **changes)
+    with pytest.raises(poetlm.AdapterError, match=match):
+        POETModel.from_pretrained(base(base_dir), directory)
+
+
+def test_adapter_config_trainable_as_one_pattern_or_not_an_object(base_dir, saved_adapter, tmp_path):
+    directory = _with_settings(saved_adapter[0], tmp_path, trainable="norm")  # a string is one pattern, as for get_poet_model
+    model = POETModel.from_pretrained(base(base_dir), directory)
+    torch.testing.assert_close(logits(model), saved_adapter[1], rtol=0, atol=0)
+    assert model.trainable == ["norm"]
+    fixed = [name for name, p in model.named_parameters() if p.requires_grad and "weight0" in name]
+    assert not fixed and not model.get_input_embeddings().weight.requires_grad
+    (directory / "adapter_config.json").write_text("[1, 2]")
+    with pytest.raises(poetlm.AdapterError, match="holds a JSON list, not the object"):
+        POETModel.from_pretrained(base(base_dir), directory)
+
+
+def test_after_merge_and_unload_the_adapter_is_gone_and_says_so(base_dir, saved_adapter, tmp_path):
+    model = POETModel.from_pretrained(base(base_dir), saved_adapter[0])
+    dense = model.merge_and_unload()
+    torch.testing.assert_close(logits(dense), saved_adapter[1], rtol=0, atol=1e-5)
+    for operation in (lambda: model.save_adapter(tmp_path / "again"), lambda: poetlm.merge(model),
+                      lambda: model.disable_adapter().__enter__(), model.unload, model.merge_and_unload):
+        with pytest.raises(poetlm.AdapterError, match=r"merge_and_unload\(\) has replaced this model's POET layers"):
+            operation()
+    assert not (tmp_path / "again").exists()
+
+
+def test_unload_gives_back_the_base_model(base_dir, saved_adapter, tmp_path):
+    reference = logits(base(base_dir))
+    model = get_poet_model(base(base_dir), POETConfig(block_size=8), trainable=["norm"])
+    train(model, steps=1)  # before any merge W0 is the base weight
+    assert (logits(model) - reference).abs().max() > 1e-3
+    plain = model.unload()
+    assert isinstance(plain.model.layers[0].mlp.down_proj, nn.Linear) and not list(poetlm.poet_layers(plain))
+    torch.testing.assert_close(logits(plain), reference, rtol=0, atol=1e-6)  # norms restored too
+    merged = train(get_poet_model(base(base_dir), POETConfig(block_size=8)), steps=2)
+    with pytest.raises(RuntimeError, match=r"unload\(\) after 1 merge\(s\) needs the base weights"):
+        merged.unload()
+    kept = train(get_poet_model(base(base_dir), POETConfig(block_size=8), keep_base_weights=True), steps=2)
+    torch.testing.assert_close(logits(kept.unload()), reference, rtol=0, atol=1e-6)
+    (tmp_path / "a-file").write_text("mine")
+    with pytest.raises(poetlm.AdapterError, match="that is a file; an adapter is a directory"):
+        get_poet_model(base(base_dir), POETConfig(block_size=8)).save_adapter(tmp_path / "a-file")

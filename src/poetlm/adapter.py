@@ -279,7 +279,30 @@ def _read(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
         raise
     except (ValueError, KeyError, TypeError, AttributeError) as error:
         raise AdapterError(f"{path}: the poetlm adapter metadata is corrupt ({error!r}); save the adapter again") from error
+    problem = _inconsistency(info, tensors)
+    if problem:
+        raise AdapterError(f"{path}: {problem}; the file was edited or damaged: save the adapter again")
     return info, tensors
+
+
+def _inconsistency(info: dict, tensors: dict[str, torch.Tensor]) -> str | None:
+    """What in an adapter's metadata disagrees with itself or with its tensors (a replay would build another
+    model, or fail deep inside), or None."""
+    if info["merges"] < 0:
+        return f"it records {info['merges']} merges"
+    replayed = [name for name in info["layers"] if name not in info["stored_w0"]]
+    recorded = {int(key.split(".")[1]) for key in tensors if key.startswith("merge.")}
+    if replayed and recorded != set(range(info["merges"])):
+        return (f"it records {info['merges']} merge(s) but holds the rotations of merge(s) {sorted(recorded)[:6]}"
+                f"{' ...' if len(recorded) > 6 else ''}")
+    for name in info["layers"]:
+        entry = info["base_fingerprint"].get(name)
+        if not (isinstance(entry, dict) and all(isinstance(entry.get(key), (int, float)) for key in ("sum", "sumsq"))):
+            return f"its base_fingerprint has no valid entry for layer {name!r}"
+    bad = next((key for key, tensor in tensors.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()), None)
+    if bad is not None:
+        return f"tensor {bad!r} holds NaN or inf (the training that wrote it had diverged)"
+    return None
 
 
 def check_base_layers(model: nn.Module, layers: dict[str, tuple], path: Path) -> None:
@@ -314,14 +337,19 @@ def _check_fingerprint(model: nn.Module, info: dict, path: Path) -> None:
         raise AdapterError(f"{path}: {mismatch}")
 
 
-def _load_into(param: torch.Tensor, tensors: dict, key: str, path: Path) -> None:
+def _stored(tensors: dict, key: str, shape: torch.Size, path: Path) -> torch.Tensor:
+    """The adapter's tensor `key`, refused unless it is there in `shape`."""
     tensor = tensors.get(key)
     if tensor is None:
         raise AdapterError(f"{path}: tensor {key!r} is missing; the file is corrupt or was not written by save_adapter")
-    if tensor.shape != param.shape:
+    if tensor.shape != shape:
         raise AdapterError(f"{path}: tensor {key!r} has shape {tuple(tensor.shape)} but the model expects "
-                           f"{tuple(param.shape)}; this adapter was made for a different base model or poetlm version")
-    param.copy_(tensor)
+                           f"{tuple(shape)}; this adapter was made for a different base model or poetlm version")
+    return tensor
+
+
+def _load_into(param: torch.Tensor, tensors: dict, key: str, path: Path) -> None:
+    param.copy_(_stored(tensors, key, param.shape, path))
 
 
 def read_adapter_info(path) -> dict:
@@ -344,6 +372,15 @@ def load_adapter(base_model: nn.Module, path, history: MergeHistory | None = Non
     check_base_layers(base_model, layers, path)
     if config.init == "keep":  # W0 is the base weight: catch a wrong base before wrapping it
         _check_fingerprint(base_model, info, path)
+    # The other trained tensors keep their names through poetize (norms, embeddings, biases): checked here,
+    # before the base is wrapped, they are loaded after the replay below.
+    for name in info["trained"]:
+        try:
+            param = base_model.get_parameter(name)
+        except AttributeError:
+            raise AdapterError(f"{path}: the adapter trained {name!r}, which the base model does not have; "
+                               "this adapter was made for a different base model") from None
+        _stored(tensors, f"trained.{name}", param.shape, path)
     model = poetize(base_model, config)
     extra = sorted({name for name, _ in poet_layers(model)} - set(layers))
     if extra:
@@ -373,12 +410,7 @@ def load_adapter(base_model: nn.Module, path, history: MergeHistory | None = Non
             _load_into(layer.probe_rotated, tensors, f"probe_rotated.{name}", path)
         load_rotations("current.")
         for name in info["trained"]:
-            try:
-                param = model.get_parameter(name)
-            except AttributeError:
-                raise AdapterError(f"{path}: the adapter trained {name!r}, which the base model does not have; "
-                                   "this adapter was made for a different base model") from None
-            _load_into(param, tensors, f"trained.{name}", path)
+            _load_into(model.get_parameter(name), tensors, f"trained.{name}", path)
     if history is not None:
         history.records = [{key[len(f"merge.{i}."):]: t for key, t in tensors.items() if key.startswith(f"merge.{i}.")}
                            for i in range(info["merges"])]

@@ -276,6 +276,14 @@ class POETLinear(nn.Module):
                              "model_diagnostics (e.g. gather=poetlm.train.parallel.full_parameters), or call it inside "
                              "`with full_parameters(layer):`")
 
+    def require_finite_rotations(self) -> None:
+        """Refuse to fold NaN or inf rotations into W0, where they would stay: the training has diverged, and
+        what W0 holds now is the last state worth keeping."""
+        if not all(bool(torch.isfinite(skew).all()) for skew in self.rotation_parameters()):
+            raise FloatingPointError(f"POETLinear {self.name!r}: its rotation parameters hold NaN or inf (the training has "
+                                     "diverged: lower the learning rate, or check the loss and the data); nothing was "
+                                     "merged, so W0 still holds the last finite weights")
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the rotations into W0 (in fp32), reset them to identity and draw new coordinates."""

@@ -285,12 +285,15 @@ def merge(model: nn.Module, optimizer: torch.optim.Optimizer | None = None, rule
     if gather is None:  # refused before the hooks below record a merge that would not happen
         for layer in layers:
             layer.require_whole("poetlm.merge")
+            layer.require_finite_rotations()
     for module in model.modules():
         hook = getattr(type(module), "poet_before_merge", None)
         if hook is not None:
             hook(module)
     for layer in layers:
         with (gather or contextlib.nullcontext)(layer):
+            if gather is not None:  # a sharded layer is whole only here
+                layer.require_finite_rotations()
             layer.merge()
     if optimizer is not None:
         (rule or ResetState()).after_merge(optimizer, [p for layer in layers for p in layer.rotation_parameters()])

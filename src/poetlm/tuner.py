@@ -28,7 +28,7 @@ from .adapter import (ADAPTER_FILE, VERSION, AdapterError, MergeHistory, base_fi
                       load_adapter, read_adapter_info, save_adapter)
 from .config import POETConfig, checked
 from .layer import is_conv1d
-from .model import merge, poet_layers, poetize, refuse_poetized, rotation_parameters, target_linears, unpoetize
+from .model import merge, poet_layers, poetize, refuse_poetized, replace_module, rotation_parameters, target_linears, unpoetize
 
 CONFIG_NAME = "adapter_config.json"
 
@@ -217,6 +217,32 @@ class _Forward:
         return _call_base if model is None else _BaseForward(_call_base, model)
 
 
+def _check_settings(settings, info: dict, path: Path) -> None:
+    """adapter_config.json must describe the adapter file beside it: hand edits that change nothing would
+    mislead whoever reads the file, and a `trainable` of another form would be read as something else."""
+    if not isinstance(settings, dict):
+        raise AdapterError(f"{path} holds a JSON {type(settings).__name__}, not the object POETModel.save_adapter writes; "
+                           "save the adapter again")
+    expected = {"format": "poetlm-adapter", "adapter_file": ADAPTER_FILE, "merges": info["merges"]}
+    for key, value in expected.items():
+        if key in settings and settings[key] != value:
+            raise AdapterError(f"{path}: {key}={settings[key]!r}, but the adapter beside it ({ADAPTER_FILE}) has "
+                               f"{key}={value!r}; restore the file, or save the adapter again")
+    version = settings.get("version", VERSION)
+    if not isinstance(version, int) or version > VERSION:
+        raise AdapterError(f"{path}: version {version!r}; this poetlm reads adapters up to version {VERSION}: upgrade poetlm")
+    if "poet_config" in settings:
+        try:
+            config = POETConfig.from_dict(settings["poet_config"])
+        except (ValueError, TypeError, AttributeError) as error:
+            raise AdapterError(f"{path}: its poet_config is not valid ({error})") from None
+        if config != info["config"]:
+            differ = next(f.name for f in dataclasses.fields(POETConfig) if getattr(config, f.name) != getattr(info["config"], f.name))
+            raise AdapterError(f"{path}: poet_config.{differ}={getattr(config, differ)!r}, but the adapter beside it was "
+                               f"trained with {differ}={getattr(info['config'], differ)!r}; a loaded adapter keeps the "
+                               "settings it was trained with: restore the file, or finetune again with the new settings")
+
+
 class POETModel(nn.Module):
     """A pretrained model under POET finetuning (see the module docstring).
 
@@ -270,8 +296,12 @@ class POETModel(nn.Module):
             raise AdapterError(f"{directory} holds no readable {CONFIG_NAME} ({error}); pass the directory "
                                "POETModel.save_adapter wrote") from None
         info = read_adapter_info(directory / ADAPTER_FILE)
-        trainable = list(settings.get("trainable", []))
+        _check_settings(settings, info, directory / CONFIG_NAME)
         check_base_layers(base_model, info["layers"], directory / ADAPTER_FILE)  # before _originals reads them
+        try:  # as get_poet_model checks them: a pattern reaching a wrapped weight would train its fixed W0
+            trainable = _trainable_patterns(base_model, info["config"], settings.get("trainable", []))
+        except (ValueError, TypeError) as error:
+            raise AdapterError(f"{directory / CONFIG_NAME}: {error}") from None
         originals = _originals(base_model, list(info["layers"]), trainable, keep_base_weights)
         history = MergeHistory()
         load_adapter(base_model, directory / ADAPTER_FILE, history=history)
@@ -292,7 +322,26 @@ class POETModel(nn.Module):
 
     def poet_before_merge(self) -> None:
         """Called by poetlm.merge: what the merge folds in goes into the adapter's history."""
+        self._require_adapter("a merge")
         self.history.record(self.base_model)
+
+    def _require_adapter(self, operation: str) -> None:
+        """Refuse what needs the POET layers once merge_and_unload() or unload() has replaced them."""
+        unloaded = self.__dict__.get("_unloaded")
+        if unloaded:
+            raise AdapterError(f"{operation} needs the adapter, but {unloaded} has replaced this model's POET layers by plain "
+                               "ones (the model it returned is the result); wrap a base model again with "
+                               "get_poet_model or POETModel.from_pretrained to go on with POET")
+
+    def _base_weights(self, operation: str, layers: dict) -> dict[str, torch.Tensor]:
+        """The wrapped layers' base weights, (out, in), as far as W0 no longer holds them (after merges)."""
+        merges = max((int(layer.merge_count) for layer in layers.values()), default=0)
+        base_weights = dict(self.base_weights.items())
+        if merges and not base_weights:
+            raise RuntimeError(f"{operation} after {merges} merge(s) needs the base weights, into which the merges "
+                               "have folded the adapter: create the model with get_poet_model(..., keep_base_weights=True) "
+                               "(one more copy of the wrapped weights), or load the base model separately")
+        return base_weights
 
     def merge(self, optimizer: torch.optim.Optimizer | None = None, rule=None, *, gather=None) -> int:
         """poetlm.merge(self, optimizer, rule, gather=gather)."""
@@ -300,7 +349,11 @@ class POETModel(nn.Module):
 
     def save_adapter(self, directory) -> None:
         """Write adapter_config.json and adapter.safetensors (merge history, rotations, trained tensors)."""
+        self._require_adapter("save_adapter()")
         directory = Path(directory)
+        if directory.exists() and not directory.is_dir():
+            raise AdapterError(f"save_adapter({str(directory)!r}): that is a file; an adapter is a directory "
+                               f"({CONFIG_NAME} and {ADAPTER_FILE}): pass a new or existing directory")
         directory.mkdir(parents=True, exist_ok=True)
         rotations = {id(p) for p in rotation_parameters(self.base_model)}
         trained = [n for n, p in self.base_model.named_parameters() if p.requires_grad and id(p) not in rotations]
@@ -308,9 +361,35 @@ class POETModel(nn.Module):
                      base_fingerprint=self.fingerprint)
         write_adapter_config(directory, self.base_model, self.poet_config, self.trainable, len(self.history))
 
+    def save_pretrained(self, save_directory) -> None:
+        """PEFT's name for save_adapter: the directory POETModel.from_pretrained(base, save_directory) reads.
+        For a whole model directory: poetlm.save_pretrained(model, directory), or merge_and_unload().save_pretrained."""
+        self.save_adapter(save_directory)
+
     def merge_and_unload(self) -> nn.Module:
         """The base model with every POET layer replaced (in place) by the plain layer it computes."""
-        return unpoetize(self.base_model)
+        self._require_adapter("merge_and_unload()")
+        model = unpoetize(self.base_model)
+        self._unloaded = "merge_and_unload()"
+        return model
+
+    @torch.no_grad()
+    def unload(self) -> nn.Module:
+        """The base model as it was before finetuning (in place): every POET layer replaced by a plain layer
+        holding its base weight, the other trained parameters restored. After merges it needs
+        keep_base_weights=True, as disable_adapter() does."""
+        self._require_adapter("unload()")
+        layers = dict(poet_layers(self.base_model))
+        base_weights = self._base_weights("unload()", layers)
+        model = self.base_model
+        for name, layer in layers.items():  # before any merge, W0 is the base weight itself
+            dense = layer.to_dense()
+            dense.weight.copy_(layer._oriented(base_weights.get(name, layer.weight0)))
+            model = replace_module(model, name, dense)
+        for name, original in self.base_extras.items():
+            model.get_parameter(name).copy_(original)
+        self._unloaded = "unload()"
+        return model
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         params = list(self.parameters())
@@ -323,13 +402,9 @@ class POETModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self):
         """Inside the block the model computes what the base model computed (no gradients reach the rotations)."""
+        self._require_adapter("disable_adapter()")
         layers = dict(poet_layers(self.base_model))
-        merges = max(int(layer.merge_count) for layer in layers.values())
-        base_weights = dict(self.base_weights.items())
-        if merges and not base_weights:
-            raise RuntimeError(f"disable_adapter() after {merges} merge(s) needs the base weights, into which the merges "
-                               "have folded the adapter: create the model with get_poet_model(..., keep_base_weights=True) "
-                               "(one more copy of the wrapped weights), or load the base model separately")
+        base_weights = self._base_weights("disable_adapter()", layers)
         saved = {name: layer.step_weight for name, layer in layers.items()}
         extras = [(self.base_model.get_parameter(name), original) for name, original in self.base_extras.items()]
         trained = [param.data for param, _ in extras]

@@ -568,6 +568,8 @@ def _unused_because(config: TrainConfig, key: str) -> str | None:
         return "finetuning builds no model: the architecture is finetune.base_model's"
     if key.startswith(FINETUNING_KEYS) and key != "finetune.base_model" and not config.finetuning:
         return "finetuning only"
+    if key in ("poet.init", "poet.init_scale") and config.finetuning:
+        return "a finetune's W0 is the base model's weight"
     users = methods_using(key)
     return None if config.method in users else f"method {' / '.join(users)} only"
 

@@ -177,11 +177,14 @@ class LoRA(Method):
         names = {name.rpartition(".")[2] for name, _ in model.named_modules()}
         # The paper's LoRA baseline adapts all seven block linears of LLaMA; other architectures get peft's defaults.
         targets = finetune.lora_targets or (LLAMA_BLOCK_LINEARS if set(LLAMA_BLOCK_LINEARS) <= names else None)
+        if isinstance(targets, str) and re.fullmatch(r"[\w.]+", targets):
+            targets = [targets]  # a name: peft would take a string as a regex of whole names, which "q_proj" never is
         try:
             model = get_peft_model(model, LoraConfig(r=finetune.lora_rank, lora_alpha=finetune.lora_alpha,
                                                      target_modules=targets, lora_dropout=0.0))
         except ValueError as error:
-            raise ModelError(f"LoRA cannot wrap this model ({error}); set finetune.lora_targets to its linear layer names") from None
+            raise ModelError(f"LoRA cannot wrap this model ({error}); set finetune.lora_targets to its linear layer names "
+                             "(a list such as [\"q_proj\", \"v_proj\"], or a regex that matches whole module names)") from None
         _refuse_useless_rank(model, finetune.lora_rank)
         _freeze_base(model, self.config, {id(p) for name, p in model.named_parameters() if "lora_" in name})
         return model

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
 from ..layer import POETLinear, is_conv1d
-from ..serialization import dtype_argument
+from ..serialization import LoadError, dtype_argument, load_dense
 from .config import ModelConfig, TrainConfig
 from .data import TOKENIZER_FILES, DataError, is_hub_id, load_tokenizer
 from .hub import honor_offline_env
@@ -259,15 +259,19 @@ def load_model(config: TrainConfig, tokenizer) -> nn.Module:
 
     source = config.finetune.base_model
     honor_offline_env()
-    try:
-        # fp32 master weights whatever the checkpoint stores (most are bf16): POET folds rotations into them and
-        # keeps their spectrum only in fp32, and AdamW's small updates would round away in bf16. dtype=bf16 trains
-        # in bf16 through autocast, as pretraining does.
-        model = AutoModelForCausalLM.from_pretrained(source, **dtype_argument(torch.float32))
-    except (OSError, ValueError) as error:
-        where = "is not a model directory here" if not Path(source).exists() else "could not be loaded"
-        raise ModelError(f"finetune.base_model={source!r} {where}: {error}. Offline, pass a local directory "
-                         "written by save_pretrained (or by poetlm export); a hub id needs network access.") from None
+    # fp32 master weights whatever the checkpoint stores (most are bf16): POET folds rotations into them and
+    # keeps their spectrum only in fp32, and AdamW's small updates would round away in bf16. dtype=bf16 trains
+    # in bf16 through autocast, as pretraining does.
+    fp32 = dtype_argument(torch.float32)
+    if Path(source).expanduser().is_dir():
+        # The loader of eval and generate: a damaged directory, or weights that leave part of the model its
+        # config.json describes at random, is refused before any training on it.
+        try:
+            model = load_dense(AutoModelForCausalLM, Path(source).expanduser(), **fp32)
+        except LoadError as error:
+            raise ModelError(f"finetune.base_model: {error}") from None
+    else:
+        model = _hub_model(source, fp32)
     if model.get_input_embeddings().num_embeddings < vocab_size:
         embeds = model.get_input_embeddings().num_embeddings
         fix = ("its own tokenizer and weights disagree (a damaged or mismatched base): point data.tokenizer at the "
@@ -276,6 +280,18 @@ def load_model(config: TrainConfig, tokenizer) -> nn.Module:
         raise ModelError(f"the tokenizer has {vocab_size} tokens but {source} embeds only {embeds}: {fix}")
     check_context(model, config.data.seq_len, "data.seq_len={}", source)
     return model
+
+
+def _hub_model(source: str, kwargs: dict) -> nn.Module:
+    """A base model named by its hub id (or a path that does not exist, which from_pretrained reads as one)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError) as error:
+        where = "is not a model directory here" if not Path(source).exists() else "could not be loaded"
+        raise ModelError(f"finetune.base_model={source!r} {where}: {error}. Offline, pass a local directory "
+                         "written by save_pretrained (or by poetlm export); a hub id needs network access.") from None
 
 
 def context_length(model: nn.Module) -> int | None:
