@@ -330,3 +330,14 @@ def test_resume_takes_the_settings_a_resume_may_change_and_refuses_the_others(tm
     assert "steps = 14" in printed and "progress = false" in printed and 'device = "cpu"' in printed
     assert main(["train", "--resume", str(tmp_path), "optim.lr=1e-3"]) == 2
     assert "--resume cannot change optim.lr: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--steps", "5", "steps=12"], "--steps and steps=… both set steps: give it once"),
+    (["--method", "adamw", "method='muon'"], "--method and method=… both set method"),
+    (["--no-progress", "progress=true"], "--no-progress and progress=… both set progress"),
+    (["--model-config", "gpt2", "model.hf_config='gpt2'"], "--model-config and model.hf_config=… both set model.hf_config"),
+])
+def test_a_key_set_by_a_flag_and_by_key_value_is_refused(argv, message, capsys):
+    assert main(["train", "--print-config", *argv]) == 2
+    assert message in capsys.readouterr().err

@@ -139,6 +139,7 @@ def test_hf_local_directory_matches_direct_read(tmp_path, writer):
     writer(root / f"part-1.{ext}", docs[4:])
     assert read_documents(f"hf:{root}") == read_documents(str(root)) == docs
     assert read_documents(f"hf:{root}", max_documents=5) == docs[:5]
+    assert read_documents(f"hf:{root}:default") == docs  # a local directory with a config name is no hub stream either
 
 
 def test_hf_home_directory_is_expanded_for_datasets_too(tmp_path, monkeypatch):

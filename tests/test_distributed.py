@@ -224,3 +224,13 @@ def test_a_signal_to_one_worker_stops_every_rank_at_one_checkpoint(tmp_path):
     saved = ckpt.load_checkpoint(run_dir)
     logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert saved["step"] == max(logged)  # both ranks stopped after the same step, and that step was saved
+
+
+def test_a_set_up_error_on_one_rank_stops_the_others_with_one_line(tmp_path):
+    """Rank 0 alone reads the data; a rank waiting for it says that another process stopped, not a gloo traceback."""
+    (tmp_path / "plays.txt").write_bytes(b"caf\xe9 au lait\n\nmore text here\n")
+    result = subprocess.run(command(tmp_path, "broken", 2), capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    assert "poetlm: error (rank 0 of 2): " in result.stderr and "not valid UTF-8" in result.stderr
+    assert "poetlm: rank 1 of 2 stops: another process of this job stopped (its error is above)" in result.stderr
+    assert "Connection closed by peer" not in result.stderr and "loop.py" not in result.stderr

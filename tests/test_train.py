@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -286,13 +287,26 @@ def test_run_names_stay_under_out_dir_and_learning_rates_are_finite():
         resolve_config("tiny", ["optim.lr=inf"])
 
 
-def test_relative_data_and_model_paths_are_kept_absolute(tmp_path, monkeypatch):
-    from poetlm.cli import build_parser
-
-    (tmp_path / "text.txt").write_text("some text")
+@pytest.mark.parametrize("data", ["plain", "hf"])
+def test_relative_places_are_recorded_absolute_so_a_resume_may_start_elsewhere(tmp_path, corpus, monkeypatch, data):
+    """A relative --data, hf:DIR, cache or out directory names other files (or none) from another directory."""
+    work = tmp_path / "work"
+    (work / "texts").mkdir(parents=True)
+    (work / "texts" / "train.txt").write_text(corpus.read_text())
+    monkeypatch.chdir(work)
+    source = "texts/train.txt" if data == "plain" else "hf:texts"
+    assert main(["train", "--data", source, "--out", "runs", "--name", "r", *TINY, "steps=6", "eval_every=3",
+                 "checkpoint_every=3", "data.cache_dir='cache'"]) == 0
+    recorded = json.loads((work / "runs" / "r" / "config.json").read_text())
+    assert recorded["data"]["data"] == (str(work / "texts" / "train.txt") if data == "plain" else f"hf:{work / 'texts'}")
+    assert recorded["data"]["cache_dir"] == str(work / "cache") and recorded["out_dir"] == str(work / "runs")
+    assert str(work / "cache") in (work / "runs" / "r" / "data.json").read_text()
+    shutil.rmtree(work / "runs" / "r" / "final")  # resume the last steps again, from elsewhere, on the same cache
+    for last in (work / "runs" / "r" / "checkpoints").glob("step_00000006*"):
+        last.unlink()
     monkeypatch.chdir(tmp_path)
-    args = build_parser().parse_args(["train", "--data", "text.txt", "--tokenizer", "sotu"])
-    assert args.data == str(tmp_path / "text.txt") and args.tokenizer == "sotu"  # a name that is no path stays a name
+    assert main(["train", "--resume", str(work / "runs" / "r"), "--no-progress"]) == 0
+    assert not (tmp_path / "cache").exists()  # no second tokenization into a cache of that name here
 
 
 def test_a_resume_on_another_number_of_processes_keeps_the_global_batch(capsys):

@@ -29,11 +29,6 @@ TRAIN_SHORTCUTS = {  # flag -> config key: the most used overrides get their own
 }
 
 
-def _path_or_name(value: str) -> str:
-    """An existing path made absolute (a resumed run may start elsewhere); anything else as given."""
-    return str(Path(value).expanduser().resolve()) if Path(value).expanduser().exists() else value
-
-
 def _at_least(low: int | float, kind=int):
     """An argparse type: a number of `kind` that is at least `low`."""
     def parse(text: str):
@@ -58,10 +53,10 @@ def _train_parser(sub) -> None:
                    help=f"preset name ({', '.join(preset_names())}) or path to a TOML file (default: tiny)")
     p.add_argument("--method", choices=["poet", "poet-paper", "adamw", "muon"],
                    help="poet (default: rotations folded every step), poet-paper (the paper's recipe), adamw, muon")
-    p.add_argument("--data", type=_path_or_name,
+    p.add_argument("--data",
                    help="bundled corpus (sotu, shakespeare), local .txt/.jsonl/.parquet file or directory, or hf:NAME[:CONFIG]")
-    p.add_argument("--tokenizer", type=_path_or_name, help="HF tokenizer directory (default: train a byte-level BPE on the training split)")
-    p.add_argument("--model-config", type=_path_or_name, metavar="PATH_OR_NAME",
+    p.add_argument("--tokenizer", help="HF tokenizer directory (default: train a byte-level BPE on the training split)")
+    p.add_argument("--model-config", metavar="PATH_OR_NAME",
                    help="architecture from any HF causal-LM config: a config.json or its directory, a model type "
                         "(qwen2, mistral, gpt2, ...) or a hub id; the preset's model sizes apply (default: LLaMA)")
     p.add_argument("--steps", type=int)
@@ -131,10 +126,16 @@ def _resume(args) -> int:
 
 
 def shortcut_overrides(args) -> list[tuple[str, object]]:
-    """--method, --steps, … as (key, value) overrides; explicit KEY=VALUE overrides come after and win."""
+    """--method, --steps, … as (key, value) overrides, before the explicit KEY=VALUE ones; a key set both
+    ways is refused (one of the two would be dropped without a word)."""
     overrides = [(key, getattr(args, flag)) for flag, key in TRAIN_SHORTCUTS.items() if getattr(args, flag, None) is not None]
     if args.no_progress:
         overrides.append(("progress", False))
+    explicit = {item.partition("=")[0].strip() for item in args.overrides}
+    for key, _ in overrides:
+        if key in explicit:
+            flag = "--no-progress" if key == "progress" else "--" + next(f for f, k in TRAIN_SHORTCUTS.items() if k == key).replace("_", "-")
+            raise ConfigError(f"{flag} and {key}=… both set {key}: give it once")
     return overrides
 
 
@@ -154,9 +155,9 @@ def _finetune_parser(sub) -> None:
                                    "trains the rotations, reports perplexity before and after, and writes a run directory "
                                    "with the finetuned model in final/ (poet-paper also writes a replayable adapter.safetensors).")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides, e.g. optim.lr_poet=1e-3 finetune.train_norms=true")
-    p.add_argument("--model", required=True, type=_path_or_name,
+    p.add_argument("--model", required=True,
                    help="local model directory (save_pretrained / poetlm export) or a hub id (needs network)")
-    p.add_argument("--data", required=True, type=_path_or_name,
+    p.add_argument("--data", required=True,
                    help="bundled corpus, local .txt/.jsonl/.parquet file or directory, or hf:NAME[:CONFIG]")
     p.add_argument("--config", "--preset", dest="config", default="finetune", help="preset or TOML file (default: finetune)")
     p.add_argument("--method", choices=["poet", "poet-paper", "lora", "adamw", "muon"], default=None,
@@ -410,9 +411,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     handler = COMMANDS[args.command]
     # Under torchrun every process reads the same command: one of them says what is wrong with its settings.
-    echo = os.environ.get("RANK", "0") != "0"
+    rank, world = os.environ.get("RANK", "0"), int(os.environ.get("WORLD_SIZE", "1"))
+    echo = rank != "0"
     if echo:
         warnings.filterwarnings("ignore", category=ConfigWarning)
+    which = f" (rank {rank} of {world})" if world > 1 else ""  # the others' errors may differ, or only say they stopped
     try:
         return handler(args)
     except ConfigError as error:
@@ -421,7 +424,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except (DataError, CheckpointError, LoadError, TrainingError, ReportError, AdapterError, ModelError, CommandError,
             DirectoryInUse) as error:
-        print(f"poetlm: error: {error}", file=sys.stderr)
+        print(f"poetlm: error{which}: {error}", file=sys.stderr)
+        return 1
+    except RuntimeError as error:
+        from .train.parallel import peer_stopped
+
+        if world == 1 or not peer_stopped(error):
+            raise
+        print(f"poetlm: rank {rank} of {world} stops: another process of this job stopped (its error is above)", file=sys.stderr)
         return 1
     except KeyboardInterrupt as stop:  # outside the step loop (whose handler checkpoints first): stop without a traceback
         print(f"\npoetlm {args.command}: interrupted", file=sys.stderr)

@@ -66,7 +66,7 @@ def read_documents(source: str, *, max_documents: int | None = None, documents_o
     """
     if max_documents is not None and max_documents < 1:
         raise DataError(f"max_documents must be at least 1, got {max_documents}")
-    if source.startswith("hf:") and max_documents is None and not Path(source[3:]).expanduser().is_dir():
+    if source.startswith("hf:") and max_documents is None and not Path(split_hf_spec(source[3:])[0]).is_dir():
         # A hub stream such as C4 has no useful end: poetlm caches a fixed prefix of it, so its size must be chosen.
         raise DataError(f"{source} streams from the Hub: set how many documents to tokenize, "
                         f"e.g. {documents_option.format(2000000)}")
@@ -253,7 +253,7 @@ def _iter_parquet(path: Path) -> Iterator[str]:
         raise DataError(f"{path} is not a readable parquet file ({e}); re-export it") from e
 
 
-def _split_hf_spec(spec: str) -> tuple[str, str | None]:
+def split_hf_spec(spec: str) -> tuple[str, str | None]:
     """(NAME, CONFIG) of hf:NAME[:CONFIG], a leading ~ expanded: datasets would look for a directory named "~"."""
     # A local directory may itself contain ':'; only split when it is not one.
     if Path(spec).expanduser().is_dir():
@@ -267,7 +267,7 @@ def _iter_hf(spec: str) -> Iterator[str]:
         import datasets
     except ImportError as e:
         raise DataError(f"hf:{spec} needs the `datasets` package; {_INSTALL_DATA}") from e
-    name, config = _split_hf_spec(spec)
+    name, config = split_hf_spec(spec)
     if not name:
         raise DataError("hf: needs a dataset name, e.g. hf:allenai/c4:en")
     honor_offline_env()
@@ -534,7 +534,7 @@ class TokenData:
 def _data_identity(data: str) -> dict:
     """What the cache keys depend on: changes to the underlying files invalidate caches."""
     if data.startswith("hf:"):
-        name, _ = _split_hf_spec(data[3:])
+        name, _ = split_hf_spec(data[3:])
         local = Path(name).expanduser()
         if local.is_dir():  # datasets reads any file type there, so track them all
             files = sorted(p for p in local.rglob("*") if p.is_file() and not p.name.startswith("."))

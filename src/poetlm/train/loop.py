@@ -40,7 +40,7 @@ from .metrics import MetricsLogger
 from .models import block_linears, data_tokenizer, load_model
 from .progress import make_progress
 from .report import write_report
-from .runs import check_identity, check_steps, data_options, run_identity
+from .runs import absolute_places, check_identity, check_steps, data_options, run_identity
 
 
 class TrainingError(RuntimeError):
@@ -222,6 +222,8 @@ def train(config: TrainConfig | None = None, resume: str | Path | None = None, r
     if resume is not None:
         run_dir = Path(resume).resolve()
         config = load_config(run_dir / "config.json")
+    else:
+        config = absolute_places(config)
     runtime = parallel.setup(config.device)
     claimed, clean = None, False
     try:

@@ -122,6 +122,15 @@ def agreed_signal(received: int | None, runtime: Runtime) -> int | None:
     return int(flag) or None
 
 
+# What gloo and NCCL say when a collective loses a process that has stopped (its own error says why).
+_PEER_GONE = ("closed by peer", "reset by peer", "remote process exited", "Broken pipe")
+
+
+def peer_stopped(error: BaseException) -> bool:
+    """Whether `error` is a collective failing because another process of the job stopped."""
+    return isinstance(error, RuntimeError) and any(sign in str(error) for sign in _PEER_GONE)
+
+
 def barrier(runtime: Runtime) -> None:
     """Wait until every rank is here; for rank 0's long solo work (see WAIT_FOR_MAIN)."""
     if runtime.distributed:

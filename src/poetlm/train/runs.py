@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -12,7 +13,7 @@ from torch import nn
 from ..serialization import dtype_argument, load_dense
 from . import checkpoint as ckpt
 from .config import ConfigError, TrainConfig, config_value, load_config
-from .data import MODEL_TOKENIZER, RUN_TOKENIZER, DataError, load_tokenizer
+from .data import MODEL_TOKENIZER, RUN_TOKENIZER, DataError, load_tokenizer, split_hf_spec
 from .methods import prepare_model
 from .models import ModelError, load_model
 
@@ -52,6 +53,31 @@ def refuse_new_places(recorded: TrainConfig, config: TrainConfig, run_dir: Path)
                               f"data.tokenizer={after!r}: drop --tokenizer (a new tokenizer needs a new run)")
         raise ConfigError(f"--resume goes on in {run_dir}, so it cannot take {key}={after!r}, which places a new run: drop "
                           "--name / --out (to rename or move a run, move its directory)")
+
+
+def absolute_places(config: TrainConfig) -> TrainConfig:
+    """`config` with its relative local paths made absolute, as config.json records them: a resume, eval or
+    export may start from another directory, where they would name other files, or none (and a relative
+    cache directory would silently tokenize everything again there). Names of bundled corpora and hub ids
+    stay as they are, and so do paths under ~."""
+    def local(value: str | None, must_exist: bool = True) -> str | None:
+        if value is None or value.startswith("~") or Path(value).is_absolute() or must_exist and not Path(value).exists():
+            return value
+        return str(Path(value).resolve())
+
+    data = config.data.data
+    if data.startswith("hf:"):
+        name, dataset_config = split_hf_spec(data[3:])
+        if Path(name).is_dir():
+            data = f"hf:{local(name)}" + (f":{dataset_config}" if dataset_config else "")
+    else:
+        data = local(data)
+    return dataclasses.replace(
+        config, out_dir=local(config.out_dir, must_exist=False),
+        data=dataclasses.replace(config.data, data=data, tokenizer=local(config.data.tokenizer),
+                                 cache_dir=local(config.data.cache_dir, must_exist=False)),
+        finetune=dataclasses.replace(config.finetune, base_model=local(config.finetune.base_model)),
+        model=dataclasses.replace(config.model, hf_config=local(config.model.hf_config)))
 
 
 def check_steps(config: TrainConfig, checkpoint: Path) -> None:
