@@ -139,6 +139,10 @@ def test_finetuning_warns_about_model_sizes_and_pretraining_about_finetune_keys(
         resolve_config("finetune", ["finetune.base_model='some/model'", "model.hidden_size=64"])
     with pytest.warns(UserWarning, match=r"finetune.lora_rank \(finetuning only"):
         resolve_config("tiny", ["finetune.lora_rank=4"])
+    with pytest.warns(UserWarning, match=r"data.vocab_size \(the vocabulary is the given tokenizer's\)"):
+        resolve_config("tiny", ["data.tokenizer='some/dir'", "data.vocab_size=8192"])
+    with pytest.warns(UserWarning, match=r"data.vocab_size \(the vocabulary is the base model's\)"):
+        resolve_config("finetune", ["finetune.base_model='some/model'", "data.vocab_size=8192"])
     for method in ("poet", "poet-paper"):  # a finetune's W0 is the base weight, whatever init draws
         with pytest.warns(UserWarning, match=r"poet.init \(a finetune's W0 is the base model's weight\), poet.init_scale"):
             resolve_config("finetune", ["finetune.base_model='some/model'", f"method={method!r}",
@@ -158,6 +162,7 @@ def test_poetlm_config_says_which_methods_read_a_key(capsys):
     ("seed=-1", "seed=-1 is invalid: must be an integer in [0, 2**64)"),
     ("seed=18446744073709551616", "seed=18446744073709551616 is invalid"),
     ("data.split_seed=-1", "data.split_seed=-1 is invalid"),
+    ("data.max_documents=0", "data.max_documents=0 is invalid: must be >= 1"),
     ("model.rope_theta=0", "model.rope_theta=0.0 is invalid: must be a finite number > 0"),
     ("model.rope_theta=-1", "model.rope_theta=-1.0 is invalid"),
     ("model.rope_theta=nan", "model.rope_theta=nan is invalid"),

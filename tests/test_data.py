@@ -103,8 +103,11 @@ def test_read_directory_in_sorted_order(tmp_path):
     write_txt(root / "a.txt", docs[:3])
     write_parquet(root / "b.parquet", docs[3:6])
     write_jsonl(root / "sub" / "c.jsonl", docs[6:])
-    (root / "README.md").write_text("not data")  # unsupported files in a directory are ignored
-    assert read_documents(str(root)) == docs
+    (root / "README.md").write_text("not data")  # unsupported files in a directory are left out, with a warning
+    (root / "sub" / "more.csv").write_text("text\nnot read")
+    (root / ".hidden.csv").write_text("hidden files are nobody's data")
+    with pytest.warns(UserWarning, match=r"read 3 data file\(s\) and skipped 2 other file\(s\): README.md, sub/more.csv, of no format"):
+        assert read_documents(str(root)) == docs
 
 
 def test_a_directory_follows_linked_directories_and_reads_each_file_once(tmp_path):

@@ -141,3 +141,25 @@ def test_metrics_truncation_replaces_the_file_and_reports_unreadable_lines(tmp_p
     assert path.read_text() == '{"step": 1, "loss": 1.0}\n{"step": 3, "loss": 1.0}\n'
     assert path.stat().st_ino != inode  # rewritten under a new name and renamed: a kill leaves the old file whole
     assert "dropped 2 unreadable line(s)" in capsys.readouterr().err
+
+
+def test_a_diverged_runs_numbers_are_standard_json_and_it_is_told_so(tmp_path, capsys):
+    """Bare Infinity/NaN (Python's json default) make jq, JavaScript and strict parsers reject the whole file."""
+    import json
+    import math
+
+    from poetlm.train.loop import _warn_if_diverged
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda name: pytest.fail(f"non-standard JSON constant {name}"))
+
+    logger = MetricsLogger(tmp_path, enabled=True)
+    logger.log({"step": 1, "tokens": 10, "val_loss": 710.0, "val_ppl": math.inf, "drift": [1.0, math.nan]})
+    logger.close()
+    record = strict((tmp_path / "metrics.jsonl").read_text())
+    assert record == {"step": 1, "tokens": 10, "val_loss": 710.0, "val_ppl": None, "drift": [1.0, None]}
+    _warn_if_diverged(math.log(300) + 0.5, 300)  # a short run from scratch ends near ln V: no warning
+    assert capsys.readouterr().err == ""
+    for loss in (3e7, math.inf, math.nan):
+        _warn_if_diverged(loss, 300)
+        assert "is far above ln(300) = 5.70, a uniform guess's over the vocabulary: the run diverged" in capsys.readouterr().err

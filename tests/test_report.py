@@ -200,3 +200,22 @@ def test_a_comparison_never_replaces_a_runs_own_report(three_runs):
         write_report([a], b)
     assert (b / "report.md").read_text() == "b's own report"
     assert write_report([b], b).read_text(encoding="utf-8").startswith("# Training report")
+
+
+def test_a_run_before_its_first_log_line_is_an_incomplete_row(three_runs, tmp_path):
+    started = tmp_path / "started"
+    (started / "checkpoints").mkdir(parents=True)
+    (started / "config.json").write_text(json.dumps({"name": "started", "method": "adamw"}))
+    text = write_report([three_runs[0], started], tmp_path / "out").read_text(encoding="utf-8")
+    assert table_row(text, "started (incomplete)")[1] == "AdamW"
+    with pytest.raises(ReportError, match="is a run directory"):  # and it is one, as --out
+        write_report([three_runs[0]], started)
+
+
+def test_runs_of_one_name_are_told_apart_by_their_directory(tmp_path):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = make_run(tmp_path / "a", "straight", {"name": "straight", "method": "poet"}, final_ppl=30.0)
+    second = make_run(tmp_path / "b", "straight", {"name": "straight", "method": "poet"}, final_ppl=40.0)
+    text = write_report([first, second], tmp_path / "out").read_text(encoding="utf-8")
+    assert table_row(text, f"straight [{first}]")[3] == "30.00" and table_row(text, f"straight [{second}]")[3] == "40.00"

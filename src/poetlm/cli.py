@@ -174,7 +174,8 @@ def _finetune_parser(sub) -> None:
 def _cmd_finetune(args) -> int:
     """`poetlm train` on a pretrained model, with the finetuning preset."""
     from .train.loop import train
-    from .train.runs import final_model_dir, is_run_dir
+    from .train.checkpoint import is_run_dir
+    from .train.runs import final_model_dir
 
     model = Path(args.model)
     if is_run_dir(model):  # eval, export and generate take a run directory: take it here too, by its trained model
@@ -232,7 +233,7 @@ def _cmd_eval(args) -> int:
 
 def _check_export_target(out: Path, force: bool) -> None:
     """Never into a run directory (it would destroy the run's config.json); nothing overwritten without --force."""
-    from .train.runs import is_run_dir
+    from .train.checkpoint import is_run_dir
 
     inside = next((p for p in (out.resolve(), *out.resolve().parents) if is_run_dir(p)), None)
     if inside is not None:

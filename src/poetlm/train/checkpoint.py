@@ -37,6 +37,11 @@ def checkpoint_dir(run_dir: Path) -> Path:
     return Path(run_dir) / "checkpoints"
 
 
+def is_run_dir(path: Path) -> bool:
+    """A poetlm run directory (data.json too: a run that has not written its first checkpoint yet)."""
+    return (path / "config.json").is_file() and (checkpoint_dir(path).is_dir() or (path / "data.json").is_file())
+
+
 def list_checkpoints(run_dir: Path) -> list[Path]:
     found = [(int(m.group(1)), p) for p in checkpoint_dir(run_dir).glob("step_*.pt") if (m := CHECKPOINT_PATTERN.search(p.name))]
     return [p for _, p in sorted(found)]

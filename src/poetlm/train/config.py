@@ -174,6 +174,8 @@ class TrainConfig:
             ("data.tokenizer", self.data.tokenizer != "", "must name a tokenizer directory or hub id, or be null (train a BPE)"),
             ("data.vocab_size", self.data.vocab_size >= 260, "must be >= 260 (256 bytes + special tokens)"),
             ("data.seq_len", self.data.seq_len >= 2, "must be >= 2"),
+            ("data.max_documents", self.data.max_documents is None or self.data.max_documents >= 1,
+             "must be >= 1 (or null = every document)"),
             ("data.val_fraction", 0 < self.data.val_fraction < 1, "must be between 0 and 1"),
             ("data.split_seed", self.data.split_seed is None or 0 <= self.data.split_seed < 2**64,
              "must be an integer in [0, 2**64) (or null = the run's seed)"),
@@ -570,6 +572,8 @@ def _unused_because(config: TrainConfig, key: str) -> str | None:
         return "finetuning only"
     if key in ("poet.init", "poet.init_scale") and config.finetuning:
         return "a finetune's W0 is the base model's weight"
+    if key == "data.vocab_size" and (config.data.tokenizer is not None or config.finetuning):
+        return "the vocabulary is the given tokenizer's" if config.data.tokenizer is not None else "the vocabulary is the base model's"
     users = methods_using(key)
     return None if config.method in users else f"method {' / '.join(users)} only"
 

@@ -118,8 +118,9 @@ def _format_of(path: Path) -> str | None:
     return suffixes[-1] if suffixes and suffixes[-1] in _FORMATS else None
 
 
-def _data_files(root: Path) -> list[Path]:
-    """Supported files under a directory, in a stable order; hidden files and others are skipped. Linked
+def _data_files(root: Path) -> tuple[list[Path], list[str]]:
+    """Supported files under a directory, in a stable order, and the others (relative names); hidden files are
+    nobody's data. Linked
     directories are followed (each real directory once, so a link cycle ends) and each real file is read
     once: a document reached twice could land in both the training and the validation split."""
     files, directories = [], set()
@@ -130,23 +131,26 @@ def _data_files(root: Path) -> list[Path]:
         directories.add(os.path.realpath(directory))
         subdirectories[:] = [name for name in subdirectories if not name.startswith(".")]
         files += [Path(directory, name) for name in names if not name.startswith(".")]
+    skipped = sorted(str(p.relative_to(root)) for p in files if p.is_file() and _format_of(p) is None)
     files = sorted((p for p in files if p.is_file() and _format_of(p) is not None), key=lambda p: p.relative_to(root).parts)
     unique, real = [], set()
     for path in files:
         if path.resolve() not in real:
             real.add(path.resolve())
             unique.append(path)
-    return unique
+    return unique, skipped
 
 
 def _iter_path(path: Path) -> Iterator[str]:
     if path.is_dir():
-        files = _data_files(path)
+        files, skipped = _data_files(path)
+        listed = f"{len(skipped)} other file(s): {', '.join(skipped[:3])}{', …' if len(skipped) > 3 else ''}"
         if not files:
-            raise DataError(
-                f"directory {path} contains no .txt, .jsonl or .parquet files; add data files "
-                "or point --data at a file"
-            )
+            raise DataError(f"directory {path} contains no .txt, .jsonl or .parquet files{f' ({listed})' if skipped else ''}; "
+                            "add data files or point --data at a file")
+        if skipped:  # a .csv or .json among the data would otherwise just be missing from it
+            warnings.warn(f"{path}: read {len(files)} data file(s) and skipped {listed}, of no format poetlm reads; data "
+                          "files are .txt, .jsonl or .parquet (.txt/.jsonl optionally .xz/.gz)", stacklevel=2)
         for file in files:
             yield from _iter_file(file)
     else:
@@ -542,7 +546,7 @@ def _data_identity(data: str) -> dict:
         return {"hf": data[3:]}
     path = Path(data).expanduser()
     if path.exists():
-        files = _data_files(path) if path.is_dir() else [path]
+        files = _data_files(path)[0] if path.is_dir() else [path]
         return {"files": [_file_identity(f) for f in files]}
     if data in BUNDLED_CORPORA:
         return {"bundled": data, "size": _bundled_path(data).stat().st_size}

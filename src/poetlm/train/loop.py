@@ -36,7 +36,7 @@ from .data import (TokenData, load_run_data, make_batch, micro_batch_seed, prepa
                    warn_if_reloaded_otherwise)
 from .evaluate import perplexity
 from .methods import Method, build_schedulers, lr_factor, make_method
-from .metrics import MetricsLogger
+from .metrics import MetricsLogger, standard_json
 from .models import block_linears, data_tokenizer, load_model
 from .progress import make_progress
 from .report import write_report
@@ -513,16 +513,27 @@ def _finish(run: Run) -> dict:
     final_spectrum = spectrum_layer(model)  # on every rank: gathering a sharded layer is collective
     if runtime.is_main and run.spectrum is not None:
         initial = json.loads((run_dir / "spectrum_initial.json").read_text())
-        files.write_text(run_dir / "spectrum.json", json.dumps({**initial, "final": final_spectrum[1].tolist()}))
+        files.write_text(run_dir / "spectrum.json", standard_json({**initial, "final": final_spectrum[1].tolist()}))
     # Likewise the whole model, for its last uses: the method's files and final/ (LoRA merges in place).
     with parallel.full_parameters(model):
         if runtime.is_main:
             method.finish(model, run_dir)
             write_final(method, model, run.data.tokenizer, run_dir)
     if runtime.is_main:
-        files.write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+        files.write_text(run_dir / "summary.json", standard_json(summary, indent=2) + "\n")
         write_report([run_dir], run_dir)
+        _warn_if_diverged(last["val_loss"], len(run.data.tokenizer))
     return summary
+
+
+def _warn_if_diverged(val_loss: float, vocab_size: int) -> None:
+    """A run that ends far worse than guessing every token uniformly (loss ln V, about where a fresh model
+    starts) diverged, its numbers finite or not."""
+    uniform = math.log(vocab_size)
+    if not val_loss <= uniform + 1:
+        print(f"poetlm: warning: the final validation loss {val_loss:.4g} is far above ln({vocab_size}) = {uniform:.2f}, "
+              "a uniform guess's over the vocabulary: the run diverged; lower the learning rate (or check the data)",
+              file=sys.stderr)
 
 
 def write_final(method: Method, model: nn.Module, tokenizer, run_dir: Path) -> None:

@@ -6,6 +6,7 @@ on stderr (once per process), never a silent gap: metrics.jsonl still has everyt
 from __future__ import annotations
 
 import json
+import math
 import secrets
 import statistics
 import sys
@@ -15,6 +16,20 @@ from . import files
 from .config import TrainConfig
 
 _warned: set[str] = set()
+
+
+def standard_json(value, **kwargs) -> str:
+    """json.dumps with every non-finite float as null: Python's bare Infinity and NaN are not JSON, and jq,
+    JavaScript or a strict parser reject the whole file (a diverged run's perplexity overflows to inf)."""
+    def finite(item):
+        if isinstance(item, float) and not math.isfinite(item):
+            return None
+        if isinstance(item, dict):
+            return {key: finite(entry) for key, entry in item.items()}
+        if isinstance(item, (list, tuple)):
+            return [finite(entry) for entry in item]
+        return item
+    return json.dumps(finite(value), allow_nan=False, **kwargs)
 
 
 def warn_once(key: str, message: str) -> None:
@@ -110,7 +125,7 @@ class MetricsLogger:
         if not self.enabled:
             return
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+            f.write(standard_json(record) + "\n")
         if self._writer is not None:
             for key, value in record.items():
                 if key not in ("step", "tokens") and isinstance(value, (int, float)):

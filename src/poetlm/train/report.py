@@ -19,6 +19,7 @@ from typing import Any
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from .checkpoint import is_run_dir
 from .config import make_dir
 
 
@@ -128,14 +129,14 @@ def load_run(run_dir: str | Path) -> Run:
     if not run_dir.is_dir():
         raise ReportError(f"run directory does not exist: {run_dir}")
     metrics = run_dir / "metrics.jsonl"
-    if not metrics.is_file():
+    if not (metrics.is_file() or is_run_dir(run_dir)):
         raise ReportError(f"not a poetlm run directory: {run_dir} (no metrics.jsonl)")
 
     config = _read_json(run_dir / "config.json") or {}
     summary = _read_json(run_dir / "summary.json")
     if "method" not in config and summary and "method" in summary:
         config = {**config, "method": summary["method"]}
-    train, evals = _read_metrics(metrics)
+    train, evals = _read_metrics(metrics) if metrics.is_file() else ([], [])  # a run before its first log line
     return Run(
         path=run_dir,
         name=str(config.get("name") or run_dir.resolve().name),
@@ -326,9 +327,19 @@ def _distinct(run_dirs: list[Path]) -> list[Path]:
     return list(seen.values())
 
 
+def _told_apart(runs: list[Run]) -> list[Run]:
+    """Runs of one name (copies, or one name in several out_dirs) named with their directory too: identical
+    rows and legend entries could not be told apart."""
+    names = [run.name for run in runs]
+    for run in runs:
+        if names.count(run.name) > 1:
+            run.name = f"{run.name} [{run.path}]"
+    return runs
+
+
 def _refuse_other_run(out_dir: Path, runs: list[Run]) -> None:
     """A run directory's report.md and plots are that run's own: only a report of that run alone may replace them."""
-    if not (out_dir / "metrics.jsonl").is_file():
+    if not ((out_dir / "metrics.jsonl").is_file() or is_run_dir(out_dir)):
         return
     if len(runs) == 1 and runs[0].path.resolve() == out_dir.resolve():
         return
@@ -339,7 +350,7 @@ def _refuse_other_run(out_dir: Path, runs: list[Run]) -> None:
 def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
     if not run_dirs:
         raise ReportError("no run directories given")
-    runs = [load_run(d) for d in _distinct(run_dirs)]  # fail before writing anything
+    runs = _told_apart([load_run(d) for d in _distinct(run_dirs)])  # fail before writing anything
     out_dir = Path(out_dir)
     _refuse_other_run(out_dir, runs)
     make_dir(out_dir, "--out", ReportError)

@@ -135,11 +135,6 @@ def check_identity(saved: dict, identity: dict, run_dir: Path) -> None:
             "eval_every or device, docs/design.md), or start a new run with them")
 
 
-def is_run_dir(path: Path) -> bool:
-    """A poetlm run directory (data.json too: a run that has not written its first checkpoint yet)."""
-    return (path / "config.json").is_file() and (ckpt.checkpoint_dir(path).is_dir() or (path / "data.json").is_file())
-
-
 def final_model_dir(run_dir: Path, use: str) -> Path | None:
     """run_dir/final/, the trained model of a finished run, announced as what `use` takes; None if there is none."""
     final = run_dir / "final"
@@ -195,7 +190,7 @@ def load_any_model(path: str | Path, device="cpu") -> tuple[nn.Module, object, T
     path = Path(path)
     if not path.is_dir():
         raise DataError(f"{path} is not a directory: give a run directory (runs/NAME) or an exported model directory")
-    if is_run_dir(path):
+    if ckpt.is_run_dir(path):
         return load_run_model(path, device)
     if not (path / "config.json").is_file():
         raise DataError(f"{path} is neither a poetlm run directory (config.json + data.json) nor a model directory (config.json + weights)")
