@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .adapter import (ADAPTER_FILE, VERSION, AdapterError, MergeHistory, base_fingerprint, check_base_layers, fingerprint_mismatch,
+from .adapter import (ADAPTER_FILE, FORMAT, VERSION, AdapterError, MergeHistory, base_fingerprint, check_base_layers, fingerprint_mismatch,
                       load_adapter, read_adapter_info, save_adapter)
 from .config import POETConfig, checked
 from .layer import is_conv1d
@@ -105,7 +105,7 @@ def _trainable_patterns(base_model: nn.Module, config: POETConfig, trainable) ->
 def write_adapter_config(directory: Path, base_model: nn.Module, config: POETConfig, trainable: list[str], merges: int) -> None:
     """adapter_config.json beside adapter.safetensors: what POETModel.from_pretrained reads back."""
     base_config = getattr(base_model, "config", None)
-    settings = {"format": "poetlm-adapter", "version": VERSION, "poet_config": config.to_dict(),
+    settings = {"format": FORMAT, "version": VERSION, "poet_config": config.to_dict(),
                 "trainable": trainable, "merges": merges, "adapter_file": ADAPTER_FILE,
                 "base_model_name_or_path": getattr(base_config, "_name_or_path", None) or None}
     (Path(directory) / CONFIG_NAME).write_text(json.dumps(settings, indent=2) + "\n")
@@ -223,7 +223,7 @@ def _check_settings(settings, info: dict, path: Path) -> None:
     if not isinstance(settings, dict):
         raise AdapterError(f"{path} holds a JSON {type(settings).__name__}, not the object POETModel.save_adapter writes; "
                            "save the adapter again")
-    expected = {"format": "poetlm-adapter", "adapter_file": ADAPTER_FILE, "merges": info["merges"]}
+    expected = {"format": FORMAT, "adapter_file": ADAPTER_FILE, "merges": info["merges"]}
     for key, value in expected.items():
         if key in settings and settings[key] != value:
             raise AdapterError(f"{path}: {key}={settings[key]!r}, but the adapter beside it ({ADAPTER_FILE}) has "
