@@ -1,6 +1,7 @@
 """Update rules and the fold-every-step optimizer against dense references."""
 
 import copy
+import warnings
 import io
 import math
 import pickle
@@ -9,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import poetlm
 from poetlm import POETConfig, POETLinear, merge
 from poetlm import optim, orthogonal, primitives
 from poetlm.optim import POET, side_blocks, skew_gradient
@@ -511,14 +513,23 @@ def test_poet_optimizer_refuses_vectors_and_low_precision_weights():
         POET([nn.Parameter(torch.zeros(4))])
     with pytest.raises(ValueError, match="keep the weights in float32"):
         POET([nn.Parameter(torch.zeros(4, 4, dtype=torch.bfloat16))])
-    with pytest.raises(ValueError, match="real matrices"):
+    with pytest.raises(ValueError, match="real floating-point matrices"):
         POET([nn.Parameter(torch.zeros(4, 4, dtype=torch.complex64))])
+    with pytest.raises(ValueError, match="real floating-point matrices; got a parameter of shape \\(4, 4\\) of dtype torch.int64"):
+        POET([nn.Parameter(torch.zeros(4, 4, dtype=torch.int64), requires_grad=False)])
+    with pytest.raises(ValueError, match="rotates matrices; got '0.bias' of shape \\(4,\\)"):  # named, when names are given
+        POET(nn.Sequential(nn.Linear(4, 4)).named_parameters())
     with pytest.raises(ValueError, match="nothing POET can rotate"):  # training would silently do nothing
         POET([nn.Parameter(torch.zeros(6, 6))], poet=POETConfig(variant="fs", fraction=0.1))
     with pytest.raises(ValueError, match="nothing POET can rotate"):
         POET([nn.Parameter(torch.zeros(1, 1))])
     with pytest.raises(TypeError, match="RuleConfig\\(\\*\\*settings\\)"):
         POET([nn.Parameter(torch.zeros(4, 4))], rule={"name": "lie_adam"})
+    twice = nn.Parameter(torch.zeros(4, 4))
+    with pytest.raises(ValueError, match="listed twice in one POET param group, so each step would rotate it twice"):
+        POET([twice, twice])
+    with pytest.raises(TypeError, match="poet_optimizer takes the model .*not a list.*poetlm.POET\\(weights\\)"):
+        optim.poet_optimizer([twice])
 
 
 @pytest.mark.parametrize("group, message", [
@@ -527,6 +538,8 @@ def test_poet_optimizer_refuses_vectors_and_low_precision_weights():
     ({"params": [nn.Parameter(torch.randn(1, 1))]}, "nothing POET can rotate"),
     ({"params": [nn.Parameter(torch.randn(7, 5))], "lr": -1.0}, "lr=-1.0 is invalid"),
     ({"params": [nn.Parameter(torch.randn(7, 5))], "lr": float("inf")}, "lr=inf is invalid"),
+    ({"params": [nn.Parameter(torch.randn(7, 5))], "weight_decay": 0.1, "momentum": 0.9},
+     "param groups take params and lr only; momentum, weight_decay would never be read"),
 ])
 def test_an_added_group_is_checked_like_the_constructors_and_not_kept_if_refused(group, message):
     weight = nn.Parameter(torch.randn(8, 6))
@@ -846,3 +859,51 @@ def test_alternation_skips_a_side_that_cannot_turn():
         before = weight.detach().clone()
         optimizer.step()
         assert (weight.detach() - before).abs().max() > 1e-3  # every step turns the side that can
+
+
+@pytest.mark.parametrize("lr", [float("nan"), float("inf"), -0.01])
+def test_a_schedulers_lr_that_cannot_be_stepped_with_changes_nothing(lr):
+    """An lr is checked at every step as the constructor checks it (0 is a warmup's start, and does nothing)."""
+    weight = nn.Parameter(torch.randn(8, 6, generator=torch.Generator().manual_seed(0)))
+    optimizer = POET([weight], lr=0.05, poet=POETConfig(block_size=4))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: [1.0, lr / 0.05][min(step, 1)])
+    weight.grad = torch.randn(8, 6)
+    optimizer.step()
+    scheduler.step()
+    before, state = weight.detach().clone(), copy.deepcopy(optimizer.state_dict())
+    with pytest.raises(ValueError, match=r"param group 0: lr=.* cannot be stepped with, no weight or state was changed"):
+        optimizer.step()
+    assert torch.equal(weight.detach(), before)
+    assert torch.equal(optimizer.state_dict()["state"][0]["out"]["rule"]["momentum"], state["state"][0]["out"]["rule"]["momentum"])
+    optimizer.param_groups[0]["lr"] = 0.0
+    optimizer.step()
+    assert torch.equal(weight.detach(), before)
+
+
+def test_a_non_finite_gradient_of_any_chained_parameter_changes_nothing():
+    """poet_optimizer's AdamW part would write a NaN bias gradient into its parameter after POET had turned."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    optimizer = optim.poet_optimizer(model, poet=POETConfig(block_size=4))
+    model(torch.randn(3, 8)).square().sum().backward()
+    model[2].bias.grad[0] = float("nan")
+    before = copy.deepcopy(model.state_dict())
+    with pytest.raises(ValueError, match="non-finite gradient.*no weight or optimizer state was changed"):
+        optimizer.step()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+    assert not optimizer.state
+
+
+def test_a_poet_optimizer_whose_weights_were_replaced_says_so():
+    """poetize after poet_optimizer trained nothing but the biases, without a word: the optimizer kept the
+    replaced weights, which no longer get gradients."""
+    model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 4))
+    optimizer = optim.poet_optimizer(model, poet=POETConfig(block_size=4))
+    poetlm.poetize(model, POETConfig(block_size=4))
+    model(torch.randn(3, 8)).square().sum().backward()
+    with pytest.warns(UserWarning, match=r"none of its 2 weights has a gradient, so nothing turned; were they replaced"):
+        optimizer.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once
+        optimizer.step()

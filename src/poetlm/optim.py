@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import warnings
 from typing import Callable
 
 import torch
@@ -175,8 +176,8 @@ def _require_finite(grads: list[torch.Tensor]) -> None:
         flags.setdefault(flag.device, []).append(flag)
     if not all(torch.stack(device_flags).all() for device_flags in flags.values()) and \
             not all(bool(whole_value(torch.isfinite(grad).all())) for grad in grads):
-        raise ValueError("a non-finite gradient (NaN or inf) reached POET; no weight or optimizer state was changed: "
-                         "skip this batch (optimizer.zero_grad()) and check the loss")
+        raise ValueError("a non-finite gradient (NaN or inf) reached the optimizer; no weight or optimizer state was "
+                         "changed: skip this batch (optimizer.zero_grad()) and check the loss")
 
 
 def _evaluate(closure):
@@ -245,6 +246,7 @@ class POET(torch.optim.Optimizer):
             if hasattr(self.rule, "orthogonalize"):
                 self.rule.orthogonalize = torch.compile(self.rule.orthogonalize, backend=self.compile_backend)
         self._derived: dict[tuple, tuple] = {}  # see _index_forms and _stack_forms
+        self._warned_idle = False  # see step
 
     def __getstate__(self) -> dict:  # torch's keeps only defaults, state and param_groups
         return {**super().__getstate__(), **{name: getattr(self, name) for name in self._SETTINGS}}
@@ -263,19 +265,36 @@ class POET(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
 
+    # What a group may hold: anything else (weight_decay, momentum, betas from another optimizer's groups) would
+    # be accepted and never read. Weight decay would shrink the singular values POET keeps; momentum is the rule's.
+    _GROUP_KEYS = {"params", "lr", "param_names"}
+
     def _check_group(self, group: dict) -> None:
-        lr = group["lr"]
-        if not (is_number(lr) and math.isfinite(lr) and lr > 0):
-            raise ValueError(f"POET lr={lr!r} is invalid: must be a finite number > 0 (e.g. 0.02)")
-        for param in group["params"]:
+        unread = sorted(set(group) - self._GROUP_KEYS)
+        if unread:
+            raise ValueError(f"POET param groups take params and lr only; {', '.join(unread)} would never be read (POET "
+                             "keeps every weight's singular values, so it has no weight decay; its momentum is "
+                             "RuleConfig.beta1): drop them")
+        self._check_lr(group["lr"], "lr={!r} is invalid: must be a finite number > 0 (e.g. 0.02)", positive=True)
+        if len({id(param) for param in group["params"]}) < len(group["params"]):  # torch only warns: it would turn twice a step
+            raise ValueError("a parameter is listed twice in one POET param group, so each step would rotate it twice: list it once")
+        names = group.get("param_names") or [None] * len(group["params"])
+        for name, param in zip(names, group["params"]):
+            what = f"{name!r} of shape {tuple(param.shape)}" if name else f"a parameter of shape {tuple(param.shape)}"
             if param.dim() != 2:
-                raise ValueError(f"POET rotates matrices; got a parameter of shape {tuple(param.shape)} "
-                                 "(train biases, norms and embeddings with AdamW)")
-            if param.is_complex():
-                raise ValueError(f"POET rotates real matrices; got a {param.dtype} parameter of shape {tuple(param.shape)}")
+                raise ValueError(f"POET rotates matrices; got {what} (train biases, norms and embeddings with AdamW)")
+            if param.is_complex() or not param.is_floating_point():
+                raise ValueError(f"POET rotates real floating-point matrices; got {what} of dtype {param.dtype}")
             self._check_precision(param)
             require_rotations(self.poet.variant, tuple(param.shape), self.poet.block_size, self.poet.fraction,
-                              "a parameter")
+                              "a parameter" if name is None else f"parameter {name!r}")
+
+    @staticmethod
+    def _check_lr(lr, problem: str, positive: bool) -> None:
+        """Refuse an lr that is not a finite number above 0 (`positive`) or at least 0 (at a step: a warmup starts
+        at 0); `problem` formats the message with the value."""
+        if not (is_number(lr) and math.isfinite(lr) and (lr > 0 if positive else lr >= 0)):
+            raise ValueError(f"POET {problem.format(lr)}")
 
     @staticmethod
     def _check_precision(param: torch.Tensor) -> None:
@@ -360,7 +379,15 @@ class POET(torch.optim.Optimizer):
                 # Weights with one shape, orientation, lr and step count turn as one batch of blocks (one set of products).
                 batch = (tuple(param.shape), sides, param.dtype, param.device, group["lr"], self.state[param].get("step", 0))
                 batches.setdefault(batch, []).append((key, param))
+        if not batches and not self._warned_idle:
+            self._warned_idle = True  # once: a loop that calls step() before its first backward is no news after that
+            warnings.warn(f"POET.step(): none of its {sum(len(g['params']) for g in self.param_groups)} weights has a "
+                          "gradient, so nothing turned; were they replaced after the optimizer was built (poetize, a "
+                          "new model, loaded weights as new tensors) or left out of the forward pass?", stacklevel=2)
         _require_finite([param.grad for params in batches.values() for _, param in params])
+        for index, group in enumerate(self.param_groups):  # a scheduler's value, before any weight turns
+            self._check_lr(group["lr"], f"param group {index}: lr={{!r}} cannot be stepped with, no weight or state was "
+                           "changed: an lr must be finite and at least 0 (check the lr scheduler)", positive=False)
         scratch, folded_by, count = Scratch(), [], 0
         for (_, sides, *_, lr, step), params in batches.items():
             example = params[0][1]
@@ -656,7 +683,11 @@ class Chained(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = _evaluate(closure)
-        for optimizer in self.optimizers:
+        # A NaN or inf gradient stops the whole step before anything changes: POET checks its own before it turns
+        # a weight, and steps first; the others' are checked here (AdamW would write the NaN into its parameters).
+        _require_finite([p.grad for o in self.optimizers if not isinstance(o, POET)
+                         for g in o.param_groups for p in g["params"] if p.grad is not None])
+        for optimizer in sorted(self.optimizers, key=lambda o: not isinstance(o, POET)):
             optimizer.step()
         return loss
 
@@ -718,6 +749,9 @@ def poet_optimizer(model: torch.nn.Module, lr_poet: float = 0.02, lr: float = 3e
     """
     from .model import param_groups, rotated_weights, transposed_names
 
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"poet_optimizer takes the model (a torch.nn.Module), not a {type(model).__name__}: it finds the "
+                        "block linears itself; for a list of weights use poetlm.POET(weights) (and AdamW for the rest)")
     poet = poet or POETConfig()
     named = rotated_weights(model, poet, whole_model=True)
     rotated = {id(weight) for _, weight in named}
