@@ -1,6 +1,7 @@
 """POET beyond LLaMA: modules that read `.weight`, GPT-2's Conv1D, mixture-of-experts coverage."""
 
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -152,6 +153,11 @@ def test_train_builds_any_hf_causal_lm_config_with_preset_sizes(tmp_path, corpus
     ids = torch.randint(0, 300, (2, 16))
     assert type(dense).__name__ == expected
     torch.testing.assert_close(dense(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+    if source.endswith("config.json"):  # later commands rebuild the run's own architecture, not what the file says now
+        Path(source).write_text(Path(source).read_text().replace('"silu"', '"relu"'))
+        torch.testing.assert_close(load_run_model(run_dir)[0](ids).logits, model(ids).logits, rtol=0, atol=0)
+        Path(source).unlink()
+        assert main(["eval", str(run_dir)]) == 0
 
 
 def test_model_config_errors_name_the_problem(tmp_path, capsys, monkeypatch):
@@ -161,7 +167,9 @@ def test_model_config_errors_name_the_problem(tmp_path, capsys, monkeypatch):
 
     (tmp_path / "config.json").write_text('{"model_type": "vit"}')
     for source, message in [(str(tmp_path), "vit config, which has no causal-LM class"),
-                            ("no-such-thing", "neither a config.json")]:
+                            ("no-such-thing", "neither a config.json"),
+                            ("bert", "a bert model built as a causal LM lets each position see the tokens after it"),
+                            ("deepseek_v3", "has sizes no model.* key sets (q_lora_rank, kv_lora_rank")]:
         assert main(["train", "--model-config", source, "--steps", "1", "--out", str(tmp_path / "runs"),
                      "data.max_documents=20", f"data.cache_dir={str(tmp_path / 'cache')!r}"]) == 1
         assert message in capsys.readouterr().err
@@ -169,7 +177,7 @@ def test_model_config_errors_name_the_problem(tmp_path, capsys, monkeypatch):
 
 # The name each architecture gives its MLP width (and that a wrong mapping silently left at its default).
 MLP_WIDTH = {"opt": "ffn_dim", "xglm": "ffn_dim", "falcon": "ffn_hidden_size", "gpt_neo": "intermediate_size",
-             "gpt2": "n_inner", "qwen2": "intermediate_size"}
+             "gpt2": "n_inner", "qwen2": "intermediate_size", "qwen3": "intermediate_size", "gemma": "intermediate_size"}
 
 
 def sized(hf_config, **changes):
@@ -189,6 +197,9 @@ def test_model_config_builds_the_preset_sizes(model_type):
     assert (getattr(config, MLP_WIDTH[model_type]), config.max_position_embeddings, config.vocab_size) == (80, 48, 300)
     # The modules are built at these sizes: an MLP 80 wide, three blocks (GPT-Neo: one attention kind per layer).
     assert any(80 in p.shape for p in model.parameters())
+    if getattr(config, "head_dim", None) is not None:  # Qwen3, Gemma keep a head size of their own (128, 256) unless set
+        assert config.head_dim == 32 // 4
+    assert max(max(p.shape) for p in model.parameters() if p.dim() == 2 and 300 not in p.shape) <= 3 * 32  # at most fused q,k,v
     blocks = max((m for m in model.modules() if isinstance(m, nn.ModuleList)), key=len)
     assert len(blocks) == 3
 

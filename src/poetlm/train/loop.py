@@ -37,7 +37,7 @@ from .data import (TokenData, load_run_data, make_batch, micro_batch_seed, prepa
 from .evaluate import perplexity
 from .methods import Method, build_schedulers, lr_factor, make_method
 from .metrics import MetricsLogger, standard_json
-from .models import block_linears, data_tokenizer, load_model
+from .models import block_linears, data_tokenizer, load_model, save_architecture
 from .progress import make_progress
 from .report import write_report
 from .runs import absolute_places, check_identity, check_steps, data_options, run_identity
@@ -338,7 +338,8 @@ def _setup(config: TrainConfig, runtime: parallel.Runtime, resuming: bool, run_d
     sharded = parallel.is_sharded(runtime, config.parallel)
     if sharded and not method.supports_fsdp:
         raise ConfigError(f"method {config.method!r} does not run under FSDP (parallel='fsdp'); use parallel='ddp'")
-    model = accelerate(method.prepare(load_model(config, data.tokenizer)).to(runtime.device), config)
+    built = load_model(config, data.tokenizer, run_dir if resuming else None)
+    model = accelerate(method.prepare(built).to(runtime.device), config)
     wrapped = parallel.parallelize(model, runtime, config.parallel)  # FSDP2 swaps in sharded parameters: before the optimizers
     optimizers = method.optimizers(model)
     run = Run(config, runtime, run_dir, resuming, data, method, model, wrapped, optimizers,
@@ -361,6 +362,7 @@ def _setup(config: TrainConfig, runtime: parallel.Runtime, resuming: bool, run_d
     if runtime.is_main and not resuming:
         run_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, run_dir / "config.json")
+        save_architecture(built, config, run_dir)
         data.tokenizer.save_pretrained(run_dir / "tokenizer")
         # The run's own id: a run like it on the same data (same config, same tokens) is still another run.
         record = {**data.record(), "run_id": uuid.uuid4().hex}

@@ -116,8 +116,17 @@ def _has(config: PretrainedConfig, name: str) -> bool:
         return False
 
 
+# Sizes that no preset key sets (multi-head latent attention's ranks and head parts): left at the architecture's
+# own, the model would be trained at another size than the preset's.
+UNSET_SIZES = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+
+
 def _preset_sizes(model: ModelConfig, model_type: str, defaults: PretrainedConfig, setting) -> dict:
     """The preset's sizes under the names this architecture reads; a size it has no name for is refused."""
+    unset = [name for name in UNSET_SIZES if setting(name) is not None]
+    if unset:
+        raise ModelError(f"a {model_type} model has sizes no model.* key sets ({', '.join(unset)}), so it would not be "
+                         f"built at the preset's sizes; {OTHER_ARCHITECTURE}")
     sizes = {}
     values = {"model.hidden_size": model.hidden_size, "model.num_layers": model.num_layers,
               "model.num_heads": model.num_heads, "model.intermediate_size": model.intermediate_size}
@@ -173,6 +182,9 @@ def hf_model_config(model: ModelConfig, vocab_size: int, max_seq_len: int, ids: 
 
     source_layers = setting("num_hidden_layers")
     sizes = {"vocab_size": vocab_size, "tie_word_embeddings": model.tie_embeddings, **_preset_sizes(model, model_type, defaults, setting)}
+    # Qwen3, Gemma: a head size of their own (128, 256) would make q, k, v wider than hidden (Falcon derives it)
+    if _has(defaults, "head_dim") and not isinstance(getattr(type(defaults), "head_dim", None), property):
+        sizes["head_dim"] = model.hidden_size // model.num_heads
     if _has(defaults, "max_position_embeddings"):  # others (ALiBi, recurrent models) have no context limit to set
         sizes["max_position_embeddings"] = max_seq_len
     if isinstance(getattr(defaults, "rope_parameters", None), dict):
@@ -244,16 +256,63 @@ def build_model(model: ModelConfig, vocab_size: int, max_seq_len: int, ids: dict
 
     config = hf_model_config(model, vocab_size, max_seq_len, ids)
     try:
-        return AutoModelForCausalLM.from_config(config)
+        built = AutoModelForCausalLM.from_config(config)
     except Exception as error:  # transformers raises assorted types
         raise _build_error(config.model_type, error) from None
+    _refuse_bidirectional(built, config.model_type, vocab_size)
+    return built
 
 
-def load_model(config: TrainConfig, tokenizer) -> nn.Module:
+@torch.no_grad()
+def _refuse_bidirectional(model: nn.Module, model_type: str, vocab_size: int) -> None:
+    """Refuse a model whose prediction at a position sees later tokens (BERT and other encoders given a causal
+    LM head): it would train and report a perplexity that is no language model's. Checked by what it computes:
+    the logits before the last position must not move when only the last token changes."""
+    training = model.training
+    model.eval()
+    ids = torch.arange(8).remainder(vocab_size).unsqueeze(0)
+    changed = ids.clone()
+    changed[0, -1] = (ids[0, -1] + 1) % vocab_size
+    try:
+        before, after = model(input_ids=ids).logits[0, :-1], model(input_ids=changed).logits[0, :-1]
+    except Exception as error:  # transformers raises assorted types; training's first step would fail the same way
+        raise _build_error(model_type, error) from None
+    finally:
+        model.train(training)
+    if not torch.allclose(before, after, rtol=0, atol=1e-6):
+        raise ModelError(f"a {model_type} model built as a causal LM lets each position see the tokens after it (an "
+                         f"encoder's bidirectional attention), so it cannot learn next-token prediction; {OTHER_ARCHITECTURE}")
+
+
+# A pretraining run's architecture as built from model.hf_config (preset sizes applied): a resume, eval or
+# export rebuilds it from this file, not from the file or type model.hf_config names, which may have changed.
+ARCHITECTURE = "hf_config.json"
+
+
+def save_architecture(model: nn.Module, config: TrainConfig, run_dir: Path) -> None:
+    if config.model.hf_config is not None and not config.finetuning:
+        (run_dir / ARCHITECTURE).write_text(model.config.to_json_string())
+
+
+def _saved_architecture(path: Path) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        values = json.loads(path.read_text())
+        config = AutoConfig.for_model(**values)
+    except (OSError, ValueError, TypeError, KeyError) as error:
+        raise ModelError(f"{path} (the run's architecture) cannot be read ({_one_line(error)}); restore it from a copy "
+                         "of the run directory") from None
+    return AutoModelForCausalLM.from_config(config)
+
+
+def load_model(config: TrainConfig, tokenizer, run_dir: Path | None = None) -> nn.Module:
     """The pretrained model to finetune (finetune.base_model), or a fresh model built from config.model for
-    `tokenizer`'s tokens."""
+    `tokenizer`'s tokens (as the run in `run_dir` built it, if it saved its architecture)."""
     vocab_size = len(tokenizer)
     if not config.finetuning:
+        if run_dir is not None and (run_dir / ARCHITECTURE).is_file():
+            return _saved_architecture(run_dir / ARCHITECTURE)
         return build_model(config.model, vocab_size, config.data.seq_len, token_ids(tokenizer))
     from transformers import AutoModelForCausalLM
 

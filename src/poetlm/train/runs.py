@@ -164,7 +164,7 @@ def _run_architecture(config: TrainConfig, run_dir: Path, tokenizer) -> nn.Modul
     run's final/config.json describes the same architecture, and the checkpoint holds every weight (the base's
     frozen ones too), so the base is not needed."""
     try:
-        return load_model(config, tokenizer)
+        return load_model(config, tokenizer, run_dir)
     except ModelError:
         final = run_dir / "final"
         if not (config.finetuning and (final / "config.json").is_file()):
