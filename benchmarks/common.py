@@ -6,17 +6,48 @@ this folder on sys.path).
 
 from __future__ import annotations
 
+import argparse
 import gc
+import math
 import os
 import platform
 import statistics
 import sys
 import time
+import warnings
 from typing import Callable, Sequence
 
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def at_least(low: int | float, kind=int, above: bool = False) -> Callable[[str], int | float]:
+    """An argparse type: a finite number of `kind` that is at least `low` (`above`: greater than it). A 0 given
+    for a count would otherwise be read as "unset" by an `x or default`, or end deep inside a statistics error."""
+    bound = f"{'>' if above else '>='} {low}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
+        if not (math.isfinite(value) and (value > low if above else value >= low)):
+            raise argparse.ArgumentTypeError(f"{text} is invalid: must be a finite number {bound}")
+        return value
+    return parse
+
+
+def refuse_bad_settings(parser: argparse.ArgumentParser, preset: str, overrides: Sequence[str]) -> None:
+    """Every run would fail at once on a preset or KEY=VALUE setting poetlm refuses: say it before any starts."""
+    from poetlm.train.config import ConfigError, resolve_config
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # each run prints the config's warnings itself
+            resolve_config(preset, list(overrides))
+    except ConfigError as error:
+        parser.error(str(error))
 
 
 def default_device() -> str:

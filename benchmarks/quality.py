@@ -38,7 +38,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator
 
-from common import describe_machine, markdown_table, refuse_other_settings, setting_differences
+from common import at_least, describe_machine, markdown_table, refuse_bad_settings, refuse_other_settings, setting_differences
 
 @dataclass(frozen=True)
 class Method:
@@ -105,7 +105,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-every", type=int, default=100, help="steps between validation evaluations (default 100)")
     parser.add_argument("--corpora", nargs="+", default=["sotu", "shakespeare"], help="bundled corpora or files (default: sotu shakespeare)")
     for key, method in ALL_METHODS.items():
-        parser.add_argument(f"--lrs-{key}", type=float, nargs="+", default=list(method.grid), metavar="LR",
+        parser.add_argument(f"--lrs-{key}", type=at_least(0, float, above=True), nargs="+", default=list(method.grid), metavar="LR",
                             help=f"{method.lr_key} grid for {method.label} (default: {' '.join(f'{x:g}' for x in method.grid)})")
     parser.add_argument("--extend", type=int, default=2,
                         help="when a method's best lr is at an end of its grid, add the next lr beyond it (grid "
@@ -128,6 +128,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.jobs < 1 or args.threads < 1 or args.steps < 1:
         parser.error("--jobs, --threads and --steps must be >= 1")
+    refuse_bad_settings(parser, args.preset, [f"steps={args.steps}", f"eval_every={args.eval_every}", *args.extra])
     if args.methods is None:
         args.methods = list(ABLATION_ROWS if args.ablation else METHODS)
     # A value given twice would start two runs of one spec in one directory at once and tabulate it twice.

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from common import (CHUNKS_HELP, DTYPES, announce, batch_rotations_as, cpu_allocations, default_device, interleaved_times,
+from common import (CHUNKS_HELP, DTYPES, announce, at_least, refuse_bad_settings, batch_rotations_as, cpu_allocations, default_device, interleaved_times,
                     markdown_table, paired_ratio, peak_memory_bytes, step_median, synchronizer, timed_rounds)
 from cost_model import cnp_build_macs, fold_block_products
 from poetlm import merge, poet_layers
@@ -79,18 +79,18 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--methods", nargs="+", choices=list(METHODS), help="default: all but the other precisions "
                         "(-bf16, -auto), which compare against the defaults",
                         default=[key for key in METHODS if not key.endswith(("-bf16", "-auto"))])
-    parser.add_argument("--accum", type=int, nargs="+", default=[1, 4], help="micro-batches per optimizer step")
-    parser.add_argument("--repeats", type=int, default=3, help="timed steps per contender and accumulation, rounded up to even")
-    parser.add_argument("--warmup", type=int, default=1, help="untimed rounds before the first accumulation setting")
-    parser.add_argument("--micro-batch", type=int, help="sequences per micro-batch (default: the preset's on CUDA, "
+    parser.add_argument("--accum", type=at_least(1), nargs="+", default=[1, 4], help="micro-batches per optimizer step")
+    parser.add_argument("--repeats", type=at_least(1), default=3, help="timed steps per contender and accumulation, rounded up to even")
+    parser.add_argument("--warmup", type=at_least(0), default=1, help="untimed rounds before the first accumulation setting")
+    parser.add_argument("--micro-batch", type=at_least(1), help="sequences per micro-batch (default: the preset's on CUDA, "
                         f"{CPU_MICRO_BATCH} on CPU)")
-    parser.add_argument("--seq-len", type=int, help="tokens per sequence (default: the preset's)")
-    parser.add_argument("--threads", type=int, help="torch threads (default on CPU: 1, see docs/benchmarks.md)")
+    parser.add_argument("--seq-len", type=at_least(2), help="tokens per sequence (default: the preset's)")
+    parser.add_argument("--threads", type=at_least(1), help="torch threads (default on CPU: 1, see docs/benchmarks.md)")
     parser.add_argument("--no-memory", dest="memory", action="store_false", help="skip the peak-memory step")
     parser.add_argument("--flush-denormal", action="store_true", help="CPU: treat subnormal floats as zero "
                         "(torch.set_flush_denormal); AdamW's small-init LLaMA meets many in its forward and backward "
                         "passes, which cost it 12-35%% per micro-batch on this CPU (docs/benchmarks.md, \"Fifth pass\")")
-    parser.add_argument("--merges", type=int, default=1, help="timed merges per POET contender (0: none)")
+    parser.add_argument("--merges", type=at_least(0), default=1, help="timed merges per POET contender (0: none)")
     parser.add_argument("--profile", action="store_true", help="also split one step into phases and list the top ops")
     parser.add_argument("--compile", nargs="?", const="on", default="off", choices=["off", "on", "both"],
                         help="torch.compile each decoder block (config compile=true); both: every method compiled and "
@@ -102,6 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda but CUDA is not available")
+    for preset in args.presets:
+        refuse_bad_settings(parser, preset, [f"data.seq_len={args.seq_len}"] if args.seq_len else [])
     if args.threads is None and args.device == "cpu":
         # POET's many small ops each wait at a barrier for a core that a neighbour's job holds.
         args.threads = 1

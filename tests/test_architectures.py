@@ -101,8 +101,13 @@ def test_mixture_of_experts_coverage_report_and_strict():
                                          r"\(fused expert weights of MixtralExperts"):
         poetlm.poetize(model, POETConfig(block_size=8), strict=True)
     assert not list(poetlm.poet_layers(model))  # refused before anything was wrapped
-    with pytest.warns(UserWarning, match="stay dense: model.layers.0.mlp.gate.weight"):
+    with pytest.warns(poetlm.POETWarning, match="stay dense: model.layers.0.mlp.gate.weight") as caught:
         poetlm.poetize(model, POETConfig(block_size=8))
+    from poetlm.cli import _format_warning  # on the command line: one line, wherever the warning points
+
+    warning = caught[0]
+    assert _format_warning(warning.message, warning.category, "/usr/lib/torch/utils/_contextlib.py", 124) == \
+        f"poetlm: warning: {warning.message}\n"
     report = poetlm.coverage(model)
     assert report.wrapped == [f"model.layers.0.self_attn.{p}_proj" for p in "qkvo"]
     reasons = {w.name: (w.reason, w.targeted) for w in report.dense}

@@ -265,6 +265,23 @@ def test_quality_refuses_a_missing_corpus_up_front(bench, tmp_path, capsys):
     assert exit.value.code != 0 and "missing.txt" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("script,args,message", [
+    ("step", ["--presets", "nope"], "no preset or config file named 'nope'"),
+    ("step", ["--accum", "0"], "--accum: 0 is invalid: must be a finite number >= 1"),
+    ("step", ["--repeats", "0"], "--repeats: 0 is invalid"),
+    ("step", ["--micro-batch", "0"], "--micro-batch: 0 is invalid"),  # was read as "unset": the preset's 16
+    ("step", ["--merges", "-1"], "--merges: -1 is invalid"),
+    ("step", ["--seq-len", "1"], "--seq-len: 1 is invalid"),
+    ("quality", ["--eval-every", "0"], "eval_every=0 is invalid"),
+    ("quality", ["--set", "bogus=1"], "unknown config key(s) 'bogus'"),
+    ("quality", ["--lrs-adamw", "nan"], "--lrs-adamw: nan is invalid: must be a finite number > 0"),
+])
+def test_benchmarks_refuse_settings_every_run_would_fail_on_before_any_starts(bench, tmp_path, capsys, script, args, message):
+    with pytest.raises(SystemExit) as exit:
+        bench(script).parse_args([*args, *(["--out", str(tmp_path / "q")] if script == "quality" else [])])
+    assert exit.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_quality_marks_failed_runs_exits_nonzero_and_keeps_the_last_table(bench, tmp_path, monkeypatch, capsys):
     quality = bench("quality")
 

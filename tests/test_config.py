@@ -346,3 +346,12 @@ def test_resume_takes_the_settings_a_resume_may_change_and_refuses_the_others(tm
 def test_a_key_set_by_a_flag_and_by_key_value_is_refused(argv, message, capsys):
     assert main(["train", "--print-config", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_printed_config_says_where_to_edit_what_the_methods_table_sets(capsys):
+    """Edited in the top-level [poet] section, tiny's block size would stay the one poet's own table sets."""
+    assert main(["train", "--print-config"]) == 0
+    printed = capsys.readouterr().out
+    assert "block_size = 32  # method poet uses 384, from [methods.poet.poet] below: edit it there" in printed
+    assert main(["train", "--print-config", "--config", "llama-60m", "--method", "adamw"]) == 0
+    assert "# lr_hidden is unset (null)  # method adamw uses 0.001, from [methods.adamw.optim] below" in capsys.readouterr().out

@@ -8,7 +8,7 @@ training application in `poetlm.train`.
 """
 
 from .adapter import AdapterError, MergeHistory, base_fingerprint, load_adapter, save_adapter
-from .config import POETConfig
+from .config import POETConfig, POETWarning
 from .diagnostics import layer_diagnostics, model_diagnostics, svd_entropy
 from .layer import POETConv1D, POETLinear
 from .model import (coverage, export_dense, merge, param_groups, poet_layers, poetize, rotation_parameters,
@@ -26,4 +26,5 @@ __all__ = [
     "get_poet_model", "POETModel",
     "rotation_parameters", "step_weight_cache", "layer_diagnostics", "model_diagnostics", "svd_entropy",
     "ResetState", "KeepState", "MergeHistory", "save_adapter", "load_adapter", "base_fingerprint", "AdapterError",
+    "POETWarning",
 ]

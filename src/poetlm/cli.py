@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from .config import POETWarning
 from .train.checkpoint import CheckpointError
 from .train.config import (METHODS, ConfigError, ConfigWarning, DataConfig, closest_keys, load_config, make_dir, override_config,
                            parse_overrides, preset_names, resolve_config, save_config)
@@ -380,7 +381,7 @@ _plain_format = warnings.formatwarning
 
 def _format_warning(message, category, filename, lineno, line=None) -> str:
     """poetlm's own warnings as one line for the command's user (no source file, line number and code)."""
-    if "poetlm" in Path(filename).parts:
+    if "poetlm" in Path(filename).parts or issubclass(category, POETWarning):
         return f"poetlm: warning: {message}\n"
     return _plain_format(message, category, filename, lineno, line)
 

@@ -16,6 +16,10 @@ BUILD_DTYPES = ("fp32", "bf16")
 DIRECTION_DTYPES = ("auto", *BUILD_DTYPES)
 
 
+class POETWarning(UserWarning):
+    """The library's warnings: something will not happen as asked, or may not be what was meant."""
+
+
 def checked(value, kind: type):
     """`value` if it is a `kind` (a settings dataclass such as POETConfig), else a TypeError saying how to make one."""
     if not isinstance(value, kind):

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from .config import POETConfig, checked, is_number
+from .config import POETConfig, POETWarning, checked, is_number
 from .layer import POETLinear, draw_weight, is_conv1d, wrap_module
 from .orthogonal import orthogonal_map, singular_values
 from .primitives import batch_entries, plain_name
@@ -130,7 +130,7 @@ def _warn_of_shared_draws(layers: list[POETLinear]) -> None:
             warnings.warn(f"POET layers of one model draw the same W0 and coordinates (both seeded by {layer.seed_key!r}): "
                           "parts of the model were poetized one call at a time without their names; pass each part's "
                           "name as poetize(part, config, prefix='model.layers.3'), or poetize the whole model once",
-                          stacklevel=3)
+                          POETWarning, stacklevel=3)
             return
 
 
@@ -187,7 +187,7 @@ def _check_coverage(model: nn.Module, config: POETConfig, strict: bool) -> None:
                "Add them to exclude_modules (or narrow target_modules) to train only the wrapped layers")
     if strict:
         raise ValueError(f"poetize(strict=True) refuses: {message}; poetlm.coverage(model) lists every weight")
-    warnings.warn(message + "; pass strict=True to refuse instead", stacklevel=3)
+    warnings.warn(message + " (poetize(..., strict=True) refuses instead)", POETWarning, stacklevel=3)
 
 
 def target_linears(model: nn.Module, config: POETConfig, whole_model: bool = False) -> list[tuple[str, nn.Module]]:

@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from .config import POETConfig, checked, is_number
+from .config import POETConfig, POETWarning, checked, is_number
 from .layer import is_shard, whole_value
 from .orthogonal import generator_scale, isometry_increment, rotation_increment, singular_values
 from .primitives import batch_entries, block_layout, draw_index, index_problem, plain_name, require_rotations, seeded_generator, stacks, transport_blocks
@@ -383,7 +383,7 @@ class POET(torch.optim.Optimizer):
             self._warned_idle = True  # once: a loop that calls step() before its first backward is no news after that
             warnings.warn(f"POET.step(): none of its {sum(len(g['params']) for g in self.param_groups)} weights has a "
                           "gradient, so nothing turned; were they replaced after the optimizer was built (poetize, a "
-                          "new model, loaded weights as new tensors) or left out of the forward pass?", stacklevel=2)
+                          "new model, loaded weights as new tensors) or left out of the forward pass?", POETWarning, stacklevel=2)
         _require_finite([param.grad for params in batches.values() for _, param in params])
         for index, group in enumerate(self.param_groups):  # a scheduler's value, before any weight turns
             self._check_lr(group["lr"], f"param group {index}: lr={{!r}} cannot be stepped with, no weight or state was "

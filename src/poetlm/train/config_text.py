@@ -151,9 +151,12 @@ def to_toml(config: TrainConfig) -> str:
     """
     resolution = getattr(config, "resolution", None)  # None: a run's saved config.json, every value as it ran
     derived = resolution.derived if resolution else {}
-    lines = ["# poetlm train config, resolved (poetlm train --config THIS_FILE runs it)"]
+    lines = ["# poetlm train config, resolved (poetlm train --config THIS_FILE runs it); a [methods.NAME] table at the end",
+             "# sets its keys for that method, over the values above"]
     if "name" in derived:
         lines.append(f"name_prefix = {toml_value(resolution.name_prefix)}  # runs are named NAME_PREFIX-METHOD unless name is set")
+    # The keys this config's method takes from its own table: an edit above would not reach its run.
+    overridden = _flat((resolution.methods if resolution else {}).get(config.method, {}))
     section = ""
     for key, value, _ in config_keys(resolution.top if resolution else config):
         head, _, name = key.rpartition(".")
@@ -161,12 +164,24 @@ def to_toml(config: TrainConfig) -> str:
             section = head
             lines.append(f"\n[{head}]")
         if key in derived:
-            lines.append(f"# {name} = {toml_value(config_value(config, key))}  ({derived[key]})")
+            line = f"# {name} = {toml_value(config_value(config, key))}  ({derived[key]})"
         else:
-            lines.append(f"# {name} is unset (null)" if value is None else f"{name} = {toml_value(value)}")
+            line = f"# {name} is unset (null)" if value is None else f"{name} = {toml_value(value)}"
+        if key in overridden:
+            line += (f"  # method {config.method} uses {toml_value(overridden[key])}, from [methods.{config.method}"
+                     f"{'.' + head if head else ''}] below: edit it there")
+        lines.append(line)
     for method, table in (resolution.methods if resolution else {}).items():
         lines += _table_lines(f"methods.{method}", table)
     return "\n".join(lines) + "\n"
+
+
+def _flat(table: dict, prefix: str = "") -> dict:
+    """A nested table as {dotted key: value}."""
+    flat = {}
+    for key, value in table.items():
+        flat.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {f"{prefix}{key}": value})
+    return flat
 
 
 def _table_lines(head: str, table: dict) -> list[str]:
