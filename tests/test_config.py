@@ -355,3 +355,14 @@ def test_a_printed_config_says_where_to_edit_what_the_methods_table_sets(capsys)
     assert "block_size = 32  # method poet uses 384, from [methods.poet.poet] below: edit it there" in printed
     assert main(["train", "--print-config", "--config", "llama-60m", "--method", "adamw"]) == 0
     assert "# lr_hidden is unset (null)  # method adamw uses 0.001, from [methods.adamw.optim] below" in capsys.readouterr().out
+
+
+def test_diagnostics_that_miss_the_logged_steps_are_warned_about():
+    with pytest.warns(UserWarning, match=r"diagnostics_every=7 is not a multiple of log_every=5: .* so every 35 steps"):
+        resolve_config("tiny", ["log_every=5", "diagnostics_every=7"])
+    resolved_quietly("log_every=5", "diagnostics_every=10")
+
+
+def test_train_with_the_finetune_preset_and_no_base_model_is_refused(capsys):
+    assert main(["train", "--config", "finetune", "steps=1"]) == 2
+    assert "the finetune preset finetunes a model: run poetlm finetune --model DIR" in capsys.readouterr().err

@@ -219,3 +219,16 @@ def test_runs_of_one_name_are_told_apart_by_their_directory(tmp_path):
     second = make_run(tmp_path / "b", "straight", {"name": "straight", "method": "poet"}, final_ppl=40.0)
     text = write_report([first, second], tmp_path / "out").read_text(encoding="utf-8")
     assert table_row(text, f"straight [{first}]")[3] == "30.00" and table_row(text, f"straight [{second}]")[3] == "40.00"
+
+
+def test_runs_measured_on_other_tokens_get_a_note(tmp_path, capsys):
+    data = {"data": "sotu", "tokenizer": None, "vocab_size": 4096, "seq_len": 128, "val_fraction": 0.05, "split_seed": None}
+    a = make_run(tmp_path, "a", {"method": "poet", "seed": 0, "eval_tokens": 1024, "data": data})
+    b = make_run(tmp_path, "b", {"method": "adamw", "seed": 0, "eval_tokens": 1024, "data": data})
+    same = write_report([a, b], tmp_path / "same").read_text(encoding="utf-8")
+    assert "not comparable" not in same and "not comparable" not in capsys.readouterr().err
+    c = make_run(tmp_path, "c", {"method": "muon", "seed": 1, "eval_tokens": 1024, "data": {**data, "vocab_size": 1024}})
+    text = write_report([a, c], tmp_path / "other").read_text(encoding="utf-8")
+    note = ("these runs' validation perplexities are not comparable: they were measured on other tokens "
+            "(data.vocab_size: 4096, 1024; the data split seed: 0, 1)")
+    assert f"**Note:** {note}." in text and note in capsys.readouterr().err

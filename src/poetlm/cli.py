@@ -89,6 +89,9 @@ def _cmd_train(args) -> int:
     if args.resume:
         return _resume(args)
     config = resolve_config(args.config or "tiny", [*shortcut_overrides(args), *args.overrides])
+    if args.config == "finetune" and not config.finetuning and not args.print_config:  # it would pretrain a placeholder from scratch
+        raise ConfigError("the finetune preset finetunes a model: run poetlm finetune --model DIR (or set "
+                          "finetune.base_model); to pretrain, choose another preset (tiny, small, llama-60m, …)")
     return _print_config(config) if args.print_config else _finish(train(config))
 
 

@@ -588,6 +588,11 @@ def config_warnings(config: TrainConfig) -> list[str]:
     unused = [f"{key} ({why})" for key in config.resolution.explicit if (why := _unused_because(config, key))]
     if unused:
         found.append(f"{config.method} run ignores {', '.join(unused)}: drop them, or choose what uses them")
+    if config.diagnostics_every % config.log_every and config.diagnostics_every < config.steps:
+        every = math.lcm(config.diagnostics_every, config.log_every)
+        found.append(f"diagnostics_every={config.diagnostics_every} is not a multiple of log_every={config.log_every}: "
+                     f"diagnostics are recorded on logged steps, so every {every} steps (and at the last); make it a "
+                     "multiple of log_every")
     if config.optim.warmup_steps >= config.steps:  # short smoke runs on a preset do this on purpose: a warning, not an error
         found.append(f"optim.warmup_steps={config.optim.warmup_steps} is not below steps={config.steps}: the learning rate "
                      "never decays (and with more warmup steps never reaches its peak); lower optim.warmup_steps")

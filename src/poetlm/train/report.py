@@ -327,6 +327,34 @@ def _distinct(run_dirs: list[Path]) -> list[Path]:
     return list(seen.values())
 
 
+# What a validation perplexity is measured on: runs that differ in one of these score other tokens, or count
+# them in another vocabulary.
+_MEASURED_ON = ("data.data", "data.tokenizer", "data.vocab_size", "data.seq_len", "data.val_fraction", "data.split",
+                "eval_tokens", "finetune.base_model")
+
+
+def _measure_setting(config: dict, key: str):
+    if key == "data.split":  # data.split_seed, which follows the run's seed when unset
+        data = config.get("data") or {}
+        return data.get("split_seed") if data.get("split_seed") is not None else config.get("seed")
+    if key == "data.vocab_size" and (config.get("data") or {}).get("tokenizer") is not None:
+        return None  # the given tokenizer's vocabulary, which data.tokenizer names
+    section, _, name = key.rpartition(".")
+    return (config.get(section) or {}).get(name) if section else config.get(name)
+
+
+def _incomparable(runs: list[Run]) -> list[str]:
+    """The settings, with their values, in which the runs' validation sets differ (runs whose config.json
+    lacks them, e.g. hand-made ones, are left out of the comparison)."""
+    differing = []
+    for key in _MEASURED_ON:
+        values = [_measure_setting(run.config, key) for run in runs if run.config.get("data")]
+        if len(set(map(repr, values))) > 1:
+            shown = list(dict.fromkeys(map(repr, values)))
+            differing.append(f"{'the data split seed' if key == 'data.split' else key}: {', '.join(shown[:4])}")
+    return differing
+
+
 def _told_apart(runs: list[Run]) -> list[Run]:
     """Runs of one name (copies, or one name in several out_dirs) named with their directory too: identical
     rows and legend entries could not be told apart."""
@@ -356,6 +384,12 @@ def write_report(run_dirs: list[Path], out_dir: Path) -> Path:
     make_dir(out_dir, "--out", ReportError)
 
     lines = ["# Training report", "", *_table(runs), ""]
+    differing = _incomparable(runs)
+    if differing:
+        note = (f"these runs' validation perplexities are not comparable: they were measured on other tokens "
+                f"({'; '.join(differing)})")
+        _warn(note)
+        lines += [f"**Note:** {note}.", ""]
     for filename, caption, plot in PLOTS:
         target = out_dir / filename
         if plot(runs, target):
