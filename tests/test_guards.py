@@ -63,9 +63,9 @@ def test_poet_seed_follows_seed_unless_set_explicitly():
 def test_cuda_without_cuda_is_a_config_error(monkeypatch, capsys, tmp_path):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["train", "--device", "cuda", "--out", str(tmp_path)]) == 2
-    assert "CUDA is not available" in capsys.readouterr().err
+    assert "device='cuda' but CUDA is not available here" in capsys.readouterr().err
     assert main(["generate", str(tmp_path), "--device", "cuda"]) == 2
-    assert "CUDA is not available" in capsys.readouterr().err
+    assert "use --device cpu or --device auto" in capsys.readouterr().err  # as the command takes it
 
 
 def test_run_directories_are_claimed_atomically(tmp_path):

@@ -208,7 +208,7 @@ def _cmd_eval(args) -> int:
         verb = "chooses" if len(unused) == 1 else "choose"
         raise CommandError(f"{', '.join(unused)} {verb} how --data is read, and there is no --data: eval then scores the "
                            "run's own validation tokens, exactly as the run did. Pass --data, or drop them")
-    device = pick_device(args.device)
+    device = pick_device(args.device, setting="--device {}")
     model, tokenizer, config = load_any_model(args.path, device)
     if args.data is None and config is None:
         raise DataError("an exported model directory has no training data attached: pass --data (e.g. --data sotu)")
@@ -275,7 +275,7 @@ def _cmd_generate(args) -> int:
     from .train.parallel import pick_device
     from .train.runs import load_any_model
 
-    device = pick_device(args.device)
+    device = pick_device(args.device, setting="--device {}")
     model, tokenizer, _ = load_any_model(args.path, device)
     torch.manual_seed(args.seed)
     # As training read its text: a literal "<|endoftext|>" in the prompt is text, not the end of a document.

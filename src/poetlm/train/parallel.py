@@ -53,18 +53,19 @@ class Runtime:
         return self.world_size > 1
 
 
-def pick_device(requested: str, local_rank: int = 0) -> torch.device:
+def pick_device(requested: str, local_rank: int = 0, setting: str = "device={}") -> torch.device:
+    """The torch device `requested` names; `setting` formats a value as the user gives it (a key, or a flag)."""
     if requested == "auto":
         return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
     if requested.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"device={requested!r} but CUDA is not available here (torch {torch.__version__}); "
-                          "use device=cpu or device=auto, or install a CUDA build of torch")
+        raise ConfigError(f"{setting.format(repr(requested))} but CUDA is not available here (torch {torch.__version__}); "
+                          f"use {setting.format('cpu')} or {setting.format('auto')}, or install a CUDA build of torch")
     if requested == "cuda":
         return torch.device(f"cuda:{local_rank}")
     try:
         return torch.device(requested)
     except RuntimeError:
-        raise ConfigError(f"device={requested!r} is not a device torch knows: use auto, cpu, cuda or cuda:N "
+        raise ConfigError(f"{setting.format(repr(requested))} is not a device torch knows: use auto, cpu, cuda or cuda:N "
                           "(or another torch device type, e.g. mps)") from None
 
 
