@@ -211,8 +211,10 @@ def settings_mismatch(spec: Spec, args: argparse.Namespace) -> str | None:
     if not saved.is_file():
         return None
     from poetlm.train.config import resolve_config
+    from poetlm.train.runs import absolute_places
 
-    wanted = resolve_config(args.preset, [f"name='{spec.name}'", *run_settings(spec, args)]).to_dict()
+    # As the run recorded them: a relative corpus path is saved absolute.
+    wanted = absolute_places(resolve_config(args.preset, [f"name='{spec.name}'", *run_settings(spec, args)])).to_dict()
     # Where the run and its token cache live is not what it computed (a moved or differently spelled --out).
     differ = setting_differences(wanted, json.loads(saved.read_text()), ignore=("out_dir", "progress", "data.cache_dir"))
     return f"{', '.join(differ)} differ" if differ else None

@@ -331,6 +331,14 @@ def test_quality_reuses_a_run_whatever_its_out_is_called_and_names_what_differs(
     made["data"]["seq_len"] += 1
     (quality.run_dir(spec, args) / "config.json").write_text(json.dumps(made))
     assert quality.settings_mismatch(spec, args) == "data.seq_len differ"
+    (tmp_path / "texts.txt").write_text("words")  # a relative corpus path: the run records it absolute
+    args = quality.parse_args(["--methods", "adamw", "--corpora", "texts.txt", "--out", "q"])
+    spec = quality.Spec(quality.METHODS["adamw"], 1e-3, 0, "texts.txt")
+    made = resolve_config(args.preset, [f"name='{spec.name}'", *quality.run_settings(spec, args)]).to_dict()
+    made["data"]["data"] = str(tmp_path / "texts.txt")
+    quality.run_dir(spec, args).mkdir(parents=True)
+    (quality.run_dir(spec, args) / "config.json").write_text(json.dumps(made))
+    assert quality.settings_mismatch(spec, args) is None
 
 
 def test_quality_ablation_pins_exact_directions_where_the_docs_say_so(bench, tmp_path):
