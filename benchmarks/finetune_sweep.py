@@ -178,6 +178,8 @@ def result(args, method: str, lr: float, outcome: str | None) -> dict | str | No
         return outcome
     name = f"{method}-lr{lr:g}"
     summary = json.loads((args.out / "runs" / name / "summary.json").read_text())
+    if summary["final_val_ppl"] is None:  # overflowed: poetlm writes it as null
+        return "diverged"
     return {**summary, "sotu_ppl": sotu_ppl(args, name, f"runs/{name}")}
 
 

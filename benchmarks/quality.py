@@ -303,8 +303,8 @@ def load(spec: Spec, args: argparse.Namespace) -> dict | None:
             if record.get("tokens_per_s"):
                 seconds += (record["tokens"] - last_tokens) / record["tokens_per_s"]
                 last_tokens = record["tokens"]
-            if "val_ppl" in record:
-                curve.append((record["tokens"], seconds, record["val_ppl"]))
+            if "val_ppl" in record:  # null: a perplexity that overflowed (poetlm writes standard JSON)
+                curve.append((record["tokens"], seconds, math.inf if record["val_ppl"] is None else record["val_ppl"]))
         return {**summary, "curve": curve, "train_seconds": seconds}
     if diverged_marker(spec, args).is_file():
         return {"diverged": True}
@@ -314,7 +314,7 @@ def load(spec: Spec, args: argparse.Namespace) -> dict | None:
 def final_ppl(result: dict | None) -> float:
     if result is None:
         return math.nan
-    return math.inf if result.get("diverged") else result["final_val_ppl"]
+    return math.inf if result.get("diverged") or result["final_val_ppl"] is None else result["final_val_ppl"]
 
 
 def best_lr(method: Method, lrs: list[float], seed: int, corpus: str, args: argparse.Namespace) -> float | None:

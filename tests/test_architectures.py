@@ -268,3 +268,12 @@ def test_model_config_refuses_sizes_it_cannot_set_and_transformers_errors_in_one
     err = capsys.readouterr().err
     assert "Traceback" not in err and [line for line in err.splitlines() if "cannot build" in line] == [
         line for line in err.splitlines() if line.startswith("poetlm: error: transformers cannot build a qwen2 model")]
+
+
+def test_runs_from_before_the_saved_architecture_rebuild_as_they_were_built():
+    """A run without hf_config.json (made before runs saved it) has Qwen3's own head size in its checkpoints."""
+    from poetlm.train.models import build_model
+
+    assert build_model(sized("qwen3"), 300, 48).config.head_dim == 8
+    assert build_model(sized("qwen3"), 300, 48, legacy=True).config.head_dim == 128
+    assert build_model(sized("gpt2"), 300, 4).config.n_positions == 4  # the causality probe fits a short context

@@ -225,9 +225,17 @@ def test_runs_measured_on_other_tokens_get_a_note(tmp_path, capsys):
     data = {"data": "sotu", "tokenizer": None, "vocab_size": 4096, "seq_len": 128, "val_fraction": 0.05, "split_seed": None}
     a = make_run(tmp_path, "a", {"method": "poet", "seed": 0, "eval_tokens": 1024, "data": data})
     b = make_run(tmp_path, "b", {"method": "adamw", "seed": 0, "eval_tokens": 1024, "data": data})
+    (tmp_path / "corpus.txt").write_text("text")
+    b_config = json.loads((b / "config.json").read_text())
+    b_config["data"]["data"] = str(tmp_path / "corpus.txt")
+    (b / "config.json").write_text(json.dumps(b_config))
+    a_config = json.loads((a / "config.json").read_text())
+    a_config["data"]["data"] = str(tmp_path / "." / "corpus.txt")  # the same file, spelled otherwise
+    (a / "config.json").write_text(json.dumps(a_config))
     same = write_report([a, b], tmp_path / "same").read_text(encoding="utf-8")
     assert "not comparable" not in same and "not comparable" not in capsys.readouterr().err
-    c = make_run(tmp_path, "c", {"method": "muon", "seed": 1, "eval_tokens": 1024, "data": {**data, "vocab_size": 1024}})
+    c = make_run(tmp_path, "c", {"method": "muon", "seed": 1, "eval_tokens": 1024, "data": {**data, "vocab_size": 1024,
+                                                                                  "data": str(tmp_path / "corpus.txt")}})
     text = write_report([a, c], tmp_path / "other").read_text(encoding="utf-8")
     note = ("these runs' validation perplexities are not comparable: they were measured on other tokens "
             "(data.vocab_size: 4096, 1024; the data split seed: 0, 1)")

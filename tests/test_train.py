@@ -307,6 +307,9 @@ def test_relative_places_are_recorded_absolute_so_a_resume_may_start_elsewhere(t
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--resume", str(work / "runs" / "r"), "--no-progress"]) == 0
     assert not (tmp_path / "cache").exists()  # no second tokenization into a cache of that name here
+    monkeypatch.chdir(work)  # a resume that names the data again, relative, records it as a new run would
+    assert main(["train", "--resume", "runs/r", "--data", source, "steps=7", "--no-progress"]) == 0
+    assert json.loads((work / "runs" / "r" / "config.json").read_text())["data"]["data"] == recorded["data"]["data"]
 
 
 def test_a_resume_on_another_number_of_processes_keeps_the_global_batch(capsys):

@@ -538,8 +538,8 @@ def test_poet_optimizer_refuses_vectors_and_low_precision_weights():
     ({"params": [nn.Parameter(torch.randn(1, 1))]}, "nothing POET can rotate"),
     ({"params": [nn.Parameter(torch.randn(7, 5))], "lr": -1.0}, "lr=-1.0 is invalid"),
     ({"params": [nn.Parameter(torch.randn(7, 5))], "lr": float("inf")}, "lr=inf is invalid"),
-    ({"params": [nn.Parameter(torch.randn(7, 5))], "weight_decay": 0.1, "momentum": 0.9},
-     "param groups take params and lr only; momentum, weight_decay would never be read"),
+    ({"params": [nn.Parameter(torch.randn(7, 5))], "weight_decay": 0.1, "momentum": 0.9, "name": "fine"},
+     "param groups take no momentum, weight_decay: never read"),
 ])
 def test_an_added_group_is_checked_like_the_constructors_and_not_kept_if_refused(group, message):
     weight = nn.Parameter(torch.randn(8, 6))

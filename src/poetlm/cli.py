@@ -15,8 +15,8 @@ import torch
 
 from .config import POETWarning
 from .train.checkpoint import CheckpointError
-from .train.config import (METHODS, ConfigError, ConfigWarning, DataConfig, closest_keys, load_config, make_dir, override_config,
-                           parse_overrides, preset_names, resolve_config, save_config)
+from .train.config import (METHODS, ConfigError, ConfigWarning, DataConfig, closest_keys, config_value, load_config, make_dir,
+                           override_config, parse_overrides, preset_names, resolve_config, save_config)
 from .train.data import DataError
 from .train.files import DirectoryInUse, exclusive
 
@@ -100,7 +100,7 @@ def _resume(args) -> int:
     from .train.loop import train
     from .train.checkpoint import list_checkpoints
     from .train.data import check_resume_data
-    from .train.runs import FIXED_ON_RESUME, RESUME_ADJUSTABLE, check_steps, refuse_new_places
+    from .train.runs import FIXED_ON_RESUME, MOVABLE_PLACES, RESUME_ADJUSTABLE, absolute_places, check_steps, refuse_new_places
 
     if args.config is not None:
         raise ConfigError("--resume continues a run with the config saved in it; drop --config (or start a new run with it)")
@@ -114,6 +114,9 @@ def _resume(args) -> int:
     config = recorded = load_config(path)
     if parsed:
         config = override_config(config, parsed)
+        # A new place is recorded absolute, as a new run records its places; the run's other values stay as recorded.
+        absolute, moved = absolute_places(config), [keys for keys, _ in parsed if ".".join(keys) in MOVABLE_PLACES]
+        config = override_config(config, [(keys, config_value(absolute, ".".join(keys))) for keys in moved])
         refuse_new_places(recorded, config, Path(args.resume))
         if config.data.data != recorded.data.data:
             check_resume_data(Path(args.resume), recorded.data.data, config.data.data)

@@ -265,16 +265,16 @@ class POET(torch.optim.Optimizer):
             self.param_groups.pop()
             raise
 
-    # What a group may hold: anything else (weight_decay, momentum, betas from another optimizer's groups) would
-    # be accepted and never read. Weight decay would shrink the singular values POET keeps; momentum is the rule's.
-    _GROUP_KEYS = {"params", "lr", "param_names"}
+    # Other optimizers' settings, which a group copied from theirs would carry and POET would never read. Weight
+    # decay would shrink the singular values POET keeps; its momentum is the rule's. (Bookkeeping keys, such as
+    # a name or a scheduler's initial_lr, are a group's own business.)
+    _OTHER_OPTIMIZERS_KEYS = {"weight_decay", "momentum", "betas", "eps", "nesterov", "dampening", "amsgrad"}
 
     def _check_group(self, group: dict) -> None:
-        unread = sorted(set(group) - self._GROUP_KEYS)
+        unread = sorted(set(group) & self._OTHER_OPTIMIZERS_KEYS)
         if unread:
-            raise ValueError(f"POET param groups take params and lr only; {', '.join(unread)} would never be read (POET "
-                             "keeps every weight's singular values, so it has no weight decay; its momentum is "
-                             "RuleConfig.beta1): drop them")
+            raise ValueError(f"POET param groups take no {', '.join(unread)}: never read (POET keeps every weight's "
+                             "singular values, so it has no weight decay; its momentum is RuleConfig.beta1): drop them")
         self._check_lr(group["lr"], "lr={!r} is invalid: must be a finite number > 0 (e.g. 0.02)", positive=True)
         if len({id(param) for param in group["params"]}) < len(group["params"]):  # torch only warns: it would turn twice a step
             raise ValueError("a parameter is listed twice in one POET param group, so each step would rotate it twice: list it once")

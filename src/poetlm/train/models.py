@@ -121,10 +121,10 @@ def _has(config: PretrainedConfig, name: str) -> bool:
 UNSET_SIZES = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
 
 
-def _preset_sizes(model: ModelConfig, model_type: str, defaults: PretrainedConfig, setting) -> dict:
+def _preset_sizes(model: ModelConfig, model_type: str, defaults: PretrainedConfig, setting, legacy: bool) -> dict:
     """The preset's sizes under the names this architecture reads; a size it has no name for is refused."""
     unset = [name for name in UNSET_SIZES if setting(name) is not None]
-    if unset:
+    if unset and not legacy:
         raise ModelError(f"a {model_type} model has sizes no model.* key sets ({', '.join(unset)}), so it would not be "
                          f"built at the preset's sizes; {OTHER_ARCHITECTURE}")
     sizes = {}
@@ -153,9 +153,11 @@ def _preset_sizes(model: ModelConfig, model_type: str, defaults: PretrainedConfi
     return sizes
 
 
-def hf_model_config(model: ModelConfig, vocab_size: int, max_seq_len: int, ids: dict[str, int] | None = None) -> PretrainedConfig:
+def hf_model_config(model: ModelConfig, vocab_size: int, max_seq_len: int, ids: dict[str, int] | None = None,
+                    legacy: bool = False) -> PretrainedConfig:
     """The architecture of model.hf_config with the preset's sizes, vocabulary and context length, and the
-    special token ids `ids` (`token_ids`: the source's belong to another vocabulary).
+    special token ids `ids` (`token_ids`: the source's belong to another vocabulary). `legacy`: as poetlm built
+    it before runs saved their architecture (`ARCHITECTURE`), for such a run: the architecture's own head size.
 
     Every size is applied or refused: a config that would build another size than the preset's is a ModelError.
     """
@@ -181,9 +183,9 @@ def hf_model_config(model: ModelConfig, vocab_size: int, max_seq_len: int, ids: 
         return values[field(name, name)] if field(name, name) in values else getattr(defaults, name, None)
 
     source_layers = setting("num_hidden_layers")
-    sizes = {"vocab_size": vocab_size, "tie_word_embeddings": model.tie_embeddings, **_preset_sizes(model, model_type, defaults, setting)}
+    sizes = {"vocab_size": vocab_size, "tie_word_embeddings": model.tie_embeddings, **_preset_sizes(model, model_type, defaults, setting, legacy)}
     # Qwen3, Gemma: a head size of their own (128, 256) would make q, k, v wider than hidden (Falcon derives it)
-    if _has(defaults, "head_dim") and not isinstance(getattr(type(defaults), "head_dim", None), property):
+    if _has(defaults, "head_dim") and not isinstance(getattr(type(defaults), "head_dim", None), property) and not legacy:
         sizes["head_dim"] = model.hidden_size // model.num_heads
     if _has(defaults, "max_position_embeddings"):  # others (ALiBi, recurrent models) have no context limit to set
         sizes["max_position_embeddings"] = max_seq_len
@@ -248,18 +250,21 @@ def _check_sizes(config: PretrainedConfig, model_type: str, sizes: dict, source_
                              f"with {num_layers} entries in each and pass it as --model-config")
 
 
-def build_model(model: ModelConfig, vocab_size: int, max_seq_len: int, ids: dict[str, int] | None = None) -> nn.Module:
-    """A fresh causal LM of the configured architecture and size (`ids`: its special tokens, `token_ids`)."""
+def build_model(model: ModelConfig, vocab_size: int, max_seq_len: int, ids: dict[str, int] | None = None,
+                legacy: bool = False) -> nn.Module:
+    """A fresh causal LM of the configured architecture and size (`ids`: its special tokens, `token_ids`;
+    `legacy`: see hf_model_config)."""
     if model.hf_config is None:
         return build_llama(model, vocab_size, max_seq_len, ids)
     from transformers import AutoModelForCausalLM
 
-    config = hf_model_config(model, vocab_size, max_seq_len, ids)
+    config = hf_model_config(model, vocab_size, max_seq_len, ids, legacy)
     try:
         built = AutoModelForCausalLM.from_config(config)
     except Exception as error:  # transformers raises assorted types
         raise _build_error(config.model_type, error) from None
-    _refuse_bidirectional(built, config.model_type, vocab_size)
+    if not legacy:  # a run that trained already is rebuilt as it was
+        _refuse_bidirectional(built, config.model_type, vocab_size)
     return built
 
 
@@ -270,7 +275,10 @@ def _refuse_bidirectional(model: nn.Module, model_type: str, vocab_size: int) ->
     the logits before the last position must not move when only the last token changes."""
     training = model.training
     model.eval()
-    ids = torch.arange(8).remainder(vocab_size).unsqueeze(0)
+    length = min(8, context_length(model) or 8)  # learned positions end at the context (seq_len)
+    if length < 2:
+        return
+    ids = torch.arange(length).remainder(vocab_size).unsqueeze(0)
     changed = ids.clone()
     changed[0, -1] = (ids[0, -1] + 1) % vocab_size
     try:
@@ -313,7 +321,7 @@ def load_model(config: TrainConfig, tokenizer, run_dir: Path | None = None) -> n
     if not config.finetuning:
         if run_dir is not None and (run_dir / ARCHITECTURE).is_file():
             return _saved_architecture(run_dir / ARCHITECTURE)
-        return build_model(config.model, vocab_size, config.data.seq_len, token_ids(tokenizer))
+        return build_model(config.model, vocab_size, config.data.seq_len, token_ids(tokenizer), legacy=run_dir is not None)
     from transformers import AutoModelForCausalLM
 
     source = config.finetune.base_model

@@ -340,7 +340,10 @@ def _measure_setting(config: dict, key: str):
     if key == "data.vocab_size" and (config.get("data") or {}).get("tokenizer") is not None:
         return None  # the given tokenizer's vocabulary, which data.tokenizer names
     section, _, name = key.rpartition(".")
-    return (config.get(section) or {}).get(name) if section else config.get(name)
+    value = (config.get(section) or {}).get(name) if section else config.get(name)
+    if isinstance(value, str) and Path(value).expanduser().exists():  # one file however it was spelled
+        return str(Path(value).expanduser().resolve())
+    return value
 
 
 def _incomparable(runs: list[Run]) -> list[str]:

@@ -33,6 +33,10 @@ RESUME_ADJUSTABLE = {"name", "out_dir", "steps", "eval_every", "log_every", "dia
                      "data.data", "data.cache_dir", "data.tokenizer", "finetune.base_model"}
 
 
+# Of those, the files a resume may find elsewhere (recorded absolute, as a new run records them).
+MOVABLE_PLACES = ("data.data", "data.cache_dir", "finetune.base_model")
+
+
 # Of those, the keys that only place a new run (name, out_dir) or pick the tokenizer it trains (data.tokenizer):
 # a resumed run goes on in its directory with its own tokenizer, so a resume may not record other values.
 FIXED_ON_RESUME = ("name", "out_dir", "data.tokenizer")
@@ -66,7 +70,7 @@ def absolute_places(config: TrainConfig) -> TrainConfig:
         return str(Path(value).resolve())
 
     data = config.data.data
-    if data.startswith("hf:"):
+    if data.startswith("hf:") and not data.startswith("hf:~"):
         name, dataset_config = split_hf_spec(data[3:])
         if Path(name).is_dir():
             data = f"hf:{local(name)}" + (f":{dataset_config}" if dataset_config else "")
