@@ -334,7 +334,7 @@ def test_a_damaged_model_directory_fails_eval_export_and_generate_in_one_line(fi
             _one_line_error(capsys, message, "save the model again")
     assert not marker.exists() and not (tmp_path / "out").exists()
     assert main(["generate", str(finished_run), "--device", "bogus"]) == 2
-    assert "device='bogus' is not a device torch knows: use auto, cpu, cuda" in capsys.readouterr().err
+    assert "--device 'bogus' is not a device torch knows: use auto, cpu, cuda" in capsys.readouterr().err
 
 
 def test_a_model_directory_without_tokenizer_files_is_refused_by_eval_generate_and_train(tiny, tmp_path, capsys):
