@@ -13,6 +13,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, PretrainedConfig
 
 from ..layer import POETLinear, is_conv1d
 from ..serialization import LoadError, dtype_argument, load_dense
+from . import files
 from .config import ModelConfig, TrainConfig
 from .data import TOKENIZER_FILES, DataError, is_hub_id, load_tokenizer
 from .hub import honor_offline_env
@@ -299,7 +300,7 @@ ARCHITECTURE = "hf_config.json"
 
 def save_architecture(model: nn.Module, config: TrainConfig, run_dir: Path) -> None:
     if config.model.hf_config is not None and not config.finetuning:
-        (run_dir / ARCHITECTURE).write_text(model.config.to_json_string())
+        files.write_text(run_dir / ARCHITECTURE, model.config.to_json_string())  # atomic, as the run's other records
 
 
 def _saved_architecture(path: Path) -> nn.Module:
