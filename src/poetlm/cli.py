@@ -135,15 +135,14 @@ def _resume(args) -> int:
 def shortcut_overrides(args) -> list[tuple[str, object]]:
     """--method, --steps, … as (key, value) overrides, before the explicit KEY=VALUE ones; a key set both
     ways is refused (one of the two would be dropped without a word)."""
-    overrides = [(key, getattr(args, flag)) for flag, key in TRAIN_SHORTCUTS.items() if getattr(args, flag, None) is not None]
+    given = [(flag, key, getattr(args, flag)) for flag, key in TRAIN_SHORTCUTS.items() if getattr(args, flag, None) is not None]
     if args.no_progress:
-        overrides.append(("progress", False))
+        given.append(("no_progress", "progress", False))
     explicit = {item.partition("=")[0].strip() for item in args.overrides}
-    for key, _ in overrides:
+    for flag, key, _ in given:
         if key in explicit:
-            flag = "--no-progress" if key == "progress" else "--" + next(f for f, k in TRAIN_SHORTCUTS.items() if k == key).replace("_", "-")
-            raise ConfigError(f"{flag} and {key}=… both set {key}: give it once")
-    return overrides
+            raise ConfigError(f"--{flag.replace('_', '-')} and {key}=… both set {key}: give it once")
+    return [(key, value) for _, key, value in given]
 
 
 def _finish(summary: dict) -> int:

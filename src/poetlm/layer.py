@@ -138,12 +138,13 @@ class POETLinear(nn.Module):
         super().__setattr__(name, value)
 
     @torch.no_grad()
-    def to_dense(self) -> nn.Module:
-        """A plain module of the replaced kind computing what this layer computes now."""
+    def to_dense(self, weight: torch.Tensor | None = None) -> nn.Module:
+        """A plain module of the replaced kind computing what this layer computes now, or with the (out, in)
+        `weight` instead of the effective one (e.g. the base weight, to unload an adapter)."""
         self.require_whole("to_dense()")
         linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
                            device=self.weight0.device, dtype=self.weight_dtype)
-        linear.weight.copy_(self.effective_weight())
+        linear.weight.copy_(self.effective_weight() if weight is None else weight)
         if self.bias is not None:
             linear.bias.copy_(self.bias)
         return linear
@@ -321,12 +322,12 @@ class POETConv1D(POETLinear):
         return weight.t()
 
     @torch.no_grad()
-    def to_dense(self) -> nn.Module:
+    def to_dense(self, weight: torch.Tensor | None = None) -> nn.Module:
         from transformers.pytorch_utils import Conv1D
 
         self.require_whole("to_dense()")
         conv = Conv1D(self.out_features, self.in_features).to(device=self.weight0.device, dtype=self.weight_dtype)
-        conv.weight.copy_(self.effective_weight().t())
+        conv.weight.copy_((self.effective_weight() if weight is None else weight).t())
         if self.bias is not None:
             conv.bias.copy_(self.bias)
         return conv

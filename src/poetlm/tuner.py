@@ -383,9 +383,7 @@ class POETModel(nn.Module):
         base_weights = self._base_weights("unload()", layers)
         model = self.base_model
         for name, layer in layers.items():  # before any merge, W0 is the base weight itself
-            dense = layer.to_dense()
-            dense.weight.copy_(layer._oriented(base_weights.get(name, layer.weight0)))
-            model = replace_module(model, name, dense)
+            model = replace_module(model, name, layer.to_dense(base_weights.get(name, layer.weight0)))
         for name, original in self.base_extras.items():
             model.get_parameter(name).copy_(original)
         self._unloaded = "unload()"

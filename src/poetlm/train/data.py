@@ -119,10 +119,9 @@ def _format_of(path: Path) -> str | None:
 
 
 def _data_files(root: Path) -> tuple[list[Path], list[str]]:
-    """Supported files under a directory, in a stable order, and the others (relative names); hidden files are
-    nobody's data. Linked
-    directories are followed (each real directory once, so a link cycle ends) and each real file is read
-    once: a document reached twice could land in both the training and the validation split."""
+    """Supported files under a directory, in a stable order, and the names of the others (hidden files are
+    nobody's data). Linked directories are followed (each real directory once, so a link cycle ends) and each
+    real file is read once: a document reached twice could land in both the training and the validation split."""
     files, directories = [], set()
     for directory, subdirectories, names in os.walk(root, followlinks=True):
         if os.path.realpath(directory) in directories:

@@ -124,12 +124,17 @@ def _read_spectrum(path: Path) -> dict[str, Any] | None:
     return None
 
 
+def _is_run(path: Path) -> bool:
+    """A run directory, with metrics or before its first log line (a directory of metrics alone: a copied run)."""
+    return (path / "metrics.jsonl").is_file() or is_run_dir(path)
+
+
 def load_run(run_dir: str | Path) -> Run:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise ReportError(f"run directory does not exist: {run_dir}")
     metrics = run_dir / "metrics.jsonl"
-    if not (metrics.is_file() or is_run_dir(run_dir)):
+    if not _is_run(run_dir):
         raise ReportError(f"not a poetlm run directory: {run_dir} (no metrics.jsonl)")
 
     config = _read_json(run_dir / "config.json") or {}
@@ -351,9 +356,8 @@ def _incomparable(runs: list[Run]) -> list[str]:
     lacks them, e.g. hand-made ones, are left out of the comparison)."""
     differing = []
     for key in _MEASURED_ON:
-        values = [_measure_setting(run.config, key) for run in runs if run.config.get("data")]
-        if len(set(map(repr, values))) > 1:
-            shown = list(dict.fromkeys(map(repr, values)))
+        shown = list(dict.fromkeys(repr(_measure_setting(run.config, key)) for run in runs if run.config.get("data")))
+        if len(shown) > 1:
             differing.append(f"{'the data split seed' if key == 'data.split' else key}: {', '.join(shown[:4])}")
     return differing
 
@@ -370,7 +374,7 @@ def _told_apart(runs: list[Run]) -> list[Run]:
 
 def _refuse_other_run(out_dir: Path, runs: list[Run]) -> None:
     """A run directory's report.md and plots are that run's own: only a report of that run alone may replace them."""
-    if not ((out_dir / "metrics.jsonl").is_file() or is_run_dir(out_dir)):
+    if not _is_run(out_dir):
         return
     if len(runs) == 1 and runs[0].path.resolve() == out_dir.resolve():
         return
