@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import os
 import platform
 import statistics
@@ -20,22 +19,6 @@ from typing import Callable, Sequence
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-
-
-def at_least(low: int | float, kind=int, above: bool = False) -> Callable[[str], int | float]:
-    """An argparse type: a finite number of `kind` that is at least `low` (`above`: greater than it). A 0 given
-    for a count would otherwise be read as "unset" by an `x or default`, or end deep inside a statistics error."""
-    bound = f"{'>' if above else '>='} {low}"
-
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
-        if not (math.isfinite(value) and (value > low if above else value >= low)):
-            raise argparse.ArgumentTypeError(f"{text} is invalid: must be a finite number {bound}")
-        return value
-    return parse
 
 
 def refuse_bad_settings(parser: argparse.ArgumentParser, preset: str, overrides: Sequence[str]) -> None:

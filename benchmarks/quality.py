@@ -38,7 +38,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import FuncFormatter, LogLocator
 
-from common import at_least, describe_machine, markdown_table, refuse_bad_settings, refuse_other_settings, setting_differences
+from common import describe_machine, markdown_table, refuse_bad_settings, refuse_other_settings, setting_differences
+from poetlm.cli import at_least
 
 @dataclass(frozen=True)
 class Method:

@@ -28,10 +28,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from common import (CHUNKS_HELP, DTYPES, announce, at_least, refuse_bad_settings, batch_rotations_as, cpu_allocations, default_device, interleaved_times,
+from common import (CHUNKS_HELP, DTYPES, announce, refuse_bad_settings, batch_rotations_as, cpu_allocations, default_device, interleaved_times,
                     markdown_table, paired_ratio, peak_memory_bytes, step_median, synchronizer, timed_rounds)
 from cost_model import cnp_build_macs, fold_block_products
 from poetlm import merge, poet_layers
+from poetlm.cli import at_least
 from poetlm.optim import POET
 from poetlm.orthogonal import choose_direction
 from poetlm.primitives import block_layout

@@ -267,14 +267,15 @@ def test_quality_refuses_a_missing_corpus_up_front(bench, tmp_path, capsys):
 
 @pytest.mark.parametrize("script,args,message", [
     ("step", ["--presets", "nope"], "no preset or config file named 'nope'"),
-    ("step", ["--accum", "0"], "--accum: 0 is invalid: must be a finite number >= 1"),
-    ("step", ["--repeats", "0"], "--repeats: 0 is invalid"),
-    ("step", ["--micro-batch", "0"], "--micro-batch: 0 is invalid"),  # was read as "unset": the preset's 16
-    ("step", ["--merges", "-1"], "--merges: -1 is invalid"),
-    ("step", ["--seq-len", "1"], "--seq-len: 1 is invalid"),
+    ("step", ["--accum", "0"], "--accum: 0 is below 1: use a value of at least 1"),
+    ("step", ["--repeats", "0"], "--repeats: 0 is below 1"),
+    ("step", ["--micro-batch", "0"], "--micro-batch: 0 is below 1"),  # was read as "unset": the preset's 16
+    ("step", ["--merges", "-1"], "--merges: -1 is below 0"),
+    ("step", ["--seq-len", "1"], "--seq-len: 1 is below 2"),
     ("quality", ["--eval-every", "0"], "eval_every=0 is invalid"),
     ("quality", ["--set", "bogus=1"], "unknown config key(s) 'bogus'"),
-    ("quality", ["--lrs-adamw", "nan"], "--lrs-adamw: nan is invalid: must be a finite number > 0"),
+    ("quality", ["--lrs-adamw", "0"], "--lrs-adamw: 0 is not above 0: use a value greater than 0"),
+    ("quality", ["--lrs-adamw", "nan"], "--lrs-adamw: 'nan' is not a finite number: use a value greater than 0"),
 ])
 def test_benchmarks_refuse_settings_every_run_would_fail_on_before_any_starts(bench, tmp_path, capsys, script, args, message):
     with pytest.raises(SystemExit) as exit:

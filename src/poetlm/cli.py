@@ -30,17 +30,20 @@ TRAIN_SHORTCUTS = {  # flag -> config key: the most used overrides get their own
 }
 
 
-def _at_least(low: int | float, kind=int):
-    """An argparse type: a number of `kind` that is at least `low`."""
+def at_least(low: int | float, kind=int, above: bool = False):
+    """An argparse type: a finite number of `kind` that is at least `low` (`above`: greater than it). Also the
+    benchmark scripts' (a 0 given for a count would otherwise be read as unset by an `x or default`)."""
+    bound = f"{'greater than' if above else 'of at least'} {low}"
+
     def parse(text: str):
         try:
             value = kind(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from None
         if not math.isfinite(value):  # nan compares as no number, and inf samples uniformly (as temperature)
-            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number: use a value of at least {low}")
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{text} is below {low}: use a value of at least {low}")
+            raise argparse.ArgumentTypeError(f"{text!r} is not a finite number: use a value {bound}")
+        if value < low or above and value == low:
+            raise argparse.ArgumentTypeError(f"{text} is {'not above' if above else 'below'} {low}: use a value {bound}")
         return value
     return parse
 
@@ -331,17 +334,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="validation perplexity of a run or an exported model")
     p.add_argument("path", help="run directory or model directory")
     p.add_argument("--data", help="evaluate on this data instead of the run's own validation split")
-    p.add_argument("--tokens", type=_at_least(1), default=None,
+    p.add_argument("--tokens", type=at_least(1), default=None,
                    help="predicted tokens to score (default: the run's eval_tokens, or the whole validation split)")
-    p.add_argument("--seq-len", type=_at_least(2), default=None,
+    p.add_argument("--seq-len", type=at_least(2), default=None,
                    help="tokens per scored window (default: the run's data.seq_len, else 256 or the model's context if shorter)")
-    p.add_argument("--batch-size", type=_at_least(1), default=None,
+    p.add_argument("--batch-size", type=at_least(1), default=None,
                    help="windows scored at once (default: the run's batch_size, else 8)")
     p.add_argument("--split-seed", type=int, help="with --data: the seed of its train/validation split (default: the "
                    "run's, or 0 for a model directory; a finetune's is data.split_seed, which follows its seed)")
     p.add_argument("--cache-dir", help="with --data: where its tokens are cached (default: the run's data.cache_dir, "
                    f"or {DataConfig.cache_dir})")
-    p.add_argument("--max-documents", type=_at_least(1), metavar="N",
+    p.add_argument("--max-documents", type=at_least(1), metavar="N",
                    help="with --data: read at most its first N documents (default: all; a hub stream needs it)")
     p.add_argument("--device", default="cpu")
     p = sub.add_parser("export", help="merge a POET run into a plain HF model directory")
@@ -351,9 +354,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="sample text from a run or an exported model")
     p.add_argument("path")
     p.add_argument("--prompt", default="")
-    p.add_argument("--max-new-tokens", type=_at_least(1), default=60)
-    p.add_argument("--temperature", type=_at_least(0.0, float), default=0.8, help="0: greedy decoding")
-    p.add_argument("--top-k", type=_at_least(0), default=50, help="sample among the k likeliest tokens (0: all)")
+    p.add_argument("--max-new-tokens", type=at_least(1), default=60)
+    p.add_argument("--temperature", type=at_least(0.0, float), default=0.8, help="0: greedy decoding")
+    p.add_argument("--top-k", type=at_least(0), default=50, help="sample among the k likeliest tokens (0: all)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu")
     p = sub.add_parser("report", help="markdown + PNG comparison of runs")
