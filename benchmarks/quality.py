@@ -408,7 +408,8 @@ def table(args, corpus: str, lrs: dict[str, list[float]], best: dict[str, float 
                          f"{drift:.1e}" if drift is not None else "—",
                          f"{params:,}" if params is not None else "—",
                          f"{statistics.median(r['train_seconds'] for r in finished):.0f}" if finished else "—"])
-    at = f"val ppl at {budget:.0f} s" if math.isfinite(budget) else "val ppl at equal time"  # no run finished
+    # no finished run: no budget; a few seconds' runs (a smoke test) keep their digits: not "at 0 s"
+    at = f"val ppl at {budget:.{0 if budget >= 10 else 2}f} s" if math.isfinite(budget) else "val ppl at equal time"
     headers = ["method", "swept lr", "seeds", "final val ppl (mean ± sd)", "per seed", at,
                "spectrum drift (max)", "block-linear params", "train s"]
     return markdown_table(headers, rows, align="llrrrrrrr")

@@ -316,6 +316,14 @@ def test_quality_takes_each_value_once_and_calls_a_single_lr_not_swept(bench, tm
     assert "(not swept)" in row and "edge" not in row and "50.50 ± 0.71" in row, row
 
 
+@pytest.mark.parametrize(("seconds", "header"), [(0.25, "val ppl at 0.25 s"), (531.6, "val ppl at 532 s")])
+def test_quality_names_the_equal_time_budget_to_its_precision(bench, tmp_path, monkeypatch, seconds, header):
+    quality = bench("quality")
+    args = quality.parse_args(["--methods", "adamw", "--corpora", "sotu", "--seeds", "0", "--out", str(tmp_path)])
+    monkeypatch.setattr(quality, "load", lambda spec, args: {**fake_result(50.0), "train_seconds": seconds})
+    assert header in quality.table(args, "sotu", {"adamw": [1e-3]}, {"adamw": 1e-3}).splitlines()[0]
+
+
 def test_quality_reuses_a_run_whatever_its_out_is_called_and_names_what_differs(bench, tmp_path, monkeypatch):
     from poetlm.train.config import resolve_config
 

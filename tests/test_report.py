@@ -240,3 +240,24 @@ def test_runs_measured_on_other_tokens_get_a_note(tmp_path, capsys):
     note = ("these runs' validation perplexities are not comparable: they were measured on other tokens "
             "(data.vocab_size: 4096, 1024; the data split seed: 0, 1)")
     assert f"**Note:** {note}." in text and note in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("diverged", [False, True])
+def test_the_loss_plot_goes_logarithmic_only_when_a_run_diverged(tmp_path, monkeypatch, diverged):
+    import poetlm.train.report as report
+
+    scales, save = {}, report._save
+
+    def save_and_record(fig, ax, path):
+        scales[path.name] = ax.get_yscale()
+        return save(fig, ax, path)
+
+    monkeypatch.setattr(report, "_save", save_and_record)
+    steady = make_run(tmp_path, "steady", {"method": "adamw"}, summary=summary("adamw", 1000, 10.0, 1.0, 1.0, 4000))
+    blowup = '{"step": 5, "tokens": 5000, "loss": 480.0}\n' if diverged else ""
+    other = make_run(tmp_path, "other", {"method": "poet"}, extra_metrics=blowup,
+                     summary=summary("poet", 1000, 10.0, 1.0, 1.0, 4000))
+    out = tmp_path / "out"
+    out.mkdir()
+    write_report([steady, other], out)
+    assert scales["loss.png"] == ("log" if diverged else "linear")

@@ -253,7 +253,7 @@ def _legend_name(run: Run) -> str:
 
 def _plot_loss(runs: list[Run], path: Path) -> Path | None:
     fig, ax = _new_axes("Loss", "loss")
-    drawn = False
+    drawn, values = False, []
     for i, run in enumerate(runs):
         color = f"C{i % 10}"
         x, y = _series(run.train, "loss")
@@ -265,7 +265,13 @@ def _plot_loss(runs: list[Run], path: Path) -> Path | None:
             ax.plot(vx, vy, color=color, marker="o", linestyle="none",
                     label=f"{_legend_name(run)} val")
         drawn = drawn or bool(x or vx)
-    return _save(fig, ax, path) if drawn else None
+        values += y + vy
+    if not drawn:
+        return None
+    # A diverged run's loss (hundreds) would flatten every other run into a line at the bottom.
+    if min(values) > 0 and max(values) > 10 * min(values):
+        ax.set_yscale("log")
+    return _save(fig, ax, path)
 
 
 def _plot_metric(runs: list[Run], path: Path, *, eval_records: bool, key: str, title: str, log: bool,
