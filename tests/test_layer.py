@@ -194,7 +194,8 @@ def test_input_path_under_autocast_rotates_in_fp32_and_multiplies_in_bf16(varian
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize(("fraction", "dim", "size"), [(0.29, 100, 29), (0.57, 100, 57), (0.58, 50, 29), (0.5, 7, 3)])
+@pytest.mark.parametrize(("fraction", "dim", "size"), [(0.29, 100, 29), (0.57, 100, 57), (0.58, 50, 29), (0.5, 7, 3),
+                                                       (1 / 3, 30, 10), (2 / 3, 3, 2), (1 / 7, 14, 2), (1 / 3, 768, 256)])
 def test_fully_stochastic_size_is_the_floor_of_the_decimal_fraction(fraction, dim, size):
     layer = POETLinear(dim, 4, config=POETConfig(variant="fs", fraction=fraction), name="f")
     assert layer.rotation_in.index.numel() == size  # 0.29·100 is 28.999… in floating point

@@ -1,3 +1,5 @@
+import math
+
 import pytest
 import torch
 
@@ -78,6 +80,18 @@ def test_the_closed_form_map_of_an_exact_direction_is_the_map_itself(name, terms
     rotation = eye + isometry_increment(directions.float(), -0.01, name, terms)
     general = eye + rotation_increment(-0.01 * directions.float(), name, terms)
     assert (rotation.mT @ rotation - eye).abs().max() <= 2 * (general.mT @ general - eye).abs().max() + 1e-7
+
+
+@pytest.mark.parametrize("scale", [1e-3, -0.02, 0.4])
+def test_the_closed_form_map_turns_a_plane_by_the_maps_exact_angle(scale):
+    """exp(s·J) turns by s, Cayley by the angle with tan(θ/2) = s: cos and sin to float64's last digits (the
+    rotation is folded every step, so an error here is a spectrum drift that grows with the steps)."""
+    plane = torch.tensor([[0.0, 1.0], [-1.0, 0.0]], dtype=torch.float64)
+    cayley_angle = 2 * math.atan(scale)
+    for name, angle in (("exp", scale), ("cayley", cayley_angle)):
+        expected = torch.tensor([[math.cos(angle) - 1, math.sin(angle)], [-math.sin(angle), math.cos(angle) - 1]],
+                                dtype=torch.float64)
+        torch.testing.assert_close(isometry_increment(plane, scale, name), expected, rtol=0, atol=1e-16)
 
 
 def test_auto_orthogonalizes_exactly_only_for_large_blocks_on_a_cpu_without_fast_bf16(monkeypatch):

@@ -185,7 +185,7 @@ def train_layer_form_beside_fold_form(layered, layer, plain, named, config, inpu
 
 def test_fold_every_step_equals_the_layer_form_merging_every_step():
     """lie_adam with a redraw (and state reset) every step is the paper's recipe with merge_every=1 (with the
-    exact Cayley map: the fold maps lie_adam's unbounded directions by it whatever the parameterization)."""
+    exact Cayley map: the fold maps lie_adam's unbounded directions by it in place of the truncated series)."""
     config = POETConfig(variant="bs", block_size=4, parameterization="cayley", seed=3)
     inputs, targets = (t.double() for t in regression(out=10, inp=9))
     layer = POETLinear(9, 10, bias=False, config=config, name="lin", dtype=torch.float64)

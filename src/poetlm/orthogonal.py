@@ -124,9 +124,12 @@ def isometry_increment(d: torch.Tensor, scale: float, parameterization: str = "c
     the same cycle): map(scale·J) − I = α·J − β·I. Same map, same truncation, to rounding; where D is only
     nearly a partial isometry (Newton–Schulz) this would not hold, so it is for exact directions only.
     """
-    plane = rotation_increment(torch.tensor([[0.0, scale], [-scale, 0.0]], dtype=torch.float64),
-                               parameterization, terms)
-    alpha, beta = float(plane[0, 1]), -float(plane[0, 0])
+    if parameterization == "exp":  # exp(s·J) = cos s·I + sin s·J; matrix_exp's fp64 is ~1e-12 off at small s
+        alpha, beta = math.sin(scale), 2 * math.sin(scale / 2) ** 2  # 1 − cos s without the cancellation
+    else:
+        plane = rotation_increment(torch.tensor([[0.0, scale], [-scale, 0.0]], dtype=torch.float64),
+                                   parameterization, terms)
+        alpha, beta = float(plane[0, 1]), -float(plane[0, 0])
     flat = d.reshape(-1, *d.shape[-2:])
     return torch.baddbmm(flat, flat, flat, beta=alpha, alpha=beta).view(d.shape)
 
@@ -204,7 +207,8 @@ def orthogonalize_skew(a: torch.Tensor, method: str = "exact", eps: float | None
     below eps·σ_max stay zero (the kernel of an odd-sized block, and in float32 what eigh cannot resolve:
     eps defaults to 1e-3 there, 1e-7 in float64). "newton_schulz" runs Muon's quintic iteration (4 steps
     from a tighter start, see `_newton_schulz`), an odd polynomial in A (so the result is skew too) whose
-    singular values land in ≈[0.7, 1.2]. "auto": see `choose_direction`.
+    singular values are at most ≈1.2 and land in ≈[0.7, 1.2] for every plane above ~1% of the block's largest
+    (fainter ones stay fainter). "auto": see `choose_direction`.
     """
     method = choose_direction(method, "bf16" if a.dtype == torch.bfloat16 else "fp32", a.shape[-1], a.device)[0]
     # The result does not depend on A's scale, but AᵀA and Newton–Schulz's norms overflow or underflow at
@@ -267,7 +271,8 @@ def singular_values(weight: torch.Tensor) -> torch.Tensor:
     not: it read a 3–4e-5 drift (H200, `benchmarks/gpu_check.py`) on weights whose change matched fp64
     to 2e-6, a noise floor above the drift the metric exists to show; and copying every weight to the
     CPU would make a large model's diagnostics take minutes. So a weight elsewhere stays where it is,
-    in fp64 (`gram_singular_values`).
+    in fp64 (`gram_singular_values`), whose floor (~1e-11 relative, see there) is far below fp32's but
+    above a float64 weight's own ~1e-15: such a weight's drift reads ~1e-11 off a CPU.
     """
     weight = weight.detach()
     precision = torch.float64 if weight.dtype == torch.float64 else torch.float32

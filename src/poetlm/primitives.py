@@ -65,7 +65,9 @@ def block_layout(variant: str, dim: int, block_size: int, fraction: float) -> tu
         block = min(block_size, dim)
         n_blocks = math.ceil(dim / block)
         return block, [block] * (n_blocks - 1) + [dim - block * (n_blocks - 1)]
-    size = math.floor(Fraction(repr(float(fraction))) * dim)  # the decimal β as given: 0.29·100 is 29, not 28.999…
+    # The decimal β as given (0.29·100 is 29, not 28.999…), and a β written as a ratio reaches its integer:
+    # 1/3 is stored as 0.333…3 (17 digits), so 30 of it is 10 less 1e-15, which ⌊·⌋ would make 9.
+    size = math.floor(Fraction(repr(float(fraction))) * dim + Fraction(1, 10**9))
     return (size, [size]) if size >= 2 else (1, [])
 
 

@@ -20,7 +20,8 @@ class RuleConfig:
 
     name: "orthogonalized" (momentum, then every eigenplane turned by the same angle lr) or "lie_adam"
         (Adam's moments of the skew gradient; lr scales m̂/√v̂ as in Adam; its steps have no spectral bound, so
-        they are folded by the exact Cayley transform whatever POETConfig.parameterization says).
+        they are folded by an exact map: the exact Cayley transform where POETConfig.parameterization is the
+        truncated Cayley–Neumann series, else the configured map).
     beta1: momentum (both rules).
     beta2: Adam's second moment decay (lie_adam only).
     eps: added to Adam's √v̂ in the denominator, so that a near-zero second moment takes no huge step (lie_adam only).

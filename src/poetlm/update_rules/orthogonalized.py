@@ -11,9 +11,10 @@ class Orthogonalized:
     """D = orth(m) (or orth(g + β·m) with Nesterov), m ← β·m + g, kept across folds.
 
     orth gives D the eigenplanes of the momentum with all singular values 1 (Newton–Schulz: ≈ 1, within
-    0.7–1.2), so a step Q = −lr·c·D turns each plane by ≈ lr radians: direction from the gradient history,
-    magnitude from the schedule alone. The momentum is skew, so the state keeps its upper triangles only
-    (`pack_skew`): with whole-side blocks it would otherwise be as large as AdamW's two moments.
+    0.7–1.2 for every plane above ~1% of the largest, never above 1.2), so a step Q = −lr·c·D turns each
+    plane by ≈ lr radians: direction from the gradient history, magnitude from the schedule alone.
+    The momentum is skew, so the state keeps its upper triangles only (`pack_skew`): with whole-side blocks
+    it would otherwise be as large as AdamW's two moments.
     """
 
     bounded = True  # ‖D‖₂ ≤ 1.2: the map of lr·D may be a truncated series (see POET)
