@@ -261,3 +261,47 @@ def test_the_loss_plot_goes_logarithmic_only_when_a_run_diverged(tmp_path, monke
     out.mkdir()
     write_report([steady, other], out)
     assert scales["loss.png"] == ("log" if diverged else "linear")
+
+
+def test_runs_on_other_validation_tokens_of_one_config_get_a_note(tmp_path, capsys):
+    """data.max_documents, or a data file edited between two runs, changes the tokens with the same settings."""
+    data = {"data": "sotu", "vocab_size": 4096, "seq_len": 128}
+    runs = [make_run(tmp_path, name, {"method": "poet", "seed": 0, "data": data}) for name in ("a", "b", "c")]
+    for run, tokens in zip(runs, ("1" * 64, "1" * 64, "2" * 64)):
+        (run / "data.json").write_text(json.dumps({"sha256_val": tokens, "tokenizer_hash": "t"}))
+    assert "not comparable" not in write_report(runs[:2], tmp_path / "same").read_text(encoding="utf-8")
+    text = write_report(runs[1:], tmp_path / "other").read_text(encoding="utf-8")
+    assert "not comparable" in text and "the validation tokens (data.json's sha256_val" in text
+    (runs[2] / "data.json").write_text("{damaged")  # only the note leans on it: the report goes on without it
+    assert "not comparable" not in write_report(runs[1:], tmp_path / "damaged").read_text(encoding="utf-8")
+
+
+def test_a_diverged_run_reads_inf_or_e_notation_and_its_plots_are_drawn(tmp_path):
+    """A finished run's null final perplexity is an overflow, not a missing value: never an earlier finite one.
+    Values near float's limit must not break the log axis (matplotlib overflowed drawing 6.7e288)."""
+    huge = '{"step": 5, "tokens": 5000, "val_loss": 663.0, "val_ppl": 6.7e288}\n'
+    overflowed = make_run(tmp_path, "overflowed", {"method": "adamw"}, extra_metrics=huge + '{"step": 6, "tokens": 6000, "val_loss": null, "val_ppl": null}\n',
+                          summary={**summary("adamw", 1000, 10.0, 1.0, 1.0, 4000), "final_val_ppl": None})
+    big = make_run(tmp_path, "big", {"method": "poet"}, extra_metrics=huge)  # no summary: read from the metrics
+    text = write_report([overflowed, big], tmp_path / "out").read_text(encoding="utf-8")
+    assert table_row(text, "overflowed")[3] == "inf"
+    assert table_row(text, "big (incomplete)")[3] == "6.70e+288"
+    assert "(val_ppl.png)" in text and (tmp_path / "out" / "val_ppl.png").read_bytes().startswith(PNG_MAGIC)
+
+
+def test_a_metric_with_one_point_is_drawn_as_a_marker(tmp_path, monkeypatch):
+    import poetlm.train.report as report
+
+    lines = []
+    monkeypatch.setattr(report, "_save", lambda fig, ax, path: lines.extend(ax.get_lines()) or path)
+    run = make_run(tmp_path, "short", {"method": "poet-paper"},
+                   extra_metrics='{"step": 5, "tokens": 5000, "loss": 2.0, "probe_cos": 0.5}\n')
+    report._plot_probe_cos([load_run(run)], tmp_path / "probe.png")
+    assert [line.get_marker() for line in lines] == ["o"]
+
+
+
+def test_perplexities_print_as_numbers_a_reader_can_take_in():
+    from poetlm.train.metrics import format_ppl
+
+    assert [format_ppl(v, 3) for v in (53.4567, 999_999.0, 1.7e160, math.inf)] == ["53.457", "999999.000", "1.700e+160", "inf"]

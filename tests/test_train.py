@@ -346,3 +346,15 @@ def test_a_resume_extends_a_run_with_more_steps_on_another_device_setting(tiny, 
     assert main(["train", "--resume", first["run_dir"], "steps=5", "--no-progress", "--device", "cpu"]) == 0
     assert json.loads((Path(first["run_dir"]) / "config.json").read_text())["steps"] == 5
     assert [r["step"] for r in metrics(first["run_dir"])[1]][-1] == 5
+
+
+def test_a_report_that_fails_does_not_fail_the_finished_run(tiny, monkeypatch, capsys):
+    """Everything the run made is on disk before its report; a plot library's error there (matplotlib overflowed
+    on a diverged run's 1e288 perplexity) used to fail the run, and every resume of it, at the very end."""
+    def broken(*args):
+        raise OverflowError("cannot convert float infinity to integer")
+
+    monkeypatch.setattr(loop, "write_report", broken)
+    summary = loop.train(resolve_config("tiny", tiny("name='unreported'", steps=3)))
+    assert summary["steps"] == 3 and (Path(summary["run_dir"]) / "final").is_dir()
+    assert "report.md was not written (OverflowError" in capsys.readouterr().err

@@ -19,6 +19,7 @@ from .train.config import (METHODS, ConfigError, ConfigWarning, DataConfig, clos
                            override_config, parse_overrides, preset_names, resolve_config, save_config)
 from .train.data import DataError
 from .train.files import DirectoryInUse, exclusive
+from .train.metrics import format_ppl
 
 class CommandError(RuntimeError):
     """A command cannot do what was asked as asked; the message says why and what to do instead."""
@@ -152,7 +153,7 @@ def _finish(summary: dict) -> int:
     if summary.get("interrupted"):
         return 128 + summary["signal"]
     if summary.get("rank", 0) == 0 and summary.get("final_val_ppl") is not None:
-        print(f"final validation perplexity: {summary['final_val_ppl']:.3f}")
+        print(f"final validation perplexity: {format_ppl(summary['final_val_ppl'], 3)}")
         print(f"run directory: {summary['run_dir']} (report: {Path(summary['run_dir']) / 'report.md'})")
         print(f"trained model: {Path(summary['run_dir']) / 'final'} (transformers.AutoModelForCausalLM.from_pretrained)")
     return 0
@@ -236,7 +237,7 @@ def _cmd_eval(args) -> int:
     batch_size = args.batch_size or (config.batch_size if config else 8)  # a run's own: its windows batched as it scored them
     result = perplexity(model, data.val, seq_len=seq_len, batch_size=batch_size, max_tokens=max_tokens, device=device,
                         autocast_dtype=amp)
-    print(f"validation perplexity: {result['val_ppl']:.3f} (loss {result['val_loss']:.4f} over {result['val_tokens']} tokens of {source})")
+    print(f"validation perplexity: {format_ppl(result['val_ppl'], 3)} (loss {result['val_loss']:.4f} over {result['val_tokens']} tokens of {source})")
     return 0
 
 

@@ -523,7 +523,11 @@ def _finish(run: Run) -> dict:
             write_final(method, model, run.data.tokenizer, run_dir)
     if runtime.is_main:
         files.write_text(run_dir / "summary.json", standard_json(summary, indent=2) + "\n")
-        write_report([run_dir], run_dir)
+        try:
+            write_report([run_dir], run_dir)
+        except Exception as error:  # all the run made is on disk: a report's failure, whatever it is, must not fail the run
+            print(f"poetlm: warning: {run_dir / 'report.md'} was not written ({type(error).__name__}: {error}); the run "
+                  f"is complete; try again with: poetlm report {run_dir}", file=sys.stderr)
         _warn_if_diverged(last["val_loss"], len(run.data.tokenizer))
     return summary
 

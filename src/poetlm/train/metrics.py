@@ -32,6 +32,12 @@ def standard_json(value, **kwargs) -> str:
     return json.dumps(finite(value), allow_nan=False, **kwargs)
 
 
+def format_ppl(value: float, digits: int = 2) -> str:
+    """A perplexity as text: fixed-point, but a diverged run's (from 1e6) in e-notation rather than hundreds
+    of digits, and an overflowed one as inf."""
+    return f"{value:.{digits}e}" if value >= 1e6 else f"{value:.{digits}f}"
+
+
 def warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)

@@ -6,6 +6,8 @@ line; there one line per log interval says the same and reads well.
 
 from __future__ import annotations
 
+from .metrics import format_ppl
+
 
 class BarProgress:
     """tqdm's bar, advanced every step, with the latest metrics after it."""
@@ -20,7 +22,7 @@ class BarProgress:
         self.rate = record.get("tokens_per_s", self.rate)
         self.bar.update(1)
         self.bar.set_postfix(loss=f"{record['loss']:.3f}", lr=f"{record['lr']:.2e}", tok_s=f"{self.rate:.0f}",
-                             val_ppl=f"{last_eval['val_ppl']:.2f}" if last_eval else "-")
+                             val_ppl=format_ppl(last_eval["val_ppl"]) if last_eval else "-")
 
     def close(self) -> None:
         self.bar.close()
@@ -42,7 +44,7 @@ class LineProgress:
         parts.append(f"tok/s {record['tokens_per_s']:.0f}")
         if last_eval:
             evaluated = last_eval.get("step", record["step"])  # between evaluations, say which step it is from
-            parts.append(f"val_ppl {last_eval['val_ppl']:.1f}" + (f" (step {evaluated})" if evaluated != record["step"] else ""))
+            parts.append(f"val_ppl {format_ppl(last_eval['val_ppl'], 1)}" + (f" (step {evaluated})" if evaluated != record["step"] else ""))
         if self.drift is not None:
             parts.append(f"drift {self.drift:.1e}")
         print(" | ".join(parts), file=self.stream, flush=True)  # flushed: a log file shows each line as it happens

@@ -8,6 +8,7 @@ next to it.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from matplotlib.figure import Figure
 
 from .checkpoint import is_run_dir
 from .config import make_dir
+from .metrics import format_ppl
 
 
 class ReportError(ValueError):
@@ -38,6 +40,7 @@ class Run:
     eval: list[dict[str, Any]] = field(default_factory=list)
     summary: dict[str, Any] | None = None
     spectrum: dict[str, Any] | None = None
+    data: dict[str, Any] | None = None  # data.json: which tokens the run trained and was scored on
 
     @property
     def incomplete(self) -> bool:
@@ -152,7 +155,16 @@ def load_run(run_dir: str | Path) -> Run:
         eval=evals,
         summary=summary,
         spectrum=_read_spectrum(run_dir / "spectrum.json"),
+        data=_read_data_record(run_dir / "data.json"),
     )
+
+
+def _read_data_record(path: Path) -> dict[str, Any] | None:
+    """data.json, or None where it is missing or damaged: it only backs the comparability note."""
+    try:
+        return _read_json(path)
+    except ReportError:
+        return None
 
 
 # ---------------------------------------------------------------- table
@@ -171,9 +183,14 @@ def _fmt(value: float | None, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
+def _ppl(value: float | None) -> str:
+    return "—" if value is None else format_ppl(value)
+
+
 def _last(records: list[dict], key: str) -> float | None:
-    values = [r[key] for r in records if r.get(key) is not None]
-    return values[-1] if values else None
+    """The latest record's value of `key`; inf where it was written as null (`standard_json`: it overflowed)."""
+    values = [r[key] for r in records if key in r]
+    return None if not values else math.inf if values[-1] is None else values[-1]
 
 
 def run_stats(run: Run) -> dict[str, float | None]:
@@ -192,7 +209,10 @@ def run_stats(run: Run) -> dict[str, float | None]:
         "total_tokens": max(tokens) if tokens else None,
         "spectrum_drift": _last(run.train, "spectrum_drift"),
     }
-    return {k: s[k] if _is_number(s.get(k)) else v for k, v in derived.items()}  # a damaged value as a missing one
+    stats = {k: s[k] if _is_number(s.get(k)) else v for k, v in derived.items()}  # a damaged value as a missing one
+    if "final_val_ppl" in s and s["final_val_ppl"] is None:  # a finished run writes null only for an overflow
+        stats["final_val_ppl"] = math.inf
+    return stats
 
 
 def _table(runs: list[Run]) -> list[str]:
@@ -209,8 +229,8 @@ def _table(runs: list[Run]) -> list[str]:
             name,
             run.label,
             format_count(st["block_linear_trainable_params"]),
-            *([_fmt(st["initial_val_ppl"], ".2f")] if finetunes else []),
-            _fmt(st["final_val_ppl"], ".2f"),
+            *([_ppl(st["initial_val_ppl"])] if finetunes else []),
+            _ppl(st["final_val_ppl"]),
             _fmt(st["tokens_per_s"], ",.0f"),
             _fmt(st["peak_mem_mb"], ",.0f"),
             format_count(st["total_tokens"]),
@@ -241,9 +261,14 @@ def _save(fig: Figure, ax, path: Path) -> Path:
     return path
 
 
-def _series(records: list[dict], key: str) -> tuple[list, list]:
-    pts = [(r["tokens"], r[key]) for r in records
-           if r.get("tokens") is not None and r.get(key) is not None]
+def _series(records: list[dict], key: str, ceiling: float | None = None) -> tuple[list, list]:
+    """(tokens, values) of the records that have `key`; with a `ceiling`, values above it and overflowed ones
+    (null) are drawn at it."""
+    if ceiling is None:
+        pts = [(r["tokens"], r[key]) for r in records if r.get("tokens") is not None and r.get(key) is not None]
+    else:
+        pts = [(r["tokens"], ceiling if r[key] is None else min(r[key], ceiling)) for r in records
+               if r.get("tokens") is not None and key in r]
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
@@ -275,14 +300,15 @@ def _plot_loss(runs: list[Run], path: Path) -> Path | None:
 
 
 def _plot_metric(runs: list[Run], path: Path, *, eval_records: bool, key: str, title: str, log: bool,
-                 **style) -> Path | None:
-    """One line per run of `key` against tokens; None (nothing written) if no run has it."""
+                 ceiling: float | None = None, **style) -> Path | None:
+    """One line per run of `key` against tokens (a marker for a run with one point, which has no line); None
+    (nothing written) if no run has it."""
     fig, ax = _new_axes(title, key.replace("_", " "))
     drawn = False
     for i, run in enumerate(runs):
-        x, y = _series(run.eval if eval_records else run.train, key)
+        x, y = _series(run.eval if eval_records else run.train, key, ceiling)
         if x:
-            ax.plot(x, y, color=f"C{i % 10}", label=_legend_name(run), **style)
+            ax.plot(x, y, color=f"C{i % 10}", label=_legend_name(run), **{"marker": "o" if len(x) == 1 else None, **style})
             drawn = True
     if not drawn:
         return None
@@ -291,8 +317,15 @@ def _plot_metric(runs: list[Run], path: Path, *, eval_records: bool, key: str, t
     return _save(fig, ax, path)
 
 
+# A diverged run's perplexity reaches 1e300 and inf; matplotlib's log axis overflows near float's limit.
+PPL_CEILING = 1e30
+
+
 def _plot_val_ppl(runs: list[Run], path: Path) -> Path | None:
-    return _plot_metric(runs, path, eval_records=True, key="val_ppl", title="Validation perplexity", log=True, marker="o")
+    title = "Validation perplexity"
+    if any(r["val_ppl"] is None or r["val_ppl"] > PPL_CEILING for run in runs for r in run.eval if "val_ppl" in r):
+        title += f" (values above {PPL_CEILING:.0e} drawn at it)"
+    return _plot_metric(runs, path, eval_records=True, key="val_ppl", title=title, log=True, ceiling=PPL_CEILING, marker="o")
 
 
 def _plot_spectrum(runs: list[Run], path: Path) -> Path | None:
@@ -359,12 +392,17 @@ def _measure_setting(config: dict, key: str):
 
 def _incomparable(runs: list[Run]) -> list[str]:
     """The settings, with their values, in which the runs' validation sets differ (runs whose config.json
-    lacks them, e.g. hand-made ones, are left out of the comparison)."""
+    lacks them, e.g. hand-made ones, are left out of the comparison); where no setting does, the validation
+    tokens or tokenizer that data.json records (another data.max_documents, an edited data file)."""
     differing = []
     for key in _MEASURED_ON:
         shown = list(dict.fromkeys(repr(_measure_setting(run.config, key)) for run in runs if run.config.get("data")))
         if len(shown) > 1:
             differing.append(f"{'the data split seed' if key == 'data.split' else key}: {', '.join(shown[:4])}")
+    for key, what in (("sha256_val", "the validation tokens"), ("tokenizer_hash", "the tokenizer")):
+        recorded = {run.data.get(key) for run in runs if run.data and run.data.get(key)}
+        if not differing and len(recorded) > 1:
+            differing.append(f"{what} (data.json's {key}, e.g. another data.max_documents or an edited data file)")
     return differing
 
 
