@@ -78,7 +78,7 @@ def test_a_resumed_run_keeps_its_tokenizer_and_tokens_when_the_data_changes(tiny
     # With the cache the run goes on, exactly on what it trained on, and says the data changed.
     cache.with_name("aside").rename(cache)
     assert main(["train", "--resume", str(run_dir)]) == 0
-    assert "changed since this run started; the run goes on with the tokens it started with" in capsys.readouterr().err
+    assert "changed since this run started; its tokens are read from the run's token cache" in capsys.readouterr().err
     assert sorted((tiny.cache / "tokenizers").iterdir()) == tokenizers  # no tokenizer was trained on the new text
     assert json.loads((run_dir / "summary.json").read_text())["steps"] == 6
 
@@ -101,6 +101,9 @@ def test_a_resume_refuses_other_data_while_the_runs_own_is_there_and_takes_a_mov
     assert main(["train", "--resume", str(run_dir), "--data", str(moved)]) == 0
     assert f"{moved} is not the data this run started on ({tiny.corpus.resolve()})" in capsys.readouterr().err
     assert json.loads((run_dir / "config.json").read_text())["data"]["data"] == str(moved)
+    moved.unlink()  # gone, not another source: and eval is not a run that goes on
+    assert main(["eval", str(run_dir)]) == 0
+    assert f"{moved} is no longer there; its tokens are read from the run's token cache" in capsys.readouterr().err
 
 
 def test_resuming_a_finished_run_changes_nothing(tiny, capsys):
@@ -212,6 +215,16 @@ def test_eval_scores_a_run_as_it_scored_itself_and_refuses_data_flags_without_da
     _one_line_error(capsys, "--split-seed, --max-documents choose how --data is read, and there is no --data")
 
 
+def test_a_finished_run_whose_newest_checkpoint_is_damaged_is_read_from_its_final_model(finished_run, capsys):
+    """An older checkpoint would be an earlier model: eval, export and generate used it, with only a warning."""
+    summary = json.loads((finished_run / "summary.json").read_text())
+    ckpt.list_checkpoints(finished_run)[-1].write_bytes(b"garbage")
+    capsys.readouterr()
+    assert main(["eval", str(finished_run)]) == 0
+    out, err = capsys.readouterr()
+    assert f"validation perplexity: {summary['final_val_ppl']:.3f} " in out and "is damaged: loading" in err
+
+
 def test_misplaced_paths_are_named_for_what_they_are(finished_run, tmp_path, capsys):
     assert main(["train", "--resume", str(finished_run / "final")]) == 2
     err = capsys.readouterr().err
@@ -249,6 +262,24 @@ def test_export_never_overwrites_silently_and_never_writes_into_a_run(finished_r
     assert main(["export", str(run_dir), str(a_file), "--force"]) == 0
     assert (a_file / "config.json").is_file()
 
+    blocker = tmp_path / "blocker"  # a path under a file: refused before the model loads, not by a traceback after
+    blocker.write_text("x")
+    assert main(["export", str(run_dir), str(blocker / "sub")]) == 1
+    _one_line_error(capsys, "cannot be made a directory")
+
+
+def test_export_over_a_peft_adapter_directory_leaves_a_loadable_model(finished_run, tmp_path, capsys):
+    """Its weights went, its adapter_config.json stayed, and transformers then looked for the adapter's weights."""
+    from transformers import AutoModelForCausalLM
+
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "base_model_name_or_path": "gone"}))
+    (adapter / "adapter_model.safetensors").write_bytes(b"weights")
+    assert main(["export", str(finished_run), str(adapter), "--force"]) == 0
+    assert not (adapter / "adapter_config.json").exists()
+    assert AutoModelForCausalLM.from_pretrained(adapter).config.vocab_size > 0
+
 
 def test_generate_keeps_the_end_of_a_prompt_longer_than_the_context(finished_run, capsys):
     assert main(["generate", str(finished_run), "--prompt", "To be or not to be " * 40, "--max-new-tokens", "4"]) == 0
@@ -259,6 +290,7 @@ def test_generate_keeps_the_end_of_a_prompt_longer_than_the_context(finished_run
 
 
 def test_a_damaged_checkpoint_fails_eval_export_and_generate_clearly(finished_run, tmp_path, capsys):
+    shutil.rmtree(finished_run / "final")  # with it, a finished run is read from its final model instead (test above)
     (only,) = ckpt.list_checkpoints(finished_run)
     data = bytearray(only.read_bytes())
     data[len(data) // 2] ^= 0xFF  # one flipped bit, same size
@@ -269,6 +301,7 @@ def test_a_damaged_checkpoint_fails_eval_export_and_generate_clearly(finished_ru
         assert main(command) == 1, command
         out, err = capsys.readouterr()
         assert "does not match its checksum" in err and "perplexity" not in out
+    assert not (tmp_path / "out").exists()  # the export made its directory before loading, and took it back
 
 
 def test_a_run_whose_tokenizer_or_data_record_is_damaged_says_to_restore_them(tiny, monkeypatch, capsys):
@@ -335,6 +368,11 @@ def test_a_damaged_model_directory_fails_eval_export_and_generate_in_one_line(fi
     assert not marker.exists() and not (tmp_path / "out").exists()
     assert main(["generate", str(finished_run), "--device", "bogus"]) == 2
     assert "--device 'bogus' is not a device torch knows: use auto, cpu, cuda" in capsys.readouterr().err
+    # A device type this machine lacks used to reach the checkpoint loader, which called the files damaged
+    for absent in ("mps", "cuda:7", "meta"):
+        assert main(["eval", str(finished_run), "--device", absent]) == 2, absent
+        err = capsys.readouterr().err
+        assert f"--device '{absent}'" in err and "damaged" not in err and "use --device cpu" in err, err
 
 
 def test_a_model_directory_without_tokenizer_files_is_refused_by_eval_generate_and_train(tiny, tmp_path, capsys):

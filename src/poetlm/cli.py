@@ -263,7 +263,15 @@ def _cmd_export(args) -> int:
 
     out = Path(args.out_dir)
     _check_export_target(out, args.force)
-    model, tokenizer, _ = load_any_model(args.run_dir)
+    created = not out.exists()
+    if created:  # before the model loads (minutes for a large one), not at the save after it
+        make_dir(out, "OUT_DIR", CommandError)
+    try:
+        model, tokenizer, _ = load_any_model(args.run_dir)
+    except BaseException:
+        if created:
+            out.rmdir()
+        raise
     if out.is_file():
         out.unlink()
     dense = model.merge_and_unload() if hasattr(model, "merge_and_unload") else export_dense(model)  # LoRA via peft

@@ -122,7 +122,8 @@ def remove_poetlm_files(directory, all_weights: bool = False) -> None:
 
     all_weights=True, before a save over another model (`poetlm export --force`): also every weights file and
     shard index in it, whatever wrote them, since transformers loads a leftover pytorch_model.bin as readily
-    as the new model.safetensors (use_safetensors=False, or another format's shards)."""
+    as the new model.safetensors (use_safetensors=False, or another format's shards), and a PEFT adapter's
+    config."""
     directory = Path(directory)
     for stale in (CONFIG_NAME, STATE_NAME):
         (directory / stale).unlink(missing_ok=True)
@@ -130,6 +131,8 @@ def remove_poetlm_files(directory, all_weights: bool = False) -> None:
         for path in directory.iterdir():
             if path.is_file() and path.name.removesuffix(".index.json").endswith(WEIGHT_SUFFIXES):
                 path.unlink()
+        # A PEFT adapter's config without its weights: transformers would load the directory as that adapter
+        (directory / "adapter_config.json").unlink(missing_ok=True)
     _remove_stale_weights(directory)
 
 

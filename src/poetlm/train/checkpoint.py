@@ -141,6 +141,15 @@ def _verify(path: Path) -> None:
         raise CheckpointError(f"{path.name} does not match its checksum: the file is damaged")
 
 
+def intact(path: Path) -> bool:
+    """Whether a checkpoint file matches its checksum (a read of the whole file)."""
+    try:
+        _verify(path)
+    except CheckpointError:
+        return False
+    return True
+
+
 def _reason(error: Exception) -> str:
     """One line of a load error: torch's unpickling errors span paragraphs, an empty file's EOFError says nothing."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]

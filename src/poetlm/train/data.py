@@ -763,6 +763,8 @@ def _how_it_differs(current: dict, identity: dict) -> str:
 
     if where(current) == where(identity):
         return "changed since this run started"
+    if "unknown" in current:  # moved or deleted: not another source
+        return "is no longer there"
     files = identity.get("files")
     recorded = (files[0][0] + (f" and {len(files) - 1} more files" if len(files) > 1 else "") if files else
                 str(identity.get("bundled") or identity.get("hf") or identity.get("unknown")))
@@ -800,8 +802,8 @@ def load_run_data(run_dir: Path, data: str, **options) -> TokenData:
         if all(meta[f"sha256_{split}"] == digest for split, digest in sums.items()):
             current = _data_identity(data)
             if current != record["identity"]:
-                print(f"poetlm: note: {data} {_how_it_differs(current, record['identity'])}; the run goes on with the "
-                      f"tokens it started with ({cache_dir})", file=sys.stderr)
+                print(f"poetlm: note: {data} {_how_it_differs(current, record['identity'])}; its tokens are read "
+                      f"from the run's token cache, as the run made them ({cache_dir})", file=sys.stderr)
             return _open_cache(cache_dir, tokenizer, record["identity"])
     tokens = prepare_data(data, tokenizer=str(tokenizer_dir), **options)
     if any(tokens.record()[f"sha256_{split}"] != digest for split, digest in sums.items()):
@@ -848,7 +850,7 @@ def val_windows(tokens: np.ndarray, seq_len: int, max_tokens: int | None) -> np.
     if n_windows < 1:
         raise DataError(
             f"validation split has {len(tokens)} tokens, fewer than seq_len+1={seq_len + 1}; "
-            "use a larger corpus or val_fraction, or a smaller seq_len"
+            "use a larger corpus, a smaller seq_len (eval: --seq-len) or, when training, a larger data.val_fraction"
         )
     if max_tokens is not None:
         n_windows = min(n_windows, max_tokens // seq_len)

@@ -60,13 +60,21 @@ def pick_device(requested: str, local_rank: int = 0, setting: str = "device={}")
     if requested.startswith("cuda") and not torch.cuda.is_available():
         raise ConfigError(f"{setting.format(repr(requested))} but CUDA is not available here (torch {torch.__version__}); "
                           f"use {setting.format('cpu')} or {setting.format('auto')}, or install a CUDA build of torch")
-    if requested == "cuda":
-        return torch.device(f"cuda:{local_rank}")
     try:
-        return torch.device(requested)
+        device = torch.device(f"cuda:{local_rank}" if requested == "cuda" else requested)
     except RuntimeError:
         raise ConfigError(f"{setting.format(repr(requested))} is not a device torch knows: use auto, cpu, cuda or cuda:N "
                           "(or another torch device type, e.g. mps)") from None
+    if device.type == "meta":
+        raise ConfigError(f"{setting.format(repr(requested))}: the meta device holds no data, so nothing can train or "
+                          f"be evaluated on it; use {setting.format('cpu')} or {setting.format('auto')}")
+    try:  # a known type this torch or machine lacks (mps on Linux, xpu, cuda:3 of one GPU) fails only later, as "damaged" files
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError, ImportError) as error:
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise ConfigError(f"{setting.format(repr(requested))} but that device is not usable here ({reason[:160]}); "
+                          f"use {setting.format('cpu')} or {setting.format('auto')}") from None
+    return device
 
 
 def setup(requested_device: str) -> Runtime:

@@ -150,9 +150,14 @@ def final_model_dir(run_dir: Path, use: str) -> Path | None:
 
 def load_run_model(run_dir: Path, device="cpu") -> tuple[nn.Module, object, TrainConfig]:
     """The model of the newest checkpoint of a run (POET layers included) and its tokenizer; the model in
-    final/ if the checkpoints are gone."""
+    final/ if the checkpoints are gone, or if the run finished and its newest checkpoint is damaged (an older
+    one would be another, earlier model)."""
     config = load_config(run_dir / "config.json")
-    if not ckpt.list_checkpoints(run_dir) and (final := final_model_dir(run_dir, "no checkpoint left: loading")):
+    checkpoints = ckpt.list_checkpoints(run_dir)
+    if not checkpoints and (final := final_model_dir(run_dir, "no checkpoint left: loading")):
+        return *load_model_dir(final, device), config
+    if checkpoints and (run_dir / "summary.json").is_file() and (run_dir / "final").is_dir() and not ckpt.intact(checkpoints[-1]):
+        final = final_model_dir(run_dir, f"the newest checkpoint, {checkpoints[-1].name}, is damaged: loading")
         return *load_model_dir(final, device), config
     tokenizer = load_tokenizer(run_dir / "tokenizer", hint=RUN_TOKENIZER)
     state = ckpt.load_checkpoint(run_dir, map_location=device)
