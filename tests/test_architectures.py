@@ -158,6 +158,11 @@ def test_train_builds_any_hf_causal_lm_config_with_preset_sizes(tmp_path, corpus
     ids = torch.randint(0, 300, (2, 16))
     assert type(dense).__name__ == expected
     torch.testing.assert_close(dense(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-4)
+    # poetlm's own commands on the exported directory (eval, finetune, generate) tokenize as the run did; for qwen2
+    # transformers' AutoTokenizer picks Qwen2Tokenizer, which does not
+    from poetlm.train.data import PROBE_TEXT, load_tokenizer
+    exported, trained = load_tokenizer(tmp_path / "dense"), load_tokenizer(run_dir / "tokenizer")
+    assert type(exported) is type(trained) and exported(PROBE_TEXT)["input_ids"] == trained(PROBE_TEXT)["input_ids"]
     if source.endswith("config.json"):  # later commands rebuild the run's own architecture, not what the file says now
         Path(source).write_text(Path(source).read_text().replace('"silu"', '"relu"'))
         torch.testing.assert_close(load_run_model(run_dir)[0](ids).logits, model(ids).logits, rtol=0, atol=0)

@@ -366,3 +366,11 @@ def test_diagnostics_that_miss_the_logged_steps_are_warned_about():
 def test_train_with_the_finetune_preset_and_no_base_model_is_refused(capsys):
     assert main(["train", "--config", "finetune", "steps=1"]) == 2
     assert "the finetune preset finetunes a model: run poetlm finetune --model DIR" in capsys.readouterr().err
+
+
+def test_name_prefix_is_a_key_an_override_may_set_too():
+    """--print-config writes it and a file may hold it, but as KEY=VALUE it was an unknown key."""
+    assert resolve_config("tiny", ["name_prefix=mine", "method=adamw"]).name == "mine-adamw"
+    assert resolve_config("tiny", ["name_prefix=mine", "name=given"]).name == "given"
+    with pytest.raises(ConfigError, match="name_prefix"):
+        resolve_config("tiny", ["name_prefix=3"])

@@ -233,3 +233,21 @@ def test_muon_and_the_spectrum_plot_find_the_block_matrices_of_gpt2():
         assert len(names) == 2 * (7 if source is None else 4), names
         assert not matrices & {id(p) for g in adamw.param_groups for p in g["params"]}
         assert loop.spectrum_layer(model)[0] == last
+
+
+@pytest.mark.parametrize(("version", "kept"), [("2.13.0+cpu", True), ("2.6.0", True), ("2.5.1+cu121", False)])
+def test_the_setup_keeps_a_recent_torch_and_refuses_an_old_one_rather_than_let_pip_replace_it(tmp_path, version, kept):
+    """`make setup` must never install torch where one is (a GPU user's build), nor leave an older one that
+    `pip install -e .` (torch>=2.6) would silently swap for the newest, multi-GB CUDA build."""
+    import subprocess
+
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text(f"__version__ = {version!r}\n")
+    python = tmp_path / "python"
+    # A Python whose torch is the fake one; its pip must never run
+    python.write_text(f'#!/bin/sh\n[ "$1" = "-m" ] && exit 99\nPYTHONPATH={tmp_path} exec {sys.executable} "$@"\n')
+    python.chmod(0o755)
+    result = subprocess.run(["bash", "scripts/install_torch.sh", str(python)], capture_output=True, text=True,
+                            cwd=Path(__file__).parent.parent)
+    assert (result.returncode == 0) == kept, result.stderr
+    assert kept or f"torch {version} in" in result.stderr and "older than 2.6" in result.stderr

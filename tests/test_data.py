@@ -219,7 +219,8 @@ def _bad_source(tmp_path, kind):
     if kind == "empty_dir":
         (tmp_path / "dir").mkdir()
         (tmp_path / "dir" / "notes.md").write_text("x")
-        return str(tmp_path / "dir"), ["no .txt, .jsonl or .parquet"]
+        (tmp_path / "dir" / ".draft.txt").write_text("hidden, so skipped: the message must say why it was not read")
+        return str(tmp_path / "dir"), ["no .txt, .jsonl or .parquet", "hidden files and folders"]
     raise AssertionError(kind)
 
 
@@ -303,7 +304,7 @@ def test_split_independent_of_hash_randomization():
 def test_split_edge_cases():
     assert split_documents(["a", "b"], 0.001, 0) in ((["a"], ["b"]), (["b"], ["a"]))
     assert split_documents(["a", "b"], 0.999, 0) in ((["a"], ["b"]), (["b"], ["a"]))
-    with pytest.raises(DataError, match="at least 2"):
+    with pytest.raises(DataError, match="too short to cut into a training and a validation part"):
         split_documents(["only"], 0.1, 0)
 
 
@@ -335,6 +336,22 @@ def test_a_corpus_of_few_long_documents_holds_out_about_val_fraction(docs, val_f
         assert (train, val) == split_documents(docs, val_fraction, seed)
         share = sum(map(len, val)) / sum(map(len, train + val))
         assert 0.5 * val_fraction <= share <= 2 * val_fraction, (seed, share)
+
+
+@pytest.mark.parametrize("layout", ["one line", "three records", "no spaces"])
+def test_text_without_line_ends_is_cut_at_whitespace_and_holds_out_about_val_fraction(layout):
+    """A text8-style corpus was refused, and records exported without line ends were split whole: a third of
+    the corpus, or one short record, held out."""
+    text = " ".join(f"{WORDS[i % len(WORDS)]}{i % 977}" for i in range(250_000))
+    docs = {"one line": [text], "three records": [text[i::3] for i in range(3)],
+            "no spaces": ["字" * 600_000]}[layout]
+    for seed in range(3):
+        train, val = split_documents(docs, 0.05, seed)
+        share = sum(map(len, val)) / sum(map(len, train + val))
+        assert 0.025 <= share <= 0.1, (seed, share)
+        assert max(map(len, train + val)) <= 2 * PASSAGE_CHARS
+        kept = sum(len(part.replace(" ", "")) for part in train + val)
+        assert kept == sum(len(doc.replace(" ", "")) for doc in docs)  # only the whitespace at the cuts goes
 
 
 def test_a_book_of_many_passages_keeps_its_membership_by_hash():
@@ -575,7 +592,7 @@ def test_interrupted_build_leaves_no_cache(corpus, tmp_path, monkeypatch):
 def test_prepare_data_errors(tmp_path):
     one = tmp_path / "one.txt"
     one.write_text("just a single document\n")
-    with pytest.raises(DataError, match="at least 2"):
+    with pytest.raises(DataError, match="too short to cut into a training and a validation part"):
         _prepare(one, tmp_path / "cache")
     with pytest.raises(DataError, match="does not exist"):
         prepare_data(str(one), tokenizer=str(tmp_path / "no-tok"), vocab_size=300, cache_root=tmp_path / "c")
@@ -741,3 +758,12 @@ def test_a_model_directory_whose_tokenizer_transformers_reloads_otherwise_is_war
         assert err.startswith(f"poetlm: warning: transformers.AutoTokenizer.from_pretrained({str(model_dir)!r}) loads a "
                               "Qwen2Tokenizer, which encodes text into other tokens than the model was trained on")
         assert err.count("\n") == 1 and "PreTrainedTokenizerFast.from_pretrained" in err
+
+
+def test_a_data_folder_with_a_file_added_or_removed_is_called_changed_not_other_data():
+    from poetlm.train.data import _how_it_differs
+
+    then = {"files": [["/d/a.txt", 10, 1], ["/d/b.txt", 20, 1]]}
+    assert _how_it_differs({"files": [["/d/a.txt", 10, 1]]}, then) == "changed since this run started"
+    assert _how_it_differs({"files": [*then["files"], ["/d/c.txt", 5, 2]]}, then) == "changed since this run started"
+    assert _how_it_differs({"files": [["/e/x.txt", 10, 1]]}, then).startswith("is not the data this run started on")

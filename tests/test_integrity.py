@@ -161,5 +161,9 @@ def test_a_diverged_runs_numbers_are_standard_json_and_it_is_told_so(tmp_path, c
     _warn_if_diverged(math.log(300) + 0.5, 300)  # a short run from scratch ends near ln V: no warning
     assert capsys.readouterr().err == ""
     for loss in (3e7, math.inf, math.nan):
-        _warn_if_diverged(loss, 300)
-        assert "is far above ln(300) = 5.70, a uniform guess's over the vocabulary: the run diverged" in capsys.readouterr().err
+        for train_loss in (None, 9.0):
+            _warn_if_diverged(loss, 300, train_loss)
+            assert "is far above ln(300) = 5.70, a uniform guess's over the vocabulary: the run diverged" in capsys.readouterr().err
+    _warn_if_diverged(12.0, 300, 0.107)  # a tiny corpus learned by heart: its 8 validation tokens are not, and it did not diverge
+    err = capsys.readouterr().err
+    assert "while the training loss is 0.107: the model fits its training text" in err and "diverged" not in err

@@ -104,6 +104,9 @@ def test_a_resume_refuses_other_data_while_the_runs_own_is_there_and_takes_a_mov
     moved.unlink()  # gone, not another source: and eval is not a run that goes on
     assert main(["eval", str(run_dir)]) == 0
     assert f"{moved} is no longer there; its tokens are read from the run's token cache" in capsys.readouterr().err
+    shutil.rmtree(json.loads((run_dir / "data.json").read_text())["cache_dir"])  # and now the cache too
+    assert main(["eval", str(run_dir)]) == 1
+    _one_line_error(capsys, f"{moved}, the data this run trained on, is no longer there", "--data NEW_PATH")
 
 
 def test_resuming_a_finished_run_changes_nothing(tiny, capsys):

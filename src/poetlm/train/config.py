@@ -512,6 +512,9 @@ def resolve_config(preset: str = "tiny", overrides: list | None = None) -> Train
     name_prefix = _check_type("name_prefix", top.pop("name_prefix", Path(preset).stem), str)
     parsed = parse_overrides(overrides or [])
     for keys, value in parsed:
+        if list(keys) == ["name_prefix"]:  # a file's key, not a config field: it only names the run
+            name_prefix = _check_type("name_prefix", value, str)
+            continue
         _override(top, tables, keys, value)
     _check_keys(TrainConfig, top, "")
     method = top.get("method", TrainConfig.method)

@@ -94,7 +94,9 @@ def describe_config(preset: str = "tiny", method: str | None = None) -> str:
              "`poetlm config --config NAME --method M` shows another) and what they do.",
              "[M]: only method(s) M read the key (a run of another method that sets it warns).",
              "Set keys in a TOML file (--config FILE; `poetlm train --print-config` writes one) or as KEY=VALUE arguments, "
-             "e.g. optim.lr=3e-3."]
+             "e.g. optim.lr=3e-3.",
+             f"Two more keys name things rather than set them: name_prefix (runs are named NAME_PREFIX-METHOD unless name "
+             f"is set; here {config.resolution.name_prefix!r}) and, in a file only, base (the preset or file it builds on)."]
     if placeholder:
         lines.append(f"finetune.base_model {BASE_MODEL_PLACEHOLDER!r} stands for the model lora finetunes "
                      "(poetlm finetune --model MODEL sets it).")

@@ -145,8 +145,9 @@ def _iter_path(path: Path) -> Iterator[str]:
         files, skipped = _data_files(path)
         listed = f"{len(skipped)} other file(s): {', '.join(skipped[:3])}{', …' if len(skipped) > 3 else ''}"
         if not files:
-            raise DataError(f"directory {path} contains no .txt, .jsonl or .parquet files{f' ({listed})' if skipped else ''}; "
-                            "add data files or point --data at a file")
+            raise DataError(f"directory {path} contains no .txt, .jsonl or .parquet files{f' ({listed})' if skipped else ''} "
+                            "outside hidden files and folders (names starting with '.', which are skipped); add data "
+                            "files or point --data at a file")
         if skipped:  # a .csv or .json among the data would otherwise just be missing from it
             warnings.warn(f"{path}: read {len(files)} data file(s) and skipped {listed}, of no format poetlm reads; data "
                           "files are .txt, .jsonl or .parquet (.txt/.jsonl optionally .xz/.gz)", stacklevel=2)
@@ -316,11 +317,22 @@ def _iter_hf(spec: str) -> Iterator[str]:
 # Splitting
 
 
+_SPACE = re.compile(r"\s")
+MIN_CUT_CHARS = 256  # no cut inside a line into passages shorter than this (a sentence, a few words: a tiny corpus)
+
+
 def _passages(text: str, size: int) -> list[str]:
-    """`text` cut after the first line end past every `size` characters."""
+    """`text` cut after the first line end past every `size` characters. Where none comes within another `size`
+    (one long line: a text8-style corpus, records exported without line ends), after the first whitespace past
+    it instead, or at `size` itself in text without spaces: passages of at most about 2·size characters (unless
+    `size` is below MIN_CUT_CHARS)."""
     passages, start = [], 0
     while start < len(text):
-        end = text.find("\n", start + size)
+        cut = start + size
+        end = text.find("\n", cut, cut + size)
+        if end < 0 and cut + size < len(text) and size >= MIN_CUT_CHARS:
+            space = _SPACE.search(text, cut, cut + size)
+            end = space.start() if space else cut - 1
         end = len(text) if end < 0 else end + 1
         if text[start:end].strip():
             passages.append(text[start:end].strip())
@@ -362,6 +374,7 @@ def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[li
     less than half or more than twice ``val_fraction`` of the text (few passages: a small text), validation
     instead takes passages in hash order until it holds ``val_fraction``: split whole, the validation set could
     be the title alone, or most of the corpus. Large books (web, kjv) keep the membership by hash they always had.
+    A document with no line end for long stretches is cut at whitespace there (`_passages`).
     """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
@@ -372,9 +385,8 @@ def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[li
         docs = [passage for doc in docs for passage in _passages(doc, size)]
     if len(docs) < 2:
         raise DataError(
-            f"the corpus is one document of {len(docs[0]) if docs else 0} characters with no line end to cut it at, "
-            "but a train/validation split needs at least 2 documents; separate documents in a .txt file with blank "
-            "lines, or use a larger corpus"
+            f"the corpus is one document of {len(docs[0]) if docs else 0} characters, too short to cut into a training "
+            "and a validation part; use a larger corpus"
         )
     scores = [_unit_hash(seed, i) for i in range(len(docs))]
     in_val = [s < val_fraction for s in scores]
@@ -469,7 +481,7 @@ def load_tokenizer(path: str | Path, hint: str = CHOOSE_TOKENIZER) -> "PreTraine
         if not any((path / file).is_file() for file in TOKENIZER_FILES):
             raise DataError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_FILES)}); {hint}")
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(path))
+            tokenizer = _saved_class(path).from_pretrained(str(path))
         except Exception as e:  # transformers raises assorted types for a broken directory
             problem = " ".join(str(e).split())  # transformers' explanations span lines
             raise DataError(f"cannot load a tokenizer from {path} ({type(e).__name__}: {problem}); {hint}") from e
@@ -483,11 +495,30 @@ def load_tokenizer(path: str | Path, hint: str = CHOOSE_TOKENIZER) -> "PreTraine
     return tokenizer
 
 
+# tokenizer_config.json's class for a tokenizer that is its tokenizer.json alone (poetlm's BPE, as transformers 5 / 4 save it)
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _saved_class(directory: Path):
+    """The class that loads `directory`'s tokenizer as saved: AutoTokenizer, except for a generic tokenizer.json
+    beside a config.json whose model type has a tokenizer class of its own (qwen2), which AutoTokenizer would
+    take instead, with other pre-tokenization (`warn_if_reloaded_otherwise`)."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    try:
+        saved = json.loads((directory / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, ValueError, AttributeError):  # missing or damaged: AutoTokenizer's own error says it best
+        saved = None
+    generic = saved in GENERIC_TOKENIZER_CLASSES and (directory / "tokenizer.json").is_file()
+    return PreTrainedTokenizerFast if generic else AutoTokenizer
+
+
 def warn_if_reloaded_otherwise(directory: Path, tokenizer) -> None:
     """Warn when `AutoTokenizer.from_pretrained(directory)` (a model directory just written) encodes text
     otherwise than `tokenizer`. transformers 5 picks the tokenizer class of some model types (qwen2) from
     config.json's model_type whatever tokenizer_config.json says, and that class builds its own
-    pre-tokenization around the saved vocabulary: other token ids than the model was trained on."""
+    pre-tokenization around the saved vocabulary: other token ids than the model was trained on (poetlm's own
+    commands read the directory as saved: `_saved_class`)."""
     from transformers import AutoTokenizer
 
     reloaded = AutoTokenizer.from_pretrained(str(directory))
@@ -761,7 +792,8 @@ def _how_it_differs(current: dict, identity: dict) -> str:
     def where(found: dict):  # an identity without what changes with the content (sizes, times)
         return [entry[0] for entry in found["files"]] if "files" in found else {k: v for k, v in found.items() if k != "size"}
 
-    if where(current) == where(identity):
+    now, then = where(current), where(identity)
+    if now == then or (isinstance(now, list) and set(now) & set(then)):  # one folder, files added or removed
         return "changed since this run started"
     if "unknown" in current:  # moved or deleted: not another source
         return "is no longer there"
@@ -805,6 +837,9 @@ def load_run_data(run_dir: Path, data: str, **options) -> TokenData:
                 print(f"poetlm: note: {data} {_how_it_differs(current, record['identity'])}; its tokens are read "
                       f"from the run's token cache, as the run made them ({cache_dir})", file=sys.stderr)
             return _open_cache(cache_dir, tokenizer, record["identity"])
+    if "unknown" in _data_identity(data):  # neither there nor in the cache: prepare_data would only say it is missing
+        raise DataError(f"{data}, the data this run trained on, is no longer there, and the run's token cache {cache_dir} "
+                        "is gone or damaged; if the data moved, give its new place with --data NEW_PATH")
     tokens = prepare_data(data, tokenizer=str(tokenizer_dir), **options)
     if any(tokens.record()[f"sha256_{split}"] != digest for split, digest in sums.items()):
         raise DataError(f"{data} {_how_it_differs(_data_identity(data), record['identity'])}: it does not give the tokens the run trained on, and "

@@ -528,18 +528,25 @@ def _finish(run: Run) -> dict:
         except Exception as error:  # all the run made is on disk: a report's failure, whatever it is, must not fail the run
             print(f"poetlm: warning: {run_dir / 'report.md'} was not written ({type(error).__name__}: {error}); the run "
                   f"is complete; try again with: poetlm report {run_dir}", file=sys.stderr)
-        _warn_if_diverged(last["val_loss"], len(run.data.tokenizer))
+        _warn_if_diverged(last["val_loss"], len(run.data.tokenizer), (run.logger.values.get("loss") or [None])[-1])
     return summary
 
 
-def _warn_if_diverged(val_loss: float, vocab_size: int) -> None:
+def _warn_if_diverged(val_loss: float, vocab_size: int, train_loss: float | None = None) -> None:
     """A run that ends far worse than guessing every token uniformly (loss ln V, about where a fresh model
-    starts) diverged, its numbers finite or not."""
+    starts) diverged, its numbers finite or not; unless its training loss is below that guess's: then it
+    learned its training text and does not carry over to the validation text (a tiny or unlike split)."""
     uniform = math.log(vocab_size)
-    if not val_loss <= uniform + 1:
-        print(f"poetlm: warning: the final validation loss {val_loss:.4g} is far above ln({vocab_size}) = {uniform:.2f}, "
-              "a uniform guess's over the vocabulary: the run diverged; lower the learning rate (or check the data)",
+    if val_loss <= uniform + 1:
+        return
+    head = (f"poetlm: warning: the final validation loss {val_loss:.4g} is far above ln({vocab_size}) = {uniform:.2f}, "
+            "a uniform guess's over the vocabulary")
+    if train_loss is not None and train_loss < uniform:
+        print(f"{head}, while the training loss is {train_loss:.4g}: the model fits its training text and not the "
+              "validation text (overfitting: a small corpus, or a validation split unlike the rest); use more data",
               file=sys.stderr)
+    else:
+        print(f"{head}: the run diverged; lower the learning rate (or check the data)", file=sys.stderr)
 
 
 def write_final(method: Method, model: nn.Module, tokenizer, run_dir: Path) -> None:
