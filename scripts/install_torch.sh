@@ -9,7 +9,8 @@
 set -euo pipefail
 py="$1"
 if version=$("$py" -c "import torch; print(torch.__version__)" 2>/dev/null); then
-  if "$py" -c "import sys, torch; sys.exit(tuple(map(int, torch.__version__.split('+')[0].split('.')[:2])) < (2, 6))"; then
+  # major.minor from the front of the version (2.6.0a0+git…, 2.13.0+cpu); one that does not start so is kept
+  if "$py" -c "import re, sys, torch; v = re.match(r'(\d+)\.(\d+)', torch.__version__); sys.exit(bool(v) and (int(v[1]), int(v[2])) < (2, 6))"; then
     exit 0
   fi
   echo "torch $version in $("$py" -c 'import sys; print(sys.prefix)') is older than 2.6, which poetlm needs;" \

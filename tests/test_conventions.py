@@ -235,7 +235,7 @@ def test_muon_and_the_spectrum_plot_find_the_block_matrices_of_gpt2():
         assert loop.spectrum_layer(model)[0] == last
 
 
-@pytest.mark.parametrize(("version", "kept"), [("2.13.0+cpu", True), ("2.6.0", True), ("2.5.1+cu121", False)])
+@pytest.mark.parametrize(("version", "kept"), [("2.13.0+cpu", True), ("2.6.0", True), ("2.6.0a0+gitabc", True), ("2.5.1+cu121", False)])
 def test_the_setup_keeps_a_recent_torch_and_refuses_an_old_one_rather_than_let_pip_replace_it(tmp_path, version, kept):
     """`make setup` must never install torch where one is (a GPU user's build), nor leave an older one that
     `pip install -e .` (torch>=2.6) would silently swap for the newest, multi-GB CUDA build."""

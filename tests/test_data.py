@@ -354,6 +354,29 @@ def test_text_without_line_ends_is_cut_at_whitespace_and_holds_out_about_val_fra
         assert kept == sum(len(doc.replace(" ", "")) for doc in docs)  # only the whitespace at the cuts goes
 
 
+def test_a_book_with_some_very_long_lines_keeps_its_membership_by_hash():
+    """kjv has lines of up to 225k characters; cut at line ends it holds out about val_fraction, so it keeps the
+    split by hash it always had (its published numbers): whitespace cutting is only for where that fails."""
+    verse = "and the light was good, and the evening and the morning were a day. "
+    lines = [f"Verse {i}: {verse}" * (700 if i % 4000 == 0 else 1) for i in range(40_000)]
+    book = "\n".join(lines)
+    assert max(map(len, lines)) > 2 * PASSAGE_CHARS
+    passages, start = [], 0  # the rule as it always was, written out: cut after the first line end past 20k
+    while start < len(book):
+        end = book.find("\n", start + PASSAGE_CHARS)
+        end = len(book) if end < 0 else end + 1
+        passages.append(book[start:end].strip())
+        start = end
+    by_hash = [p for i, p in enumerate(passages) if _unit_hash(0, i) < 0.05]
+    assert split_documents([book], 0.05, seed=0)[1] == by_hash
+
+
+def test_a_small_text_of_long_lines_is_still_cut_at_its_line_ends():
+    small = "\n".join(f"line {i} " + "word " * 48 for i in range(20))  # 20 lines of ~250 characters
+    train, val = split_documents([small], 0.05, seed=0)
+    assert (len(train), len(val)) == (19, 1)
+
+
 def test_a_book_of_many_passages_keeps_its_membership_by_hash():
     """Where the passages' own hashes hold out about val_fraction (a large book: web, kjv), the split is the one
     poetlm always made, so earlier runs' validation sets and their published numbers stay reproducible."""
@@ -760,10 +783,16 @@ def test_a_model_directory_whose_tokenizer_transformers_reloads_otherwise_is_war
         assert err.count("\n") == 1 and "PreTrainedTokenizerFast.from_pretrained" in err
 
 
-def test_a_data_folder_with_a_file_added_or_removed_is_called_changed_not_other_data():
+def test_a_data_folder_with_a_file_added_or_removed_is_called_changed_not_other_data(tmp_path):
     from poetlm.train.data import _how_it_differs
 
     then = {"files": [["/d/a.txt", 10, 1], ["/d/b.txt", 20, 1]]}
     assert _how_it_differs({"files": [["/d/a.txt", 10, 1]]}, then) == "changed since this run started"
     assert _how_it_differs({"files": [*then["files"], ["/d/c.txt", 5, 2]]}, then) == "changed since this run started"
     assert _how_it_differs({"files": [["/e/x.txt", 10, 1]]}, then).startswith("is not the data this run started on")
+    # one file of the recorded folder is another source, not the folder changed (the other file is still there)
+    tmp_path.joinpath("a.txt").write_text("a")
+    tmp_path.joinpath("b.txt").write_text("b")
+    folder = {"files": [[str(tmp_path / "a.txt"), 1, 1], [str(tmp_path / "b.txt"), 1, 1]]}
+    assert _how_it_differs({"files": [[str(tmp_path / "a.txt"), 1, 1]]}, folder).startswith("is not the data")
+    assert _how_it_differs({"unknown": str(tmp_path)}, folder) == "is no longer there"

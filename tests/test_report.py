@@ -243,7 +243,8 @@ def test_runs_measured_on_other_tokens_get_a_note(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("diverged", [False, True])
-def test_the_loss_plot_goes_logarithmic_only_when_a_run_diverged(tmp_path, monkeypatch, diverged):
+def test_the_loss_plot_goes_logarithmic_when_its_losses_span_more_than_tenfold(tmp_path, monkeypatch, diverged):
+    """A diverged run's hundreds beside the others' few units; a normal run's losses stay on a linear axis."""
     import poetlm.train.report as report
 
     scales, save = {}, report._save

@@ -98,6 +98,9 @@ def test_a_resume_refuses_other_data_while_the_runs_own_is_there_and_takes_a_mov
     moved = tmp_path / "moved.txt"
     shutil.copy(tiny.corpus, moved)
     tiny.corpus.rename(tiny.corpus.with_name("gone"))
+    assert main(["train", "--resume", str(run_dir), "--data", str(tmp_path / "mvoed.txt")]) == 1  # a typo
+    _one_line_error(capsys, "mvoed.txt' does not exist: give the place the run's data moved to")
+    assert json.loads((run_dir / "config.json").read_text())["data"]["data"] == str(tiny.corpus)
     assert main(["train", "--resume", str(run_dir), "--data", str(moved)]) == 0
     assert f"{moved} is not the data this run started on ({tiny.corpus.resolve()})" in capsys.readouterr().err
     assert json.loads((run_dir / "config.json").read_text())["data"]["data"] == str(moved)
@@ -106,7 +109,7 @@ def test_a_resume_refuses_other_data_while_the_runs_own_is_there_and_takes_a_mov
     assert f"{moved} is no longer there; its tokens are read from the run's token cache" in capsys.readouterr().err
     shutil.rmtree(json.loads((run_dir / "data.json").read_text())["cache_dir"])  # and now the cache too
     assert main(["eval", str(run_dir)]) == 1
-    _one_line_error(capsys, f"{moved}, the data this run trained on, is no longer there", "--data NEW_PATH")
+    _one_line_error(capsys, f"{moved} is no longer there, and the run's token cache", "--data NEW_PATH")
 
 
 def test_resuming_a_finished_run_changes_nothing(tiny, capsys):
@@ -225,7 +228,14 @@ def test_a_finished_run_whose_newest_checkpoint_is_damaged_is_read_from_its_fina
     capsys.readouterr()
     assert main(["eval", str(finished_run)]) == 0
     out, err = capsys.readouterr()
-    assert f"validation perplexity: {summary['final_val_ppl']:.3f} " in out and "is damaged: loading" in err
+    assert f"validation perplexity: {summary['final_val_ppl']:.3f} " in out and "is damaged; loading instead" in err
+    # A later checkpoint than the summary's step (a run extended since, stopped before its finish): final/ is an
+    # earlier model than the checkpoint before the damaged one, which is what loads
+    later = ckpt.checkpoint_dir(finished_run) / "step_00000009.pt"
+    later.write_bytes(b"garbage")
+    assert main(["eval", str(finished_run)]) == 1  # the step-3 checkpoint is damaged too: nothing to fall back on
+    err = capsys.readouterr().err
+    assert "step_00000009.pt" in err and "loading instead" not in err
 
 
 def test_misplaced_paths_are_named_for_what_they_are(finished_run, tmp_path, capsys):

@@ -263,14 +263,15 @@ def _cmd_export(args) -> int:
 
     out = Path(args.out_dir)
     _check_export_target(out, args.force)
-    created = not out.exists()
-    if created:  # before the model loads (minutes for a large one), not at the save after it
+    created = [path for path in (out, *out.parents) if not path.exists()]  # deepest first
+    if created:  # before the model loads (minutes for a large one), not at the save after it (a file --force replaces)
         make_dir(out, "OUT_DIR", CommandError)
     try:
         model, tokenizer, _ = load_any_model(args.run_dir)
     except BaseException:
-        if created:
-            out.rmdir()
+        for directory in created:  # what this command made, and nothing else
+            with contextlib.suppress(OSError):
+                directory.rmdir()
         raise
     if out.is_file():
         out.unlink()

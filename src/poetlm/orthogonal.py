@@ -109,9 +109,29 @@ def rotation_increment(q: torch.Tensor, parameterization: str = "cayley_neumann"
         return cayley_neumann_increment(q, terms)
     if parameterization == "cayley":
         return cayley_increment(q)
-    if parameterization == "exp":  # matrix_exp forms I + …: compute it where that rounding is negligible
-        return (torch.linalg.matrix_exp(q.double()) - _eye(q.double())).to(q.dtype)
+    if parameterization == "exp":
+        return exp_increment(q)
     raise ValueError(f"parameterization {parameterization!r} is not one of {PARAMETERIZATIONS}")
+
+
+EXP_TERMS = 14  # Taylor terms of exp(X) − I at ‖X‖₁ ≤ ¼: the first left out is below 1e-19·‖X‖
+
+
+def exp_increment(q: torch.Tensor) -> torch.Tensor:
+    """exp(Q) − I in float64, never forming I + (something small), whose rounding (matrix_exp's, ~1e-12 at
+    ‖Q‖ = 0.02) a float64 weight would take in at every fold: the Taylor series of Q/2ˢ, brought back by
+    s squarings of the increment, (I + E)² − I = 2E + E²."""
+    wide = q.double()
+    norm = float(torch.linalg.matrix_norm(wide, ord=1).max()) if wide.numel() else 0.0
+    squarings = max(0, math.ceil(math.log2(norm / 0.25))) if norm > 0.25 else 0
+    x = wide / 2**squarings
+    term = total = x
+    for k in range(2, EXP_TERMS + 1):
+        term = term @ x / k
+        total = total + term
+    for _ in range(squarings):
+        total = 2 * total + total @ total
+    return total.to(q.dtype)
 
 
 def isometry_increment(d: torch.Tensor, scale: float, parameterization: str = "cayley_neumann",
@@ -124,12 +144,9 @@ def isometry_increment(d: torch.Tensor, scale: float, parameterization: str = "c
     the same cycle): map(scale·J) − I = α·J − β·I. Same map, same truncation, to rounding; where D is only
     nearly a partial isometry (Newton–Schulz) this would not hold, so it is for exact directions only.
     """
-    if parameterization == "exp":  # exp(s·J) = cos s·I + sin s·J; matrix_exp's fp64 is ~1e-12 off at small s
-        alpha, beta = math.sin(scale), 2 * math.sin(scale / 2) ** 2  # 1 − cos s without the cancellation
-    else:
-        plane = rotation_increment(torch.tensor([[0.0, scale], [-scale, 0.0]], dtype=torch.float64),
-                                   parameterization, terms)
-        alpha, beta = float(plane[0, 1]), -float(plane[0, 0])
+    plane = rotation_increment(torch.tensor([[0.0, scale], [-scale, 0.0]], dtype=torch.float64),
+                               parameterization, terms)
+    alpha, beta = float(plane[0, 1]), -float(plane[0, 0])
     flat = d.reshape(-1, *d.shape[-2:])
     return torch.baddbmm(flat, flat, flat, beta=alpha, alpha=beta).view(d.shape)
 

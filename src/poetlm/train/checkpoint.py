@@ -43,8 +43,12 @@ def is_run_dir(path: Path) -> bool:
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    found = [(int(m.group(1)), p) for p in checkpoint_dir(run_dir).glob("step_*.pt") if (m := CHECKPOINT_PATTERN.search(p.name))]
-    return [p for _, p in sorted(found)]
+    found = [p for p in checkpoint_dir(run_dir).glob("step_*.pt") if CHECKPOINT_PATTERN.search(p.name)]
+    return sorted(found, key=checkpoint_step)
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(CHECKPOINT_PATTERN.search(path.name).group(1))
 
 
 def checksum_path(path: Path) -> Path:
@@ -141,15 +145,6 @@ def _verify(path: Path) -> None:
         raise CheckpointError(f"{path.name} does not match its checksum: the file is damaged")
 
 
-def intact(path: Path) -> bool:
-    """Whether a checkpoint file matches its checksum (a read of the whole file)."""
-    try:
-        _verify(path)
-    except CheckpointError:
-        return False
-    return True
-
-
 def _reason(error: Exception) -> str:
     """One line of a load error: torch's unpickling errors span paragraphs, an empty file's EOFError says nothing."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
@@ -159,8 +154,13 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {detail}"
 
 
-def load_checkpoint(run_dir: Path, map_location="cpu") -> dict:
-    """The newest intact checkpoint of a run; a damaged newer one is reported and the previous one used."""
+class NewestDamaged(CheckpointError):
+    """The newest checkpoint is damaged, and the caller asked for no older one (`load_checkpoint(older=False)`)."""
+
+
+def load_checkpoint(run_dir: Path, map_location="cpu", older: bool = True) -> dict:
+    """The newest intact checkpoint of a run; a damaged newer one is reported and the previous one used (without
+    `older`: NewestDamaged instead, for a caller that has a better fallback)."""
     candidates = list_checkpoints(run_dir)
     if not candidates:
         raise CheckpointError(f"no checkpoint in {checkpoint_dir(run_dir)}: the run stopped before its first one; start it again")
@@ -180,6 +180,8 @@ def load_checkpoint(run_dir: Path, map_location="cpu") -> dict:
             # Any other failure to read it (random bytes that match a rewritten checksum, an empty file) is damage.
             problems.append(str(error) if isinstance(error, CheckpointError) else
                             f"{path.name} is damaged or unreadable ({_reason(error)})")
+            if not older:
+                raise NewestDamaged(problems[0]) from None
             continue
         if problems:
             print(f"poetlm: warning: {'; '.join(problems)}; using the older checkpoint {path.name} (step {state['step']})",

@@ -321,16 +321,17 @@ _SPACE = re.compile(r"\s")
 MIN_CUT_CHARS = 256  # no cut inside a line into passages shorter than this (a sentence, a few words: a tiny corpus)
 
 
-def _passages(text: str, size: int) -> list[str]:
-    """`text` cut after the first line end past every `size` characters. Where none comes within another `size`
-    (one long line: a text8-style corpus, records exported without line ends), after the first whitespace past
-    it instead, or at `size` itself in text without spaces: passages of at most about 2·size characters (unless
-    `size` is below MIN_CUT_CHARS)."""
+def _passages(text: str, size: int, within_lines: bool = False) -> list[str]:
+    """`text` cut after the first line end past every `size` characters. `within_lines`: where no line end
+    comes within another `size` (one long line: a text8-style corpus, records exported without line ends),
+    after the first whitespace past it instead, or at `size` itself in text without spaces, so no passage
+    is much longer than 2·size (only where `size` is at least MIN_CUT_CHARS)."""
     passages, start = [], 0
+    cut_lines = within_lines and size >= MIN_CUT_CHARS
     while start < len(text):
         cut = start + size
-        end = text.find("\n", cut, cut + size)
-        if end < 0 and cut + size < len(text) and size >= MIN_CUT_CHARS:
+        end = text.find("\n", cut, cut + size) if cut_lines else text.find("\n", cut)
+        if end < 0 and cut_lines and cut + size < len(text):
             space = _SPACE.search(text, cut, cut + size)
             end = space.start() if space else cut - 1
         end = len(text) if end < 0 else end + 1
@@ -374,33 +375,46 @@ def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[li
     less than half or more than twice ``val_fraction`` of the text (few passages: a small text), validation
     instead takes passages in hash order until it holds ``val_fraction``: split whole, the validation set could
     be the title alone, or most of the corpus. Large books (web, kjv) keep the membership by hash they always had.
-    A document with no line end for long stretches is cut at whitespace there (`_passages`).
+    Only where line ends cannot give that share (lines longer than the passages: a one-line corpus, records
+    without line ends) are long lines cut at whitespace too (`_passages(within_lines=True)`).
     """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     total = sum(map(len, docs))
-    by_share = bool(docs) and max(map(len, docs)) > val_fraction * total
-    if by_share:
+    if not (docs and max(map(len, docs)) > val_fraction * total):
+        units, in_val = docs, _membership(docs, val_fraction, seed, by_share=False)
+    else:
         size = min(PASSAGE_CHARS, int(val_fraction * total / 2))
-        docs = [passage for doc in docs for passage in _passages(doc, size)]
-    if len(docs) < 2:
+        for within_lines in (False, True):
+            units = [passage for doc in docs for passage in _passages(doc, size, within_lines)]
+            in_val = _membership(units, val_fraction, seed, by_share=True)
+            held = sum(len(unit) for unit, v in zip(units, in_val) if v) / max(1, sum(map(len, units)))
+            if len(units) >= 2 and 0.5 * val_fraction <= held <= 2 * val_fraction:
+                break
+    if len(units) < 2:
         raise DataError(
-            f"the corpus is one document of {len(docs[0]) if docs else 0} characters, too short to cut into a training "
-            "and a validation part; use a larger corpus"
+            f"the corpus is one document of {len(units[0]) if units else 0} characters, too short to cut into a "
+            "training and a validation part; use a larger corpus or a larger data.val_fraction"
         )
-    scores = [_unit_hash(seed, i) for i in range(len(docs))]
-    in_val = [s < val_fraction for s in scores]
-    if by_share:
-        held = sum(len(doc) for doc, v in zip(docs, in_val) if v) / sum(map(len, docs))
-        if not 0.5 * val_fraction <= held <= 2 * val_fraction:
-            in_val = _held_out_by_share(docs, val_fraction, scores)
-    if not any(in_val):
-        in_val[min(range(len(docs)), key=scores.__getitem__)] = True
-    if all(in_val):
-        in_val[max(range(len(docs)), key=scores.__getitem__)] = False
-    train = [d for d, v in zip(docs, in_val) if not v]
-    val = [d for d, v in zip(docs, in_val) if v]
+    train = [d for d, v in zip(units, in_val) if not v]
+    val = [d for d, v in zip(units, in_val) if v]
     return train, val
+
+
+def _membership(units: list[str], val_fraction: float, seed: int, by_share: bool) -> list[bool]:
+    """Which units are held out: by hash, or (`by_share`, where the hashes miss val_fraction by 2×) in hash
+    order by share; never all, never none (of at least two units)."""
+    scores = [_unit_hash(seed, i) for i in range(len(units))]
+    in_val = [s < val_fraction for s in scores]
+    if by_share and units:
+        held = sum(len(unit) for unit, v in zip(units, in_val) if v) / max(1, sum(map(len, units)))
+        if not 0.5 * val_fraction <= held <= 2 * val_fraction:
+            in_val = _held_out_by_share(units, val_fraction, scores)
+    if len(units) >= 2 and not any(in_val):
+        in_val[min(range(len(units)), key=scores.__getitem__)] = True
+    if len(units) >= 2 and all(in_val):
+        in_val[max(range(len(units)), key=scores.__getitem__)] = False
+    return in_val
 
 
 # ---------------------------------------------------------------------------------------
@@ -793,13 +807,15 @@ def _how_it_differs(current: dict, identity: dict) -> str:
         return [entry[0] for entry in found["files"]] if "files" in found else {k: v for k, v in found.items() if k != "size"}
 
     now, then = where(current), where(identity)
-    if now == then or (isinstance(now, list) and set(now) & set(then)):  # one folder, files added or removed
+    # One folder with files added or removed: it holds every recorded file that is still there, and some
+    surviving = {path for path in then if Path(path).exists()} if isinstance(then, list) else set()
+    if now == then or (isinstance(now, list) and set(now) & set(then) and surviving <= set(now)):
         return "changed since this run started"
-    if "unknown" in current:  # moved or deleted: not another source
-        return "is no longer there"
     files = identity.get("files")
     recorded = (files[0][0] + (f" and {len(files) - 1} more files" if len(files) > 1 else "") if files else
                 str(identity.get("bundled") or identity.get("hf") or identity.get("unknown")))
+    if "unknown" in current:  # the run's place for its data (a resume refuses a new one that does not exist), emptied
+        return "is no longer there"
     return f"is not the data this run started on ({recorded})"
 
 
@@ -808,6 +824,9 @@ def check_resume_data(run_dir: Path, recorded: str, new: str) -> None:
     one is then another source (a new location is for data that moved). Its tokens are checked anyway
     (`load_run_data`); this keeps config.json from naming a source the run never trained on."""
     identity = _run_record(run_dir)["identity"]
+    if "unknown" in _data_identity(new):  # a typo would be recorded as the data's place, and the run go on from its cache
+        raise DataError(f"data.data={new!r} does not exist: give the place the run's data moved to (a file or directory "
+                        "that exists), or resume without --data")
     if _data_identity(recorded) == identity and _data_identity(new) != identity:
         raise DataError(f"data.data={new!r} is not this run's data: it trained on {recorded}, which is still there "
                         "unchanged. Resume without --data (a new location is for data that moved), or start a new run "
@@ -837,9 +856,10 @@ def load_run_data(run_dir: Path, data: str, **options) -> TokenData:
                 print(f"poetlm: note: {data} {_how_it_differs(current, record['identity'])}; its tokens are read "
                       f"from the run's token cache, as the run made them ({cache_dir})", file=sys.stderr)
             return _open_cache(cache_dir, tokenizer, record["identity"])
-    if "unknown" in _data_identity(data):  # neither there nor in the cache: prepare_data would only say it is missing
-        raise DataError(f"{data}, the data this run trained on, is no longer there, and the run's token cache {cache_dir} "
-                        "is gone or damaged; if the data moved, give its new place with --data NEW_PATH")
+    current = _data_identity(data)
+    if "unknown" in current:  # neither there nor in the cache: prepare_data would only say it is missing
+        raise DataError(f"{data} {_how_it_differs(current, record['identity'])}, and the run's token cache {cache_dir} "
+                        "is gone or damaged; if the run's data moved, give its new place with --data NEW_PATH")
     tokens = prepare_data(data, tokenizer=str(tokenizer_dir), **options)
     if any(tokens.record()[f"sha256_{split}"] != digest for split, digest in sums.items()):
         raise DataError(f"{data} {_how_it_differs(_data_identity(data), record['identity'])}: it does not give the tokens the run trained on, and "

@@ -541,7 +541,7 @@ def _warn_if_diverged(val_loss: float, vocab_size: int, train_loss: float | None
         return
     head = (f"poetlm: warning: the final validation loss {val_loss:.4g} is far above ln({vocab_size}) = {uniform:.2f}, "
             "a uniform guess's over the vocabulary")
-    if train_loss is not None and train_loss < uniform:
+    if math.isfinite(val_loss) and train_loss is not None and train_loss < uniform:
         print(f"{head}, while the training loss is {train_loss:.4g}: the model fits its training text and not the "
               "validation text (overfitting: a small corpus, or a validation split unlike the rest); use more data",
               file=sys.stderr)

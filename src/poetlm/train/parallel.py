@@ -72,8 +72,10 @@ def pick_device(requested: str, local_rank: int = 0, setting: str = "device={}")
         torch.empty(0, device=device)
     except (RuntimeError, AssertionError, ImportError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise ConfigError(f"{setting.format(repr(requested))} but that device is not usable here ({reason[:160]}); "
-                          f"use {setting.format('cpu')} or {setting.format('auto')}") from None
+        reason = reason if len(reason) <= 160 else reason[:160].rsplit(" ", 1)[0] + " …"
+        raise ConfigError(f"{setting.format(repr(requested))} but this torch build or machine has no usable "
+                          f"{device.type} device (torch says: {reason}); use {setting.format('cpu')} or "
+                          f"{setting.format('auto')}") from None
     return device
 
 

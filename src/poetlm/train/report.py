@@ -293,7 +293,7 @@ def _plot_loss(runs: list[Run], path: Path) -> Path | None:
         values += y + vy
     if not drawn:
         return None
-    # A diverged run's loss (hundreds) would flatten every other run into a line at the bottom.
+    # Losses spanning more than 10× (a diverged run's hundreds) would flatten the others into a line at the bottom.
     if min(values) > 0 and max(values) > 10 * min(values):
         ax.set_yscale("log")
     return _save(fig, ax, path)

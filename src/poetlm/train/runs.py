@@ -156,16 +156,27 @@ def load_run_model(run_dir: Path, device="cpu") -> tuple[nn.Module, object, Trai
     checkpoints = ckpt.list_checkpoints(run_dir)
     if not checkpoints and (final := final_model_dir(run_dir, "no checkpoint left: loading")):
         return *load_model_dir(final, device), config
-    if checkpoints and (run_dir / "summary.json").is_file() and (run_dir / "final").is_dir() and not ckpt.intact(checkpoints[-1]):
-        final = final_model_dir(run_dir, f"the newest checkpoint, {checkpoints[-1].name}, is damaged: loading")
-        return *load_model_dir(final, device), config
+    # final/ is the newest checkpoint's model when the run finished at that step (not one extended since)
+    finished_there = bool(checkpoints) and (run_dir / "final").is_dir() and _summary_steps(run_dir) == ckpt.checkpoint_step(checkpoints[-1])
     tokenizer = load_tokenizer(run_dir / "tokenizer", hint=RUN_TOKENIZER)
-    state = ckpt.load_checkpoint(run_dir, map_location=device)
+    try:
+        state = ckpt.load_checkpoint(run_dir, map_location=device, older=not finished_there)
+    except ckpt.NewestDamaged as damage:
+        final = final_model_dir(run_dir, f"{damage}; loading instead")
+        return *load_model_dir(final, device), config
     check_identity(state, run_identity(config, run_dir), run_dir)
     model = prepare_model(_run_architecture(config, run_dir, tokenizer), config)
     with ckpt.restoring(state["path"]):
         model.load_state_dict(state["model"])
     return model.to(device).eval(), tokenizer, config
+
+
+def _summary_steps(run_dir: Path) -> int | None:
+    """The steps summary.json says the run finished with; None without a readable one."""
+    try:
+        return json.loads((run_dir / "summary.json").read_text()).get("steps")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _run_architecture(config: TrainConfig, run_dir: Path, tokenizer) -> nn.Module:
