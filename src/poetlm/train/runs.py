@@ -150,8 +150,8 @@ def final_model_dir(run_dir: Path, use: str) -> Path | None:
 
 def load_run_model(run_dir: Path, device="cpu") -> tuple[nn.Module, object, TrainConfig]:
     """The model of the newest checkpoint of a run (POET layers included) and its tokenizer; the model in
-    final/ if the checkpoints are gone, or if the run finished and its newest checkpoint is damaged (an older
-    one would be another, earlier model)."""
+    final/ if the checkpoints are gone, or if the run finished at its newest checkpoint and that is damaged (an
+    older one would be another, earlier model)."""
     config = load_config(run_dir / "config.json")
     checkpoints = ckpt.list_checkpoints(run_dir)
     if not checkpoints and (final := final_model_dir(run_dir, "no checkpoint left: loading")):
