@@ -119,6 +119,8 @@ def test_a_merge_never_folds_nan_rotations_into_w0():
     lambda groups: torch.optim.AdamW(groups),
     lambda groups: torch.optim.SGD(groups, momentum=0.9),
     lambda groups: torch.optim.Adagrad(groups),
+    # Chained's `state` is a merged copy: popping from it reset nothing, and the rotations kept their Adam moments
+    lambda groups: poetlm.optim.Chained([torch.optim.AdamW(groups[:1]), torch.optim.SGD(groups[1:], momentum=0.9)]),
 ])
 def test_merge_clears_rotation_optimizer_state_only(make_opt):
     model = poetlm.poetize(llama(), POETConfig(block_size=8))

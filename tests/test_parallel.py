@@ -59,6 +59,21 @@ def process_group(tmp_path):
     torch.distributed.destroy_process_group()
 
 
+def test_a_merge_resets_the_rotations_state_inside_a_zero_redundancy_optimizer(process_group):
+    """ZeroRedundancyOptimizer keeps its per-parameter state in `.optim`; its own `state` does not hold them."""
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    model = poetlm.poetize(nn.Sequential(nn.Linear(12, 20), nn.Linear(20, 12)), poetlm.POETConfig(block_size=4))
+    rotations = poetlm.rotation_parameters(model)
+    opt = ZeroRedundancyOptimizer(rotations, optimizer_class=torch.optim.AdamW, lr=1e-3)
+    for _ in range(2):
+        model(torch.randn(5, 12)).square().sum().backward()
+        opt.step()
+    assert all(opt.optim.state[p] for p in rotations)
+    poetlm.merge(model, opt)
+    assert not any(p in opt.optim.state for p in rotations)
+
+
 def test_sharded_layers_are_refused_whole_matrix_work_and_merge_layer_by_layer_through_gather(process_group):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard

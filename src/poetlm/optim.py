@@ -18,6 +18,7 @@ subsets) are redrawn every `rule.redraw_every` steps from seeded generators, as 
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import functools
 import math
@@ -671,7 +672,9 @@ class Chained(torch.optim.Optimizer):
 
     @property
     def state(self):
-        merged = {}
+        """The children's states, merged for reading (a read-only copy, defaulting to {} as torch's does);
+        change them through the children (`update_rules.merge_state.state_owners`)."""
+        merged = collections.defaultdict(dict)
         for optimizer in self.optimizers:
             merged.update(optimizer.state)
         return merged
