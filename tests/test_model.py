@@ -1,4 +1,5 @@
 import copy
+import warnings
 
 import pytest
 import torch
@@ -370,3 +371,21 @@ def test_target_modules_covers_what_a_parent_contains_and_refuses_typos():
     assert not list(poetlm.poet_layers(base))  # refused before anything was wrapped
     with pytest.raises(ValueError, match="exclude_modules entry 'mpl' matches no module of the model: did you mean 'mlp'"):
         poetlm.poetize(base, POETConfig(block_size=8, exclude_modules=["mpl"]))
+
+
+def test_a_merge_of_rotations_past_the_series_radius_warns_that_it_changed_the_spectrum():
+    """CNP is orthogonal only while ‖Q‖₂ < 1; a merge past it bent every singular value, without a word."""
+    for parameterization, warns in (("cayley_neumann", True), ("cayley", False)):
+        model = poetlm.poetize(llama(), POETConfig(block_size=8, parameterization=parameterization))
+        with torch.no_grad():
+            for p in poetlm.rotation_parameters(model):
+                p.normal_(std=1.0)  # ‖Q‖₂ of a few
+        layer = next(layer for _, layer in poetlm.poet_layers(model))
+        before = torch.linalg.svdvals(layer.weight0.detach())
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            poetlm.merge(model)
+        said = [str(w.message) for w in caught if issubclass(w.category, poetlm.POETWarning)]
+        moved = float((torch.linalg.svdvals(layer.weight0.detach()) - before).abs().max() / before.max())
+        assert bool(said) == warns and (moved > 1e-2) == warns, (parameterization, moved, said)
+        assert not warns or "the Cayley–Neumann series was used past its radius" in said[0]

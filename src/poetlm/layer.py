@@ -286,11 +286,14 @@ class POETLinear(nn.Module):
                                      "merged, so W0 still holds the last finite weights")
 
     @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the rotations into W0 (in fp32), reset them to identity and draw new coordinates."""
+    def merge(self) -> float:
+        """Fold the rotations into W0 (in fp32), reset them to identity and draw new coordinates. Returns how far
+        the folded blocks were from orthogonal (max |RᵀR − I|): what the merge moved the singular values by."""
         self.require_whole("merge()")
         self.record_initial_spectrum()
         blocks = self.rotation_blocks()
+        departure = max((float((b.mT @ b - torch.eye(b.shape[-1], dtype=b.dtype, device=b.device)).abs().max())
+                         for b in blocks if b.numel()), default=0.0)
         with self.full_precision():
             self.probe_rotated.copy_(self.rotation_in.rotate(self.probe_rotated, blocks[0].to(self.probe_rotated.dtype)))
             self.weight0.copy_(self.effective_weight(blocks))
@@ -298,6 +301,7 @@ class POETLinear(nn.Module):
         self.rotation_out.reset()
         self.merge_count += 1
         self._draw()
+        return departure
 
 
 def is_conv1d(module: nn.Module) -> bool:
