@@ -4,6 +4,7 @@ import ast
 import copy
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -57,6 +58,35 @@ def process_group(tmp_path):
     torch.distributed.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     yield
     torch.distributed.destroy_process_group()
+
+
+def test_every_rank_runs_as_many_evaluation_forwards_as_the_largest_share(process_group):
+    """5 windows over 2 ranks in batches of 2: rank 0 ran 2 forwards, rank 1 one, and under FSDP (each forward a
+    collective) rank 0's second forward waited forever. Rank 1 now runs a second one, not counted."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from poetlm.train.evaluate import perplexity
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2))
+    calls = []
+    model.register_forward_hook(lambda module, args, output: calls.append(1))
+    tokens = np.arange(5 * 8 + 1) % 50
+    result = perplexity(model, tokens, seq_len=8, batch_size=2, max_tokens=None, device="cpu", rank=1, world_size=2)
+    assert len(calls) == 2 and result["val_tokens"] == 2 * 8  # windows 1 and 3 only
+
+
+def test_a_model_whose_only_trainable_parameters_are_rotations_is_not_wrapped_in_ddp(process_group):
+    """A poet-paper finetune trains the rotations alone, which DDP is told to ignore (their gradients are averaged
+    by all_reduce_rotation_grads): DDP then refused the model, and `torchrun … finetune --method poet-paper` crashed."""
+    from poetlm.train.parallel import Runtime, parallelize
+
+    runtime = Runtime(rank=0, world_size=2, local_rank=0, device=torch.device("cpu"))  # as DDP sees it: the default group
+    model = poetlm.poetize(nn.Sequential(nn.Linear(12, 20), nn.Linear(20, 12)), poetlm.POETConfig(block_size=4))
+    assert isinstance(parallelize(model, runtime, "ddp"), nn.parallel.DistributedDataParallel)  # biases train too
+    for name, p in model.named_parameters():
+        p.requires_grad_(".rotation_" in name)
+    assert parallelize(model, runtime, "ddp") is model
 
 
 def test_a_merge_resets_the_rotations_state_inside_a_zero_redundancy_optimizer(process_group):

@@ -451,7 +451,8 @@ def main(argv: list[str] | None = None) -> int:
 
         if world == 1 or not peer_stopped(error):
             raise
-        print(f"poetlm: rank {rank} of {world} stops: another process of this job stopped (its error is above)", file=sys.stderr)
+        print(f"poetlm: rank {rank} of {world} stops: another process of this job stopped (its error is above, or, "
+              "if it was killed, in torchrun's summary below)", file=sys.stderr)
         return 1
     except KeyboardInterrupt as stop:  # outside the step loop (whose handler checkpoints first): stop without a traceback
         print(f"\npoetlm {args.command}: interrupted", file=sys.stderr)

@@ -28,18 +28,23 @@ def perplexity(
     """exp(mean next-token cross-entropy) over ``val_windows(tokens, seq_len, max_tokens)``.
 
     With ``world_size > 1`` each rank scores its share of the windows and the (sum, count)
-    totals are all-reduced, so every rank returns the same numbers.
+    totals are all-reduced, so every rank returns the same numbers. Every rank runs the same number of
+    forward passes (a rank with fewer windows scores one of them again, uncounted): under FSDP each forward
+    is collective, and one rank's extra pass would wait forever for the others.
     """
     device = torch.device(device)
-    windows = val_windows(tokens, seq_len, max_tokens)[rank::world_size]
+    every = val_windows(tokens, seq_len, max_tokens)
+    windows = every[rank::world_size]
+    passes = math.ceil(math.ceil(len(every) / world_size) / batch_size)  # the batches of the largest share
     # Remember per-module modes: a model may deliberately keep some submodules in eval().
     modes = [(m, m.training) for m in model.modules()]
     model.eval()
     # float64 keeps the running sum exact enough over millions of tokens.
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     try:
-        for start in range(0, len(windows), batch_size):
-            x, y = make_batch(tokens, windows[start : start + batch_size], seq_len)
+        for start in range(0, passes * batch_size, batch_size):
+            counted = start < len(windows)
+            x, y = make_batch(tokens, windows[start : start + batch_size] if counted else every[:1], seq_len)
             x, y = x.to(device), y.to(device)
             autocast = (
                 torch.autocast(device_type=device.type, dtype=autocast_dtype)
@@ -48,9 +53,10 @@ def perplexity(
             )
             with autocast:
                 logits = model(input_ids=x, use_cache=False).logits  # as in training: compiled blocks share one graph
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
-            totals[0] += loss.double()
-            totals[1] += y.numel()
+            if counted:
+                loss = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
+                totals[0] += loss.double()
+                totals[1] += y.numel()
     finally:
         for module, mode in modes:
             module.training = mode

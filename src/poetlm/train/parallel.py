@@ -171,6 +171,10 @@ def parallelize(model: nn.Module, runtime: Runtime, parallel: str) -> nn.Module:
             fully_shard(block, mesh=mesh)
         return fully_shard(model, mesh=mesh)
     rotation_ids = {id(p) for p in rotation_parameters(model)}
+    if not any(p.requires_grad for p in model.parameters() if id(p) not in rotation_ids):
+        # Only the rotations train (a poet-paper finetune): all_reduce_rotation_grads averages them, and DDP
+        # refuses a model left with nothing else to train.
+        return model
     ignored = [name for name, p in model.named_parameters() if id(p) in rotation_ids]
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, ignored)
     device_ids = [runtime.device.index] if runtime.device.type == "cuda" else None
