@@ -388,8 +388,7 @@ def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[li
         for within_lines in (False, True):
             units = [passage for doc in docs for passage in _passages(doc, size, within_lines)]
             in_val = _membership(units, val_fraction, seed, by_share=True)
-            held = sum(len(unit) for unit, v in zip(units, in_val) if v) / max(1, sum(map(len, units)))
-            if len(units) >= 2 and 0.5 * val_fraction <= held <= 2 * val_fraction:
+            if len(units) >= 2 and _near_share(units, in_val, val_fraction):
                 break
     if len(units) < 2:
         raise DataError(
@@ -401,14 +400,19 @@ def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[li
     return train, val
 
 
+def _near_share(units: list[str], in_val: list[bool], val_fraction: float) -> bool:
+    """Whether the held-out units hold between half and twice val_fraction of the characters."""
+    held = sum(len(unit) for unit, v in zip(units, in_val) if v) / max(1, sum(map(len, units)))
+    return 0.5 * val_fraction <= held <= 2 * val_fraction
+
+
 def _membership(units: list[str], val_fraction: float, seed: int, by_share: bool) -> list[bool]:
     """Which units are held out: by hash, or (`by_share`, where the hashes miss val_fraction by 2×) in hash
     order by share; never all, never none (of at least two units)."""
     scores = [_unit_hash(seed, i) for i in range(len(units))]
     in_val = [s < val_fraction for s in scores]
     if by_share and units:
-        held = sum(len(unit) for unit, v in zip(units, in_val) if v) / max(1, sum(map(len, units)))
-        if not 0.5 * val_fraction <= held <= 2 * val_fraction:
+        if not _near_share(units, in_val, val_fraction):
             in_val = _held_out_by_share(units, val_fraction, scores)
     if len(units) >= 2 and not any(in_val):
         in_val[min(range(len(units)), key=scores.__getitem__)] = True
